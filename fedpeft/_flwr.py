@@ -1,0 +1,90 @@
+"""The few private Flower pieces fedpeft relies on, isolated here.
+
+Checked against flwr 1.41.0. Everything else in fedpeft uses Flower's public App API
+(``flwr.app``, ``flwr.serverapp``, ``flwr.clientapp``). If a Flower upgrade breaks an import
+below, this is the only file to fix.
+
+- ``flwr.supercore.inflatable``: a ``Message`` is a content-addressed object tree
+  (Message -> RecordDict -> records -> Arrays -> <= 5 MiB ArrayChunks); each object's
+  ``deflate()`` is exactly what Flower pushes over the network (before HTTP framing). We use
+  it to count the bytes of every message and to round-trip messages in the in-process grid.
+- ``flwr.supercore.task_identity.TaskIdentity``: a ``Message`` constructor reads the run id
+  and node id from this process-wide identity; the in-process grid must set it.
+- ``flwr.supercore.run.Run``: what ``Grid.run`` returns.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+from uuid import uuid4
+
+from flwr.app import Message
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+__all__ = [
+    "SERVER_NODE_ID",
+    "make_run",
+    "message_nbytes",
+    "roundtrip",
+    "set_message_id",
+    "set_task_identity",
+]
+
+SERVER_NODE_ID = 1  # Flower's SUPERLINK_NODE_ID
+
+
+def message_nbytes(message: Message) -> int:
+    """Bytes of a message as Flower sends it: the sum of its deflated objects.
+
+    Parameters
+    ----------
+    message : Message
+        Any Flower message, with content or with an error.
+
+    Returns
+    -------
+    int
+        Total length of the serialized object tree (metadata, records, array chunks).
+    """
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
+
+
+def roundtrip(message: Message) -> Message:
+    """Serialize a message to its wire objects and build a new one from those bytes.
+
+    Parameters
+    ----------
+    message : Message
+        The message to send.
+
+    Returns
+    -------
+    Message
+        An independent copy made only from the serialized bytes (message id kept).
+    """
+    contents = {oid: obj.deflate() for oid, obj in get_all_nested_objects(message).items()}
+    copy = cast(Message, inflate_object_from_contents(message.object_id, contents))
+    set_message_id(copy, message.metadata.message_id)
+    return copy
+
+
+def set_message_id(message: Message, message_id: str | None = None) -> str:
+    """Give a message an id, as a SuperLink does when it stores it."""
+    mid = message_id if message_id is not None else str(uuid4())
+    message.metadata.__dict__["_message_id"] = mid
+    return mid
+
+
+def set_task_identity(run_id: int, node_id: int) -> None:
+    """Set the process-wide identity Flower's ``Message`` constructor reads."""
+    TaskIdentity.task_id = 1
+    TaskIdentity.run_id = run_id
+    TaskIdentity.node_id = node_id
+
+
+def make_run(run_id: int) -> Run:
+    """An empty Flower ``Run`` record for an in-process run."""
+    return Run.create_empty(run_id=run_id)
