@@ -1,0 +1,68 @@
+"""Which records each simulated client holds, computed identically in every process.
+
+The partition depends only on the data file, ``[federation]`` and the run seed, so the
+coordinator, in-process clients and Ray workers all derive the same split without sending it.
+In centralized mode the single client holds the union of what the federated clients would
+hold (each client's cap included), which makes it the reference line for the same data.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Any
+
+from fedpeft.cache import PROCESS_CACHE, ProcessCache
+from fedpeft.config import DataConfig, FederationConfig, RunConfig
+from fedpeft.data.tasks import Task, load_task
+from fedpeft.errors import DataError
+from fedpeft.seeding import np_rng
+from fedpeft.simulation.partition import partition
+
+__all__ = ["client_records", "get_task", "partition_indices"]
+
+
+def get_task(data: DataConfig, seed: int, cache: ProcessCache = PROCESS_CACHE) -> Task:
+    """The task for a data config, read once per process."""
+    key = "task:" + json.dumps(asdict(data), sort_keys=True) + f":{seed}"
+    return cache.get(key, lambda: load_task(data, seed))
+
+
+def partition_indices(task: Task, fed: FederationConfig, data: DataConfig) -> list[list[int]]:
+    """Training-record indices of each of the ``fed.num_clients`` federated clients."""
+    rng = np_rng(fed.seed, "partition")
+    if fed.partition == "iid":
+        keys: list[Any] = [0] * len(task.train)
+    else:
+        if fed.partition_key not in task.train[0]:
+            raise DataError(
+                f"federation.partition_key {fed.partition_key!r} is not a field of {data.path!r}; "
+                f"fields: {task.fields}"
+            )
+        keys = [r[fed.partition_key] for r in task.train]
+    parts = partition(fed.partition, keys, fed.num_clients, rng, fed.dirichlet_alpha)
+    cap = data.max_examples_per_client
+    if cap:
+        parts = [
+            sorted(int(i) for i in np_rng(fed.seed, "cap", c).permutation(p)[:cap])
+            if len(p) > cap
+            else p
+            for c, p in enumerate(parts)
+        ]
+    return parts
+
+
+def client_records(
+    cfg: RunConfig, partition_id: int, cache: ProcessCache = PROCESS_CACHE
+) -> list[dict[str, Any]]:
+    """The training records of client ``partition_id`` (all clients' union if centralized)."""
+    task = get_task(cfg.data, cfg.federation.seed, cache)
+    key = "partition:" + json.dumps([asdict(cfg.data), asdict(cfg.federation)], sort_keys=True)
+    parts = cache.get(key, lambda: partition_indices(task, cfg.federation, cfg.data))
+    if cfg.federation.centralized:
+        if partition_id != 0:
+            raise DataError(f"centralized mode has one client (0), got partition {partition_id}")
+        return [task.train[i] for i in sorted(i for p in parts for i in p)]
+    if not 0 <= partition_id < len(parts):
+        raise DataError(f"partition {partition_id} is outside 0..{len(parts) - 1}")
+    return [task.train[i] for i in parts[partition_id]]
