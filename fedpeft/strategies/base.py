@@ -1,0 +1,150 @@
+"""The strategy plug-in point: a four-method protocol and the small types around it.
+
+A strategy decides what each sampled client trains (``configure_train``) and how the returned
+updates become the next global adapter (``aggregate_train``). It owns the global adapter, and
+all of its state round-trips through ``state_dict`` / ``load_state_dict`` so a coordinator can
+resume exactly. The round loop, sampling, headers, validation, byte counting and evaluation
+live in the coordinator, not here.
+
+A strategy class has a ``Config`` dataclass (its options, from ``[strategy.options]``) and is
+built as ``Strategy(config, ctx)``; its constructor only stores what it is given. Register it
+beside its definition with :func:`fedpeft.strategies.registry.register_strategy`, or load it
+from outside the package by file or dotted path (see ``strategies/README.md``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from fedpeft.errors import AggregationError
+from fedpeft.wire import Adapter, ClientInfo, LoraFactors, LoraSpec, LoraUpdate
+
+__all__ = [
+    "AggregateResult",
+    "LoraPlan",
+    "Strategy",
+    "StrategyContext",
+    "adapter_from_state",
+    "adapter_state",
+    "check_same_structure",
+    "weights_of",
+]
+
+
+@dataclass(frozen=True)
+class StrategyContext:
+    """What every strategy is built with.
+
+    Attributes
+    ----------
+    initial : Adapter
+        The starting global adapter (``B = 0``), at ``spec.rank``.
+    spec : LoraSpec
+        The run's adapter structure (rank, alpha, target modules, dropout).
+    seed : int
+        The run seed, for any randomness the strategy needs (derive, don't share).
+    """
+
+    initial: Adapter
+    spec: LoraSpec
+    seed: int
+
+
+@dataclass(frozen=True)
+class LoraPlan:
+    """What one client trains this round: an adapter structure and its starting factors."""
+
+    spec: LoraSpec
+    adapter: Adapter
+
+
+@dataclass(frozen=True)
+class AggregateResult:
+    """The global adapter after a round, its structure, and the strategy's own metrics."""
+
+    adapter: Adapter
+    spec: LoraSpec
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Strategy(Protocol):
+    """Aggregation strategy protocol (see the module docstring)."""
+
+    def configure_train(
+        self, server_round: int, clients: Sequence[ClientInfo]
+    ) -> Mapping[str, LoraPlan]:
+        """Plan each sampled client's training; keys are client ids (omit to skip one)."""
+        ...
+
+    def aggregate_train(self, server_round: int, updates: Sequence[LoraUpdate]) -> AggregateResult:
+        """Combine validated updates into the next global adapter.
+
+        Raises ``AggregationError`` (naming the client) if the updates cannot be combined.
+        """
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly where this strategy is now."""
+        ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        ...
+
+
+def weights_of(updates: Sequence[LoraUpdate]) -> list[float]:
+    """Example-weighted shares ``p_k = n_k / sum(n)`` of sorted-by-client updates."""
+    total = sum(u.header.num_examples for u in updates)
+    if total <= 0:
+        raise AggregationError("updates report 0 examples in total; cannot weight them")
+    return [u.header.num_examples / total for u in updates]
+
+
+def check_same_structure(updates: Sequence[LoraUpdate], strategy: str) -> None:
+    """Raise ``AggregationError`` unless all updates have the same modules, shapes and alpha.
+
+    The message names the first client that differs and what to use instead.
+    """
+    if not updates:
+        raise AggregationError(f"strategy {strategy!r} got no updates to aggregate")
+    ref = updates[0]
+    for u in updates[1:]:
+        if set(u.factors) != set(ref.factors):
+            diff = sorted(set(u.factors) ^ set(ref.factors))[:3]
+            raise AggregationError(
+                f"client {u.header.client_id} adapted other modules than client "
+                f"{ref.header.client_id} (differing: {diff}); strategy {strategy!r} needs the same"
+            )
+        for m, f in u.factors.items():
+            g = ref.factors[m]
+            if f.a.shape != g.a.shape or f.b.shape != g.b.shape or f.alpha != g.alpha:
+                raise AggregationError(
+                    f"client {u.header.client_id} sent rank {f.rank} (alpha {f.alpha}) for {m!r}, "
+                    f"client {ref.header.client_id} rank {g.rank} (alpha {g.alpha}); strategy "
+                    f"{strategy!r} needs equal ranks - use a heterogeneous-rank strategy"
+                )
+
+
+def adapter_state(adapter: Adapter) -> dict[str, Any]:
+    """A plain, ``torch.save``-able dict of an adapter (tensors cloned)."""
+    return {
+        m: {"a": f.a.clone(), "b": f.b.clone(), "alpha": float(f.alpha)}
+        for m, f in sorted(adapter.items())
+    }
+
+
+def adapter_from_state(state: Mapping[str, Any]) -> dict[str, LoraFactors]:
+    """Inverse of :func:`adapter_state`."""
+    return {
+        m: LoraFactors(
+            a=torch.as_tensor(v["a"]).clone(),
+            b=torch.as_tensor(v["b"]).clone(),
+            alpha=float(v["alpha"]),
+        )
+        for m, v in state.items()
+    }

@@ -1,0 +1,177 @@
+"""Find and build strategies: the registry, plus out-of-tree loading.
+
+``strategy.name`` may be
+
+- a registered name (``fedavg``; in-tree strategies register beside their definition),
+- ``path/to/file.py:ClassName`` (relative to the working directory),
+- ``package.module:ClassName`` (importable dotted path), or
+- the name of an entry point in the ``fedpeft.strategies`` group of an installed package.
+
+A strategy class has a ``Config`` dataclass of options and is built as ``Cls(config, ctx)``.
+Registering a name twice, or a class without that shape, fails loudly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import importlib.metadata
+import importlib.util
+import inspect
+import re
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from fedpeft.errors import StrategyError
+from fedpeft.strategies.base import Strategy, StrategyContext
+
+__all__ = ["build_strategy", "check_strategy_config", "register_strategy", "registered", "resolve"]
+
+ENTRY_POINT_GROUP = "fedpeft.strategies"
+_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
+_REGISTRY: dict[str, type[Any]] = {}
+
+
+def _check_shape(cls: type[Any], where: str) -> None:
+    if not inspect.isclass(cls):
+        raise StrategyError(f"{where}: expected a strategy class, got {cls!r}")
+    config = getattr(cls, "Config", None)
+    if config is None or not dataclasses.is_dataclass(config):
+        raise StrategyError(
+            f"{where}: {cls.__name__} needs a `Config` dataclass of its options "
+            "(an empty `@dataclass class Config: pass` if it has none)"
+        )
+    missing = [
+        m
+        for m in ("configure_train", "aggregate_train", "state_dict", "load_state_dict")
+        if not callable(getattr(cls, m, None))
+    ]
+    if missing:
+        raise StrategyError(f"{where}: {cls.__name__} lacks the Strategy methods {missing}")
+
+
+def register_strategy(name: str, cls: type[Any]) -> None:
+    """Register a strategy class under ``name``.
+
+    Raises
+    ------
+    StrategyError
+        If the name is malformed or taken, or the class lacks ``Config`` or a method.
+    """
+    if not _NAME.match(name):
+        raise StrategyError(f"strategy name {name!r} must match {_NAME.pattern}")
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+        owner = _REGISTRY[name]
+        raise StrategyError(
+            f"strategy {name!r} is already registered by {owner.__module__}.{owner.__qualname__}; "
+            "choose another name"
+        )
+    _check_shape(cls, f"register_strategy({name!r})")
+    _REGISTRY[name] = cls
+
+
+def registered() -> list[str]:
+    """Names of the registered strategies."""
+    import fedpeft.strategies  # noqa: F401  (in-tree strategies register on import)
+
+    return sorted(_REGISTRY)
+
+
+def _load_file(path: Path, attr: str) -> Any:
+    if not path.is_file():
+        raise StrategyError(f"strategy file {str(path)!r} does not exist")
+    digest = hashlib.blake2b(str(path.resolve()).encode(), digest_size=4).hexdigest()
+    mod_name = f"fedpeft_plugin_{re.sub(r'[^0-9a-zA-Z_]', '_', path.stem)}_{digest}"
+    if mod_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(mod_name, path)
+        if spec is None or spec.loader is None:
+            raise StrategyError(f"cannot import {str(path)!r} as a Python module")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[mod_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as err:
+            del sys.modules[mod_name]
+            raise StrategyError(f"importing {str(path)!r} failed: {err!r}") from err
+    return _attr(sys.modules[mod_name], attr, str(path))
+
+
+def _attr(module: Any, attr: str, where: str) -> Any:
+    if not hasattr(module, attr):
+        names = [n for n in dir(module) if not n.startswith("_")]
+        raise StrategyError(f"{where} has no {attr!r}; it defines {names}")
+    return getattr(module, attr)
+
+
+def resolve(name: str) -> type[Any]:
+    """The strategy class that ``name`` refers to (see the module docstring).
+
+    Raises
+    ------
+    StrategyError
+        Naming the registered strategies when nothing matches.
+    """
+    known = registered()
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    ref, sep, attr = name.rpartition(":")
+    if sep and (ref.endswith(".py") or "/" in ref):
+        cls = _load_file(Path(ref), attr)
+    elif sep:
+        try:
+            cls = _attr(importlib.import_module(ref), attr, ref)
+        except ImportError as err:
+            raise StrategyError(f"cannot import {ref!r} for strategy {name!r}: {err}") from err
+    else:
+        eps = [
+            ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.name == name
+        ]
+        if not eps:
+            raise StrategyError(
+                f"unknown strategy {name!r}; registered: {', '.join(known)}; or give "
+                "'path/to/file.py:Class' or 'package.module:Class'"
+            )
+        cls = eps[0].load()
+    _check_shape(cls, f"strategy {name!r}")
+    return cls  # type: ignore[no-any-return]
+
+
+def _options(cls: type[Any], options: Mapping[str, Any], problems: list[str]) -> Any:
+    from fedpeft.configio import build_dataclass
+
+    return build_dataclass(cls.Config, dict(options), "strategy.options", problems)
+
+
+def check_strategy_config(name: str, options: Mapping[str, Any]) -> list[str]:
+    """Every problem with a strategy name and its options (empty if fine)."""
+    try:
+        cls = resolve(name)
+    except StrategyError as err:
+        return [f"strategy.name: {err}"]
+    problems: list[str] = []
+    _options(cls, options, problems)
+    return problems
+
+
+def build_strategy(name: str, options: Mapping[str, Any], ctx: StrategyContext) -> Strategy:
+    """Resolve ``name``, validate ``options`` against its ``Config`` and build it.
+
+    Raises
+    ------
+    StrategyError
+        If the strategy cannot be found or its options are invalid (all problems listed).
+    """
+    cls = resolve(name)
+    problems: list[str] = []
+    config = _options(cls, options, problems)
+    if problems:
+        raise StrategyError("; ".join(problems))
+    strategy = cls(config, ctx)
+    if not isinstance(strategy, Strategy):
+        raise StrategyError(
+            f"strategy {name!r} built a {type(strategy).__name__} that is not a Strategy"
+        )
+    return strategy
