@@ -1,0 +1,160 @@
+"""Evaluation of an adapter: loss on target tokens and the task metric from generation.
+
+- Loss: mean cross-entropy over every target token (and EOS) of the held-out examples,
+  weighted by tokens, so batch composition does not change it.
+- Task metric: greedy generation from each prompt, cut at the first newline, compared with
+  the reference by Rouge-L F1 (``rouge-score``, Lin 2004) for generation tasks or by exact
+  match (case- and space-insensitive) for classification-as-generation tasks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fedpeft.config import RunConfig
+from fedpeft.data.tasks import TextPair, format_pairs
+from fedpeft.data.tokenize import (
+    IGNORE,
+    Example,
+    collate,
+    collate_prompts,
+    encode_pairs,
+    encode_prompt,
+)
+from fedpeft.lora import ModelHandle
+from fedpeft.seeding import np_rng
+from fedpeft.wire import Adapter, LoraSpec
+
+__all__ = ["EvalSet", "Evaluator", "eval_loss", "generate", "task_metric"]
+
+
+@torch.no_grad()
+def eval_loss(
+    model: Any, examples: Sequence[Example], batch_size: int, pad_id: int, device: torch.device
+) -> float:
+    """Token-weighted mean cross-entropy over the target tokens of ``examples``."""
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = collate(examples[i : i + batch_size], pad_id, device)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # position t predicts token t+1: (B, T-1, V) against (B, T-1)
+        shift_logits = logits[:, :-1].float()
+        shift_labels = batch["labels"][:, 1:]
+        total += float(
+            F.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.shape[-1]),
+                shift_labels.reshape(-1),
+                ignore_index=IGNORE,
+                reduction="sum",
+            )
+        )
+        count += int((shift_labels != IGNORE).sum())
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    device: torch.device,
+) -> list[str]:
+    """Greedy continuations of token-id prompts, decoded and cut at the first newline."""
+    outs: list[str] = []
+    pad = tokenizer.pad_token_id
+    for i in range(0, len(prompts), batch_size):
+        batch = collate_prompts(prompts[i : i + batch_size], pad, device)
+        gen = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        new = gen[:, batch["input_ids"].shape[1] :]  # (B, new_tokens)
+        for row in tokenizer.batch_decode(new, skip_special_tokens=True):
+            outs.append(row.strip().split("\n", 1)[0].strip())
+    return outs
+
+
+def task_metric(metric: str, predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Mean Rouge-L F1 (``rougeL``) or exact-match accuracy (``accuracy``), in [0, 1]."""
+    if not predictions:
+        return 0.0
+    if metric == "accuracy":
+        norm = [
+            (" ".join(p.lower().split()), " ".join(r.lower().split()))
+            for p, r in zip(predictions, references, strict=True)
+        ]
+        return sum(p == r for p, r in norm) / len(norm)
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    scores = [
+        scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references, strict=True)
+    ]
+    return float(sum(scores) / len(scores))
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """Held-out examples, tokenized once: loss examples and generation prompts."""
+
+    pairs: list[TextPair]
+    examples: list[Example]
+    prompts: list[list[int]]
+
+    @classmethod
+    def build(cls, cfg: RunConfig, records: Sequence[dict[str, Any]], tokenizer: Any) -> EvalSet:
+        """A fixed seeded sample of ``eval.examples`` records (all if 0)."""
+        order = np_rng(cfg.federation.seed, "eval-sample").permutation(len(records))
+        n = cfg.eval.examples or len(records)
+        chosen = [records[int(i)] for i in sorted(order[:n])]
+        pairs = format_pairs(chosen, cfg.data)
+        examples = encode_pairs(tokenizer, pairs, cfg.train.max_seq_len, cfg.data.chat_template)
+        prompts = [encode_prompt(tokenizer, p.prompt, cfg.data.chat_template) for p in pairs]
+        return cls(pairs=pairs, examples=examples, prompts=prompts)
+
+
+class Evaluator:
+    """Evaluates global adapters on one held-out set with the process's shared model.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        For batch size, metric and generation budget.
+    handle : ModelHandle
+        The shared base model.
+    evalset : EvalSet
+        The held-out examples.
+    """
+
+    def __init__(self, cfg: RunConfig, handle: ModelHandle, evalset: EvalSet) -> None:
+        self.cfg = cfg
+        self.handle = handle
+        self.evalset = evalset
+
+    def __call__(self, spec: LoraSpec, adapter: Adapter, with_metric: bool) -> dict[str, float]:
+        """``{"eval_loss": ..., "eval_<metric>": ...}`` of ``adapter`` on the held-out set."""
+        name = self.handle.ensure_adapter(spec)
+        self.handle.set_factors(name, adapter)
+        model = self.handle.peft_model(name)
+        model.eval()
+        tok, dev, bs = self.handle.tokenizer, self.handle.device, self.cfg.eval.batch_size
+        out = {"eval_loss": eval_loss(model, self.evalset.examples, bs, tok.pad_token_id, dev)}
+        metric = self.cfg.data.metric
+        if with_metric and metric != "none":
+            preds = generate(
+                model, tok, self.evalset.prompts, self.cfg.eval.max_new_tokens, bs, dev
+            )
+            out[f"eval_{metric}"] = task_metric(
+                metric, preds, [p.target for p in self.evalset.pairs]
+            )
+        return out

@@ -1,0 +1,116 @@
+"""The coordinator: a Flower ``ServerApp`` that runs fedpeft rounds on whatever ``Grid`` it gets.
+
+``make_server_app(cfg, out_dir)`` builds the app for a scenario. Its ``main`` loads the base
+model once (for the adapter shapes, the fingerprint and centralized evaluation), draws the
+initial adapter from the run seed, builds the strategy, runs the
+:class:`~fedpeft.server.coordinator.Coordinator` and writes ``metrics.jsonl``,
+``summary.json`` and the final adapter in peft format (``out_dir/adapter``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedpeft.cache import PROCESS_CACHE, ProcessCache
+from fedpeft.config import RunConfig
+from fedpeft.configio import config_hash
+from fedpeft.data.clients import get_task
+from fedpeft.evaluation import EvalSet, Evaluator
+from fedpeft.lora import init_factors
+from fedpeft.models import get_model
+from fedpeft.server.coordinator import Coordinator
+from fedpeft.server.results import RunReporter, summarize
+from fedpeft.strategies.base import StrategyContext
+from fedpeft.strategies.registry import build_strategy
+from fedpeft.wire import LoraSpec
+
+__all__ = ["Outcome", "make_server_app", "run_server", "spec_of"]
+
+
+@dataclass
+class Outcome:
+    """Filled in by the server app: the summary, or the exception that ended the run."""
+
+    summary: dict[str, Any] | None = None
+    error: BaseException | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def spec_of(cfg: RunConfig) -> LoraSpec:
+    """The run's adapter structure from ``[lora]``."""
+    return LoraSpec(
+        rank=cfg.lora.rank,
+        alpha=cfg.lora.alpha,
+        target_modules=tuple(cfg.lora.target_modules),
+        dropout=cfg.lora.dropout,
+    )
+
+
+def run_server(
+    grid: Grid,
+    cfg: RunConfig,
+    out_dir: Path,
+    reporter: RunReporter,
+    cache: ProcessCache = PROCESS_CACHE,
+) -> dict[str, Any]:
+    """Run the whole federated job on ``grid``; returns the summary.
+
+    Raises
+    ------
+    RoundError
+        If a round cannot complete (too few valid updates).
+    """
+    t0 = time.perf_counter()
+    seed = cfg.federation.seed
+    handle = get_model(cfg.model, cache)
+    spec = spec_of(cfg)
+    initial = init_factors(handle.module_shapes(handle.ensure_adapter(spec)), spec, seed)
+    strategy = build_strategy(
+        cfg.strategy.name, cfg.strategy.options, StrategyContext(initial, spec, seed)
+    )
+    evalset = EvalSet.build(cfg, get_task(cfg.data, seed, cache).eval, handle.tokenizer)
+    coordinator = Coordinator(
+        cfg,
+        grid,
+        strategy,
+        spec,
+        initial,
+        fingerprint=handle.fingerprint,
+        run_id=config_hash(cfg),
+        evaluate=Evaluator(cfg, handle, evalset),
+        on_row=reporter.on_row,
+    )
+    result = coordinator.run()
+    adapter_dir = handle.save_adapter(result.spec, result.adapter, out_dir / "adapter")
+    result.wall_s = time.perf_counter() - t0
+    summary = summarize(cfg, result, str(adapter_dir))
+    reporter.finish(summary, cfg.data.metric)
+    return summary
+
+
+def make_server_app(
+    cfg: RunConfig,
+    out_dir: Path,
+    reporter: RunReporter,
+    outcome: Outcome,
+    cache: ProcessCache = PROCESS_CACHE,
+) -> ServerApp:
+    """A ``ServerApp`` whose ``main`` runs :func:`run_server` and records the outcome."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            outcome.summary = run_server(grid, cfg, out_dir, reporter, cache)
+        except BaseException as err:
+            outcome.error = err
+            reporter.bar.close()
+            raise
+
+    return app
