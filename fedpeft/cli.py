@@ -1,0 +1,127 @@
+"""The ``fedpeft`` command line: one verb per job, ``--config X.toml`` and ``KEY=VALUE`` overrides.
+
+Verbs:
+
+- ``fedpeft simulate --config X.toml --out DIR [--backend inprocess|ray] [--quiet] [KEY=VALUE ...]``
+- ``fedpeft validate --config X.toml [KEY=VALUE ...]``: check a scenario, print it resolved.
+- ``fedpeft config-help``: every configuration key with its default and help text.
+- ``fedpeft strategies``: the registered strategies.
+- ``fedpeft data wordnet --src DIR --out FILE``: rebuild the WordNet task file.
+
+Exit codes: 0 success, 2 configuration or usage error, 1 any other fedpeft error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+from fedpeft.errors import ConfigError, FedpeftError
+
+__all__ = ["main"]
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="scenario TOML (see simulations/)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotted overrides, e.g. rounds=2 lora.rank=4",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedpeft", description="Federated fine-tuning with LoRA on Flower."
+    )
+    sub = parser.add_subparsers(dest="verb", required=True)
+    sim = sub.add_parser("simulate", help="run a scenario with simulated clients")
+    _add_config_args(sim)
+    sim.add_argument(
+        "--out", required=True, help="run folder for metrics.jsonl, summary.json, adapter/"
+    )
+    sim.add_argument(
+        "--backend", choices=("inprocess", "ray"), default=None, help="override simulation.backend"
+    )
+    sim.add_argument("--quiet", action="store_true", help="no progress bar or final table")
+    val = sub.add_parser("validate", help="check a scenario and print it fully resolved")
+    _add_config_args(val)
+    sub.add_parser("config-help", help="list every configuration key with default and help")
+    sub.add_parser("strategies", help="list the registered strategies")
+    data = sub.add_parser("data", help="build shipped datasets")
+    data_sub = data.add_subparsers(dest="dataset", required=True)
+    wn = data_sub.add_parser("wordnet", help="build the WordNet definition task")
+    wn.add_argument(
+        "--src", default="/usr/share/wordnet", help="WordNet dict folder (data.noun, ...)"
+    )
+    wn.add_argument("--out", default="simulations/data/wordnet.jsonl.gz", help="output .jsonl.gz")
+    return parser
+
+
+def _config_help() -> str:
+    from fedpeft.config import RunConfig
+
+    lines = []
+    hints = typing.get_type_hints(RunConfig)
+    for f in dataclasses.fields(RunConfig):
+        tp = hints[f.name]
+        if not dataclasses.is_dataclass(tp):
+            lines.append(f"{f.name} = {f.default!r}\n    {f.metadata.get('help', '')}")
+            continue
+        lines.append(f"\n[{f.name}]  {(tp.__doc__ or '').strip().splitlines()[0]}")
+        for sf in dataclasses.fields(tp):
+            factory: Any = sf.default_factory
+            default = sf.default if sf.default is not dataclasses.MISSING else factory()
+            lines.append(f"{f.name}.{sf.name} = {default!r}\n    {sf.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.verb == "config-help":
+        print(_config_help())
+        return 0
+    if args.verb == "strategies":
+        from fedpeft.strategies.registry import registered, resolve
+
+        for name in registered():
+            doc = (resolve(name).__doc__ or "").strip().splitlines()[0]
+            print(f"{name:12} {doc}")
+        return 0
+    if args.verb == "data":
+        from fedpeft.data.wordnet import build_wordnet
+
+        n = build_wordnet(args.src, args.out)
+        print(f"wrote {n} records to {args.out}")
+        return 0
+    from fedpeft.configio import config_to_dict, dump_toml, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.verb == "validate":
+        print(dump_toml(config_to_dict(cfg)), end="")
+        return 0
+    from fedpeft.simulation.runner import simulate
+
+    simulate(cfg, args.out, backend=args.backend, quiet=args.quiet)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fedpeft`` command; returns the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except ConfigError as err:
+        print(f"fedpeft: configuration error: {err}", file=sys.stderr)
+        return 2
+    except FedpeftError as err:
+        print(f"fedpeft: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""A Flower ``Grid`` that runs virtual clients in this process, one message at a time.
+
+Flower's own simulation engine needs Ray, starts worker processes and loads a model in each
+(Flower 1.41 has no in-process backend; its Ray-free ``SimpleBackend`` PR #3989 is open).
+:class:`InProcessGrid` implements the public ``Grid`` interface by calling the ``ClientApp``
+directly, so the same ``ServerApp`` and ``ClientApp`` run unchanged, every virtual client
+shares the process's one base model, and runs are deterministic.
+
+With ``serialize=True`` (the default) every instruction and reply is encoded to Flower's wire
+objects and decoded again, as a real network would, so a payload that would not survive
+deployment fails here too. A ``ClientApp`` exception becomes an error reply, as in Flower's
+runtimes. Each node keeps its own ``Context`` (``state`` persists across rounds).
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable, Iterable, Mapping
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
+
+from fedpeft._flwr import SERVER_NODE_ID, make_run, roundtrip, set_message_id, set_task_identity
+
+__all__ = ["InProcessGrid"]
+
+FIRST_NODE_ID = 10_001
+CLIENT_APP_RAISED_EXCEPTION = 2  # flwr.common.constant.ErrorCode in flwr 1.41
+
+
+class InProcessGrid(Grid):
+    """Calls ``client_app`` for each pushed message, in push order, in this process.
+
+    Parameters
+    ----------
+    client_app : ClientApp
+        The app every virtual node runs.
+    node_configs : list[Mapping[str, int | float | str | bool]]
+        One node config per virtual node (``partition-id``, ``num-partitions``, ...).
+    run_id : int
+        Flower run id (messages carry it).
+    serialize : bool
+        Round-trip every message through Flower's wire encoding.
+    on_reply : Callable[[int, Message], None] | None
+        Called after each reply, with the node id (progress reporting).
+    """
+
+    def __init__(
+        self,
+        client_app: ClientApp,
+        node_configs: list[Mapping[str, int | float | str | bool]],
+        run_id: int = 1,
+        serialize: bool = True,
+        on_reply: Callable[[int, Message], None] | None = None,
+    ) -> None:
+        self._app = client_app
+        self._serialize = serialize
+        self._on_reply = on_reply
+        self._run = make_run(run_id)
+        self._contexts = {
+            FIRST_NODE_ID + i: Context(
+                run_id=run_id,
+                node_id=FIRST_NODE_ID + i,
+                node_config=dict(conf),
+                state=RecordDict(),
+                run_config={},
+            )
+            for i, conf in enumerate(node_configs)
+        }
+        self._replies: dict[str, Message] = {}
+        set_task_identity(run_id, SERVER_NODE_ID)
+
+    def set_run(self, run: object) -> None:
+        """Replace the run record (Flower's interface)."""
+        self._run = run  # type: ignore[assignment]
+
+    @property
+    def run(self):  # type: ignore[no-untyped-def]  # flwr.supercore.run.Run
+        """The run this grid serves."""
+        return self._run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        """Build an instruction message (prefer the ``Message`` constructor)."""
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """Ids of the virtual nodes."""
+        return list(self._contexts)
+
+    def context(self, node_id: int) -> Context:
+        """A node's context (tests and benchmarks)."""
+        return self._contexts[node_id]
+
+    def _deliver(self, msg: Message) -> Message:
+        node = msg.metadata.dst_node_id
+        incoming = roundtrip(msg) if self._serialize else msg
+        try:
+            reply = self._app(incoming, self._contexts[node])
+        except Exception as ex:  # reported to the coordinator as this client's failure
+            reason = f"{type(ex).__name__}: {ex}"
+            if not isinstance(ex, ValueError):
+                reason += "\n" + traceback.format_exc(limit=-3)
+            reply = Message(
+                Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=incoming
+            )
+        set_message_id(reply)
+        return roundtrip(reply) if self._serialize else reply
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Deliver each message now; replies wait in this grid until pulled."""
+        ids: list[str] = []
+        for msg in messages:
+            mid = set_message_id(msg)
+            if msg.metadata.dst_node_id not in self._contexts:
+                reply = Message(
+                    Error(code=5, reason=f"node {msg.metadata.dst_node_id} does not exist"),
+                    reply_to=msg,
+                )
+                set_message_id(reply)
+            else:
+                reply = self._deliver(msg)
+            self._replies[mid] = reply
+            ids.append(mid)
+            if self._on_reply is not None:
+                self._on_reply(msg.metadata.dst_node_id, reply)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Hand over (and forget) the replies to the given message ids."""
+        return [self._replies.pop(m) for m in message_ids if m in self._replies]
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Deliver messages and return their replies (calls are synchronous: no timeout)."""
+        return self.pull_messages(self.push_messages(messages))
