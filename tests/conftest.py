@@ -1,0 +1,97 @@
+"""Shared fixtures: tiny models built in code, small configs, update factories."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+
+from fedpeft.cache import ProcessCache  # noqa: E402
+from fedpeft.config import ModelConfig, RunConfig  # noqa: E402
+from fedpeft.configio import load_config  # noqa: E402
+from fedpeft.lora import ModelHandle  # noqa: E402
+from fedpeft.models import load_model  # noqa: E402
+from fedpeft.wire import Header, LoraFactors, LoraUpdate  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_TOML = REPO / "simulations" / "tiny.toml"
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    """The repository root."""
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def tiny_handle() -> ModelHandle:
+    """One tiny random LLaMA shared by the tests that only read or switch adapters."""
+    return load_model(ModelConfig(name="tiny"))
+
+
+@pytest.fixture
+def cache() -> ProcessCache:
+    """A fresh process cache, so a test counts its own model loads."""
+    return ProcessCache()
+
+
+def _tiny_config(*overrides: str) -> RunConfig:
+    base = (
+        "federation.num_clients=3",
+        "federation.rounds=2",
+        "train.local_steps=3",
+        "data.max_examples_per_client=48",
+        "eval.examples=16",
+        "eval.max_new_tokens=8",
+    )
+    return load_config(TINY_TOML, [*base, *overrides])
+
+
+@pytest.fixture
+def tiny_config() -> Callable[..., RunConfig]:
+    """``tiny_config(*overrides)``: the shipped tiny scenario, made smaller, plus overrides."""
+    return _tiny_config
+
+
+@pytest.fixture
+def make_update() -> Callable[..., LoraUpdate]:
+    """Factory of random LoRA updates: ``make_update(client="0", rank=4, num_examples=10)``."""
+
+    def make(
+        client: str = "0",
+        rank: int = 4,
+        num_examples: int = 10,
+        modules: tuple[str, ...] = ("m.q_proj", "m.v_proj"),
+        shape: tuple[int, int] = (12, 10),
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        server_round: int = 1,
+    ) -> LoraUpdate:
+        g = torch.Generator().manual_seed(seed)
+        factors = {
+            m: LoraFactors(
+                a=torch.randn(rank, shape[1], generator=g).to(dtype),
+                b=torch.randn(shape[0], rank, generator=g).to(dtype),
+                alpha=8.0,
+            )
+            for m in modules
+        }
+        header = Header(
+            run_id="run",
+            server_round=server_round,
+            model_fingerprint="fp",
+            adapter_hash="h",
+            num_examples=num_examples,
+            client_id=client,
+        )
+        return LoraUpdate(header=header, factors=factors, metrics={"train_loss": 1.0})
+
+    return make

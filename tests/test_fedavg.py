@@ -1,0 +1,92 @@
+"""FedIT maths: A and B averaged separately, weighted by examples; its known inexactness."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from fedpeft.strategies.base import StrategyContext
+from fedpeft.strategies.fedavg import FedAvg
+from fedpeft.wire import LoraFactors, LoraSpec
+
+
+def _strategy(initial, weighted=True):
+    spec = LoraSpec(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"))
+    return FedAvg(
+        FedAvg.Config(weighted=weighted), StrategyContext(initial=initial, spec=spec, seed=0)
+    )
+
+
+def test_weighted_average_of_each_factor(make_update):
+    ups = [make_update(client=str(i), num_examples=n, seed=i) for i, n in enumerate((10, 30, 60))]
+    res = _strategy(ups[0].factors).aggregate_train(1, ups)
+    p = torch.tensor([0.1, 0.3, 0.6], dtype=torch.float64)
+    for m in ups[0].factors:
+        want_a = sum(p[i] * ups[i].factors[m].a.double() for i in range(3))  # (r, in)
+        want_b = sum(p[i] * ups[i].factors[m].b.double() for i in range(3))  # (out, r)
+        assert torch.allclose(res.adapter[m].a.double(), want_a, atol=1e-6)
+        assert torch.allclose(res.adapter[m].b.double(), want_b, atol=1e-6)
+        assert res.adapter[m].alpha == 8.0
+
+
+def test_unweighted_is_plain_mean(make_update):
+    ups = [make_update(client=str(i), num_examples=n, seed=i) for i, n in enumerate((1, 1000))]
+    res = _strategy(ups[0].factors, weighted=False).aggregate_train(1, ups)
+    m = "m.q_proj"
+    assert torch.allclose(
+        res.adapter[m].a, (ups[0].factors[m].a + ups[1].factors[m].a) / 2, atol=1e-6
+    )
+
+
+def test_fedit_is_not_the_average_of_products(make_update):
+    """B_bar A_bar != sum p_k B_k A_k in general: the documented cross-term error."""
+    ups = [make_update(client=str(i), num_examples=10, seed=i) for i in range(4)]
+    res = _strategy(ups[0].factors).aggregate_train(1, ups)
+    m = "m.q_proj"
+    ideal = sum(0.25 * u.factors[m].delta() for u in ups)  # (out, in)
+    got = res.adapter[m].delta()
+    rel = float((got - ideal).norm() / ideal.norm())
+    print(f"FedIT relative error vs sum_k p_k s_k B_k A_k on random factors: {rel:.3f}")
+    assert rel > 0.3
+
+
+def test_fedit_is_exact_when_clients_share_a(make_update):
+    ups = [make_update(client=str(i), num_examples=5 * (i + 1), seed=i) for i in range(3)]
+    shared_a = ups[0].factors["m.q_proj"].a
+    ups = [
+        dataclasses.replace(
+            u,
+            factors={
+                m: LoraFactors(a=shared_a, b=f.b, alpha=f.alpha) for m, f in u.factors.items()
+            },
+        )
+        for u in ups
+    ]
+    res = _strategy(ups[0].factors).aggregate_train(1, ups)
+    p = [5 / 30, 10 / 30, 15 / 30]
+    ideal = sum(p[i] * ups[i].factors["m.q_proj"].delta() for i in range(3))
+    assert torch.allclose(res.adapter["m.q_proj"].delta(), ideal, atol=1e-5)
+
+
+def test_configure_train_sends_the_global_adapter_to_everyone(make_update):
+    initial = make_update().factors
+    strat = _strategy(initial)
+    from fedpeft.wire import ClientInfo, Header
+
+    clients = [
+        ClientInfo(header=Header("r", 0, "fp", "", 5, str(i)), device="cpu") for i in range(3)
+    ]
+    plans = strat.configure_train(1, clients)
+    assert sorted(plans) == ["0", "1", "2"]
+    for plan in plans.values():
+        assert plan.adapter is initial
+        assert plan.spec.rank == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_result_keeps_the_clients_dtype(make_update, dtype):
+    ups = [make_update(client=str(i), seed=i, dtype=dtype) for i in range(2)]
+    res = _strategy(ups[0].factors).aggregate_train(1, ups)
+    assert res.adapter["m.q_proj"].a.dtype == dtype

@@ -1,0 +1,101 @@
+"""Strategy registry and out-of-tree loading fail loudly and say what to do."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from fedpeft.errors import StrategyError
+from fedpeft.strategies.base import StrategyContext
+from fedpeft.strategies.fedavg import FedAvg
+from fedpeft.strategies.registry import (
+    build_strategy,
+    check_strategy_config,
+    register_strategy,
+    registered,
+    resolve,
+)
+from fedpeft.wire import LoraSpec
+
+PLUGIN_FILE = Path(__file__).resolve().parents[1] / "strategies" / "median.py"
+
+
+def _ctx(make_update):
+    return StrategyContext(
+        initial=make_update().factors, spec=LoraSpec(4, 8.0, ("q_proj",)), seed=0
+    )
+
+
+def test_fedavg_is_registered():
+    assert "fedavg" in registered()
+    assert resolve("fedavg") is FedAvg
+
+
+def test_duplicate_name_is_refused():
+    class Other(FedAvg):
+        pass
+
+    with pytest.raises(StrategyError, match="already registered by fedpeft.strategies.fedavg"):
+        register_strategy("fedavg", Other)
+
+
+def test_class_without_config_is_refused():
+    class NoConfig:
+        def configure_train(self): ...
+        def aggregate_train(self): ...
+        def state_dict(self): ...
+        def load_state_dict(self): ...
+
+    with pytest.raises(StrategyError, match="needs a `Config` dataclass"):
+        register_strategy("noconfig", NoConfig)
+
+
+def test_class_missing_methods_is_refused():
+    class Half:
+        @dataclass
+        class Config:
+            pass
+
+        def configure_train(self): ...
+
+    with pytest.raises(StrategyError, match="lacks the Strategy methods"):
+        register_strategy("half", Half)
+
+
+@pytest.mark.parametrize("bad", ["FedAvg", "has space", "9lives"])
+def test_malformed_names_are_refused(bad):
+    with pytest.raises(StrategyError, match="must match"):
+        register_strategy(bad, FedAvg)
+
+
+def test_unknown_name_lists_registered():
+    with pytest.raises(StrategyError, match="registered: .*fedavg"):
+        resolve("fedavgg")
+
+
+def test_load_plugin_from_file(make_update):
+    strat = build_strategy(f"{PLUGIN_FILE}:CoordinateMedian", {}, _ctx(make_update))
+    assert type(strat).__name__ == "CoordinateMedian"
+
+
+def test_load_from_dotted_path(make_update):
+    strat = build_strategy(
+        "fedpeft.strategies.fedavg:FedAvg", {"weighted": False}, _ctx(make_update)
+    )
+    assert isinstance(strat, FedAvg) and strat.config.weighted is False
+
+
+def test_missing_plugin_file_and_attribute():
+    with pytest.raises(StrategyError, match="does not exist"):
+        resolve("no/such/file.py:X")
+    with pytest.raises(StrategyError, match="has no 'Nope'; it defines"):
+        resolve(f"{PLUGIN_FILE}:Nope")
+
+
+def test_bad_options_are_listed_with_valid_keys():
+    problems = check_strategy_config("fedavg", {"weightd": True, "weighted": "yes"})
+    text = "\n".join(problems)
+    assert "unknown key 'strategy.options.weightd'" in text and "valid keys" in text
+    assert "weighted must be bool" in text

@@ -1,0 +1,150 @@
+"""End to end: the CLI on the shipped tiny scenario, determinism, adapter reload, backends."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedpeft.config import ModelConfig
+from fedpeft.models import load_model
+from fedpeft.server.results import TIME_KEYS
+from fedpeft.simulation.runner import simulate
+
+REQUIRED = {"round", "train_loss", "eval_loss", "bytes_up", "bytes_down", "wall_s", "clients"}
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fedpeft.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _without_times(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory, repo):
+    """The shipped tiny scenario run twice through the real CLI, in separate processes."""
+    outs = []
+    for i in range(2):
+        out = tmp_path_factory.mktemp(f"tiny{i}")
+        proc = _cli(
+            "simulate", "--config", "simulations/tiny.toml", "--out", str(out), "--quiet", cwd=repo
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs.append(out)
+    return outs
+
+
+def test_tiny_cli_writes_metrics_adapter_and_config(tiny_runs):
+    out = tiny_runs[0]
+    rows = _rows(out)
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    for r in rows[1:]:
+        assert set(r) >= REQUIRED
+        assert r["bytes_up"] > 0 and r["bytes_down"] > 0 and r["clients"] == 4
+        assert r["bytes_up"] >= r["payload_up"] > 0
+    assert (out / "config.toml").read_text().count("[federation]") == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 3 and summary["bytes_up_per_client_round"] > 0
+
+
+def test_tiny_loss_goes_down(tiny_runs):
+    rows = _rows(tiny_runs[0])
+    evals = [r["eval_loss"] for r in rows]
+    trains = [r["train_loss"] for r in rows[1:]]
+    assert evals[-1] < evals[0] - 0.05, evals
+    assert trains[-1] < trains[0], trains
+
+
+def test_same_config_same_metrics(tiny_runs):
+    assert _without_times(_rows(tiny_runs[0])) == _without_times(_rows(tiny_runs[1]))
+    a = (tiny_runs[0] / "adapter" / "adapter_model.safetensors").read_bytes()
+    b = (tiny_runs[1] / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert a == b
+
+
+def test_adapter_reloads_with_peft_and_changes_the_model(tiny_runs):
+    from peft import PeftModel
+
+    base = load_model(ModelConfig(name="tiny")).base_model
+    ids = torch.tensor([[70, 71, 72, 73]])
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+    model = PeftModel.from_pretrained(base, str(tiny_runs[0] / "adapter"))
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    assert not torch.allclose(before, after)
+
+
+def test_bad_override_names_valid_keys(repo, tmp_path):
+    proc = _cli(
+        "simulate",
+        "--config",
+        "simulations/tiny.toml",
+        "--out",
+        str(tmp_path),
+        "no_such_key=1",
+        cwd=repo,
+    )
+    assert proc.returncode == 2
+    assert "unknown key 'no_such_key'" in proc.stderr
+    assert "federation" in proc.stderr and "lora" in proc.stderr
+
+
+def test_all_config_errors_reported_at_once(repo, tmp_path):
+    proc = _cli(
+        "simulate", "--config", "simulations/tiny.toml", "--out", str(tmp_path),
+        "lora.rank=0", "train.lr=-1", "federation.partition=random", cwd=repo,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "3 problems" in proc.stderr and "lora.rank" in proc.stderr and "train.lr" in proc.stderr
+
+
+def test_base_model_loaded_once_for_all_clients(tiny_config, tmp_path, cache):
+    cfg = tiny_config("federation.num_clients=5", "federation.rounds=2")
+    simulate(cfg, tmp_path, quiet=True, cache=cache)
+    assert cache.count("model:") == 1
+    assert cache.count("client-data:") == 5
+
+
+def test_plugin_strategy_runs_end_to_end(tiny_config, tmp_path, cache, repo):
+    cfg = tiny_config(f"strategy.name={repo / 'strategies' / 'median.py'}:CoordinateMedian")
+    summary = simulate(cfg, tmp_path, quiet=True, cache=cache)
+    assert summary["strategy"].endswith("median.py:CoordinateMedian")
+    assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
+
+
+def test_centralized_reference_runs_the_same_step_budget(tiny_config, tmp_path, cache):
+    cfg = tiny_config(
+        "federation.centralized=true", "federation.num_clients=3", "federation.min_clients=1"
+    )
+    simulate(cfg, tmp_path, quiet=True, cache=cache)
+    rows = _rows(tmp_path)
+    assert all(r["clients"] == 1 for r in rows[1:])
+    assert rows[1]["num_examples"] == 3 * cfg.data.max_examples_per_client  # union of 3 clients
+    assert rows[1]["local_steps_max"] == cfg.train.local_steps * 3
+
+
+@pytest.mark.ray
+def test_ray_backend_runs_the_same_scenario(tiny_config, tmp_path):
+    cfg = tiny_config("simulation.ray_num_cpus=1")
+    summary = simulate(cfg, tmp_path, backend="ray", quiet=True)
+    rows = _rows(tmp_path)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all(r["clients"] == 3 and r["bytes_up"] > 0 for r in rows[1:])
+    assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]

@@ -1,0 +1,136 @@
+"""The conformance suite every strategy must pass: registered ones and the shipped plug-in.
+
+Checks the interface's invariants, not any one algorithm's maths: plans for every sampled
+client, shapes and structure preserved, identical updates give that update back, the result
+does not depend on reply order, inputs are not mutated, the same inputs give the same output,
+``state_dict`` round-trips, and malformed or empty input raises ``AggregationError``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedpeft.errors import AggregationError
+from fedpeft.strategies.base import StrategyContext
+from fedpeft.strategies.registry import build_strategy, registered, resolve
+from fedpeft.wire import ClientInfo, Header, LoraSpec
+
+PLUGIN = str(Path(__file__).resolve().parents[1] / "strategies" / "median.py") + ":CoordinateMedian"
+STRATEGIES = [*registered(), PLUGIN]
+SPEC = LoraSpec(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"))
+
+
+def _build(name, initial):
+    return build_strategy(name, {}, StrategyContext(initial=initial, spec=SPEC, seed=0))
+
+
+def _clients(n):
+    return [
+        ClientInfo(header=Header("r", 0, "fp", "", 10 + i, str(i)), device="cpu") for i in range(n)
+    ]
+
+
+def _updates(make_update, n=3):
+    return [make_update(client=str(i), num_examples=10 + 7 * i, seed=i) for i in range(n)]
+
+
+def _equal(x, y):
+    return set(x) == set(y) and all(
+        torch.equal(x[m].a, y[m].a) and torch.equal(x[m].b, y[m].b) for m in x
+    )
+
+
+@pytest.fixture(params=STRATEGIES)
+def name(request):
+    return request.param
+
+
+def test_plans_every_sampled_client(name, make_update):
+    strat = _build(name, make_update().factors)
+    plans = strat.configure_train(1, _clients(4))
+    assert set(plans) <= {"0", "1", "2", "3"} and plans
+    for plan in plans.values():
+        assert set(plan.adapter) == set(make_update().factors)
+        for f in plan.adapter.values():
+            assert f.rank == plan.spec.rank
+
+
+def test_preserves_structure(name, make_update):
+    ups = _updates(make_update)
+    res = _build(name, ups[0].factors).aggregate_train(1, ups)
+    assert set(res.adapter) == set(ups[0].factors)
+    for m, f in res.adapter.items():
+        assert f.a.shape == ups[0].factors[m].a.shape
+        assert f.b.shape == ups[0].factors[m].b.shape
+        assert torch.isfinite(f.a).all() and torch.isfinite(f.b).all()
+
+
+def test_identical_updates_give_that_update(name, make_update):
+    one = make_update(client="0")
+    same = [copy.deepcopy(one) for _ in range(3)]
+    same = [
+        type(u)(header=Header("run", 1, "fp", "h", 10 + i, str(i)), factors=u.factors)
+        for i, u in enumerate(same)
+    ]
+    res = _build(name, one.factors).aggregate_train(1, same)
+    for m, f in one.factors.items():
+        assert torch.allclose(res.adapter[m].a, f.a, atol=1e-6)
+        assert torch.allclose(res.adapter[m].b, f.b, atol=1e-6)
+
+
+def test_reply_order_does_not_matter(name, make_update):
+    ups = _updates(make_update, 4)
+    a = _build(name, ups[0].factors).aggregate_train(1, ups)
+    b = _build(name, ups[0].factors).aggregate_train(1, list(reversed(ups)))
+    assert _equal(a.adapter, b.adapter)
+
+
+def test_does_not_mutate_inputs(name, make_update):
+    ups = _updates(make_update)
+    before = copy.deepcopy(ups)
+    _build(name, ups[0].factors).aggregate_train(1, ups)
+    for u, v in zip(ups, before, strict=True):
+        assert _equal(u.factors, v.factors)
+
+
+def test_state_dict_round_trip(name, make_update):
+    ups = _updates(make_update)
+    first = _build(name, ups[0].factors)
+    first.aggregate_train(1, ups)
+    state = first.state_dict()
+    resumed = _build(name, make_update(seed=99).factors)
+    resumed.load_state_dict(copy.deepcopy(state))
+    nxt = _updates(make_update, 3)
+    a = first.aggregate_train(2, nxt)
+    b = resumed.aggregate_train(2, nxt)
+    assert _equal(a.adapter, b.adapter)
+    pa, pb = first.configure_train(3, _clients(2)), resumed.configure_train(3, _clients(2))
+    assert all(_equal(pa[c].adapter, pb[c].adapter) for c in pa)
+
+
+def test_rejects_mismatched_ranks(name, make_update):
+    ups = [make_update(client="0", rank=4), make_update(client="1", rank=2, seed=1)]
+    strat = _build(name, ups[0].factors)
+    if getattr(resolve(name), "supports_heterogeneous_ranks", False):
+        strat.aggregate_train(1, ups)
+    else:
+        with pytest.raises(AggregationError, match="client 1"):
+            strat.aggregate_train(1, ups)
+
+
+def test_rejects_mismatched_modules(name, make_update):
+    ups = [
+        make_update(client="0"),
+        make_update(client="1", modules=("m.q_proj", "m.k_proj"), seed=1),
+    ]
+    with pytest.raises(AggregationError, match="client 1"):
+        _build(name, ups[0].factors).aggregate_train(1, ups)
+
+
+def test_rejects_empty_input(name, make_update):
+    with pytest.raises(AggregationError):
+        _build(name, make_update().factors).aggregate_train(1, [])
