@@ -38,6 +38,13 @@ class ProcessCache:
         """How many builds happened for keys starting with ``prefix``."""
         return sum(n for k, n in self.builds.items() if k.startswith(prefix))
 
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        """A cache sent to another process (Ray pickles the ClientApp) becomes that process's.
+
+        Cached models and data never travel: each process builds its own, once.
+        """
+        return (_process_cache, ())
+
     def clear(self) -> None:
         """Drop every value and count (tests)."""
         with self._lock:
@@ -46,3 +53,7 @@ class ProcessCache:
 
 
 PROCESS_CACHE = ProcessCache()
+
+
+def _process_cache() -> ProcessCache:
+    return PROCESS_CACHE

@@ -215,7 +215,9 @@ class ModelHandle:
         self.set_factors(name, adapter)
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
-        state = get_peft_model_state_dict(self._peft, adapter_name=name)
+        state = get_peft_model_state_dict(
+            self._peft, adapter_name=name, save_embedding_layers=False
+        )
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in state.items()},
             str(out / "adapter_model.safetensors"),
