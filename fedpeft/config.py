@@ -224,6 +224,11 @@ class EvalConfig:
     metric_every: int = _help("compute the task metric every N rounds (0: before/after)", 0)
     batch_size: int = _help("evaluation batch size", 16)
     max_new_tokens: int = _help("generation budget for the task metric", 32)
+    federated: bool = _help(
+        "also ask every client to evaluate the global adapter on its own share of the "
+        "held-out split (fed_eval_* in metrics), whenever the loss is evaluated",
+        False,
+    )
 
     def __post_init__(self) -> None:
         p: list[str] = []

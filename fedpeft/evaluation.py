@@ -36,8 +36,8 @@ __all__ = ["EvalSet", "Evaluator", "eval_loss", "generate", "task_metric"]
 @torch.no_grad()
 def eval_loss(
     model: Any, examples: Sequence[Example], batch_size: int, pad_id: int, device: torch.device
-) -> float:
-    """Token-weighted mean cross-entropy over the target tokens of ``examples``."""
+) -> tuple[float, int]:
+    """Token-weighted mean cross-entropy over the target tokens of ``examples``, and the count."""
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         batch = collate(examples[i : i + batch_size], pad_id, device)
@@ -54,7 +54,7 @@ def eval_loss(
             )
         )
         count += int((shift_labels != IGNORE).sum())
-    return total / max(count, 1)
+    return total / max(count, 1), count
 
 
 @torch.no_grad()
@@ -148,7 +148,8 @@ class Evaluator:
         model = self.handle.peft_model(name)
         model.eval()
         tok, dev, bs = self.handle.tokenizer, self.handle.device, self.cfg.eval.batch_size
-        out = {"eval_loss": eval_loss(model, self.evalset.examples, bs, tok.pad_token_id, dev)}
+        loss, tokens = eval_loss(model, self.evalset.examples, bs, tok.pad_token_id, dev)
+        out = {"eval_loss": loss, "eval_tokens": float(tokens)}
         metric = self.cfg.data.metric
         if with_metric and metric != "none":
             preds = generate(

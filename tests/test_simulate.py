@@ -140,6 +140,18 @@ def test_centralized_reference_runs_the_same_step_budget(tiny_config, tmp_path, 
     assert rows[1]["local_steps_max"] == cfg.train.local_steps * 3
 
 
+def test_federated_evaluation_on_each_clients_held_out_share(tiny_config, tmp_path, cache):
+    cfg = tiny_config("eval.federated=true", "federation.num_clients=3")
+    simulate(cfg, tmp_path, quiet=True, cache=cache)
+    rows = _rows(tmp_path)
+    for r in rows:
+        assert r["fed_eval_clients"] == 3 and r["fed_eval_failures"] == {}
+        assert r["fed_eval_bytes_up"] > 0 and r["fed_eval_loss"] > 0
+    assert "fed_eval_rougeL" in rows[0] and "fed_eval_rougeL" in rows[-1]
+    assert rows[-1]["fed_eval_loss"] < rows[0]["fed_eval_loss"]
+    assert cache.count("client-eval:") == 3
+
+
 @pytest.mark.ray
 def test_ray_backend_matches_the_in_process_run(tiny_config, tmp_path, cache):
     """Flower's Ray engine runs the same apps; seeded clients give the same adapter."""
@@ -155,4 +167,6 @@ def test_ray_backend_matches_the_in_process_run(tiny_config, tmp_path, cache):
     strip = [{k: v for k, v in r.items() if k not in drop} for r in _without_times(ip)]
     assert strip == [{k: v for k, v in r.items() if k not in drop} for r in _without_times(ray)]
     adapter = "adapter/adapter_model.safetensors"
-    assert (tmp_path / "inprocess" / adapter).read_bytes() == (tmp_path / "ray" / adapter).read_bytes()
+    assert (tmp_path / "inprocess" / adapter).read_bytes() == (
+        tmp_path / "ray" / adapter
+    ).read_bytes()

@@ -19,14 +19,17 @@ from fedpeft.wire import (
     META,
     PROTOCOL_VERSION,
     TENSORS,
+    EvalReport,
     Header,
     LoraFactors,
     LoraSpec,
     LoraUpdate,
     TrainInstruction,
     adapter_nbytes,
+    decode_eval_report,
     decode_instruction,
     decode_update,
+    encode_eval_report,
     encode_instruction,
     encode_update,
 )
@@ -66,12 +69,14 @@ def test_instruction_round_trip(make_update):
         train=TrainConfig(lr=1e-3, local_steps=7, batch_size=4),
         adapter=adapter,
         seed=2**62 + 11,
+        with_metric=True,
     )
     back = decode_instruction(_through_flower(encode_instruction(ins)))
     assert back.header == ins.header
     assert back.lora == ins.lora
     assert back.train == ins.train
     assert back.seed == ins.seed
+    assert back.with_metric is True
     assert back.message_type == "train.lora"
     for m in adapter:
         assert torch.equal(back.adapter[m].a, adapter[m].a)
@@ -170,3 +175,14 @@ def test_unknown_train_field_asks_for_upgrade(make_update):
     content["fedpeft.train"] = ConfigRecord({**dict(content["fedpeft.train"]), "future_knob": 1})
     with pytest.raises(ProtocolError, match="future_knob"):
         decode_instruction(content)
+
+
+def test_eval_report_round_trip_and_non_finite_rejected():
+    report = EvalReport(
+        header=Header("r", 2, "fp", "h", 12, "3"), metrics={"eval_loss": 2.5, "eval_tokens": 90.0}
+    )
+    back = decode_eval_report(_through_flower(encode_eval_report(report)))
+    assert back == report
+    bad = encode_eval_report(EvalReport(header=report.header, metrics={"eval_loss": float("nan")}))
+    with pytest.raises(ProtocolError, match="finite"):
+        decode_eval_report(bad)

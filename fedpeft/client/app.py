@@ -6,6 +6,8 @@ Handlers (Flower routes ``<category>.<action>`` message types to them):
   device, base-model fingerprint).
 - ``train.lora``: decode a :class:`~fedpeft.wire.TrainInstruction`, train, reply with a
   :class:`~fedpeft.wire.LoraUpdate`.
+- ``evaluate.lora``: evaluate the instruction's adapter on this client's share of the
+  held-out split, reply with an :class:`~fedpeft.wire.EvalReport` (federated evaluation).
 
 The base model and the client's tokenized data come from ``fedpeft.cache.PROCESS_CACHE``: they
 are built once per process and shared by every virtual client the process runs; a round only
@@ -25,22 +27,26 @@ from fedpeft.cache import PROCESS_CACHE, ProcessCache
 from fedpeft.client.trainer import ClientData, make_trainer
 from fedpeft.config import RunConfig
 from fedpeft.configio import load_config
-from fedpeft.data.clients import client_records
+from fedpeft.data.clients import client_eval_records, client_records
 from fedpeft.data.tasks import format_pairs
 from fedpeft.data.tokenize import encode_pairs
 from fedpeft.errors import ConfigError, ProtocolError
+from fedpeft.evaluation import EvalSet, Evaluator
 from fedpeft.lora import ModelHandle
 from fedpeft.models import get_model, model_key
 from fedpeft.wire import (
     HEADER,
     ClientInfo,
+    EvalReport,
     Header,
+    TrainInstruction,
     decode_instruction,
     encode_client_info,
+    encode_eval_report,
     encode_update,
 )
 
-__all__ = ["client_data", "make_client_app", "partition_id"]
+__all__ = ["client_data", "client_evalset", "make_client_app", "partition_id"]
 
 
 def partition_id(context: Context) -> int:
@@ -79,6 +85,34 @@ def client_data(
     return cache.get(key, build)
 
 
+def client_evalset(
+    cfg: RunConfig, handle: ModelHandle, pid: int, cache: ProcessCache = PROCESS_CACHE
+) -> EvalSet:
+    """Partition ``pid``'s tokenized share of the held-out split (built once per process)."""
+    key = "client-eval:" + json.dumps(
+        [asdict(cfg.data), asdict(cfg.federation), asdict(cfg.eval), cfg.train.max_seq_len,
+         model_key(cfg.model), pid],
+        sort_keys=True,
+    )  # fmt: skip
+    return cache.get(
+        key, lambda: EvalSet.build(cfg, client_eval_records(cfg, pid, cache), handle.tokenizer)
+    )
+
+
+def _decode(
+    fixed: RunConfig | None, context: Context, cache: ProcessCache, msg: Message
+) -> tuple[RunConfig, ModelHandle, TrainInstruction]:
+    run = _config(fixed, context, cache)
+    handle = get_model(run.model, cache)
+    ins = decode_instruction(msg.content)
+    if ins.header.model_fingerprint != handle.fingerprint:
+        raise ProtocolError(
+            f"the coordinator trains base model {ins.header.model_fingerprint}, this node has "
+            f"{handle.fingerprint} ({handle.name}); load the same model on both sides"
+        )
+    return run, handle, ins
+
+
 def _config(fixed: RunConfig | None, context: Context, cache: ProcessCache) -> RunConfig:
     if fixed is not None:
         return fixed
@@ -103,7 +137,7 @@ def make_client_app(cfg: RunConfig | None = None, cache: ProcessCache = PROCESS_
     Returns
     -------
     ClientApp
-        With ``query.info`` and ``train.lora`` handlers.
+        With ``query.info``, ``train.lora`` and ``evaluate.lora`` handlers.
     """
     app = ClientApp()
 
@@ -129,16 +163,24 @@ def make_client_app(cfg: RunConfig | None = None, cache: ProcessCache = PROCESS_
 
     @app.train("lora")
     def train(msg: Message, context: Context) -> Message:
-        run = _config(cfg, context, cache)
-        handle = get_model(run.model, cache)
-        ins = decode_instruction(msg.content)
-        if ins.header.model_fingerprint != handle.fingerprint:
-            raise ProtocolError(
-                f"the coordinator trains base model {ins.header.model_fingerprint}, this node has "
-                f"{handle.fingerprint} ({handle.name}); load the same model on both sides"
-            )
+        run, handle, ins = _decode(cfg, context, cache, msg)
         data = client_data(run, handle, partition_id(context), cache)
         update = make_trainer(ins.train.trainer).fit(handle, ins, data)
         return Message(encode_update(update), reply_to=msg)
+
+    @app.evaluate("lora")
+    def evaluate(msg: Message, context: Context) -> Message:
+        run, handle, ins = _decode(cfg, context, cache, msg)
+        evalset = client_evalset(run, handle, partition_id(context), cache)
+        metrics = Evaluator(run, handle, evalset)(ins.lora, ins.adapter, ins.with_metric)
+        header = Header(
+            run_id=ins.header.run_id,
+            server_round=ins.header.server_round,
+            model_fingerprint=handle.fingerprint,
+            adapter_hash=ins.lora.config_hash(),
+            num_examples=len(evalset.examples),
+            client_id=str(partition_id(context)),
+        )
+        return Message(encode_eval_report(EvalReport(header=header, metrics=metrics)), reply_to=msg)
 
     return app

@@ -12,6 +12,8 @@ import json
 from dataclasses import asdict
 from typing import Any
 
+import numpy as np
+
 from fedpeft.cache import PROCESS_CACHE, ProcessCache
 from fedpeft.config import DataConfig, FederationConfig, RunConfig
 from fedpeft.data.tasks import Task, load_task
@@ -19,7 +21,13 @@ from fedpeft.errors import DataError
 from fedpeft.seeding import np_rng
 from fedpeft.simulation.partition import partition
 
-__all__ = ["client_records", "get_task", "partition_indices"]
+__all__ = [
+    "client_eval_records",
+    "client_records",
+    "eval_assignment",
+    "get_task",
+    "partition_indices",
+]
 
 
 def get_task(data: DataConfig, seed: int, cache: ProcessCache = PROCESS_CACHE) -> Task:
@@ -66,3 +74,45 @@ def client_records(
     if not 0 <= partition_id < len(parts):
         raise DataError(f"partition {partition_id} is outside 0..{len(parts) - 1}")
     return [task.train[i] for i in parts[partition_id]]
+
+
+def eval_assignment(
+    train_keys: list[Any], parts: list[list[int]], eval_keys: list[Any], rng: np.random.Generator
+) -> list[list[int]]:
+    """Give each held-out record to a client in proportion to that client's share of its key.
+
+    A client's local held-out set then follows its own training distribution: under a natural
+    split it holds exactly its own domains, under Dirichlet the same skew. Keys absent from
+    training are spread uniformly.
+    """
+    owners: dict[Any, np.ndarray] = {}
+    for c, part in enumerate(parts):
+        for i in part:
+            owners.setdefault(train_keys[i], np.zeros(len(parts)))[c] += 1
+    out: list[list[int]] = [[] for _ in parts]
+    uniform = np.full(len(parts), 1 / len(parts))
+    for j, key in enumerate(eval_keys):
+        counts = owners.get(key)
+        probs = counts / counts.sum() if counts is not None else uniform
+        out[int(rng.choice(len(parts), p=probs))].append(j)
+    return out
+
+
+def client_eval_records(
+    cfg: RunConfig, partition_id: int, cache: ProcessCache = PROCESS_CACHE
+) -> list[dict[str, Any]]:
+    """Client ``partition_id``'s share of the held-out split (for federated evaluation)."""
+    task = get_task(cfg.data, cfg.federation.seed, cache)
+    key = "partition:" + json.dumps([asdict(cfg.data), asdict(cfg.federation)], sort_keys=True)
+    parts = cache.get(key, lambda: partition_indices(task, cfg.federation, cfg.data))
+    if cfg.federation.centralized:
+        return list(task.eval)
+    fed = cfg.federation
+    by = fed.partition_key if fed.partition != "iid" else None
+    train_keys = [r[by] if by else 0 for r in task.train]
+    eval_keys = [r.get(by) if by else 0 for r in task.eval]
+    owned = cache.get(
+        "eval-" + key,
+        lambda: eval_assignment(train_keys, parts, eval_keys, np_rng(fed.seed, "eval-assign")),
+    )
+    return [task.eval[j] for j in owned[partition_id]]

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedpeft._flwr import message_nbytes
@@ -29,18 +29,19 @@ from fedpeft.seeding import derive_seed, np_rng
 from fedpeft.server.validate import validate_update
 from fedpeft.strategies.base import Strategy
 from fedpeft.wire import (
-    HEADER,
-    PROTOCOL_VERSION,
     Adapter,
     ClientInfo,
+    EvalReport,
     Header,
     LoraSpec,
     LoraUpdate,
     TrainInstruction,
     adapter_nbytes,
     decode_client_info,
+    decode_eval_report,
     decode_update,
     encode_instruction,
+    encode_query,
 )
 
 __all__ = ["Coordinator", "EvalFn", "RunResult", "clients_per_round"]
@@ -115,17 +116,12 @@ class Coordinator:
         self.server_round = 0
         self.examples_behind_global = 0
         self.rows: list[dict[str, Any]] = []
+        self.clients: list[ClientInfo] = []
 
     # ------------------------------------------------------------------ discovery
     def discover(self) -> tuple[list[ClientInfo], dict[str, int]]:
         """Ask every node who it is (``query.info``); returns infos and setup bytes."""
-        query = RecordDict(
-            {
-                HEADER: ConfigRecord(
-                    {"protocol": PROTOCOL_VERSION, "kind": "query", "run_id": self.run_id}
-                )
-            }
-        )
+        query = encode_query(self.run_id)
         msgs = [Message(query, node, "query.info") for node in sorted(self.grid.get_node_ids())]
         down = sum(message_nbytes(m) for m in msgs)
         replies = list(
@@ -318,12 +314,75 @@ class Coordinator:
 
     def _eval_row(self, server_round: int) -> dict[str, Any]:
         loss, metric = self._evaluate_now(server_round)
-        if self.evaluate is None or not loss:
-            return {"eval_loss": None}
-        t0 = time.perf_counter()
-        out: dict[str, Any] = dict(self.evaluate(self.spec, self.adapter, metric))
-        out["eval_s"] = time.perf_counter() - t0
+        out: dict[str, Any] = {"eval_loss": None}
+        if loss and self.evaluate is not None:
+            t0 = time.perf_counter()
+            out.update(self.evaluate(self.spec, self.adapter, metric))
+            out["eval_s"] = time.perf_counter() - t0
+        if loss and self.cfg.eval.federated:
+            out.update(self.federated_eval(server_round, metric))
         return out
+
+    def federated_eval(self, server_round: int, metric: bool) -> dict[str, Any]:
+        """Every client evaluates the global adapter on its own share of the held-out split.
+
+        Returns ``fed_eval_loss`` (weighted by target tokens), ``fed_eval_<metric>`` (weighted
+        by records), how many clients answered, their failures and the bytes both ways.
+        """
+        msgs, asked = [], {}
+        for c in self.clients:
+            ins = TrainInstruction(
+                header=Header(self.run_id, server_round, self.fingerprint, self.spec.config_hash(),
+                              self.examples_behind_global, c.client_id),
+                lora=self.spec, train=self.cfg.train, adapter=self.adapter, seed=0,
+                with_metric=metric,
+            )  # fmt: skip
+            msgs.append(Message(encode_instruction(ins), c.node_id, f"evaluate.{ins.mode}"))
+            asked[c.node_id] = c.client_id
+        timeout = self.cfg.federation.round_timeout_s
+        replies = list(self.grid.send_and_receive(msgs, timeout=timeout))
+        reports, failures = [], {}
+        for reply in replies:
+            cid = asked.get(reply.metadata.src_node_id, "?")
+            try:
+                reports.append(self._eval_report(reply, server_round, cid))
+            except ProtocolError as err:
+                failures[cid] = err.reason
+        out: dict[str, Any] = {
+            "fed_eval_bytes_down": sum(message_nbytes(m) for m in msgs),
+            "fed_eval_bytes_up": sum(message_nbytes(r) for r in replies),
+            "fed_eval_clients": len(reports),
+            "fed_eval_failures": failures,
+        }
+        keys = sorted(
+            {k for r in reports for k in r.metrics if k.startswith("eval_")} - {"eval_tokens"}
+        )
+        for key in keys:
+            # loss: per target token; task metrics: per record
+            pairs = [
+                (
+                    r.metrics[key],
+                    r.metrics["eval_tokens"] if key == "eval_loss" else r.header.num_examples,
+                )
+                for r in reports
+                if key in r.metrics
+            ]
+            total = sum(w for _, w in pairs)
+            out[f"fed_{key}"] = sum(v * w for v, w in pairs) / total if total else None
+        return out
+
+    def _eval_report(self, reply: Message, server_round: int, cid: str) -> EvalReport:
+        if reply.has_error():
+            raise ProtocolError(f"client error: {reply.error.reason}")
+        report = decode_eval_report(reply.content)
+        h = report.header
+        if (h.run_id, h.server_round, h.client_id) != (self.run_id, server_round, cid):
+            raise ProtocolError(
+                f"report is for run/round/client {h.run_id}/{h.server_round}/{h.client_id}"
+            )
+        if "eval_loss" not in report.metrics or "eval_tokens" not in report.metrics:
+            raise ProtocolError(f"report lacks eval_loss/eval_tokens: {sorted(report.metrics)}")
+        return report
 
     def _report(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
@@ -335,6 +394,7 @@ class Coordinator:
         """Discover clients, evaluate the start (round 0), run every round."""
         t0 = time.perf_counter()
         clients, setup = self.discover()
+        self.clients = clients
         start: dict[str, Any] = {
             "round": 0,
             "train_loss": None,
