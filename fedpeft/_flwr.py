@@ -19,7 +19,10 @@ from typing import cast
 from uuid import uuid4
 
 from flwr.app import Message
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.inflatable.inflatable_object import (
+    get_all_nested_objects,
+    no_object_id_recompute,
+)
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
@@ -29,6 +32,7 @@ __all__ = [
     "make_run",
     "message_nbytes",
     "roundtrip",
+    "serialize",
     "set_message_id",
     "set_task_identity",
 ]
@@ -49,7 +53,17 @@ def message_nbytes(message: Message) -> int:
     int
         Total length of the serialized object tree (metadata, records, array chunks).
     """
-    return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
+    return sum(len(body) for body in serialize(message).values())
+
+
+def serialize(message: Message) -> dict[str, bytes]:
+    """Every object of a message's tree, deflated, by object id (what Flower pushes).
+
+    Object ids are content hashes of the deflated bytes; as in Flower's own grids, they are
+    computed once per object (``no_object_id_recompute``) rather than once per access.
+    """
+    with no_object_id_recompute():
+        return {oid: obj.deflate() for oid, obj in get_all_nested_objects(message).items()}
 
 
 def roundtrip(message: Message) -> Message:
@@ -65,7 +79,7 @@ def roundtrip(message: Message) -> Message:
     Message
         An independent copy made only from the serialized bytes (message id kept).
     """
-    contents = {oid: obj.deflate() for oid, obj in get_all_nested_objects(message).items()}
+    contents = serialize(message)
     copy = cast(Message, inflate_object_from_contents(message.object_id, contents))
     set_message_id(copy, message.metadata.message_id)
     return copy

@@ -44,6 +44,7 @@ __all__ = [
     "LoraFactors",
     "LoraSpec",
     "LoraUpdate",
+    "SharedRecords",
     "TrainInstruction",
     "adapter_nbytes",
     "decode_client_info",
@@ -325,7 +326,15 @@ def _array_to_tensor(arr: Array, dtype_name: str, key: str) -> torch.Tensor:
     return t.view(torch.bfloat16) if dtype_name == "bfloat16" else t
 
 
-def _encode_adapter(adapter: Adapter, content: dict[str, Any]) -> None:
+SharedRecords = dict[int, tuple[ArrayRecord, ConfigRecord]]
+
+
+def _encode_adapter(
+    adapter: Adapter, content: dict[str, Any], shared: SharedRecords | None = None
+) -> None:
+    if shared is not None and id(adapter) in shared:
+        content[TENSORS], content[META] = shared[id(adapter)]
+        return
     arrays: dict[str, Array] = {}
     meta: dict[str, Any] = {}
     for module in sorted(adapter):
@@ -336,6 +345,8 @@ def _encode_adapter(adapter: Adapter, content: dict[str, Any]) -> None:
         meta[f"alpha:{module}"] = float(f.alpha)
     content[TENSORS] = ArrayRecord(arrays)
     content[META] = ConfigRecord(meta)
+    if shared is not None:
+        shared[id(adapter)] = (content[TENSORS], content[META])
 
 
 def _decode_adapter(content: RecordDict) -> dict[str, LoraFactors]:
@@ -362,8 +373,15 @@ def _decode_adapter(content: RecordDict) -> dict[str, LoraFactors]:
 # ----------------------------------------------------------------------------- messages
 
 
-def encode_instruction(ins: TrainInstruction) -> RecordDict:
-    """Encode a :class:`TrainInstruction` as a Flower ``RecordDict``."""
+def encode_instruction(ins: TrainInstruction, shared: SharedRecords | None = None) -> RecordDict:
+    """Encode a :class:`TrainInstruction` as a Flower ``RecordDict``.
+
+    Pass the same ``shared`` dict when encoding many instructions that carry the very same
+    adapter object (a broadcast): its tensors are encoded once and the records reused, so a
+    round to N clients holds one copy of the global adapter in memory, not N. (Flower's
+    object store deduplicates them on the wire by content hash either way.) Keys are object
+    ids, so keep the adapters alive while ``shared`` is in use.
+    """
     content: dict[str, Any] = {HEADER: _encode_header(ins.header, KIND_INSTRUCTION)}
     content[LORA] = ConfigRecord(
         {
@@ -377,7 +395,7 @@ def encode_instruction(ins: TrainInstruction) -> RecordDict:
         }
     )
     content[TRAIN] = ConfigRecord(dataclasses.asdict(ins.train))
-    _encode_adapter(ins.adapter, content)
+    _encode_adapter(ins.adapter, content, shared)
     return RecordDict(content)
 
 

@@ -35,6 +35,7 @@ from fedpeft.wire import (
     Header,
     LoraSpec,
     LoraUpdate,
+    SharedRecords,
     TrainInstruction,
     adapter_nbytes,
     decode_client_info,
@@ -204,9 +205,13 @@ class Coordinator:
         instructions: Mapping[str, TrainInstruction],
         nodes: Mapping[str, int],
     ) -> tuple[list[LoraUpdate], dict[str, str], dict[str, int]]:
+        shared: SharedRecords = {}  # one encoded copy of each distinct adapter
         msgs = {
             cid: Message(
-                encode_instruction(ins), nodes[cid], ins.message_type, group_id=str(server_round)
+                encode_instruction(ins, shared),
+                nodes[cid],
+                ins.message_type,
+                group_id=str(server_round),
             )
             for cid, ins in instructions.items()
         }
@@ -214,12 +219,17 @@ class Coordinator:
         counts["payload_down"] = sum(adapter_nbytes(i.adapter) for i in instructions.values())
         counts["payload_up"] = 0
         by_node = {nodes[cid]: cid for cid in instructions}
-        replies = self.grid.send_and_receive(
-            list(msgs.values()), timeout=self.cfg.federation.round_timeout_s
+        replies = list(
+            self.grid.send_and_receive(
+                list(msgs.values()), timeout=self.cfg.federation.round_timeout_s
+            )
         )
+        del msgs, shared
+        replies.reverse()
         updates: list[LoraUpdate] = []
         failures: dict[str, str] = {}
-        for reply in replies:
+        while replies:  # pop as we decode: a reply's bytes are freed once it is a tensor
+            reply = replies.pop()
             cid = by_node.get(reply.metadata.src_node_id)
             if cid is None or cid in failures or any(u.header.client_id == cid for u in updates):
                 continue  # not asked this round, or a duplicate reply
@@ -330,6 +340,7 @@ class Coordinator:
         by records), how many clients answered, their failures and the bytes both ways.
         """
         msgs, asked = [], {}
+        shared: SharedRecords = {}
         for c in self.clients:
             ins = TrainInstruction(
                 header=Header(self.run_id, server_round, self.fingerprint, self.spec.config_hash(),
@@ -337,7 +348,7 @@ class Coordinator:
                 lora=self.spec, train=self.cfg.train, adapter=self.adapter, seed=0,
                 with_metric=metric,
             )  # fmt: skip
-            msgs.append(Message(encode_instruction(ins), c.node_id, f"evaluate.{ins.mode}"))
+            msgs.append(Message(encode_instruction(ins, shared), c.node_id, f"evaluate.{ins.mode}"))
             asked[c.node_id] = c.client_id
         timeout = self.cfg.federation.round_timeout_s
         replies = list(self.grid.send_and_receive(msgs, timeout=timeout))
