@@ -43,6 +43,8 @@ def _ray(server_app: Any, client_app: Any, cfg: RunConfig) -> None:
     from flwr.simulation import run_simulation
 
     sim = cfg.simulation
+    # Ray >= 2.5x warns unless told how to treat CUDA_VISIBLE_DEVICES for num_gpus=0 actors.
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     init_args: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR}
     if sim.ray_address:
         init_args["address"] = sim.ray_address
