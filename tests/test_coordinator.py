@@ -15,21 +15,26 @@ from fedpeft.simulation.inprocess import InProcessGrid
 from fedpeft.wire import HEADER, TENSORS
 
 
-def _corrupting(real: ClientApp, corrupt, victims: set[int]) -> ClientApp:
+def _wrapping(real: ClientApp, train_fn) -> ClientApp:
+    """A ClientApp that answers queries like ``real`` and trains through ``train_fn``."""
     app = ClientApp()
 
     @app.query("info")
     def info(msg: Message, ctx: Context) -> Message:
         return real(msg, ctx)
 
-    @app.train("lora")
+    app.train("lora")(train_fn)
+    return app
+
+
+def _corrupting(real: ClientApp, corrupt, victims: set[int]) -> ClientApp:
     def train(msg: Message, ctx: Context) -> Message:
         reply = real(msg, ctx)
         if int(ctx.node_config["partition-id"]) in victims:
             corrupt(reply.content)
         return reply
 
-    return app
+    return _wrapping(real, train)
 
 
 def _run(cfg, tmp_path, app, cache):
@@ -92,18 +97,13 @@ def test_bad_update_rejected_alone(tiny_config, tmp_path, cache, corrupt, reason
 def test_client_exception_is_recorded_and_round_goes_on(tiny_config, tmp_path, cache):
     cfg = tiny_config("federation.rounds=1", "federation.min_clients=2")
     real = make_client_app(cfg, cache)
-    app = ClientApp()
 
-    @app.query("info")
-    def info(msg: Message, ctx: Context) -> Message:
-        return real(msg, ctx)
-
-    @app.train("lora")
     def train(msg: Message, ctx: Context) -> Message:
         if ctx.node_config["partition-id"] == 0:
             raise RuntimeError("GPU fell off the bus")
         return real(msg, ctx)
 
+    app = _wrapping(real, train)
     _, rows = _run(cfg, tmp_path, app, cache)
     assert rows[1]["clients"] == 2
     assert "GPU fell off the bus" in rows[1]["failures"]["0"]

@@ -60,13 +60,18 @@ def partition_indices(task: Task, fed: FederationConfig, data: DataConfig) -> li
     return parts
 
 
+def _partitions(cfg: RunConfig, cache: ProcessCache) -> tuple[Task, list[list[int]], str]:
+    """The task, every client's training indices (built once per process) and their cache key."""
+    task = get_task(cfg.data, cfg.federation.seed, cache)
+    key = "partition:" + json.dumps([asdict(cfg.data), asdict(cfg.federation)], sort_keys=True)
+    return task, cache.get(key, lambda: partition_indices(task, cfg.federation, cfg.data)), key
+
+
 def client_records(
     cfg: RunConfig, partition_id: int, cache: ProcessCache = PROCESS_CACHE
 ) -> list[dict[str, Any]]:
     """The training records of client ``partition_id`` (all clients' union if centralized)."""
-    task = get_task(cfg.data, cfg.federation.seed, cache)
-    key = "partition:" + json.dumps([asdict(cfg.data), asdict(cfg.federation)], sort_keys=True)
-    parts = cache.get(key, lambda: partition_indices(task, cfg.federation, cfg.data))
+    task, parts, _ = _partitions(cfg, cache)
     if cfg.federation.centralized:
         if partition_id != 0:
             raise DataError(f"centralized mode has one client (0), got partition {partition_id}")
@@ -102,9 +107,7 @@ def client_eval_records(
     cfg: RunConfig, partition_id: int, cache: ProcessCache = PROCESS_CACHE
 ) -> list[dict[str, Any]]:
     """Client ``partition_id``'s share of the held-out split (for federated evaluation)."""
-    task = get_task(cfg.data, cfg.federation.seed, cache)
-    key = "partition:" + json.dumps([asdict(cfg.data), asdict(cfg.federation)], sort_keys=True)
-    parts = cache.get(key, lambda: partition_indices(task, cfg.federation, cfg.data))
+    task, parts, key = _partitions(cfg, cache)
     if cfg.federation.centralized:
         return list(task.eval)
     fed = cfg.federation
