@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import sys
 import typing
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -73,7 +74,8 @@ def _config_help() -> str:
         if not dataclasses.is_dataclass(tp):
             lines.append(f"{f.name} = {f.default!r}\n    {f.metadata.get('help', '')}")
             continue
-        lines.append(f"\n[{f.name}]  {(tp.__doc__ or '').strip().splitlines()[0]}")
+        doc = (tp.__doc__ or "").strip().splitlines()[0].split(": ", 1)[-1]
+        lines.append(f"\n[{f.name}]  {doc}")
         for sf in dataclasses.fields(tp):
             factory: Any = sf.default_factory
             default = sf.default if sf.default is not dataclasses.MISSING else factory()
@@ -113,6 +115,10 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedpeft`` command; returns the exit code."""
     args = _parser().parse_args(argv)
+    # peft calls a transformers API that transformers 5 marks deprecated; not the user's concern
+    warnings.filterwarnings(
+        "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+    )
     try:
         return _run(args)
     except ConfigError as err:
