@@ -23,6 +23,7 @@ __all__ = [
     "SimulationConfig",
     "StrategyConfig",
     "TrainConfig",
+    "ZoConfig",
 ]
 
 
@@ -252,6 +253,69 @@ class StrategyConfig:
 
 
 @dataclass(frozen=True)
+class ZoConfig:
+    """``[zo]``: seed/scalar training (strategies fedkseed, fedkseed-pro, ferret)."""
+
+    target: str = _help("tune every base parameter ('full') or only LoRA factors ('lora')", "full")
+    num_seeds: int = _help("K, the shared pool of seeds (directions)", 4096)
+    eps: float = _help("FedKSeed perturbation size epsilon", 5e-4)
+    lr: float = _help("FedKSeed local ZO-SGD step size", 3e-7)
+    local_steps: int = _help("FedKSeed local steps tau per round (one seed each)", 200)
+    dist: str = _help("direction distribution: rademacher (fastest) | gaussian", "rademacher")
+    keep_z: bool = _help(
+        "keep each step's direction in memory: 1 regeneration per step, not 3", False
+    )
+    master: str = _help(
+        "float32 master copies of tuned tensors: auto (for fp16/bf16 only) | always", "auto"
+    )
+    scalar_dtype: str = _help("uploaded scalars: float32 | float16", "float32")
+    directions: int = _help("Ferret: projection coefficients per client-round (0: num_seeds)", 0)
+    block_numel: int = _help("Ferret: elements per projection block (0: median tensor size)", 0)
+    sync: str = _help(
+        "download: sparse (changed coefficients only) | dense (all K) | auto (dense on ray, "
+        "where a virtual client does not keep its worker process)",
+        "auto",
+    )
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        _check(
+            p, self.target in ("full", "lora"), f"zo.target must be full|lora, got {self.target!r}"
+        )
+        _check(
+            p,
+            1 <= self.num_seeds <= 2**32,
+            f"zo.num_seeds must be in 1..2**32, got {self.num_seeds}",
+        )
+        _check(p, self.eps > 0, f"zo.eps must be > 0, got {self.eps}")
+        _check(p, self.lr > 0, f"zo.lr must be > 0, got {self.lr}")
+        _check(p, self.local_steps >= 1, f"zo.local_steps must be >= 1, got {self.local_steps}")
+        _check(
+            p,
+            self.dist in ("rademacher", "gaussian"),
+            f"zo.dist must be rademacher|gaussian, got {self.dist!r}",
+        )
+        _check(
+            p,
+            self.master in ("auto", "always"),
+            f"zo.master must be auto|always, got {self.master!r}",
+        )
+        _check(
+            p,
+            self.scalar_dtype in ("float32", "float16"),
+            f"zo.scalar_dtype must be float32|float16, got {self.scalar_dtype!r}",
+        )
+        _check(p, self.directions >= 0, "zo.directions must be >= 0")
+        _check(p, self.block_numel >= 0, "zo.block_numel must be >= 0")
+        _check(
+            p,
+            self.sync in ("auto", "sparse", "dense"),
+            f"zo.sync must be auto|sparse|dense, got {self.sync!r}",
+        )
+        _raise(p)
+
+
+@dataclass(frozen=True)
 class SimulationConfig:
     """``[simulation]``: how virtual clients are run."""
 
@@ -291,4 +355,5 @@ class RunConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    zo: ZoConfig = field(default_factory=ZoConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)

@@ -216,9 +216,16 @@ def load_config(
         _set_dotted(tree, key, value)
     _resolve_paths(tree, base, set(parsed))
     cfg: RunConfig = build_dataclass(RunConfig, tree, "", problems)
-    from fedpeft.strategies.registry import check_strategy_config
+    from fedpeft.strategies.registry import check_strategy_config, resolve
 
-    problems.extend(check_strategy_config(cfg.strategy.name, cfg.strategy.options))
+    strategy_problems = check_strategy_config(cfg.strategy.name, cfg.strategy.options)
+    problems.extend(strategy_problems)
+    zo = not strategy_problems and getattr(resolve(cfg.strategy.name), "mode", "lora") == "zo"
+    if zo and cfg.eval.federated:
+        problems.append(
+            f"eval.federated is for LoRA strategies; {cfg.strategy.name!r} is a seed/scalar "
+            "strategy: set eval.federated=false"
+        )
     if problems:
         raise ConfigError(problems)
     return cfg

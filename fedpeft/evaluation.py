@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fedpeft.cache import PROCESS_CACHE, ProcessCache
 from fedpeft.config import RunConfig
 from fedpeft.data.tasks import TextPair, format_pairs
 from fedpeft.data.tokenize import (
@@ -26,9 +27,12 @@ from fedpeft.data.tokenize import (
     encode_pairs,
     encode_prompt,
 )
+from fedpeft.errors import ModelError
 from fedpeft.lora import ModelHandle
 from fedpeft.seeding import np_rng
+from fedpeft.strategies.base import AggregateResult
 from fedpeft.wire import Adapter, LoraSpec
+from fedpeft.zo.runtime import get_runtime
 
 __all__ = ["EvalSet", "Evaluator", "eval_loss", "generate", "task_metric"]
 
@@ -124,7 +128,7 @@ class EvalSet:
 
 
 class Evaluator:
-    """Evaluates global adapters on one held-out set with the process's shared model.
+    """Evaluates global models on one held-out set with the process's shared model.
 
     Parameters
     ----------
@@ -134,19 +138,43 @@ class Evaluator:
         The shared base model.
     evalset : EvalSet
         The held-out examples.
+    cache : ProcessCache
+        Where the process's zeroth-order runtimes live.
     """
 
-    def __init__(self, cfg: RunConfig, handle: ModelHandle, evalset: EvalSet) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        handle: ModelHandle,
+        evalset: EvalSet,
+        cache: ProcessCache = PROCESS_CACHE,
+    ) -> None:
         self.cfg = cfg
         self.handle = handle
         self.evalset = evalset
+        self.cache = cache
 
     def __call__(self, spec: LoraSpec, adapter: Adapter, with_metric: bool) -> dict[str, float]:
-        """``{"eval_loss": ..., "eval_<metric>": ...}`` of ``adapter`` on the held-out set."""
+        """``eval_loss``, ``eval_tokens`` and ``eval_<metric>`` of a LoRA adapter."""
         name = self.handle.ensure_adapter(spec)
         self.handle.set_factors(name, adapter)
         model = self.handle.peft_model(name)
         model.eval()
+        return self.evaluate_model(model, with_metric)
+
+    def global_model(self, current: AggregateResult, with_metric: bool) -> dict[str, float]:
+        """Evaluate a strategy's global model: a LoRA adapter or seed/scalar coefficients."""
+        if current.zo is not None:
+            rt = get_runtime(self.handle, current.zo.spec, self.cache)
+            rt.set_global(current.zo.coeffs, current.zo.version)
+            with rt.model() as model:
+                return self.evaluate_model(model, with_metric)
+        if current.spec is None or current.adapter is None:
+            raise ModelError("a global model has neither LoRA factors nor zo coefficients")
+        return self(current.spec, current.adapter, with_metric)
+
+    def evaluate_model(self, model: Any, with_metric: bool) -> dict[str, float]:
+        """Loss (and the task metric) of ``model`` as it is now."""
         tok, dev, bs = self.handle.tokenizer, self.handle.device, self.cfg.eval.batch_size
         loss, tokens = eval_loss(model, self.evalset.examples, bs, tok.pad_token_id, dev)
         out = {"eval_loss": loss, "eval_tokens": float(tokens)}

@@ -92,6 +92,7 @@ class ModelHandle:
         self.device = device
         self._peft: Any = None
         self._specs: dict[str, LoraSpec] = {}
+        self.zo_active: Any = None  # the zeroth-order runtime whose values the weights hold
 
     # ------------------------------------------------------------------ adapters
     def ensure_adapter(self, spec: LoraSpec) -> str:
@@ -128,6 +129,19 @@ class ModelHandle:
             raise ModelError(f"no adapter {name!r}; known: {sorted(self._specs)}")
         self._peft.set_adapter(name)
         return self._peft
+
+    def lora_layers(self, name: str) -> Iterator[tuple[str, Any]]:
+        """``(module name, peft LoRA layer)`` of every module adapted by ``name``."""
+        return self._layers(name)
+
+    @contextlib.contextmanager
+    def adapters_disabled(self) -> Iterator[None]:
+        """The base model computes without any LoRA adapter inside this block."""
+        if self._peft is None:
+            yield
+            return
+        with self._peft.disable_adapter():
+            yield
 
     def _layers(self, name: str) -> Iterator[tuple[str, Any]]:
         from peft.tuners.lora import LoraLayer

@@ -6,6 +6,8 @@ Handlers (Flower routes ``<category>.<action>`` message types to them):
   device, base-model fingerprint).
 - ``train.lora``: decode a :class:`~fedpeft.wire.TrainInstruction`, train, reply with a
   :class:`~fedpeft.wire.LoraUpdate`.
+- ``train.zo``: decode a :class:`~fedpeft.wire_zo.ZoInstruction`, sync the seed/scalar state,
+  train (FedKSeed or Ferret), reply with a :class:`~fedpeft.wire_zo.ZoUpdate`.
 - ``evaluate.lora``: evaluate the instruction's adapter on this client's share of the
   held-out split, reply with an :class:`~fedpeft.wire.EvalReport` (federated evaluation).
 
@@ -25,6 +27,7 @@ from flwr.clientapp import ClientApp
 
 from fedpeft.cache import PROCESS_CACHE, ProcessCache
 from fedpeft.client.trainer import ClientData, make_trainer
+from fedpeft.client.zo_trainer import fit_zo
 from fedpeft.config import RunConfig
 from fedpeft.configio import load_config
 from fedpeft.data.clients import client_eval_records, client_records
@@ -45,6 +48,7 @@ from fedpeft.wire import (
     encode_eval_report,
     encode_update,
 )
+from fedpeft.wire_zo import decode_zo_instruction, encode_zo_update
 
 __all__ = ["client_data", "client_evalset", "make_client_app", "partition_id"]
 
@@ -105,12 +109,16 @@ def _decode(
     run = _config(fixed, context, cache)
     handle = get_model(run.model, cache)
     ins = decode_instruction(msg.content)
-    if ins.header.model_fingerprint != handle.fingerprint:
+    _check_fingerprint(ins.header.model_fingerprint, handle)
+    return run, handle, ins
+
+
+def _check_fingerprint(theirs: str, handle: ModelHandle) -> None:
+    if theirs != handle.fingerprint:
         raise ProtocolError(
-            f"the coordinator trains base model {ins.header.model_fingerprint}, this node has "
+            f"the coordinator trains base model {theirs}, this node has "
             f"{handle.fingerprint} ({handle.name}); load the same model on both sides"
         )
-    return run, handle, ins
 
 
 def _config(fixed: RunConfig | None, context: Context, cache: ProcessCache) -> RunConfig:
@@ -167,6 +175,15 @@ def make_client_app(cfg: RunConfig | None = None, cache: ProcessCache = PROCESS_
         data = client_data(run, handle, partition_id(context), cache)
         update = make_trainer(ins.train.trainer).fit(handle, ins, data)
         return Message(encode_update(update), reply_to=msg)
+
+    @app.train("zo")
+    def train_zo(msg: Message, context: Context) -> Message:
+        run = _config(cfg, context, cache)
+        handle = get_model(run.model, cache)
+        ins = decode_zo_instruction(msg.content)
+        _check_fingerprint(ins.header.model_fingerprint, handle)
+        data = client_data(run, handle, partition_id(context), cache)
+        return Message(encode_zo_update(fit_zo(handle, ins, data, cache)), reply_to=msg)
 
     @app.evaluate("lora")
     def evaluate(msg: Message, context: Context) -> Message:

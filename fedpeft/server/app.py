@@ -1,10 +1,11 @@
 """The coordinator: a Flower ``ServerApp`` that runs fedpeft rounds on whatever ``Grid`` it gets.
 
 ``make_server_app(cfg, out_dir)`` builds the app for a scenario. Its ``main`` loads the base
-model once (for the adapter shapes, the fingerprint and centralized evaluation), draws the
-initial adapter from the run seed, builds the strategy, runs the
+model once (for the adapter shapes, the fingerprint and centralized evaluation), sets up the
+initial global model from the run seed, builds the strategy, runs the
 :class:`~fedpeft.server.coordinator.Coordinator` and writes ``metrics.jsonl``,
-``summary.json`` and the final adapter in peft format (``out_dir/adapter``).
+``summary.json`` and the final model (a peft adapter in ``out_dir/adapter``; for seed/scalar
+strategies also ``zo_state.safetensors``).
 """
 
 from __future__ import annotations
@@ -22,15 +23,13 @@ from fedpeft.config import RunConfig
 from fedpeft.configio import config_hash
 from fedpeft.data.clients import get_task
 from fedpeft.evaluation import EvalSet, Evaluator
-from fedpeft.lora import init_factors
 from fedpeft.models import get_model
-from fedpeft.server.coordinator import Coordinator
+from fedpeft.server.coordinator import Coordinator, clients_per_round
 from fedpeft.server.results import RunReporter, summarize
-from fedpeft.strategies.base import StrategyContext
-from fedpeft.strategies.registry import build_strategy
-from fedpeft.wire import LoraSpec
+from fedpeft.server.start import initial_global, save_global
+from fedpeft.strategies.registry import build_strategy, resolve
 
-__all__ = ["Outcome", "make_server_app", "run_server", "spec_of"]
+__all__ = ["Outcome", "make_server_app", "run_server"]
 
 
 @dataclass
@@ -40,16 +39,6 @@ class Outcome:
     summary: dict[str, Any] | None = None
     error: BaseException | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def spec_of(cfg: RunConfig) -> LoraSpec:
-    """The run's adapter structure from ``[lora]``."""
-    return LoraSpec(
-        rank=cfg.lora.rank,
-        alpha=cfg.lora.alpha,
-        target_modules=tuple(cfg.lora.target_modules),
-        dropout=cfg.lora.dropout,
-    )
 
 
 def run_server(
@@ -69,27 +58,26 @@ def run_server(
     t0 = time.perf_counter()
     seed = cfg.federation.seed
     handle = get_model(cfg.model, cache)
-    spec = spec_of(cfg)
-    initial = init_factors(handle.module_shapes(handle.ensure_adapter(spec)), spec, seed)
-    strategy = build_strategy(
-        cfg.strategy.name, cfg.strategy.options, StrategyContext(initial, spec, seed)
-    )
+    cls = resolve(cfg.strategy.name)
+    per_round = clients_per_round(cfg, cfg.federation.num_clients)
+    initial, ctx = initial_global(cfg, handle, cls, per_round, cache)
+    strategy = build_strategy(cfg.strategy.name, cfg.strategy.options, ctx)
     evalset = EvalSet.build(cfg, get_task(cfg.data, seed, cache).eval, handle.tokenizer)
     coordinator = Coordinator(
         cfg,
         grid,
         strategy,
-        spec,
         initial,
         fingerprint=handle.fingerprint,
         run_id=config_hash(cfg),
-        evaluate=Evaluator(cfg, handle, evalset),
+        evaluate=Evaluator(cfg, handle, evalset, cache).global_model,
         on_row=reporter.on_row,
+        zo_blocks=ctx.zo_blocks,
     )
     result = coordinator.run()
-    adapter_dir = handle.save_adapter(result.spec, result.adapter, out_dir / "adapter")
+    saved = save_global(result.model, handle, out_dir, cache)
     result.wall_s = time.perf_counter() - t0
-    summary = summarize(cfg, result, str(adapter_dir))
+    summary = summarize(cfg, result, saved)
     reporter.finish(summary, cfg.data.metric)
     return summary
 

@@ -8,27 +8,27 @@ alpha, dtype and that all values are finite.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from fedpeft.errors import ProtocolError
-from fedpeft.wire import LoraUpdate, TrainInstruction
+from fedpeft.wire import Header, LoraUpdate, TrainInstruction
+from fedpeft.wire_zo import ZoInstruction, ZoUpdate
 
-__all__ = ["validate_update"]
+__all__ = ["validate_update", "validate_zo_update"]
 
 MAX_NUM_EXAMPLES = 10**9
 
 
-def _check_header(update: LoraUpdate, ins: TrainInstruction) -> None:
-    got, want = update.header, ins.header
+def _check_header(got: Header, want: Header, adapter_hash: str, what: str) -> None:
     for name in ("run_id", "server_round", "model_fingerprint", "client_id"):
         if getattr(got, name) != getattr(want, name):
             raise ProtocolError(
                 f"header {name} is {getattr(got, name)!r}, expected {getattr(want, name)!r}"
             )
-    if got.adapter_hash != ins.lora.config_hash():
+    if got.adapter_hash != adapter_hash:
         raise ProtocolError(
-            f"header adapter_hash is {got.adapter_hash!r}, expected {ins.lora.config_hash()!r} "
-            f"(rank {ins.lora.rank}, alpha {ins.lora.alpha})"
+            f"header adapter_hash is {got.adapter_hash!r}, expected {adapter_hash!r} ({what})"
         )
     if not 1 <= got.num_examples <= MAX_NUM_EXAMPLES:
         raise ProtocolError(f"num_examples is {got.num_examples}, expected 1..{MAX_NUM_EXAMPLES}")
@@ -44,7 +44,12 @@ def validate_update(update: LoraUpdate, ins: TrainInstruction) -> None:
     ins : TrainInstruction
         What the client was asked to do.
     """
-    _check_header(update, ins)
+    _check_header(
+        update.header,
+        ins.header,
+        ins.lora.config_hash(),
+        f"rank {ins.lora.rank}, alpha {ins.lora.alpha}",
+    )
     if set(update.factors) != set(ins.adapter):
         missing = sorted(set(ins.adapter) - set(update.factors))[:3]
         extra = sorted(set(update.factors) - set(ins.adapter))[:3]
@@ -67,3 +72,40 @@ def validate_update(update: LoraUpdate, ins: TrainInstruction) -> None:
                 raise ProtocolError(f"{m}::{part} has dtype {t.dtype}, expected a floating dtype")
             if not bool(torch.isfinite(t).all()):
                 raise ProtocolError(f"{m}::{part} contains NaN or infinite values")
+
+
+def validate_zo_update(update: ZoUpdate, ins: ZoInstruction, num_blocks: int) -> None:
+    """Raise ``ProtocolError`` unless a seed/scalar update fits its instruction.
+
+    Checked besides the header: every seed index inside the pool, finite scalars, the synced
+    version, and per algorithm the shape of the upload (FedKSeed: exactly ``local_steps``
+    pairs, no blocks; Ferret: block indices in range, each (block, seed) at most once).
+    """
+    spec = ins.spec
+    _check_header(update.header, ins.header, spec.config_hash(), f"{spec.algorithm} zo spec")
+    if update.synced_version != ins.sync.to_version:
+        raise ProtocolError(
+            f"client synced to version {update.synced_version}, expected {ins.sync.to_version}"
+        )
+    if len(update.seeds) and int(update.seeds.max()) >= spec.num_seeds:
+        raise ProtocolError(
+            f"seed index {int(update.seeds.max())} is outside the pool 0..{spec.num_seeds - 1}"
+        )
+    if not np.isfinite(update.scalars.astype(np.float64)).all():
+        raise ProtocolError("scalars contain NaN or infinite values")
+    if spec.algorithm == "fedkseed":
+        if len(update.seeds) != spec.local_steps or len(update.blocks):
+            raise ProtocolError(
+                f"fedkseed upload has {len(update.seeds)} pairs and {len(update.blocks)} block "
+                f"indices, expected {spec.local_steps} pairs and none"
+            )
+        return
+    if len(update.blocks) != len(update.seeds):
+        raise ProtocolError(
+            f"ferret upload has {len(update.blocks)} blocks for {len(update.seeds)} seeds"
+        )
+    if len(update.blocks) and int(update.blocks.max()) >= num_blocks:
+        raise ProtocolError(f"block index {int(update.blocks.max())} outside 0..{num_blocks - 1}")
+    pairs = update.blocks.astype(np.int64) * spec.num_seeds + update.seeds.astype(np.int64)
+    if len(np.unique(pairs)) != len(pairs):
+        raise ProtocolError("ferret upload repeats a (block, seed) pair")

@@ -2,11 +2,16 @@
 
 from fedpeft.strategies.base import AggregateResult, LoraPlan, Strategy, StrategyContext
 from fedpeft.strategies.fedavg import FedAvg
+from fedpeft.strategies.fedkseed import FedKSeed, FedKSeedPro
+from fedpeft.strategies.ferret import Ferret
 from fedpeft.strategies.registry import build_strategy, register_strategy, registered, resolve
 
 __all__ = [
     "AggregateResult",
     "FedAvg",
+    "FedKSeed",
+    "FedKSeedPro",
+    "Ferret",
     "LoraPlan",
     "Strategy",
     "StrategyContext",

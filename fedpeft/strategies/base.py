@@ -18,21 +18,46 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 from fedpeft.errors import AggregationError
 from fedpeft.wire import Adapter, ClientInfo, LoraFactors, LoraSpec, LoraUpdate
+from fedpeft.wire_zo import ZoSpec, ZoSync
 
 __all__ = [
     "AggregateResult",
     "LoraPlan",
     "Strategy",
     "StrategyContext",
+    "ZoGlobal",
+    "ZoPlan",
     "adapter_from_state",
     "adapter_state",
     "check_same_structure",
     "weights_of",
 ]
+
+
+@dataclass(frozen=True)
+class ZoGlobal:
+    """The global model of a zeroth-order strategy: ``theta_0 - sum coeffs[b, k] z_{b,k}``.
+
+    ``coeffs`` (blocks x K, float32) are the values every synced node holds.
+    """
+
+    spec: ZoSpec
+    version: int
+    coeffs: np.ndarray
+
+
+@dataclass(frozen=True)
+class ZoPlan:
+    """What one zeroth-order client trains: the spec, what it must sync, Pro's probabilities."""
+
+    spec: ZoSpec
+    sync: ZoSync
+    probs: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -47,11 +72,17 @@ class StrategyContext:
         The run's adapter structure (rank, alpha, target modules, dropout).
     seed : int
         The run seed, for any randomness the strategy needs (derive, don't share).
+    zo : ZoSpec | None
+        Zeroth-order strategies: the direction pool and training spec.
+    zo_blocks : int
+        Zeroth-order strategies: blocks of the tuned tensors (1 unless Ferret).
     """
 
     initial: Adapter
     spec: LoraSpec
     seed: int
+    zo: ZoSpec | None = None
+    zo_blocks: int = 1
 
 
 @dataclass(frozen=True)
@@ -64,11 +95,21 @@ class LoraPlan:
 
 @dataclass(frozen=True)
 class AggregateResult:
-    """The global adapter after a round, its structure, and the strategy's own metrics."""
+    """The global model after a round and the strategy's own metrics.
 
-    adapter: Adapter
-    spec: LoraSpec
+    LoRA strategies set ``adapter`` and ``spec``; zeroth-order strategies set ``zo``.
+    """
+
+    adapter: Adapter | None = None
+    spec: LoraSpec | None = None
     metrics: Mapping[str, float] = field(default_factory=dict)
+    zo: ZoGlobal | None = None
+
+    def __post_init__(self) -> None:
+        if (self.zo is None) == (self.adapter is None or self.spec is None):
+            raise AggregationError(
+                "an AggregateResult needs either adapter and spec (LoRA) or zo (zeroth-order)"
+            )
 
 
 @runtime_checkable
@@ -77,11 +118,11 @@ class Strategy(Protocol):
 
     def configure_train(
         self, server_round: int, clients: Sequence[ClientInfo]
-    ) -> Mapping[str, LoraPlan]:
+    ) -> Mapping[str, LoraPlan] | Mapping[str, ZoPlan]:
         """Plan each sampled client's training; keys are client ids (omit to skip one)."""
         ...
 
-    def aggregate_train(self, server_round: int, updates: Sequence[LoraUpdate]) -> AggregateResult:
+    def aggregate_train(self, server_round: int, updates: Sequence[Any]) -> AggregateResult:
         """Combine validated updates into the next global adapter.
 
         Raises ``AggregationError`` (naming the client) if the updates cannot be combined.

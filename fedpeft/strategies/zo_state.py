@@ -1,0 +1,98 @@
+"""The coordinator's side of seed/scalar training: accumulated coefficients and sync deltas.
+
+The global model of every zeroth-order strategy is
+``theta = theta_0 - sum_{b,k} coeffs[b, k] * z(seed_k, block b)`` with a fixed pool of K seeds.
+:class:`Coefficients` keeps ``coeffs`` (float64 accumulators; the published values every node
+holds are their float32 rounding), the version (round) at which each entry last changed, and
+the version each client is known to hold. A client's download is the float32 values of the
+entries changed since its version: sparse ``(block, seed, value)`` triples, or the dense
+matrix when that is smaller. A client with no known version gets the dense matrix, which is
+all a stateless client needs to rebuild from theta_0 with at most K regenerations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from fedpeft.wire_zo import ZoSync, index_dtype
+
+__all__ = ["Coefficients"]
+
+
+class Coefficients:
+    """Accumulated per-(block, seed) coefficients with change versions.
+
+    Parameters
+    ----------
+    num_blocks : int
+        Blocks of the tuned tensors.
+    num_seeds : int
+        K, the seed pool size.
+    """
+
+    def __init__(self, num_blocks: int, num_seeds: int) -> None:
+        self.num_blocks = num_blocks
+        self.num_seeds = num_seeds
+        self.values = np.zeros((num_blocks, num_seeds), np.float64)
+        self.changed_at = np.zeros((num_blocks, num_seeds), np.int64)
+        self.version = 0
+        self.client_versions: dict[str, int] = {}
+
+    @property
+    def published(self) -> np.ndarray:
+        """The float32 coefficients every synced node holds, (blocks, K)."""
+        return self.values.astype(np.float32)
+
+    def commit(self, delta: np.ndarray, version: int) -> int:
+        """Add ``delta`` (blocks, K) as of ``version``; returns how many entries changed."""
+        before = self.published
+        self.values += delta
+        changed = self.published != before
+        self.changed_at[changed] = version
+        self.version = version
+        return int(changed.sum())
+
+    def sync_for(self, client_id: str, dense: bool = False) -> ZoSync:
+        """What ``client_id`` must download to hold the current version (all of it if ``dense``)."""
+        since = -1 if dense else self.client_versions.get(client_id, -1)
+        idx_t = index_dtype(self.num_seeds)
+        published = self.published
+        if since < 0:
+            return ZoSync(
+                from_version=0, to_version=self.version, values=published.reshape(-1), dense=True
+            )
+        blocks, seeds = np.nonzero(self.changed_at > since)
+        per_entry = (2 if self.num_blocks > 1 else 0) + np.dtype(idx_t).itemsize + 4
+        if len(seeds) * per_entry >= published.size * 4:
+            return ZoSync(
+                from_version=since,
+                to_version=self.version,
+                values=published.reshape(-1),
+                dense=True,
+            )
+        return ZoSync(
+            from_version=since,
+            to_version=self.version,
+            blocks=blocks.astype(np.uint16) if self.num_blocks > 1 else np.zeros(0, np.uint16),
+            seeds=seeds.astype(idx_t),
+            values=published[blocks, seeds],
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything, for exact resume."""
+        return {
+            "values": self.values.copy(),
+            "changed_at": self.changed_at.copy(),
+            "version": self.version,
+            "client_versions": dict(self.client_versions),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.values = np.array(state["values"], np.float64)
+        self.changed_at = np.array(state["changed_at"], np.int64)
+        self.version = int(state["version"])
+        self.client_versions = dict(state["client_versions"])

@@ -1,0 +1,250 @@
+"""The tuned tensors of a zeroth-order run on one process's model, and how they are synced.
+
+A :class:`ZoRuntime` owns, for one base model and one :class:`~fedpeft.wire_zo.ZoSpec`:
+
+- the tuned tensors: every floating parameter of the base model (``target = "full"``, named
+  as in the unwrapped model, tied weights once) or the LoRA factors of one adapter
+  (``target = "lora"``, named ``<module>::A`` / ``<module>::B``, starting from the run's
+  deterministic initial adapter);
+- their grouping into blocks (one block for FedKSeed; packed blocks of about ``block_numel``
+  elements for Ferret);
+- a float32 snapshot ``G`` of the tuned tensors at the synced global state, and the
+  coefficients ``coeffs[b, k]`` that produced it: ``G = theta_0 - sum coeffs[b, k] z_{b,k}``.
+
+Syncing to new coefficients regenerates only the directions whose coefficients changed (at
+most K full-model regenerations, however many rounds were missed) and is counted. After a
+client's local training the parameters are restored from ``G`` by a plain copy, exactly.
+Memory: one float32 copy of the tuned tensors (``G``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import statistics
+from collections.abc import Iterator
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedpeft.cache import PROCESS_CACHE, ProcessCache
+from fedpeft.errors import ProtocolError
+from fedpeft.lora import ModelHandle, init_factors
+from fedpeft.seeding import derive_seed
+from fedpeft.wire_zo import ZoSpec, ZoSync
+from fedpeft.zo import rng
+
+__all__ = ["ZoRuntime", "full_tensors", "get_runtime", "make_blocks"]
+
+
+def full_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Every floating parameter of a (possibly peft-wrapped) model, under its unwrapped name.
+
+    LoRA parameters are left out; a tied weight appears once (``named_parameters`` dedups).
+    """
+    out: list[tuple[str, torch.Tensor]] = []
+    for name, p in model.named_parameters():
+        if "lora_" in name or not p.is_floating_point():
+            continue
+        out.append((name.replace(".base_layer", ""), p))
+    return out
+
+
+def make_blocks(numels: list[int], block_numel: int) -> list[int]:
+    """Block id of each tensor: consecutive tensors packed until a block holds ``block_numel``
+    elements (0: the median tensor size, as Ferret does)."""
+    target = block_numel if block_numel > 0 else max(1, int(statistics.median(numels)))
+    ids, block, size = [], 0, 0
+    for n in numels:
+        if size >= target:
+            block, size = block + 1, 0
+        ids.append(block)
+        size += n
+    return ids
+
+
+class ZoRuntime:
+    """Tuned tensors, their synced snapshot and coefficients (see the module docstring).
+
+    Parameters
+    ----------
+    handle : ModelHandle
+        The process's shared model.
+    spec : ZoSpec
+        What is tuned and how directions are drawn.
+    """
+
+    def __init__(self, handle: ModelHandle, spec: ZoSpec) -> None:
+        self.handle = handle
+        self.spec = spec
+        self._adapter: str | None = None
+        self._origin: dict[str, Any] = {}
+        if spec.target == "lora":
+            if spec.lora is None:
+                raise ProtocolError("zo target 'lora' needs a LoRA spec")
+            self._adapter = handle.ensure_adapter(spec.lora)
+            self._origin = init_factors(
+                handle.module_shapes(self._adapter), spec.lora, spec.pool_seed
+            )
+            handle.set_factors(self._adapter, self._origin)
+            pairs = []
+            for module, layer in handle.lora_layers(self._adapter):
+                pairs += [(f"{module}::A", layer.lora_A[self._adapter].weight)]
+                pairs += [(f"{module}::B", layer.lora_B[self._adapter].weight)]
+        else:
+            pairs = full_tensors(handle.base_model)
+        self.names = [n for n, _ in pairs]
+        self.params = [p for _, p in pairs]
+        self.blocks = (
+            make_blocks([p.numel() for p in self.params], spec.block_numel)
+            if spec.algorithm == "ferret"
+            else [0] * len(pairs)
+        )
+        self.num_blocks = max(self.blocks) + 1
+        self.numel = sum(p.numel() for p in self.params)
+        self.block_numel = np.bincount(
+            self.blocks, weights=[p.numel() for p in self.params]
+        ).astype(np.int64)
+        with torch.no_grad():
+            self.snapshot = [p.detach().float().clone() for p in self.params]
+        self.coeffs = np.zeros((self.num_blocks, spec.num_seeds), np.float32)
+        self.version = 0
+        self._seeds = [derive_seed(spec.pool_seed, "zo-pool", k) for k in range(spec.num_seeds)]
+
+    def seed(self, k: int) -> int:
+        """The 63-bit seed of pool entry ``k``."""
+        return self._seeds[k]
+
+    def tensors(self, block: int | None = None) -> Iterator[tuple[int, str, torch.Tensor]]:
+        """``(index, name, param)`` of the tuned tensors (of one block)."""
+        for i, (name, p) in enumerate(zip(self.names, self.params, strict=True)):
+            if block is None or self.blocks[i] == block:
+                yield i, name, p
+
+    @contextlib.contextmanager
+    def model(self) -> Iterator[Any]:
+        """The model whose forward uses the tuned tensors (eval mode, no grad tracking)."""
+        if self._adapter is not None:
+            m = self.handle.peft_model(self._adapter)
+            m.eval()
+            yield m
+            return
+        with self.handle.adapters_disabled():
+            self.handle.base_model.eval()
+            yield self.handle.base_model
+
+    # ------------------------------------------------------------------ syncing
+    def restore(self) -> None:
+        """Put the synced global values back into the parameters (exact copy)."""
+        with torch.no_grad():
+            for p, g in zip(self.params, self.snapshot, strict=True):
+                p.copy_(g)
+
+    def _apply_coeff_changes(self, new: np.ndarray) -> float:
+        """Move ``G`` from ``self.coeffs`` to ``new``; return full-model regenerations used."""
+        diff = new.astype(np.float64) - self.coeffs.astype(np.float64)
+        regens = 0.0
+        with torch.no_grad():
+            for b, k in zip(*np.nonzero(diff), strict=True):
+                for i, name, _ in self.tensors(int(b)):
+                    rng.apply_(
+                        self.snapshot[i],
+                        self.seed(int(k)),
+                        name,
+                        -float(diff[b, k]),
+                        self.spec.dist,
+                    )
+                regens += float(self.block_numel[b]) / self.numel
+        self.coeffs = new.astype(np.float32)
+        return regens
+
+    def sync(self, sync: ZoSync) -> float:
+        """Bring the tuned tensors to ``sync.to_version``; returns regenerations used.
+
+        Raises
+        ------
+        ProtocolError
+            If the sync is sparse and starts after this runtime's version (state was lost:
+            the coordinator must send a dense sync).
+        """
+        if self.version == sync.to_version and not sync.dense:
+            self.restore()
+            return 0.0
+        new = self.coeffs.copy()
+        if sync.dense:
+            if sync.values.size != new.size:
+                raise ProtocolError(
+                    f"dense zo sync has {sync.values.size} values, expected {new.size}"
+                )
+            new = sync.values.reshape(new.shape).astype(np.float32)
+        else:
+            if self.version < sync.from_version:
+                raise ProtocolError(
+                    f"this node holds zo version {self.version} but the sync starts at "
+                    f"{sync.from_version}; a dense sync is needed"
+                )
+            if len(sync.seeds) and (
+                sync.seeds.max() >= new.shape[1] or sync.blocks.max(initial=0) >= new.shape[0]
+            ):
+                raise ProtocolError("zo sync indexes outside the seed pool or block range")
+            blocks = sync.blocks if len(sync.blocks) else np.zeros(len(sync.seeds), np.int64)
+            new[blocks.astype(np.int64), sync.seeds.astype(np.int64)] = sync.values
+        if not new.any() and self._adapter is not None:
+            self.rewind()  # back to the exact initial adapter (a new run in this process)
+            return 0.0
+        regens = self._apply_coeff_changes(new)
+        self.version = sync.to_version
+        self.restore()
+        return regens
+
+    def set_global(self, coeffs: np.ndarray, version: int) -> float:
+        """Sync to a dense coefficient matrix (the coordinator's evaluator)."""
+        if version == self.version:
+            self.restore()
+            return 0.0
+        return self.sync(
+            ZoSync(from_version=0, to_version=version, values=coeffs.reshape(-1), dense=True)
+        )
+
+    def rewind(self) -> None:
+        """Return the tuned tensors to theta_0 (before another run reuses this model).
+
+        Exact for the LoRA target (the initial adapter is recomputed); for the full model the
+        coefficients are subtracted again, exact up to float32 rounding.
+        """
+        if self._adapter is not None:
+            self.handle.set_factors(self._adapter, self._origin)
+            with torch.no_grad():
+                self.snapshot = [p.detach().float().clone() for p in self.params]
+            self.coeffs = np.zeros_like(self.coeffs)
+        else:
+            self._apply_coeff_changes(np.zeros_like(self.coeffs))
+        self.version = 0
+        self.restore()
+
+
+def get_runtime(
+    handle: ModelHandle, spec: ZoSpec, cache: ProcessCache = PROCESS_CACHE
+) -> ZoRuntime:
+    """The process's runtime for ``spec`` on ``handle``, built once.
+
+    A full-model runtime changes the shared base weights; if another full-model runtime was
+    active on the same model (another run in this process), it is rewound to theta_0 first.
+    """
+    key = f"zo:{id(handle)}:" + json.dumps(asdict(spec), sort_keys=True, default=str)
+
+    def build() -> ZoRuntime:
+        active = getattr(handle, "zo_active", None)
+        if active is not None and active.spec.target == "full":
+            active.rewind()
+        rt = ZoRuntime(handle, spec)
+        handle.zo_active = rt
+        return rt
+
+    rt = cache.get(key, build)
+    if spec.target == "full" and getattr(handle, "zo_active", None) is not rt:
+        rt.restore()  # the weights are shared: put this runtime's synced values back
+        handle.zo_active = rt
+    return rt

@@ -1,0 +1,90 @@
+"""Directions z(seed, name, index): deterministic, device independent, mean 0 and variance 1."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fedpeft.zo.rng import DISTRIBUTIONS, apply_, direction, directions
+
+N = 200_003
+
+
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+def test_identical_across_calls_and_chunkings(dist):
+    full = direction(7, "layer.weight", 0, N, dist)
+    assert torch.equal(full, direction(7, "layer.weight", 0, N, dist))
+    for start, n in ((0, 1), (31, 70), (1000, 33), (N - 5, 5)):
+        assert torch.equal(direction(7, "layer.weight", start, n, dist), full[start : start + n])
+    pieces = torch.cat(
+        [
+            z
+            for _, z in directions(
+                7, "layer.weight", N, dist, torch.device("cpu"), torch.float32, chunk=4099
+            )
+        ]
+    )
+    assert torch.equal(pieces, full)
+
+
+def _digest_in_subprocess(dist: str) -> str:
+    code = (
+        "import hashlib; from fedpeft.zo.rng import direction;"
+        f"z = direction(7, 'layer.weight', 0, {N}, '{dist}');"
+        "print(hashlib.sha256(z.numpy().tobytes()).hexdigest())"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+def test_identical_across_processes(dist):
+    here = hashlib.sha256(direction(7, "layer.weight", 0, N, dist).numpy().tobytes()).hexdigest()
+    assert _digest_in_subprocess(dist) == here
+
+
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+def test_identical_on_cpu_and_cuda(dist):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine; the test runs where one exists")
+    cpu = direction(7, "layer.weight", 0, N, dist, "cpu")
+    gpu = direction(7, "layer.weight", 0, N, dist, "cuda").cpu()
+    assert torch.equal(cpu, gpu)
+
+
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+def test_moments(dist):
+    z = direction(3, "w", 0, 1_000_000, dist).double()
+    assert abs(z.mean()) < 5e-3
+    assert abs(z.var() - 1) < 5e-3
+    if dist == "rademacher":
+        assert set(z.unique().tolist()) == {-1.0, 1.0}
+    else:
+        assert abs((z**4).mean() - 3) < 0.05  # Gaussian kurtosis
+        assert z.abs().max() < 4.5
+
+
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+def test_seeds_and_names_give_unrelated_directions(dist):
+    a = direction(1, "w", 0, 100_000, dist)
+    for other in (direction(2, "w", 0, 100_000, dist), direction(1, "v", 0, 100_000, dist)):
+        assert abs(float((a * other).mean())) < 0.02
+    assert abs(float((a[1:] * a[:-1]).mean())) < 0.02  # no correlation between neighbours
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_apply_is_chunked_add(dtype):
+    p = torch.randn(10_007).to(dtype)
+    want = p + 0.5 * direction(5, "x", 0, p.numel(), "rademacher", dtype=dtype)
+    apply_(p, 5, "x", 0.5, chunk=1000)
+    assert torch.equal(p, want)
+
+
+def test_unknown_distribution():
+    with pytest.raises(ValueError, match="unknown perturbation distribution"):
+        direction(1, "w", 0, 10, "uniform")

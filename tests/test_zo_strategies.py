@@ -1,0 +1,145 @@
+"""Conformance of the seed/scalar strategies (fedkseed, fedkseed-pro, ferret) and their maths."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+from fedpeft.errors import AggregationError
+from fedpeft.strategies.base import StrategyContext
+from fedpeft.strategies.fedkseed import pro_probabilities
+from fedpeft.strategies.registry import build_strategy, registered, resolve
+from fedpeft.wire import ClientInfo, Header, LoraSpec
+from fedpeft.wire_zo import ZoSpec, ZoUpdate
+
+ZO = [n for n in registered() if getattr(resolve(n), "mode", "lora") == "zo"]
+K, TAU, BLOCKS = 64, 10, 3
+
+
+def _ctx(algorithm: str) -> StrategyContext:
+    spec = ZoSpec(
+        algorithm=algorithm, target="full", num_seeds=K, pool_seed=1, lr=0.1, local_steps=TAU
+    )
+    return StrategyContext(
+        initial={}, spec=LoraSpec(4, 8.0, ("q_proj",)), seed=0, zo=spec, zo_blocks=BLOCKS
+    )
+
+
+def _algorithm(name: str) -> str:
+    return resolve(name).zo_algorithm
+
+
+def _update(name: str, client: str, n: int, seed: int, version: int = 0) -> ZoUpdate:
+    rng = np.random.default_rng(seed)
+    if _algorithm(name) == "fedkseed":
+        seeds, blocks = rng.integers(0, K, TAU).astype(np.uint16), np.zeros(0, np.uint16)
+    else:
+        pairs = rng.choice(BLOCKS * K, 12, replace=False)
+        blocks, seeds = (pairs // K).astype(np.uint16), (pairs % K).astype(np.uint16)
+    return ZoUpdate(
+        header=Header("r", 1, "fp", "h", n, client),
+        seeds=seeds,
+        scalars=rng.normal(size=len(seeds)).astype(np.float32),
+        blocks=blocks,
+        synced_version=version,
+    )
+
+
+def _clients(n: int) -> list[ClientInfo]:
+    return [ClientInfo(header=Header("r", 0, "fp", "", 10, str(i)), device="cpu") for i in range(n)]
+
+
+@pytest.fixture(params=ZO)
+def name(request):
+    return request.param
+
+
+def test_registered():
+    assert {"fedkseed", "fedkseed-pro", "ferret"} <= set(ZO)
+
+
+def test_unknown_clients_get_dense_then_sparse_after_confirming(name):
+    strat = build_strategy(name, {}, _ctx(_algorithm(name)))
+    plans = strat.configure_train(1, _clients(2))
+    assert all(p.sync.dense and p.sync.to_version == 0 for p in plans.values())
+    strat.aggregate_train(1, [_update(name, "0", 10, 0), _update(name, "1", 30, 1)])
+    plans = strat.configure_train(2, _clients(3))
+    assert (
+        not plans["0"].sync.dense
+        and plans["0"].sync.from_version == 0
+        and plans["0"].sync.to_version == 1
+    )
+    assert plans["2"].sync.dense  # never seen: dense
+
+
+def test_weighted_accumulation_is_exact(name):
+    strat = build_strategy(name, {"scalar_clip": 0.0}, _ctx(_algorithm(name)))
+    ups = [_update(name, "0", 10, 0), _update(name, "1", 30, 1)]
+    res = strat.aggregate_train(1, ups)
+    want = np.zeros((BLOCKS if _algorithm(name) == "ferret" else 1, K))
+    scale = 0.1 if _algorithm(name) == "fedkseed" else 1.0  # FedKSeed folds the local lr in
+    for u, p in zip(ups, (0.25, 0.75), strict=True):
+        b = u.blocks.astype(np.int64) if len(u.blocks) else np.zeros(len(u.seeds), np.int64)
+        np.add.at(want, (b, u.seeds.astype(np.int64)), scale * p * u.scalars.astype(np.float64))
+    assert res.zo is not None and res.zo.version == 1
+    assert np.allclose(res.zo.coeffs, want.astype(np.float32), atol=1e-7)
+
+
+def test_order_state_and_empty(name):
+    ups = [_update(name, str(i), 10 + i, i) for i in range(3)]
+    a = build_strategy(name, {}, _ctx(_algorithm(name)))
+    b = build_strategy(name, {}, _ctx(_algorithm(name)))
+    ra, rb = a.aggregate_train(1, ups), b.aggregate_train(1, list(reversed(ups)))
+    assert np.array_equal(ra.zo.coeffs, rb.zo.coeffs)
+    resumed = build_strategy(name, {}, _ctx(_algorithm(name)))
+    resumed.load_state_dict(copy.deepcopy(a.state_dict()))
+    nxt = [_update(name, str(i), 10, 10 + i, version=1) for i in range(2)]
+    assert np.array_equal(
+        a.aggregate_train(2, nxt).zo.coeffs, resumed.aggregate_train(2, nxt).zo.coeffs
+    )
+    with pytest.raises(AggregationError):
+        a.aggregate_train(3, [])
+
+
+def test_scalar_clip_bounds_each_contribution():
+    strat = build_strategy("fedkseed", {"scalar_clip": 1.0}, _ctx("fedkseed"))
+    up = ZoUpdate(
+        header=Header("r", 1, "fp", "h", 5, "0"),
+        seeds=np.array([3] * TAU, np.uint16),
+        scalars=np.full(TAU, 1e6, np.float32),
+    )
+    res = strat.aggregate_train(1, [up])
+    assert res.zo.coeffs[0, 3] == pytest.approx(0.1 * TAU * 1.0)
+
+
+def test_pro_probabilities_favour_informative_seeds():
+    abs_sum, counts = np.zeros(4), np.zeros(4)
+    p = pro_probabilities(abs_sum, counts)
+    assert np.allclose(p, 0.25)  # nothing seen: uniform
+    abs_sum[:] = [0.0, 1.0, 4.0, 2.0]
+    counts[:] = [0, 1, 2, 1]
+    p = pro_probabilities(abs_sum, counts)
+    assert p.argmax() == 2 and p.argmin() == 0
+    assert p.max() / p.min() == pytest.approx(np.e)  # min-max normalised logits: at most e
+
+
+def test_pro_sends_probabilities_and_plain_does_not():
+    pro = build_strategy("fedkseed-pro", {}, _ctx("fedkseed"))
+    plain = build_strategy("fedkseed", {}, _ctx("fedkseed"))
+    pro.aggregate_train(1, [_update("fedkseed", "0", 10, 0)])
+    assert pro.configure_train(2, _clients(1))["0"].probs.shape == (K,)
+    assert plain.configure_train(1, _clients(1))["0"].probs is None
+
+
+def test_ferret_rejects_blocks_out_of_range():
+    strat = build_strategy("ferret", {}, _ctx("ferret"))
+    bad = ZoUpdate(
+        header=Header("r", 1, "fp", "h", 5, "0"),
+        seeds=np.array([1], np.uint16),
+        scalars=np.array([0.5], np.float32),
+        blocks=np.array([BLOCKS], np.uint16),
+    )
+    with pytest.raises(AggregationError, match="block indices outside"):
+        strat.aggregate_train(1, [bad])
