@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from fedpeft.zo.rng import DISTRIBUTIONS, apply_, direction, directions
+from fedpeft.zo.rng import DISTRIBUTIONS, apply_, direction, directions, segments
 
 N = 200_003
 
@@ -88,3 +88,14 @@ def test_apply_is_chunked_add(dtype):
 def test_unknown_distribution():
     with pytest.raises(ValueError, match="unknown perturbation distribution"):
         direction(1, "w", 0, 10, "uniform")
+
+
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+def test_grouped_segments_equal_per_tensor_directions(dist):
+    names = [f"layer{i}.lora_A" for i in range(40)] + ["embed", "tiny"]
+    numels = [64 * (i % 5 + 1) for i in range(40)] + [1_000_003, 3]
+    covered = dict.fromkeys(range(len(names)), 0)
+    for i, start, z in segments(9, names, numels, dist, torch.device("cpu"), chunk=1 << 18):
+        assert torch.equal(z, direction(9, names[i], start, z.numel(), dist))
+        covered[i] += z.numel()
+    assert [covered[i] for i in range(len(names))] == numels

@@ -82,41 +82,44 @@ class LocalZo:
         ]
         self.offset = 0.0
         self.regenerations = 0
-        self._z: list[torch.Tensor] | None = None
+        self._z: list[torch.Tensor] | None = None  # keep_z: float32 buffers, allocated once
         self._seed = 0
 
     def begin(self, seed: int) -> None:
         """Start a step along z(seed); with ``keep_z`` the direction is generated once here."""
         self._seed = seed
-        self._z = None
-        if self.spec.keep_z:
-            self._z = [
-                rng.direction(seed, name, 0, p.numel(), self.spec.dist, p.device, torch.float32)
-                for _, name, p in self.rt.tensors()
-            ]
-            self.regenerations += 1
-
-    def _chunks(self, i: int, name: str, p: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-        if self._z is not None:
-            yield 0, self._z[i]
+        if not self.spec.keep_z:
             return
-        yield from rng.directions(
-            self._seed, name, p.numel(), self.spec.dist, p.device, torch.float32
-        )
+        if self._z is None:
+            self._z = [
+                torch.empty(p.numel(), dtype=torch.float32, device=p.device) for p in self.rt.params
+            ]
+        for i, s, z in self._generate():
+            self._z[i][s : s + z.numel()].copy_(z)
+        self.regenerations += 1
+
+    def _generate(self) -> Iterator[tuple[int, int, torch.Tensor]]:
+        rt = self.rt
+        device = rt.params[0].device if rt.params else torch.device("cpu")
+        return rng.segments(self._seed, rt.names, rt.numels, self.spec.dist, device)
+
+    def _pieces(self) -> Iterator[tuple[int, int, torch.Tensor]]:
+        if self._z is not None:
+            return ((i, 0, z) for i, z in enumerate(self._z))
+        return self._generate()
 
     @torch.no_grad()
     def _pass(self, new_offset: float, master_step: float) -> None:
-        for i, name, p in self.rt.tensors():
-            flat, master = p.view(-1), self.masters[i]
-            for s, z in self._chunks(i, name, p):
-                e = s + z.numel()
-                if master is None:
-                    flat[s:e].add_(z.to(flat.dtype), alpha=new_offset - self.offset + master_step)
-                else:
-                    m = master.view(-1)[s:e]
-                    if master_step:
-                        m.add_(z, alpha=master_step)
-                    flat[s:e].copy_(m + new_offset * z if new_offset else m)
+        for i, s, z in self._pieces():
+            flat, master = self.rt.params[i].view(-1), self.masters[i]
+            e = s + z.numel()
+            if master is None:
+                flat[s:e].add_(z.to(flat.dtype), alpha=new_offset - self.offset + master_step)
+            else:
+                m = master.view(-1)[s:e]
+                if master_step:
+                    m.add_(z, alpha=master_step)
+                flat[s:e].copy_(m + new_offset * z if new_offset else m)
         if self._z is None:
             self.regenerations += 1
         self.offset = new_offset
@@ -223,14 +226,12 @@ def project(
     counts = allocate([math.sqrt(n) for n in norms], budget, rt.spec.num_seeds)
     blocks, seeds, coeffs = [], [], []
     for b, n_dirs in enumerate(counts):
+        members = [i for i, _, _ in rt.tensors(b)]
+        names, numels = [rt.names[i] for i in members], [rt.numels[i] for i in members]
         for k in sorted(gen.choice(rt.spec.num_seeds, size=n_dirs, replace=False).tolist()):
             dot = 0.0
-            for i, name, p in rt.tensors(b):
-                flat = deltas[i].view(-1)
-                for s, z in rng.directions(
-                    rt.seed(k), name, p.numel(), rt.spec.dist, flat.device, torch.float32
-                ):
-                    dot += float(torch.dot(flat[s : s + z.numel()], z))
+            for j, s, z in rng.segments(rt.seed(k), names, numels, rt.spec.dist, deltas[0].device):
+                dot += float(torch.dot(deltas[members[j]].view(-1)[s : s + z.numel()], z))
             blocks.append(b)
             seeds.append(k)
             coeffs.append(dot / n_dirs)
@@ -244,8 +245,8 @@ def reconstruct(
     """``sum c_{b,j} z_{b,j}`` per tuned tensor (the estimate of the update; tests, analysis)."""
     out = [torch.zeros(p.numel(), dtype=torch.float32, device=p.device) for p in rt.params]
     for b, k, c in zip(blocks.tolist(), seeds.tolist(), coeffs.tolist(), strict=True):
-        for i, name, _ in rt.tensors(int(b)):
-            rng.apply_(out[i], rt.seed(int(k)), name, float(c), rt.spec.dist)
+        for i, s, z in rt.pieces(int(b), int(k)):
+            out[i][s : s + z.numel()].add_(z, alpha=float(c))
     return [o.view_as(p) for o, p in zip(out, rt.params, strict=True)]
 
 

@@ -103,7 +103,11 @@ class ZoRuntime:
             else [0] * len(pairs)
         )
         self.num_blocks = max(self.blocks) + 1
-        self.numel = sum(p.numel() for p in self.params)
+        self.numels = [p.numel() for p in self.params]
+        self.numel = sum(self.numels)
+        self._members = [
+            [i for i, b in enumerate(self.blocks) if b == blk] for blk in range(self.num_blocks)
+        ]
         self.block_numel = np.bincount(
             self.blocks, weights=[p.numel() for p in self.params]
         ).astype(np.int64)
@@ -135,6 +139,14 @@ class ZoRuntime:
             self.handle.base_model.eval()
             yield self.handle.base_model
 
+    def pieces(self, block: int, k: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """``(tensor index, offset, z piece)`` of direction ``k`` over the tensors of ``block``."""
+        members = self._members[block]
+        device = self.snapshot[members[0]].device
+        names, numels = [self.names[i] for i in members], [self.numels[i] for i in members]
+        for j, s, z in rng.segments(self.seed(k), names, numels, self.spec.dist, device):
+            yield members[j], s, z
+
     # ------------------------------------------------------------------ syncing
     def restore(self) -> None:
         """Put the synced global values back into the parameters (exact copy)."""
@@ -148,14 +160,8 @@ class ZoRuntime:
         regens = 0.0
         with torch.no_grad():
             for b, k in zip(*np.nonzero(diff), strict=True):
-                for i, name, _ in self.tensors(int(b)):
-                    rng.apply_(
-                        self.snapshot[i],
-                        self.seed(int(k)),
-                        name,
-                        -float(diff[b, k]),
-                        self.spec.dist,
-                    )
+                for t, s, z in self.pieces(int(b), int(k)):
+                    self.snapshot[t].view(-1)[s : s + z.numel()].add_(z, alpha=-float(diff[b, k]))
                 regens += float(self.block_numel[b]) / self.numel
         self.coeffs = new.astype(np.float32)
         return regens
