@@ -272,8 +272,8 @@ class ZoConfig:
     directions: int = _help("Ferret: projection coefficients per client-round (0: num_seeds)", 0)
     block_numel: int = _help("Ferret: elements per projection block (0: median tensor size)", 0)
     sync: str = _help(
-        "download: sparse (changed coefficients only) | dense (all K) | auto (dense on ray, "
-        "where a virtual client does not keep its worker process)",
+        "download: incremental (coefficients changed since the client's last sync) | full "
+        "(all of them) | auto (full on ray, where a virtual client does not keep its worker)",
         "auto",
     )
 
@@ -309,8 +309,8 @@ class ZoConfig:
         _check(p, self.block_numel >= 0, "zo.block_numel must be >= 0")
         _check(
             p,
-            self.sync in ("auto", "sparse", "dense"),
-            f"zo.sync must be auto|sparse|dense, got {self.sync!r}",
+            self.sync in ("auto", "incremental", "full"),
+            f"zo.sync must be auto|incremental|full, got {self.sync!r}",
         )
         _raise(p)
 

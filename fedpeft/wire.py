@@ -373,6 +373,36 @@ def _decode_adapter(content: RecordDict) -> dict[str, LoraFactors]:
 # ----------------------------------------------------------------------------- messages
 
 
+def _decode_lora_spec(
+    rec: Mapping[str, Any], where: str, keys: tuple[str, str, str, str]
+) -> LoraSpec:
+    """A :class:`LoraSpec` from the fields named by ``keys`` (rank, alpha, targets, dropout)."""
+    rank, alpha, targets_key, dropout = keys
+    targets = rec.get(targets_key)
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        raise ProtocolError(
+            f"{where}.{targets_key} must be a non-empty list of str, got {targets!r}"
+        )
+    return LoraSpec(
+        rank=_get(rec, rank, int, where),
+        alpha=_get(rec, alpha, float, where),
+        target_modules=tuple(targets),
+        dropout=_get(rec, dropout, float, where),
+    )
+
+
+def _decode_train(content: RecordDict) -> TrainConfig:
+    """The training hyper-parameters of an instruction; unknown fields ask for an upgrade."""
+    train_rec = _record(content, TRAIN, ConfigRecord)
+    unknown = sorted(set(train_rec) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise ProtocolError(f"{TRAIN} has unknown fields {unknown}; upgrade fedpeft on this node")
+    try:
+        return TrainConfig(**dict(train_rec))
+    except (TypeError, ValueError) as err:
+        raise ProtocolError(f"{TRAIN} is invalid: {err}") from None
+
+
 def encode_instruction(ins: TrainInstruction, shared: SharedRecords | None = None) -> RecordDict:
     """Encode a :class:`TrainInstruction` as a Flower ``RecordDict``.
 
@@ -409,26 +439,8 @@ def decode_instruction(content: RecordDict) -> TrainInstruction:
     """
     header = _decode_header(content, KIND_INSTRUCTION)
     lora = _record(content, LORA, ConfigRecord)
-    targets = lora.get("target_modules")
-    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets) or not targets:
-        raise ProtocolError(
-            f"{LORA}.target_modules must be a non-empty list of str, got {targets!r}"
-        )
-    spec = LoraSpec(
-        rank=_get(lora, "rank", int, LORA),
-        alpha=_get(lora, "alpha", float, LORA),
-        target_modules=tuple(targets),
-        dropout=_get(lora, "dropout", float, LORA),
-    )
-    train_rec = _record(content, TRAIN, ConfigRecord)
-    known = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(train_rec) - set(known))
-    if unknown:
-        raise ProtocolError(f"{TRAIN} has unknown fields {unknown}; upgrade fedpeft on this node")
-    try:
-        train = TrainConfig(**dict(train_rec))
-    except (TypeError, ValueError) as err:
-        raise ProtocolError(f"{TRAIN} is invalid: {err}") from None
+    spec = _decode_lora_spec(lora, LORA, ("rank", "alpha", "target_modules", "dropout"))
+    train = _decode_train(content)
     return TrainInstruction(
         header=header,
         lora=spec,

@@ -3,8 +3,9 @@
 Clients and coordinator exchange only seed indices and scalars:
 
 - **Instruction** (down): the :class:`ZoSpec`, the training hyper-parameters, a :class:`ZoSync`
-  with the coefficients that changed since the version the client last synced to (sparse, or
-  dense when that is smaller) and, for FedKSeed-Pro, the seed sampling probabilities.
+  with the coefficients that changed since the version the client last synced to, or all of
+  them (as non-zero entries or a dense matrix, whichever is smaller) and, for FedKSeed-Pro,
+  the seed sampling probabilities.
 - **Update** (up): for each local step or projection, a (block, seed index, scalar) triple.
 
 Index arrays travel as ``uint16`` when the pool has at most 65,536 seeds (``uint32`` above),
@@ -38,6 +39,8 @@ from fedpeft.wire import (
     Header,
     LoraSpec,
     _decode_header,
+    _decode_lora_spec,
+    _decode_train,
     _encode_header,
     _get,
     _record,
@@ -86,7 +89,7 @@ class ZoSpec:
     scalar_dtype: str = "float32"
     block_numel: int = 0
     directions: int = 0
-    sync: str = "sparse"
+    sync: str = "incremental"
     lora: LoraSpec | None = None
 
     def config_hash(self) -> str:
@@ -105,8 +108,14 @@ class ZoSpec:
 
 @dataclass(frozen=True)
 class ZoSync:
-    """Coefficients to hold after syncing: absolute values of the entries changed since
-    ``from_version`` (``blocks``/``seeds``/``values``), or all of them when ``dense``."""
+    """The coefficients a client must hold at ``to_version``, as absolute float32 values.
+
+    Incremental (``full=False``): the entries changed since ``from_version``, as
+    ``blocks``/``seeds``/``values`` triples; the client must hold ``from_version`` or later.
+    Full (``full=True``): every coefficient, unlisted entries being zero; with ``dense`` the
+    values are the whole (blocks x K) matrix in order instead of triples. A client in any
+    state (or none) can apply a full sync.
+    """
 
     from_version: int
     to_version: int
@@ -114,6 +123,7 @@ class ZoSync:
     seeds: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint16))
     values: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     dense: bool = False
+    full: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -191,20 +201,8 @@ def _spec_record(spec: ZoSpec) -> dict[str, Any]:
 def _spec_from(rec: Mapping[str, Any]) -> ZoSpec:
     lora = None
     if "lora_rank" in rec:
-        targets = rec.get("lora_targets")
-        if (
-            not isinstance(targets, list)
-            or not targets
-            or not all(isinstance(t, str) for t in targets)
-        ):
-            raise ProtocolError(
-                f"{ZO}.lora_targets must be a non-empty list of str, got {targets!r}"
-            )
-        lora = LoraSpec(
-            rank=_get(rec, "lora_rank", int, ZO),
-            alpha=_get(rec, "lora_alpha", float, ZO),
-            target_modules=tuple(targets),
-            dropout=_get(rec, "lora_dropout", float, ZO),
+        lora = _decode_lora_spec(
+            rec, ZO, ("lora_rank", "lora_alpha", "lora_targets", "lora_dropout")
         )
     types = {"int": int, "float": float, "str": str, "bool": bool}
     kwargs: dict[str, Any] = {"lora": lora}
@@ -233,6 +231,7 @@ def encode_zo_instruction(ins: ZoInstruction) -> RecordDict:
         "from_version": sync.from_version,
         "to_version": sync.to_version,
         "dense": sync.dense,
+        "full": sync.full or sync.dense,
         "blocks": _bytes(sync.blocks),
         "blocks_dtype": str(sync.blocks.dtype),
         "seeds": _bytes(sync.seeds),
@@ -273,6 +272,7 @@ def decode_zo_instruction(content: RecordDict) -> ZoInstruction:
         seeds=_array(rec, "seeds", "seeds_dtype", ZO_SYNC, idx),
         values=_array(rec, "values", "values_dtype", ZO_SYNC, ("float32", "float64")),
         dense=_get(rec, "dense", bool, ZO_SYNC),
+        full=_get(rec, "full", bool, ZO_SYNC),
     )
     if not sync.dense and (
         len(sync.seeds) != len(sync.values) or len(sync.blocks) not in (0, len(sync.seeds))
@@ -283,11 +283,7 @@ def decode_zo_instruction(content: RecordDict) -> ZoInstruction:
         probs = np.frombuffer(_get(zo, "probs", bytes, ZO), dtype="<f4").astype(np.float32)
         if probs.shape != (spec.num_seeds,) or not np.isfinite(probs).all() or (probs < 0).any():
             raise ProtocolError(f"zo probs must be {spec.num_seeds} finite non-negative floats")
-    train_rec = _record(content, TRAIN, ConfigRecord)
-    try:
-        train = TrainConfig(**dict(train_rec))
-    except (TypeError, ValueError) as err:
-        raise ProtocolError(f"{TRAIN} is invalid: {err}") from None
+    train = _decode_train(content)
     return ZoInstruction(
         header=header,
         spec=spec,

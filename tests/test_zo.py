@@ -149,9 +149,9 @@ def test_stale_client_catches_up_in_at_most_k_regenerations():
         eager_regens += eager.sync(coeffs.sync_for("eager"))
         coeffs.client_versions["eager"] = rnd
     sync = coeffs.sync_for("stale")
-    assert not sync.dense and sync.from_version == 0
+    assert not sync.full and sync.from_version == 0
     stale_regens = stale.sync(sync)
-    fresh_regens = fresh.sync(coeffs.sync_for("never-seen"))  # stateless: dense, from theta_0
+    fresh_regens = fresh.sync(coeffs.sync_for("never-seen"))  # stateless: full, from theta_0
     print(
         f"80 steps of history; regenerations: stale {stale_regens}, stateless {fresh_regens},",
         f"eager total {eager_regens}",
@@ -166,7 +166,7 @@ def test_sparse_sync_after_lost_state_is_refused():
     rt = ZoRuntime(_handle(), SPEC)
     from fedpeft.errors import ProtocolError
 
-    with pytest.raises(ProtocolError, match="dense sync is needed"):
+    with pytest.raises(ProtocolError, match="full sync is needed"):
         rt.sync(
             ZoSync(
                 from_version=3,

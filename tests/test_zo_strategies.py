@@ -60,18 +60,21 @@ def test_registered():
     assert {"fedkseed", "fedkseed-pro", "ferret"} <= set(ZO)
 
 
-def test_unknown_clients_get_dense_then_sparse_after_confirming(name):
+def test_unknown_clients_get_full_then_incremental_after_confirming(name):
     strat = build_strategy(name, {}, _ctx(_algorithm(name)))
     plans = strat.configure_train(1, _clients(2))
-    assert all(p.sync.dense and p.sync.to_version == 0 for p in plans.values())
+    # full sync of an all-zero state: no entries at all
+    assert all(
+        p.sync.full and p.sync.to_version == 0 and p.sync.nbytes == 0 for p in plans.values()
+    )
     strat.aggregate_train(1, [_update(name, "0", 10, 0), _update(name, "1", 30, 1)])
     plans = strat.configure_train(2, _clients(3))
     assert (
-        not plans["0"].sync.dense
+        not plans["0"].sync.full
         and plans["0"].sync.from_version == 0
         and plans["0"].sync.to_version == 1
     )
-    assert plans["2"].sync.dense  # never seen: dense
+    assert plans["2"].sync.full  # never seen: full
 
 
 def test_weighted_accumulation_is_exact(name):

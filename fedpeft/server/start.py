@@ -48,7 +48,9 @@ def zo_spec_of(cfg: RunConfig, algorithm: str, clients_per_round: int = 1) -> Zo
     """
     z = cfg.zo
     sync = (
-        z.sync if z.sync != "auto" else ("dense" if cfg.simulation.backend == "ray" else "sparse")
+        z.sync
+        if z.sync != "auto"
+        else ("full" if cfg.simulation.backend == "ray" else "incremental")
     )
     steps = z.local_steps * (clients_per_round if cfg.federation.centralized else 1)
     return ZoSpec(

@@ -88,7 +88,7 @@ class FedKSeed:
         probs = self.probabilities()
         plans = {
             c.client_id: ZoPlan(
-                self.spec, self.state.sync_for(c.client_id, self.spec.sync == "dense"), probs
+                self.spec, self.state.sync_for(c.client_id, self.spec.sync == "full"), probs
             )
             for c in clients
         }

@@ -61,7 +61,7 @@ class Ferret:
         """Each client gets the coefficient changes since its last sync."""
         plans = {
             c.client_id: ZoPlan(
-                self.spec, self.state.sync_for(c.client_id, self.spec.sync == "dense")
+                self.spec, self.state.sync_for(c.client_id, self.spec.sync == "full")
             )
             for c in clients
         }

@@ -5,9 +5,10 @@ The global model of every zeroth-order strategy is
 :class:`Coefficients` keeps ``coeffs`` (float64 accumulators; the published values every node
 holds are their float32 rounding), the version (round) at which each entry last changed, and
 the version each client is known to hold. A client's download is the float32 values of the
-entries changed since its version: sparse ``(block, seed, value)`` triples, or the dense
-matrix when that is smaller. A client with no known version gets the dense matrix, which is
-all a stateless client needs to rebuild from theta_0 with at most K regenerations.
+entries changed since its version as ``(block, seed, value)`` triples. A client with no
+confirmed version gets a full sync (every non-zero coefficient), which is all a stateless
+client needs to rebuild from theta_0 with at most K regenerations. Either kind is sent as the
+dense matrix instead when that is smaller.
 """
 
 from __future__ import annotations
@@ -55,30 +56,30 @@ class Coefficients:
         self.version = version
         return int(changed.sum())
 
-    def sync_for(self, client_id: str, dense: bool = False) -> ZoSync:
-        """What ``client_id`` must download to hold the current version (all of it if ``dense``)."""
-        since = -1 if dense else self.client_versions.get(client_id, -1)
+    def sync_for(self, client_id: str, full: bool = False) -> ZoSync:
+        """What ``client_id`` must download to hold the current version.
+
+        Incremental from the client's confirmed version when it has one (and ``full`` is not
+        forced); otherwise full. Either way the smaller encoding is chosen: triples of the
+        listed entries, or the dense matrix.
+        """
+        since = -1 if full else self.client_versions.get(client_id, -1)
         idx_t = index_dtype(self.num_seeds)
         published = self.published
-        if since < 0:
-            return ZoSync(
-                from_version=0, to_version=self.version, values=published.reshape(-1), dense=True
-            )
-        blocks, seeds = np.nonzero(self.changed_at > since)
+        listed = self.changed_at > since if since >= 0 else published != 0
+        blocks, seeds = np.nonzero(listed)
         per_entry = (2 if self.num_blocks > 1 else 0) + np.dtype(idx_t).itemsize + 4
         if len(seeds) * per_entry >= published.size * 4:
             return ZoSync(
-                from_version=since,
-                to_version=self.version,
-                values=published.reshape(-1),
-                dense=True,
+                max(since, 0), self.version, values=published.reshape(-1), dense=True, full=True
             )
         return ZoSync(
-            from_version=since,
+            from_version=max(since, 0),
             to_version=self.version,
             blocks=blocks.astype(np.uint16) if self.num_blocks > 1 else np.zeros(0, np.uint16),
             seeds=seeds.astype(idx_t),
             values=published[blocks, seeds],
+            full=since < 0,
         )
 
     def state_dict(self) -> dict[str, Any]:

@@ -172,33 +172,36 @@ class ZoRuntime:
         Raises
         ------
         ProtocolError
-            If the sync is sparse and starts after this runtime's version (state was lost:
-            the coordinator must send a dense sync).
+            If the sync is incremental and starts after this runtime's version (state was
+            lost: the coordinator must send a full sync), or indexes outside the pool.
         """
-        if self.version == sync.to_version and not sync.dense:
+        if self.version == sync.to_version and not sync.full:
             self.restore()
             return 0.0
-        new = self.coeffs.copy()
+        if not sync.full and self.version < sync.from_version:
+            raise ProtocolError(
+                f"this node holds zo version {self.version} but the sync starts at "
+                f"{sync.from_version}; a full sync is needed"
+            )
+        new = np.zeros_like(self.coeffs) if sync.full else self.coeffs.copy()
         if sync.dense:
             if sync.values.size != new.size:
                 raise ProtocolError(
                     f"dense zo sync has {sync.values.size} values, expected {new.size}"
                 )
             new = sync.values.reshape(new.shape).astype(np.float32)
-        else:
-            if self.version < sync.from_version:
-                raise ProtocolError(
-                    f"this node holds zo version {self.version} but the sync starts at "
-                    f"{sync.from_version}; a dense sync is needed"
-                )
-            if len(sync.seeds) and (
-                sync.seeds.max() >= new.shape[1] or sync.blocks.max(initial=0) >= new.shape[0]
-            ):
+        elif len(sync.seeds):
+            blocks = (
+                sync.blocks.astype(np.int64)
+                if len(sync.blocks)
+                else np.zeros(len(sync.seeds), np.int64)
+            )
+            if sync.seeds.max() >= new.shape[1] or blocks.max() >= new.shape[0]:
                 raise ProtocolError("zo sync indexes outside the seed pool or block range")
-            blocks = sync.blocks if len(sync.blocks) else np.zeros(len(sync.seeds), np.int64)
-            new[blocks.astype(np.int64), sync.seeds.astype(np.int64)] = sync.values
+            new[blocks, sync.seeds.astype(np.int64)] = sync.values
         if not new.any() and self._adapter is not None:
             self.rewind()  # back to the exact initial adapter (a new run in this process)
+            self.version = sync.to_version
             return 0.0
         regens = self._apply_coeff_changes(new)
         self.version = sync.to_version
@@ -211,7 +214,9 @@ class ZoRuntime:
             self.restore()
             return 0.0
         return self.sync(
-            ZoSync(from_version=0, to_version=version, values=coeffs.reshape(-1), dense=True)
+            ZoSync(
+                from_version=0, to_version=version, values=coeffs.reshape(-1), dense=True, full=True
+            )
         )
 
     def rewind(self) -> None:
