@@ -14,11 +14,13 @@ from typing import Any
 from fedpeft.errors import ConfigError
 
 __all__ = [
+    "CompressConfig",
     "DataConfig",
     "EvalConfig",
     "FederationConfig",
     "LoraSection",
     "ModelConfig",
+    "RanksConfig",
     "RunConfig",
     "SimulationConfig",
     "StrategyConfig",
@@ -315,6 +317,80 @@ class ZoConfig:
         _raise(p)
 
 
+CODECS = ("none", "fp16", "int8", "topk", "compeft")
+
+
+@dataclass(frozen=True)
+class RanksConfig:
+    """``[ranks]``: the LoRA rank each client trains (heterogeneous-rank strategies)."""
+
+    mode: str = _help(
+        "uniform (lora.rank for all) | map (per client id) | tiers (round-robin over the "
+        "client ids in order) | policy (an object that assigns ranks every round)",
+        "uniform",
+    )
+    map: dict[str, int] = _help("mode map: client id -> rank; unlisted clients get lora.rank", {})
+    tiers: list[int] = _help("mode tiers: ranks; the i-th client (by id) gets tiers[i % len]", [])
+    policy: str = _help(
+        "mode policy: 'pkg.module:Name' or 'file.py:Name' of a RankPolicy class, built with "
+        "(max_rank, seed)",
+        "",
+    )
+    max_rank: int = _help("mode policy: the largest rank the policy may assign", 16)
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        modes = ("uniform", "map", "tiers", "policy")
+        _check(p, self.mode in modes, f"ranks.mode must be one of {modes}, got {self.mode!r}")
+        bad = {k: v for k, v in self.map.items() if not (isinstance(v, int) and v >= 1)}
+        _check(p, not bad, f"ranks.map ranks must be integers >= 1, got {bad}")
+        _check(
+            p,
+            all(isinstance(t, int) and t >= 1 for t in self.tiers),
+            f"ranks.tiers must be integers >= 1, got {self.tiers}",
+        )
+        _check(p, self.mode != "tiers" or bool(self.tiers), "ranks.mode = 'tiers' needs tiers")
+        _check(p, self.mode != "map" or bool(self.map), "ranks.mode = 'map' needs a map")
+        _check(p, self.mode != "policy" or bool(self.policy), "ranks.mode = 'policy' needs policy")
+        _check(p, self.max_rank >= 1, f"ranks.max_rank must be >= 1, got {self.max_rank}")
+        _raise(p)
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """``[compress]``: codecs for LoRA tensors on the wire (bytes are counted after encoding)."""
+
+    up: str = _help(
+        "client -> coordinator codec, applied to the update (trained - received): none | fp16 | "
+        "int8 (per-row scales) | topk | compeft",
+        "none",
+    )
+    down: str = _help(
+        "coordinator -> client codec, applied to the adapter sent: none | fp16 | int8 "
+        "(clients keep no copy to take a sparse delta against)",
+        "none",
+    )
+    ratio: float = _help("topk / compeft: fraction of entries kept per tensor", 0.1)
+    error_feedback: bool = _help(
+        "topk / compeft: clients add what earlier rounds left out (a local residual)", True
+    )
+    compeft_alpha: float = _help("compeft: kept entries become sign * alpha * std(update)", 1.0)
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        _check(p, self.up in CODECS, f"compress.up must be one of {CODECS}, got {self.up!r}")
+        down = CODECS[:3]
+        _check(
+            p,
+            self.down in down,
+            f"compress.down must be one of {down}, got {self.down!r} (sparse codecs need a "
+            "reference the receiver holds; clients are stateless)",
+        )
+        _check(p, 0 < self.ratio <= 1, f"compress.ratio must be in (0, 1], got {self.ratio}")
+        _check(p, self.compeft_alpha > 0, "compress.compeft_alpha must be > 0")
+        _raise(p)
+
+
 @dataclass(frozen=True)
 class SimulationConfig:
     """``[simulation]``: how virtual clients are run."""
@@ -356,4 +432,6 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     zo: ZoConfig = field(default_factory=ZoConfig)
+    ranks: RanksConfig = field(default_factory=RanksConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)

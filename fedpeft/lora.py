@@ -14,7 +14,7 @@ import contextlib
 import math
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -195,14 +195,51 @@ class ModelHandle:
             for m, layer in self._layers(name)
         }
 
-    def trainable_parameters(self, name: str) -> list[nn.Parameter]:
-        """The parameters of adapter ``name`` (and nothing else)."""
+    def trainable_parameters(self, name: str, parts: str = "AB") -> list[nn.Parameter]:
+        """The factors of adapter ``name`` that train (``parts``: AB, A or B); the rest frozen."""
         params: list[nn.Parameter] = []
         for _, layer in self._layers(name):
-            params += [layer.lora_A[name].weight, layer.lora_B[name].weight]
-        for p in params:
-            p.requires_grad_(True)
+            for part, table in (("A", layer.lora_A), ("B", layer.lora_B)):
+                w = table[name].weight
+                w.requires_grad_(part in parts)
+                if part in parts:
+                    params.append(w)
         return params
+
+    @contextlib.contextmanager
+    def merged(self, base: Adapter | None) -> Iterator[None]:
+        """Inside this block the base weights hold ``W + scale B A`` for every module of ``base``.
+
+        FLoRA merges the global stacked adapter into the frozen base before each round's fresh
+        LoRA. The original weights are copied aside and put back bit for bit on exit.
+        """
+        if not base:
+            yield
+            return
+        from peft.tuners.lora import LoraLayer
+
+        modules = dict(self._peft.base_model.model.named_modules())
+        saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        try:
+            with torch.no_grad():
+                for m in sorted(base):
+                    layer = modules.get(m)
+                    if not isinstance(layer, LoraLayer):
+                        raise ModelError(f"cannot merge into {m!r}: not an adapted linear layer")
+                    w = cast(torch.Tensor, layer.get_base_layer().weight)  # (out, in)
+                    f = base[m]
+                    delta = f.scale * (f.b.double() @ f.a.double())  # (out, R) @ (R, in)
+                    if tuple(delta.shape) != tuple(w.shape):
+                        raise ModelError(
+                            f"{m}: cannot merge {tuple(delta.shape)} into {tuple(w.shape)}"
+                        )
+                    saved.append((w, w.detach().clone()))
+                    w.add_(delta.to(w.device, w.dtype))
+            yield
+        finally:
+            with torch.no_grad():
+                for w, original in saved:
+                    w.copy_(original)
 
     @contextlib.contextmanager
     def training(self, name: str) -> Iterator[Any]:

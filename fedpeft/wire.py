@@ -8,10 +8,13 @@ with the original dtype recorded beside it, and comes back bit-identical.
 Record layout of a message's ``RecordDict`` (the names are constants below, used nowhere else):
 
 - ``fedpeft.header`` (ConfigRecord): the header fields, plus ``kind``.
-- ``fedpeft.tensors`` (ArrayRecord): ``"<module>::A"`` (r, in) and ``"<module>::B"`` (out, r).
-- ``fedpeft.meta`` (ConfigRecord): ``"dtype:<tensor key>"`` and ``"alpha:<module>"``.
-- ``fedpeft.lora`` / ``fedpeft.train`` (ConfigRecord): the adapter spec and training
-  hyper-parameters of an instruction.
+- ``fedpeft.tensors`` / ``fedpeft.meta`` (ArrayRecord / ConfigRecord): the adapter,
+  ``"<module>::A"`` (r, in) and ``"<module>::B"`` (out, r), exact or through a codec, whole
+  or one factor (see :mod:`fedpeft.wire_adapter`).
+- ``fedpeft.base`` / ``fedpeft.base_meta``: an instruction's frozen adapter that the client
+  merges into its base weights before training (FLoRA), when there is one.
+- ``fedpeft.lora`` / ``fedpeft.train`` / ``fedpeft.compress`` (ConfigRecord): the adapter
+  spec, which factors to train, training hyper-parameters and codecs of an instruction.
 - ``fedpeft.metrics`` (MetricRecord): what a client measured.
 
 Decoding never unpickles (Flower's ``Array`` uses ``np.load(allow_pickle=False)``) and turns
@@ -21,19 +24,25 @@ every inconsistency into a :class:`~fedpeft.errors.ProtocolError` naming the fie
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-import numpy as np
-import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedpeft.config import TrainConfig
+from fedpeft.codecs import CodecSpec, ErrorFeedback
+from fedpeft.config import CompressConfig, TrainConfig
 from fedpeft.errors import ProtocolError
+from fedpeft.wire_adapter import (
+    PARTS,
+    SharedRecords,
+    adapter_nbytes,
+    decode_adapter,
+    encode_adapter,
+    records_nbytes,
+)
+from fedpeft.wire_types import Adapter, LoraFactors, LoraSpec, get_field, get_record
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -56,6 +65,9 @@ __all__ = [
     "encode_instruction",
     "encode_query",
     "encode_update",
+    "instruction_payload",
+    "records_nbytes",
+    "update_payload",
 ]
 
 PROTOCOL_VERSION: Final = 1
@@ -63,6 +75,9 @@ PROTOCOL_VERSION: Final = 1
 HEADER: Final = "fedpeft.header"
 TENSORS: Final = "fedpeft.tensors"
 META: Final = "fedpeft.meta"
+BASE: Final = "fedpeft.base"
+BASE_META: Final = "fedpeft.base_meta"
+COMPRESS: Final = "fedpeft.compress"
 LORA: Final = "fedpeft.lora"
 TRAIN: Final = "fedpeft.train"
 METRICS: Final = "fedpeft.metrics"
@@ -73,13 +88,6 @@ KIND_LORA_UPDATE: Final = "lora_update"
 KIND_CLIENT_INFO: Final = "client_info"
 KIND_EVAL_REPORT: Final = "eval_report"
 KIND_QUERY: Final = "query"
-
-_DTYPES: Final = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,73 +109,6 @@ class Header:
 
 
 @dataclass(frozen=True, slots=True)
-class LoraFactors:
-    """One adapted linear layer: ``delta_W = (alpha / r) * B @ A``.
-
-    Attributes
-    ----------
-    a : torch.Tensor
-        ``(r, in_features)``.
-    b : torch.Tensor
-        ``(out_features, r)``.
-    alpha : float
-        LoRA alpha; the scale is ``alpha / r``.
-    """
-
-    a: torch.Tensor
-    b: torch.Tensor
-    alpha: float
-
-    def __post_init__(self) -> None:
-        if self.a.dim() != 2 or self.b.dim() != 2:
-            raise ProtocolError(
-                f"LoRA factors must be 2-D, got A{tuple(self.a.shape)} and B{tuple(self.b.shape)}"
-            )
-        if self.a.shape[0] != self.b.shape[1]:
-            raise ProtocolError(
-                f"LoRA rank mismatch: A is {tuple(self.a.shape)} (r, in) but B is "
-                f"{tuple(self.b.shape)} (out, r)"
-            )
-        if not (math.isfinite(self.alpha) and self.alpha > 0):
-            raise ProtocolError(f"LoRA alpha must be finite and > 0, got {self.alpha}")
-
-    @property
-    def rank(self) -> int:
-        """The rank r."""
-        return int(self.a.shape[0])
-
-    @property
-    def scale(self) -> float:
-        """``alpha / r``."""
-        return self.alpha / self.rank
-
-    def delta(self) -> torch.Tensor:
-        """The dense update in float32: ``(alpha/r) * (out, r) @ (r, in) -> (out, in)``."""
-        return self.scale * (self.b.float() @ self.a.float())
-
-
-Adapter = Mapping[str, LoraFactors]  # module name -> factors
-
-
-@dataclass(frozen=True, slots=True)
-class LoraSpec:
-    """The structure of an adapter: what a client must build to train it."""
-
-    rank: int
-    alpha: float
-    target_modules: tuple[str, ...]
-    dropout: float = 0.0
-
-    def config_hash(self) -> str:
-        """Hash of the structural fields (rank, alpha, targets); dropout is excluded."""
-        blob = json.dumps(
-            {"rank": self.rank, "alpha": float(self.alpha), "targets": sorted(self.target_modules)},
-            sort_keys=True,
-        )
-        return hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()
-
-
-@dataclass(frozen=True, slots=True)
 class TrainInstruction:
     """What the coordinator asks one client to do in one round.
 
@@ -182,6 +123,31 @@ class TrainInstruction:
     seed: int
     mode: str = "lora"
     with_metric: bool = False
+    parts: str = "AB"  # factors to train and send back: AB, A (B frozen) or B (A frozen)
+    base: Adapter | None = None  # merged into the base weights before training (FLoRA)
+    compress: CompressConfig = field(default_factory=CompressConfig)
+    reg_lambda: float = 0.0  # HetLoRA rank self-pruning: weight of the tail-norm penalty
+    reg_gamma: float = 1.0  # HetLoRA: the tail is ranks [floor(gamma r), r)
+
+    def __post_init__(self) -> None:
+        if self.parts not in PARTS:
+            raise ProtocolError(f"parts must be one of {PARTS}, got {self.parts!r}")
+        if not 0 < self.reg_gamma <= 1 or self.reg_lambda < 0:
+            raise ProtocolError(
+                f"reg_gamma must be in (0, 1] and reg_lambda >= 0, got "
+                f"{self.reg_gamma} and {self.reg_lambda}"
+            )
+
+    @property
+    def up_codec(self) -> CodecSpec:
+        """The codec of this client's reply."""
+        c = self.compress
+        return CodecSpec(name=c.up, ratio=c.ratio, alpha=c.compeft_alpha)
+
+    @property
+    def down_codec(self) -> CodecSpec:
+        """The codec of this instruction's adapters."""
+        return CodecSpec(name=self.compress.down)
 
     @property
     def message_type(self) -> str:
@@ -230,14 +196,6 @@ class EvalReport:
     metrics: Mapping[str, float] = field(default_factory=dict)
 
 
-def adapter_nbytes(adapter: Adapter) -> int:
-    """Payload bytes of an adapter's tensors (what the factors themselves weigh)."""
-    return sum(
-        f.a.numel() * f.a.element_size() + f.b.numel() * f.b.element_size()
-        for f in adapter.values()
-    )
-
-
 # ----------------------------------------------------------------------------- header
 
 
@@ -247,127 +205,33 @@ def _encode_header(header: Header, kind: str) -> ConfigRecord:
     return ConfigRecord(fields)
 
 
-def _get(rec: Mapping[str, Any], key: str, tp: type[Any], where: str) -> Any:
-    if key not in rec:
-        raise ProtocolError(f"{where} has no field {key!r}")
-    value = rec[key]
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise ProtocolError(f"{where}.{key} must be {tp.__name__}, got {value!r}")
-    return value
-
-
-def _record(content: RecordDict, name: str, tp: type[Any]) -> Any:
-    if name not in content:
-        raise ProtocolError(f"message has no {name!r} record (records: {sorted(content)})")
-    rec = content[name]
-    if not isinstance(rec, tp):
-        raise ProtocolError(f"record {name!r} must be a {tp.__name__}, got {type(rec).__name__}")
-    return rec
-
-
 def _decode_header(content: RecordDict, kind: str) -> Header:
-    rec = _record(content, HEADER, ConfigRecord)
-    protocol = _get(rec, "protocol", int, HEADER)
+    rec = get_record(content, HEADER, ConfigRecord)
+    protocol = get_field(rec, "protocol", int, HEADER)
     if protocol != PROTOCOL_VERSION:
         side = "this node" if protocol > PROTOCOL_VERSION else "the sender"
         raise ProtocolError(
             f"message speaks fedpeft protocol {protocol}, this node speaks {PROTOCOL_VERSION}; "
             f"upgrade fedpeft on {side}"
         )
-    got_kind = _get(rec, "kind", str, HEADER)
+    got_kind = get_field(rec, "kind", str, HEADER)
     if got_kind != kind:
         raise ProtocolError(f"expected a {kind!r} message, got {got_kind!r}")
-    server_round = _get(rec, "server_round", int, HEADER)
-    num_examples = _get(rec, "num_examples", int, HEADER)
+    server_round = get_field(rec, "server_round", int, HEADER)
+    num_examples = get_field(rec, "num_examples", int, HEADER)
     if server_round < 0 or num_examples < 0:
         raise ProtocolError(
             f"header server_round ({server_round}) and num_examples ({num_examples}) must be >= 0"
         )
     return Header(
-        run_id=_get(rec, "run_id", str, HEADER),
+        run_id=get_field(rec, "run_id", str, HEADER),
         server_round=server_round,
-        model_fingerprint=_get(rec, "model_fingerprint", str, HEADER),
-        adapter_hash=_get(rec, "adapter_hash", str, HEADER),
+        model_fingerprint=get_field(rec, "model_fingerprint", str, HEADER),
+        adapter_hash=get_field(rec, "adapter_hash", str, HEADER),
         num_examples=num_examples,
-        client_id=_get(rec, "client_id", str, HEADER),
+        client_id=get_field(rec, "client_id", str, HEADER),
         protocol=protocol,
     )
-
-
-# ----------------------------------------------------------------------------- tensors
-
-
-def _tensor_to_array(t: torch.Tensor) -> tuple[Array, str]:
-    t = t.detach().cpu().contiguous()
-    name = str(t.dtype).removeprefix("torch.")
-    if name not in _DTYPES:
-        raise ProtocolError(f"cannot send tensors of dtype {t.dtype}; use one of {sorted(_DTYPES)}")
-    if t.dtype == torch.bfloat16:
-        # numpy has no bfloat16: send the raw bit pattern, bit-exact.
-        return Array(t.view(torch.int16).numpy()), name
-    return Array(t.numpy()), name
-
-
-def _array_to_tensor(arr: Array, dtype_name: str, key: str) -> torch.Tensor:
-    if dtype_name not in _DTYPES:
-        raise ProtocolError(f"tensor {key!r} has unknown dtype {dtype_name!r}")
-    try:
-        nd = arr.numpy()
-    except Exception as err:  # malformed bytes: any numpy/format error
-        raise ProtocolError(f"tensor {key!r} could not be decoded: {err}") from None
-    want = np.int16 if dtype_name == "bfloat16" else np.dtype(dtype_name)
-    if nd.dtype != want:
-        raise ProtocolError(
-            f"tensor {key!r} is {nd.dtype}, expected {np.dtype(want)} for {dtype_name}"
-        )
-    t = torch.from_numpy(np.ascontiguousarray(nd).copy())
-    return t.view(torch.bfloat16) if dtype_name == "bfloat16" else t
-
-
-SharedRecords = dict[int, tuple[ArrayRecord, ConfigRecord]]
-
-
-def _encode_adapter(
-    adapter: Adapter, content: dict[str, Any], shared: SharedRecords | None = None
-) -> None:
-    if shared is not None and id(adapter) in shared:
-        content[TENSORS], content[META] = shared[id(adapter)]
-        return
-    arrays: dict[str, Array] = {}
-    meta: dict[str, Any] = {}
-    for module in sorted(adapter):
-        f = adapter[module]
-        for part, tensor in (("A", f.a), ("B", f.b)):
-            key = f"{module}::{part}"
-            arrays[key], meta[f"dtype:{key}"] = _tensor_to_array(tensor)
-        meta[f"alpha:{module}"] = float(f.alpha)
-    content[TENSORS] = ArrayRecord(arrays)
-    content[META] = ConfigRecord(meta)
-    if shared is not None:
-        shared[id(adapter)] = (content[TENSORS], content[META])
-
-
-def _decode_adapter(content: RecordDict) -> dict[str, LoraFactors]:
-    arrays = _record(content, TENSORS, ArrayRecord)
-    meta = _record(content, META, ConfigRecord)
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key in arrays:
-        module, sep, part = key.rpartition("::")
-        if not sep or part not in ("A", "B") or not module:
-            raise ProtocolError(f"tensor key {key!r} is not '<module>::A' or '<module>::B'")
-        dtype_name = _get(meta, f"dtype:{key}", str, META)
-        parts.setdefault(module, {})[part] = _array_to_tensor(arrays[key], dtype_name, key)
-    out: dict[str, LoraFactors] = {}
-    for module in sorted(parts):
-        if set(parts[module]) != {"A", "B"}:
-            raise ProtocolError(
-                f"module {module!r} is missing its LoRA factor(s); got {sorted(parts[module])}"
-            )
-        alpha = _get(meta, f"alpha:{module}", float, META)
-        out[module] = LoraFactors(a=parts[module]["A"], b=parts[module]["B"], alpha=alpha)
-    return out
 
 
 # ----------------------------------------------------------------------------- messages
@@ -384,16 +248,16 @@ def _decode_lora_spec(
             f"{where}.{targets_key} must be a non-empty list of str, got {targets!r}"
         )
     return LoraSpec(
-        rank=_get(rec, rank, int, where),
-        alpha=_get(rec, alpha, float, where),
+        rank=get_field(rec, rank, int, where),
+        alpha=get_field(rec, alpha, float, where),
         target_modules=tuple(targets),
-        dropout=_get(rec, dropout, float, where),
+        dropout=get_field(rec, dropout, float, where),
     )
 
 
 def _decode_train(content: RecordDict) -> TrainConfig:
     """The training hyper-parameters of an instruction; unknown fields ask for an upgrade."""
-    train_rec = _record(content, TRAIN, ConfigRecord)
+    train_rec = get_record(content, TRAIN, ConfigRecord)
     unknown = sorted(set(train_rec) - {f.name for f in dataclasses.fields(TrainConfig)})
     if unknown:
         raise ProtocolError(f"{TRAIN} has unknown fields {unknown}; upgrade fedpeft on this node")
@@ -422,11 +286,36 @@ def encode_instruction(ins: TrainInstruction, shared: SharedRecords | None = Non
             "seed": ins.seed,
             "mode": ins.mode,
             "with_metric": ins.with_metric,
+            "parts": ins.parts,
+            "reg_lambda": float(ins.reg_lambda),
+            "reg_gamma": float(ins.reg_gamma),
         }
     )
     content[TRAIN] = ConfigRecord(dataclasses.asdict(ins.train))
-    _encode_adapter(ins.adapter, content, shared)
+    content[COMPRESS] = ConfigRecord(dataclasses.asdict(ins.compress))
+    codec = ins.down_codec
+    content[TENSORS], content[META] = encode_adapter(ins.adapter, codec=codec, shared=shared)
+    if ins.base is not None:
+        content[BASE], content[BASE_META] = encode_adapter(ins.base, codec=codec, shared=shared)
     return RecordDict(content)
+
+
+def instruction_payload(content: RecordDict) -> int:
+    """Payload bytes of an encoded instruction: its adapters' arrays as they travel."""
+    return sum(
+        records_nbytes(get_record(content, r, ArrayRecord)) for r in (TENSORS, BASE) if r in content
+    )
+
+
+def _decode_compress(content: RecordDict) -> CompressConfig:
+    rec = get_record(content, COMPRESS, ConfigRecord)
+    unknown = sorted(set(rec) - {f.name for f in dataclasses.fields(CompressConfig)})
+    if unknown:
+        raise ProtocolError(f"{COMPRESS} has unknown fields {unknown}; upgrade fedpeft")
+    try:
+        return CompressConfig(**dict(rec))
+    except (TypeError, ValueError) as err:
+        raise ProtocolError(f"{COMPRESS} is invalid: {err}") from None
 
 
 def decode_instruction(content: RecordDict) -> TrainInstruction:
@@ -438,30 +327,57 @@ def decode_instruction(content: RecordDict) -> TrainInstruction:
         If any record or field is missing, mistyped or inconsistent.
     """
     header = _decode_header(content, KIND_INSTRUCTION)
-    lora = _record(content, LORA, ConfigRecord)
+    lora = get_record(content, LORA, ConfigRecord)
     spec = _decode_lora_spec(lora, LORA, ("rank", "alpha", "target_modules", "dropout"))
     train = _decode_train(content)
+    base = decode_adapter(content, BASE, BASE_META) if BASE in content else None
     return TrainInstruction(
         header=header,
         lora=spec,
         train=train,
-        adapter=_decode_adapter(content),
-        seed=_get(lora, "seed", int, LORA),
-        mode=_get(lora, "mode", str, LORA),
-        with_metric=_get(lora, "with_metric", bool, LORA),
+        adapter=decode_adapter(content, TENSORS, META),
+        seed=get_field(lora, "seed", int, LORA),
+        mode=get_field(lora, "mode", str, LORA),
+        with_metric=get_field(lora, "with_metric", bool, LORA),
+        parts=get_field(lora, "parts", str, LORA),
+        base=base,
+        compress=_decode_compress(content),
+        reg_lambda=get_field(lora, "reg_lambda", float, LORA),
+        reg_gamma=get_field(lora, "reg_gamma", float, LORA),
     )
 
 
-def encode_update(update: LoraUpdate) -> RecordDict:
-    """Encode a :class:`LoraUpdate` as a Flower ``RecordDict``."""
+def encode_update(
+    update: LoraUpdate,
+    ins: TrainInstruction | None = None,
+    feedback: ErrorFeedback | None = None,
+) -> RecordDict:
+    """Encode a :class:`LoraUpdate` as a Flower ``RecordDict``.
+
+    With the instruction it answers, only the trained factors travel (``ins.parts``), through
+    the upload codec; a lossy codec sends ``trained - received`` (with ``feedback``, the
+    sender's error-feedback residual, for sparse codecs).
+    """
     content: dict[str, Any] = {HEADER: _encode_header(update.header, KIND_LORA_UPDATE)}
-    _encode_adapter(update.factors, content)
+    if ins is None:
+        content[TENSORS], content[META] = encode_adapter(update.factors)
+    else:
+        content[TENSORS], content[META] = encode_adapter(
+            update.factors,
+            codec=ins.up_codec,
+            parts=ins.parts,
+            reference=ins.adapter,
+            feedback=feedback,
+        )
     content[METRICS] = MetricRecord({k: float(v) for k, v in update.metrics.items()})
     return RecordDict(content)
 
 
-def decode_update(content: RecordDict) -> LoraUpdate:
+def decode_update(content: RecordDict, reference: Adapter | None = None) -> LoraUpdate:
     """Decode what :func:`encode_update` produced.
+
+    ``reference`` (the instruction's adapter) fills a factor the client did not send and is
+    added back to a delta-encoded update.
 
     Raises
     ------
@@ -469,13 +385,19 @@ def decode_update(content: RecordDict) -> LoraUpdate:
         If any record or field is missing, mistyped or inconsistent.
     """
     header = _decode_header(content, KIND_LORA_UPDATE)
-    metrics = _record(content, METRICS, MetricRecord)
+    metrics = get_record(content, METRICS, MetricRecord)
     values: dict[str, float] = {}
     for k, v in metrics.items():
         if not isinstance(v, (int, float)):
             raise ProtocolError(f"metric {k!r} must be a number, got {v!r}")
         values[k] = float(v)
-    return LoraUpdate(header=header, factors=_decode_adapter(content), metrics=values)
+    factors = decode_adapter(content, TENSORS, META, reference)
+    return LoraUpdate(header=header, factors=factors, metrics=values)
+
+
+def update_payload(content: RecordDict) -> int:
+    """Payload bytes of an encoded update: its arrays as they travel."""
+    return records_nbytes(get_record(content, TENSORS, ArrayRecord)) if TENSORS in content else 0
 
 
 def encode_client_info(info: ClientInfo) -> RecordDict:
@@ -492,13 +414,13 @@ def encode_client_info(info: ClientInfo) -> RecordDict:
 def decode_client_info(content: RecordDict, node_id: int = 0) -> ClientInfo:
     """Decode what :func:`encode_client_info` produced; ``node_id`` comes from metadata."""
     header = _decode_header(content, KIND_CLIENT_INFO)
-    rec = _record(content, INFO, ConfigRecord)
-    metrics = _record(content, METRICS, MetricRecord)
+    rec = get_record(content, INFO, ConfigRecord)
+    metrics = get_record(content, METRICS, MetricRecord)
     props = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     return ClientInfo(
         header=header,
         node_id=node_id,
-        device=_get(rec, "device", str, INFO),
+        device=get_field(rec, "device", str, INFO),
         properties=props,
     )
 
@@ -523,7 +445,7 @@ def encode_eval_report(report: EvalReport) -> RecordDict:
 def decode_eval_report(content: RecordDict) -> EvalReport:
     """Decode what :func:`encode_eval_report` produced."""
     header = _decode_header(content, KIND_EVAL_REPORT)
-    metrics = _record(content, METRICS, MetricRecord)
+    metrics = get_record(content, METRICS, MetricRecord)
     values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     if not all(math.isfinite(v) for v in values.values()):
         raise ProtocolError(f"evaluation metrics must be finite, got {values}")

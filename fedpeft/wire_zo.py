@@ -42,9 +42,8 @@ from fedpeft.wire import (
     _decode_lora_spec,
     _decode_train,
     _encode_header,
-    _get,
-    _record,
 )
+from fedpeft.wire_types import get_field, get_record
 
 __all__ = [
     "ZoInstruction",
@@ -176,8 +175,8 @@ def _bytes(arr: np.ndarray) -> bytes:
 def _array(
     rec: Mapping[str, Any], key: str, dtype_key: str, where: str, allowed: tuple[str, ...]
 ) -> np.ndarray:
-    raw = _get(rec, key, bytes, where)
-    name = _get(rec, dtype_key, str, where)
+    raw = get_field(rec, key, bytes, where)
+    name = get_field(rec, dtype_key, str, where)
     if name not in allowed:
         raise ProtocolError(f"{where}.{dtype_key} is {name!r}, expected one of {allowed}")
     dt = np.dtype(name).newbyteorder("<")
@@ -208,7 +207,7 @@ def _spec_from(rec: Mapping[str, Any]) -> ZoSpec:
     kwargs: dict[str, Any] = {"lora": lora}
     for f in dataclasses.fields(ZoSpec):
         if f.name != "lora":
-            kwargs[f.name] = _get(rec, f.name, types[str(f.type)], ZO)
+            kwargs[f.name] = get_field(rec, f.name, types[str(f.type)], ZO)
     spec = ZoSpec(**kwargs)
     if (
         spec.algorithm not in ALGORITHMS
@@ -261,18 +260,18 @@ def decode_zo_instruction(content: RecordDict) -> ZoInstruction:
         On any missing, mistyped or inconsistent field.
     """
     header = _decode_header(content, KIND_ZO_INSTRUCTION)
-    zo = _record(content, ZO, ConfigRecord)
+    zo = get_record(content, ZO, ConfigRecord)
     spec = _spec_from(zo)
-    rec = _record(content, ZO_SYNC, ConfigRecord)
+    rec = get_record(content, ZO_SYNC, ConfigRecord)
     idx = ("uint16", "uint32")
     sync = ZoSync(
-        from_version=_get(rec, "from_version", int, ZO_SYNC),
-        to_version=_get(rec, "to_version", int, ZO_SYNC),
+        from_version=get_field(rec, "from_version", int, ZO_SYNC),
+        to_version=get_field(rec, "to_version", int, ZO_SYNC),
         blocks=_array(rec, "blocks", "blocks_dtype", ZO_SYNC, idx),
         seeds=_array(rec, "seeds", "seeds_dtype", ZO_SYNC, idx),
         values=_array(rec, "values", "values_dtype", ZO_SYNC, ("float32", "float64")),
-        dense=_get(rec, "dense", bool, ZO_SYNC),
-        full=_get(rec, "full", bool, ZO_SYNC),
+        dense=get_field(rec, "dense", bool, ZO_SYNC),
+        full=get_field(rec, "full", bool, ZO_SYNC),
     )
     if not sync.dense and (
         len(sync.seeds) != len(sync.values) or len(sync.blocks) not in (0, len(sync.seeds))
@@ -280,7 +279,7 @@ def decode_zo_instruction(content: RecordDict) -> ZoInstruction:
         raise ProtocolError("zo sync blocks/seeds/values differ in length")
     probs = None
     if "probs" in zo:
-        probs = np.frombuffer(_get(zo, "probs", bytes, ZO), dtype="<f4").astype(np.float32)
+        probs = np.frombuffer(get_field(zo, "probs", bytes, ZO), dtype="<f4").astype(np.float32)
         if probs.shape != (spec.num_seeds,) or not np.isfinite(probs).all() or (probs < 0).any():
             raise ProtocolError(f"zo probs must be {spec.num_seeds} finite non-negative floats")
     train = _decode_train(content)
@@ -289,9 +288,9 @@ def decode_zo_instruction(content: RecordDict) -> ZoInstruction:
         spec=spec,
         train=train,
         sync=sync,
-        seed=_get(zo, "seed", int, ZO),
+        seed=get_field(zo, "seed", int, ZO),
         probs=probs,
-        mode=_get(zo, "mode", str, ZO),
+        mode=get_field(zo, "mode", str, ZO),
     )
 
 
@@ -324,7 +323,7 @@ def decode_zo_update(content: RecordDict) -> ZoUpdate:
         On any missing, mistyped or inconsistent field.
     """
     header = _decode_header(content, KIND_ZO_UPDATE)
-    rec = _record(content, ZO_DATA, ConfigRecord)
+    rec = get_record(content, ZO_DATA, ConfigRecord)
     idx = ("uint16", "uint32")
     seeds = _array(rec, "seeds", "seeds_dtype", ZO_DATA, idx)
     scalars = _array(rec, "scalars", "scalars_dtype", ZO_DATA, tuple(_SCALARS))
@@ -333,12 +332,12 @@ def decode_zo_update(content: RecordDict) -> ZoUpdate:
         raise ProtocolError(
             f"zo update has {len(seeds)} seeds, {len(scalars)} scalars, {len(blocks)} blocks"
         )
-    metrics = _record(content, METRICS, MetricRecord)
+    metrics = get_record(content, METRICS, MetricRecord)
     return ZoUpdate(
         header=header,
         seeds=seeds,
         scalars=scalars,
         blocks=blocks,
-        synced_version=_get(rec, "synced_version", int, ZO_DATA),
+        synced_version=get_field(rec, "synced_version", int, ZO_DATA),
         metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
     )

@@ -28,6 +28,7 @@ from flwr.clientapp import ClientApp
 from fedpeft.cache import PROCESS_CACHE, ProcessCache
 from fedpeft.client.trainer import ClientData, make_trainer
 from fedpeft.client.zo_trainer import fit_zo
+from fedpeft.codecs import ErrorFeedback
 from fedpeft.config import RunConfig
 from fedpeft.configio import load_config
 from fedpeft.data.clients import client_eval_records, client_records
@@ -174,7 +175,11 @@ def make_client_app(cfg: RunConfig | None = None, cache: ProcessCache = PROCESS_
         run, handle, ins = _decode(cfg, context, cache, msg)
         data = client_data(run, handle, partition_id(context), cache)
         update = make_trainer(ins.train.trainer).fit(handle, ins, data)
-        return Message(encode_update(update), reply_to=msg)
+        feedback = None
+        if ins.up_codec.sparse and ins.compress.error_feedback:
+            key = f"error-feedback:{ins.header.run_id}:{data.client_id}"
+            feedback = cache.get(key, ErrorFeedback)
+        return Message(encode_update(update, ins, feedback), reply_to=msg)
 
     @app.train("zo")
     def train_zo(msg: Message, context: Context) -> Message:

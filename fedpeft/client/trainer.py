@@ -69,8 +69,24 @@ def _reply_header(ins: TrainInstruction, handle: ModelHandle, data: ClientData) 
     )
 
 
+def _tail_norm(handle: ModelHandle, name: str, keep: int) -> torch.Tensor:
+    """HetLoRA's penalty: ``sum_m ||A_m[keep:]||_F + ||B_m[:, keep:]||_F`` (differentiable)."""
+    total = torch.zeros((), device=handle.device)
+    for _, layer in handle.lora_layers(name):
+        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+        total = total + a[keep:].norm() + b[:, keep:].norm()
+    return total
+
+
 class LoraTrainer:
-    """AdamW on the LoRA factors of the shared base model."""
+    """AdamW on the LoRA factors the instruction asks to train (``parts``).
+
+    FLoRA's frozen global adapter (``ins.base``) is merged into the base weights for the
+    round. HetLoRA's rank self-pruning (Cho et al. 2024): with ``reg_lambda > 0`` the loss
+    gains ``lambda * (||A[g:]|| + ||B[:, g:]||)`` with ``g = floor(gamma r)``; when that tail
+    norm ends the round below where it started, the client reports ``prune_rank = g`` and
+    the coordinator trains it at that rank from then on.
+    """
 
     def fit(self, handle: ModelHandle, ins: TrainInstruction, data: ClientData) -> LoraUpdate:
         """Run the instruction's local steps and return the trained factors."""
@@ -78,34 +94,50 @@ class LoraTrainer:
         train = ins.train
         name = handle.ensure_adapter(ins.lora)
         handle.set_factors(name, ins.adapter)
-        params = handle.trainable_parameters(name)
-        opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
         steps = local_steps(train, len(data.examples))
         batches = _batches(
             len(data.examples), train.batch_size, torch_generator(ins.seed, "batches")
         )
         pad = handle.tokenizer.pad_token_id
+        keep = max(1, math.floor(ins.reg_gamma * ins.lora.rank))
+        prune = ins.reg_lambda > 0 and keep < ins.lora.rank
         losses: list[float] = []
-        with scoped_torch_seed(derive_seed(ins.seed, "dropout")), handle.training(name) as model:
+        with (
+            scoped_torch_seed(derive_seed(ins.seed, "dropout")),
+            handle.merged(ins.base),
+            handle.training(name) as model,
+        ):
+            params = handle.trainable_parameters(name, ins.parts)
+            opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+            with torch.no_grad():
+                tail_start = float(_tail_norm(handle, name, keep)) if prune else 0.0
             for _ in range(steps):
                 opt.zero_grad(set_to_none=True)
                 for _ in range(train.grad_accum):
                     batch = collate([data.examples[i] for i in next(batches)], pad, handle.device)
                     loss = model(**batch).loss
-                    (loss / train.grad_accum).backward()
                     losses.append(float(loss.detach()))
+                    if prune:
+                        loss = loss + ins.reg_lambda * _tail_norm(handle, name, keep)
+                    (loss / train.grad_accum).backward()
                 if train.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
                 opt.step()
-        opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
+            metrics = {
+                "train_loss": sum(losses) / len(losses),
+                "steps": float(steps),
+            }
+            if prune:
+                with torch.no_grad():
+                    tail_end = float(_tail_norm(handle, name, keep))
+                if tail_end < tail_start:
+                    metrics["prune_rank"] = float(keep)
+        metrics["train_s"] = time.perf_counter() - t0
         return LoraUpdate(
             header=_reply_header(ins, handle, data),
             factors=handle.get_factors(name),
-            metrics={
-                "train_loss": sum(losses) / len(losses),
-                "steps": float(steps),
-                "train_s": time.perf_counter() - t0,
-            },
+            metrics=metrics,
         )
 
 

@@ -181,7 +181,11 @@ class Coordinator:
             if isinstance(plan, ZoPlan):
                 out[cid] = ZoInstruction(header, plan.spec, train, plan.sync, seed, plan.probs)
             else:
-                out[cid] = TrainInstruction(header, plan.spec, train, plan.adapter, seed)
+                out[cid] = TrainInstruction(
+                    header, plan.spec, train, plan.adapter, seed,
+                    parts=plan.parts, base=plan.base, compress=self.cfg.compress,
+                    reg_lambda=plan.reg_lambda, reg_gamma=plan.reg_gamma,
+                )  # fmt: skip
         return out
 
     def _evaluate_now(self, server_round: int) -> tuple[bool, bool]:

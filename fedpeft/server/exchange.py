@@ -4,7 +4,8 @@ Works for both kinds of training: LoRA (``train.lora``: :class:`~fedpeft.wire.Tr
 -> :class:`~fedpeft.wire.LoraUpdate`) and seed/scalar (``train.zo``:
 :class:`~fedpeft.wire_zo.ZoInstruction` -> :class:`~fedpeft.wire_zo.ZoUpdate`). Counts the
 framed bytes of every message (Flower's serialized object tree) and, separately, the payload
-(tensor bytes for LoRA; index, scalar and sync bytes for seed/scalar training).
+(the arrays of the encoded adapters for LoRA, after any codec; index, scalar and sync bytes
+for seed/scalar training).
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from fedpeft.wire import (
     LoraUpdate,
     SharedRecords,
     TrainInstruction,
-    adapter_nbytes,
     decode_update,
     encode_instruction,
+    instruction_payload,
+    update_payload,
 )
 from fedpeft.wire_zo import ZoInstruction, ZoUpdate, decode_zo_update, encode_zo_instruction
 
@@ -52,10 +54,10 @@ def _encode(ins: Instruction, shared: SharedRecords) -> RecordDict:
     return encode_instruction(ins, shared)
 
 
-def _payload_down(ins: Instruction) -> int:
+def _payload_down(ins: Instruction, content: RecordDict) -> int:
     if isinstance(ins, ZoInstruction):
         return ins.sync.nbytes + (ins.probs.size * 4 if ins.probs is not None else 0)
-    return adapter_nbytes(ins.adapter)
+    return instruction_payload(content)
 
 
 def _decode(reply: Message, ins: Instruction, zo_blocks: int) -> tuple[Update, int]:
@@ -65,9 +67,9 @@ def _decode(reply: Message, ins: Instruction, zo_blocks: int) -> tuple[Update, i
         zo = decode_zo_update(reply.content)
         validate_zo_update(zo, ins, zo_blocks)
         return zo, zo.payload_nbytes
-    update = decode_update(reply.content)
+    update = decode_update(reply.content, reference=ins.adapter)
     validate_update(update, ins)
-    return update, adapter_nbytes(update.factors)
+    return update, update_payload(reply.content)
 
 
 def exchange(
@@ -91,7 +93,9 @@ def exchange(
     ]
     out = Exchange()
     out.counts["bytes_down"] = sum(message_nbytes(m) for m in msgs)
-    out.counts["payload_down"] = sum(_payload_down(i) for i in instructions.values())
+    out.counts["payload_down"] = sum(
+        _payload_down(ins, m.content) for ins, m in zip(instructions.values(), msgs, strict=True)
+    )
     by_node = {nodes[cid]: cid for cid in instructions}
     replies = list(grid.send_and_receive(msgs, timeout=timeout))
     del msgs, shared

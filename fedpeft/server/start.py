@@ -21,6 +21,7 @@ import torch
 from fedpeft.cache import PROCESS_CACHE, ProcessCache
 from fedpeft.config import RunConfig
 from fedpeft.lora import ModelHandle, init_factors
+from fedpeft.ranks import make_rank_policy
 from fedpeft.seeding import derive_seed
 from fedpeft.strategies.base import AggregateResult, StrategyContext, ZoGlobal
 from fedpeft.wire import LoraSpec
@@ -88,7 +89,8 @@ def initial_global(
         ctx = StrategyContext(initial={}, spec=spec, seed=seed, zo=zspec, zo_blocks=rt.num_blocks)
         return AggregateResult(zo=ZoGlobal(zspec, 0, zeros)), ctx
     adapter = init_factors(handle.module_shapes(handle.ensure_adapter(spec)), spec, seed)
-    return AggregateResult(adapter=adapter, spec=spec), StrategyContext(adapter, spec, seed)
+    ctx = StrategyContext(adapter, spec, seed, ranks=make_rank_policy(cfg))
+    return AggregateResult(adapter=adapter, spec=spec), ctx
 
 
 def save_global(

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from fedpeft.errors import AggregationError
+from fedpeft.ranks import FixedRanks, RankPolicy
 from fedpeft.wire import Adapter, ClientInfo, LoraFactors, LoraSpec, LoraUpdate
 from fedpeft.wire_zo import ZoSpec, ZoSync
 
@@ -76,6 +77,8 @@ class StrategyContext:
         Zeroth-order strategies: the direction pool and training spec.
     zo_blocks : int
         Zeroth-order strategies: blocks of the tuned tensors (1 unless Ferret).
+    ranks : RankPolicy | None
+        Heterogeneous-rank strategies: who trains which rank (``None``: ``spec.rank`` for all).
     """
 
     initial: Adapter
@@ -83,14 +86,28 @@ class StrategyContext:
     seed: int
     zo: ZoSpec | None = None
     zo_blocks: int = 1
+    ranks: RankPolicy | None = None
+
+    def rank_policy(self) -> RankPolicy:
+        """``ranks``, or everyone at ``spec.rank``."""
+        return self.ranks if self.ranks is not None else FixedRanks(self.spec.rank, {})
 
 
 @dataclass(frozen=True)
 class LoraPlan:
-    """What one client trains this round: an adapter structure and its starting factors."""
+    """What one client trains this round: an adapter structure and its starting factors.
+
+    ``parts`` names the factors it trains and sends back (``AB``, ``A`` or ``B``; the other
+    stays as sent). ``base`` is merged into the client's base weights for the round (FLoRA).
+    ``reg_lambda`` / ``reg_gamma`` switch on HetLoRA's rank self-pruning.
+    """
 
     spec: LoraSpec
     adapter: Adapter
+    parts: str = "AB"
+    base: Adapter | None = None
+    reg_lambda: float = 0.0
+    reg_gamma: float = 1.0
 
 
 @dataclass(frozen=True)

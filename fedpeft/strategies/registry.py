@@ -28,7 +28,14 @@ from typing import Any
 from fedpeft.errors import StrategyError
 from fedpeft.strategies.base import Strategy, StrategyContext
 
-__all__ = ["build_strategy", "check_strategy_config", "register_strategy", "registered", "resolve"]
+__all__ = [
+    "build_strategy",
+    "check_strategy_config",
+    "load_object",
+    "register_strategy",
+    "registered",
+    "resolve",
+]
 
 ENTRY_POINT_GROUP = "fedpeft.strategies"
 _NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
@@ -106,6 +113,27 @@ def _attr(module: Any, attr: str, where: str) -> Any:
     return getattr(module, attr)
 
 
+def load_object(ref: str, what: str) -> Any:
+    """The object named by ``'path/to/file.py:Name'`` or ``'package.module:Name'``.
+
+    Raises
+    ------
+    StrategyError
+        If the file or module cannot be imported or lacks the name.
+    """
+    path, sep, attr = ref.rpartition(":")
+    if not sep or not path or not attr:
+        raise StrategyError(
+            f"{what} {ref!r} must be 'path/to/file.py:Name' or 'package.module:Name'"
+        )
+    if path.endswith(".py") or "/" in path:
+        return _load_file(Path(path), attr)
+    try:
+        return _attr(importlib.import_module(path), attr, path)
+    except ImportError as err:
+        raise StrategyError(f"cannot import {path!r} for {what} {ref!r}: {err}") from err
+
+
 def resolve(name: str) -> type[Any]:
     """The strategy class that ``name`` refers to (see the module docstring).
 
@@ -117,14 +145,8 @@ def resolve(name: str) -> type[Any]:
     known = registered()
     if name in _REGISTRY:
         return _REGISTRY[name]
-    ref, sep, attr = name.rpartition(":")
-    if sep and (ref.endswith(".py") or "/" in ref):
-        cls = _load_file(Path(ref), attr)
-    elif sep:
-        try:
-            cls = _attr(importlib.import_module(ref), attr, ref)
-        except ImportError as err:
-            raise StrategyError(f"cannot import {ref!r} for strategy {name!r}: {err}") from err
+    if ":" in name:
+        cls = load_object(name, "strategy")
     else:
         eps = [
             ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.name == name

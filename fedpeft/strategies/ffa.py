@@ -1,0 +1,93 @@
+"""FFA-LoRA (Sun et al., ICLR 2024, arXiv:2403.12313): ``A`` frozen, only ``B`` trained and sent.
+
+``A_0`` is the shared random start (drawn from the run seed, peft's default init) and never
+changes; clients train and upload ``B`` only, half the bytes of FedIT. Because every client
+shares ``A_0``, the update is linear in ``B`` and averaging is exact::
+
+    B = sum_k p_k pad(s_k B_k)          # (out, r_max), unit scale
+    B A_0 = sum_k p_k s_k B_k A_0[:r_k]  # = Delta W*, exactly
+
+Heterogeneous ranks (not in the paper): client ``k`` trains the first ``r_k`` rows of a rank
+``r_max`` ``A_0`` and its ``B`` is zero-padded, which keeps the sum exact. Components beyond
+a client's rank count as zero from that client, so a component that only high-rank clients
+train is shrunk by the others' weights each round (documented in docs/hetero-lora.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fedpeft.rank_ops import unit_spec
+from fedpeft.strategies.base import (
+    AggregateResult,
+    LoraPlan,
+    StrategyContext,
+    adapter_from_state,
+    adapter_state,
+)
+from fedpeft.strategies.hetero import (
+    example_weights,
+    initial_unit,
+    one_factor_update,
+    ordered,
+    plans_from_global,
+    ranks_for,
+)
+from fedpeft.strategies.registry import register_strategy
+from fedpeft.wire import Adapter, ClientInfo, LoraUpdate
+
+__all__ = ["FfaLora"]
+
+
+class FfaLora:
+    """FFA-LoRA: shared frozen ``A``, clients send ``B`` only; exact for any ranks."""
+
+    supports_heterogeneous_ranks = True
+
+    @dataclass(frozen=True)
+    class Config:
+        """Options of :class:`FfaLora`."""
+
+        weighted: bool = True  # weight clients by num_examples (False: plain mean)
+
+    def __init__(self, config: Config, ctx: StrategyContext) -> None:
+        self.config = config
+        self.ctx = ctx
+        self._global: Adapter | None = None
+
+    def _current(self) -> Adapter:
+        if self._global is None:
+            self._global = initial_unit(self.ctx, self.ctx.rank_policy().max_rank)
+        return self._global
+
+    def configure_train(
+        self, server_round: int, clients: Sequence[ClientInfo]
+    ) -> Mapping[str, LoraPlan]:
+        """Each client trains ``B`` at its rank on the shared ``A_0[:r_k]``."""
+        ranks = ranks_for(self.ctx, server_round, clients, {})
+        return plans_from_global(self.ctx, self._current(), ranks, parts="B")
+
+    def aggregate_train(self, server_round: int, updates: Sequence[LoraUpdate]) -> AggregateResult:
+        """Weighted sum of the zero-padded, scale-folded ``B_k``; ``A_0`` unchanged."""
+        ups, modules = ordered(updates, "ffa")
+        weights = example_weights(ups, self.config.weighted)
+        self._global = one_factor_update(self._current(), ups, modules, weights, "B")
+        rank = next(iter(self._global.values())).rank
+        return AggregateResult(
+            adapter=self._global,
+            spec=unit_spec(self.ctx.spec, rank),
+            metrics={"ffa_clients": float(len(ups))},
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The global adapter (``A_0`` and the averaged ``B``)."""
+        return {"global": adapter_state(self._current())}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the global adapter."""
+        self._global = adapter_from_state(state["global"])
+
+
+register_strategy("ffa", FfaLora)

@@ -1,0 +1,175 @@
+"""Heterogeneous ranks and compression end to end: wire, client training, tiny simulations."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from fedpeft.client.trainer import ClientData, LoraTrainer
+from fedpeft.config import CompressConfig, TrainConfig
+from fedpeft.configio import load_config
+from fedpeft.data.tasks import TextPair
+from fedpeft.data.tokenize import encode_pairs
+from fedpeft.errors import ConfigError, ProtocolError
+from fedpeft.lora import init_factors
+from fedpeft.simulation.runner import simulate
+from fedpeft.wire import (
+    Header,
+    LoraFactors,
+    LoraSpec,
+    TrainInstruction,
+    decode_instruction,
+    decode_update,
+    encode_instruction,
+    encode_update,
+)
+
+SPEC = LoraSpec(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"))
+
+
+def _instruction(adapter, parts="AB", base=None, compress=None, spec=SPEC):
+    return TrainInstruction(
+        header=Header("run", 1, "fp", spec.config_hash(), 0, "0"),
+        lora=spec,
+        train=TrainConfig(local_steps=3, batch_size=4, lr=1e-2),
+        adapter=adapter,
+        seed=5,
+        parts=parts,
+        base=base,
+        compress=compress or CompressConfig(),
+    )
+
+
+def _rows(out):
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_partial_update_sends_one_factor_and_takes_the_other_from_the_instruction(make_update):
+    sent = make_update(rank=4)
+    trained = make_update(rank=4, seed=1)
+    ins = _instruction(sent.factors, parts="B")
+    content = encode_update(trained, ins)
+    assert not any(k.endswith("::A") for k in content["fedpeft.tensors"])
+    back = decode_update(content, reference=sent.factors)
+    for m, f in back.factors.items():
+        assert torch.equal(f.a, sent.factors[m].a) and torch.equal(f.b, trained.factors[m].b)
+    with pytest.raises(ProtocolError, match="needs the instruction"):
+        decode_update(content)
+
+
+def test_lossy_upload_is_a_delta_against_the_instruction(make_update):
+    sent = make_update(rank=4)
+    trained = make_update(rank=4, seed=1)
+    ins = _instruction(sent.factors, compress=CompressConfig(up="int8"))
+    back = decode_update(encode_update(trained, ins), reference=sent.factors)
+    for m, f in back.factors.items():
+        delta = trained.factors[m].b - sent.factors[m].b
+        bound = delta.abs().amax(dim=0, keepdim=True) / 254 + 1e-6  # one scale per component
+        assert ((f.b - trained.factors[m].b).abs() <= bound).all()
+
+
+def test_instruction_round_trips_base_parts_and_codecs(make_update):
+    base = make_update(rank=6, seed=2).factors
+    ins = _instruction(
+        make_update().factors, parts="A", base=base, compress=CompressConfig(up="topk", ratio=0.2)
+    )
+    back = decode_instruction(encode_instruction(ins))
+    assert back.parts == "A" and back.compress == ins.compress and back.base is not None
+    assert all(torch.equal(back.base[m].b, base[m].b) for m in base)
+
+
+def test_merged_base_acts_like_the_adapter_and_restores_exactly(tiny_handle):
+    h = tiny_handle
+    name = h.ensure_adapter(SPEC)
+    shapes = h.module_shapes(name)
+    g = torch.Generator().manual_seed(0)
+    extra = {
+        m: LoraFactors(torch.randn(3, i, generator=g), torch.randn(o, 3, generator=g), 3.0)
+        for m, (o, i) in shapes.items()
+    }
+    zero = init_factors(shapes, SPEC, 0)
+    ids = torch.tensor([[1, 5, 9, 13, 2]])
+    before = {k: v.clone() for k, v in h.base_model.state_dict().items() if "lora_" not in k}
+    h.set_factors(name, zero)
+    with torch.no_grad():
+        plain = h.peft_model(name)(input_ids=ids).logits
+        with h.merged(extra):
+            merged = h.peft_model(name)(input_ids=ids).logits
+        spec3 = LoraSpec(rank=3, alpha=3.0, target_modules=SPEC.target_modules)
+        n3 = h.ensure_adapter(spec3)
+        h.set_factors(n3, extra)
+        as_adapter = h.peft_model(n3)(input_ids=ids).logits
+    assert torch.allclose(merged, as_adapter, atol=1e-5) and not torch.allclose(merged, plain)
+    after = h.base_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_trainer_freezes_the_untrained_factor(tiny_handle):
+    h = tiny_handle
+    shapes = h.module_shapes(h.ensure_adapter(SPEC))
+    start = init_factors(shapes, SPEC, 0)
+    start = {m: replace(f, b=torch.randn_like(f.b) * 0.01) for m, f in start.items()}
+    pairs = [TextPair(prompt=f"word {i}", target=f"meaning {i}") for i in range(8)]
+    data = ClientData("0", encode_pairs(h.tokenizer, pairs, 32, False))
+    for parts in ("A", "B"):
+        up = LoraTrainer().fit(h, _instruction(start, parts=parts), data)
+        for m, f in up.factors.items():
+            same_a, same_b = torch.equal(f.a, start[m].a), torch.equal(f.b, start[m].b)
+            assert (same_a, same_b) == ((False, True) if parts == "A" else (True, False))
+
+
+def test_rank_config_is_validated():
+    with pytest.raises(ConfigError, match="ranks.mode = 'tiers' needs tiers"):
+        load_config(None, ["ranks.mode=tiers"])
+    with pytest.raises(ConfigError, match="compress.down"):
+        load_config(None, ["compress.down=topk"])
+
+
+@pytest.mark.parametrize("strategy", ["hetlora", "flexlora", "flora", "ffa", "rolora"])
+def test_mixed_ranks_train_end_to_end(strategy, tiny_config, tmp_path, cache):
+    cfg = tiny_config(f"strategy.name={strategy}", "ranks.mode=tiers", "ranks.tiers=[2,4,8]")
+    summary = simulate(cfg, tmp_path, quiet=True, cache=cache)
+    rows = _rows(tmp_path)
+    assert all(r["failures"] == {} and r["clients"] == 3 for r in rows[1:])
+    assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+
+
+def test_one_factor_strategies_upload_one_factor(tiny_config, tmp_path, cache):
+    payload = {}
+    for strategy in ("fedavg", "ffa", "rolora"):
+        simulate(
+            tiny_config(f"strategy.name={strategy}"), tmp_path / strategy, quiet=True, cache=cache
+        )
+        payload[strategy] = [r["payload_up"] for r in _rows(tmp_path / strategy)[1:]]
+    # FFA sends B every round, RoLoRA B then A: together one FedIT upload (A and B)
+    assert payload["ffa"][0] == payload["ffa"][1] == payload["rolora"][0]
+    assert payload["rolora"][0] + payload["rolora"][1] == payload["fedavg"][0]
+    assert payload["ffa"][0] < payload["fedavg"][0]
+
+
+def test_codecs_shrink_the_upload_and_still_learn(tiny_config, tmp_path, cache):
+    got = {}
+    for codec in ("none", "int8", "topk"):
+        cfg = tiny_config(f"compress.up={codec}", "compress.ratio=0.1")
+        got[codec] = simulate(cfg, tmp_path / codec, quiet=True, cache=cache)
+        rows = _rows(tmp_path / codec)
+        assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
+    up = {c: s["payload_up_per_client_round"] for c, s in got.items()}
+    assert up["int8"] < 0.3 * up["none"] and up["topk"] < 0.25 * up["none"]
+
+
+def test_hetlora_self_pruning_lowers_a_clients_rank(tiny_config, tmp_path, cache):
+    cfg = tiny_config(
+        "strategy.name=hetlora",
+        "ranks.mode=tiers",
+        "ranks.tiers=[8]",
+        "federation.rounds=3",
+        'strategy.options={"reg_lambda"=1.0,"reg_gamma"=0.5}',
+    )
+    simulate(cfg, tmp_path, quiet=True, cache=cache)
+    rows = _rows(tmp_path)
+    assert rows[1].get("hetlora_pruned_clients", 0) >= 1
