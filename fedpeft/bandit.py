@@ -1,0 +1,233 @@
+"""Online bandits that pick an arm per device: sliding-window / discounted UCB, epsilon-greedy,
+Thompson sampling, behind one small protocol.
+
+FedSpine (2025) picks each device's (structured pruning ratio, LoRA rank) arm with a bandit
+that learns, without prior knowledge of the device, which arm makes the most progress per
+second. Every bandit here keeps independent statistics per device id, so one object serves a
+whole federation; rewards are whatever the caller measures (see the FedSpine issue for the
+reward used there). Randomness (tie breaks, exploration, posterior draws) comes from a
+generator seeded by ``(seed, "bandit", device, t)``, so ``state_dict`` holds only counts and
+sums and a resumed bandit makes the same choices.
+
+- ``SlidingWindowUCB`` (Garivier & Moulines 2011): UCB1 over the last ``window`` pulls of the
+  device, for rewards that drift (a device's speed changes with load).
+- ``DiscountedUCB`` (same paper): statistics decay by ``gamma`` every pull.
+- ``EpsilonGreedy``: the best mean with probability ``1 - epsilon``, else a uniform arm.
+- ``ThompsonSampling``: Gaussian posterior per arm (unit prior, noise from the observed
+  spread), the arm with the largest draw.
+
+Unplayed arms are played first (in a seeded random order).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from fedpeft.errors import ConfigError
+from fedpeft.seeding import np_rng
+
+__all__ = [
+    "Arm",
+    "Bandit",
+    "DiscountedUCB",
+    "EpsilonGreedy",
+    "SlidingWindowUCB",
+    "ThompsonSampling",
+    "make_bandit",
+]
+
+
+@dataclass(frozen=True, order=True)
+class Arm:
+    """One choice: structured pruning ratio and LoRA rank."""
+
+    ratio: float
+    rank: int
+
+
+@runtime_checkable
+class Bandit(Protocol):
+    """Pick an arm per device and learn from the reward it earned."""
+
+    arms: Sequence[Arm]
+
+    def select(self, device: str) -> int:
+        """Index of the arm ``device`` plays next."""
+        ...
+
+    def update(self, device: str, arm: int, reward: float) -> None:
+        """Record the reward ``device`` earned with ``arm``."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly."""
+        ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        ...
+
+
+@dataclass
+class _Base:
+    """Per-device pull history shared by the bandits: (arm, reward) in order."""
+
+    arms: Sequence[Arm]
+    seed: int = 0
+    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.arms:
+            raise ConfigError("a bandit needs at least one arm")
+
+    def _rng(self, device: str) -> np.random.Generator:
+        return np_rng(self.seed, "bandit", device, len(self.history.get(device, [])))
+
+    def _unplayed(self, device: str) -> list[int]:
+        played = {a for a, _ in self.history.get(device, [])}
+        return [i for i in range(len(self.arms)) if i not in played]
+
+    def _first_unplayed(self, device: str) -> int | None:
+        unplayed = self._unplayed(device)
+        if not unplayed:
+            return None
+        return int(self._rng(device).choice(unplayed))
+
+    def update(self, device: str, arm: int, reward: float) -> None:
+        """Record a pull; rejects unknown arms and non-finite rewards."""
+        if not 0 <= arm < len(self.arms):
+            raise ValueError(f"arm {arm} is outside 0..{len(self.arms) - 1}")
+        if not math.isfinite(reward):
+            raise ValueError(f"reward must be finite, got {reward}")
+        self.history.setdefault(device, []).append((int(arm), float(reward)))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The pull history of every device."""
+        return {"history": {d: [list(p) for p in h] for d, h in self.history.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the pull history."""
+        self.history = {
+            str(d): [(int(a), float(r)) for a, r in h] for d, h in state["history"].items()
+        }
+
+    def _argmax(self, device: str, scores: np.ndarray) -> int:
+        best = np.flatnonzero(scores >= scores.max() - 1e-12)
+        return int(self._rng(device).choice(best))
+
+
+def _stats(pulls: Sequence[tuple[int, float]], k: int, weights: np.ndarray) -> tuple[Any, Any]:
+    n, s = np.zeros(k), np.zeros(k)
+    for (arm, reward), w in zip(pulls, weights, strict=True):
+        n[arm] += w
+        s[arm] += w * reward
+    return n, s
+
+
+@dataclass
+class SlidingWindowUCB(_Base):
+    """UCB1 on the last ``window`` pulls of each device."""
+
+    window: int = 20
+    c: float = 1.0  # exploration scale (rewards are not in [0, 1] in general)
+
+    def select(self, device: str) -> int:
+        """The arm with the largest mean + c sqrt(2 ln t / n) in the window."""
+        first = self._first_unplayed(device)
+        if first is not None:
+            return first
+        recent = self.history[device][-self.window :]
+        n, s = _stats(recent, len(self.arms), np.ones(len(recent)))
+        unseen = np.flatnonzero(n == 0)
+        if unseen.size:  # fell out of the window: play it again
+            return int(self._rng(device).choice(unseen))
+        bonus = self.c * np.sqrt(2 * math.log(len(recent)) / n)
+        return self._argmax(device, s / n + bonus)
+
+
+@dataclass
+class DiscountedUCB(_Base):
+    """UCB with statistics discounted by ``gamma`` per pull."""
+
+    gamma: float = 0.95
+    c: float = 1.0
+
+    def select(self, device: str) -> int:
+        """The arm with the largest discounted mean + c sqrt(2 ln n_total / n)."""
+        first = self._first_unplayed(device)
+        if first is not None:
+            return first
+        pulls = self.history[device]
+        w = self.gamma ** np.arange(len(pulls) - 1, -1, -1, dtype=np.float64)
+        n, s = _stats(pulls, len(self.arms), w)
+        n = np.maximum(n, 1e-12)
+        bonus = self.c * np.sqrt(2 * math.log(max(n.sum(), 1.0 + 1e-9)) / n)
+        return self._argmax(device, s / n + bonus)
+
+
+@dataclass
+class EpsilonGreedy(_Base):
+    """The best mean reward with probability ``1 - epsilon``, else a uniform arm."""
+
+    epsilon: float = 0.1
+
+    def select(self, device: str) -> int:
+        """Explore or exploit."""
+        first = self._first_unplayed(device)
+        if first is not None:
+            return first
+        rng = self._rng(device)
+        if rng.random() < self.epsilon:
+            return int(rng.integers(len(self.arms)))
+        pulls = self.history[device]
+        n, s = _stats(pulls, len(self.arms), np.ones(len(pulls)))
+        return self._argmax(device, s / np.maximum(n, 1))
+
+
+@dataclass
+class ThompsonSampling(_Base):
+    """Gaussian Thompson sampling: draw each arm's mean from its posterior, play the best."""
+
+    prior_var: float = 1.0
+
+    def select(self, device: str) -> int:
+        """The arm with the largest posterior draw."""
+        first = self._first_unplayed(device)
+        if first is not None:
+            return first
+        pulls = self.history[device]
+        n, s = _stats(pulls, len(self.arms), np.ones(len(pulls)))
+        rewards = np.array([r for _, r in pulls])
+        noise = max(float(rewards.var()), 1e-12)  # pooled observation variance
+        post_var = 1.0 / (1.0 / self.prior_var + n / noise)
+        post_mean = post_var * (s / noise)
+        draws = self._rng(device).normal(post_mean, np.sqrt(post_var))
+        return self._argmax(device, draws)
+
+
+def make_bandit(kind: str, arms: Sequence[Arm], seed: int, **options: float) -> Bandit:
+    """A bandit by name: ``sw-ucb``, ``d-ucb``, ``epsilon-greedy`` or ``thompson``.
+
+    Raises
+    ------
+    ConfigError
+        For an unknown name or option.
+    """
+    classes: dict[str, type[_Base]] = {
+        "sw-ucb": SlidingWindowUCB,
+        "d-ucb": DiscountedUCB,
+        "epsilon-greedy": EpsilonGreedy,
+        "thompson": ThompsonSampling,
+    }
+    if kind not in classes:
+        raise ConfigError(f"unknown bandit {kind!r}; known: {', '.join(classes)}")
+    try:
+        bandit = classes[kind](arms=list(arms), seed=seed, **options)  # type: ignore[arg-type]
+    except TypeError as err:
+        raise ConfigError(f"bandit {kind!r}: {err}") from None
+    return bandit  # type: ignore[return-value]

@@ -1,0 +1,80 @@
+"""Bandits: seeded convergence to the best arm, per-device independence, exact resume."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+from fedpeft.bandit import Arm, Bandit, make_bandit
+from fedpeft.errors import ConfigError
+
+ARMS = [Arm(r, k) for r in (0.0, 0.25, 0.5) for k in (4, 8)]
+MEANS = np.array([0.2, 0.35, 0.5, 0.9, 0.4, 0.1])  # arm 3 is best
+KINDS = {
+    "sw-ucb": {"window": 100, "c": 0.3},  # c near the reward noise (0.2)
+    "d-ucb": {"gamma": 0.99, "c": 0.3},
+    "epsilon-greedy": {"epsilon": 0.1},
+    "thompson": {},
+}
+
+
+def _play(bandit: Bandit, device: str, rounds: int, seed: int, means=MEANS) -> list[int]:
+    rng = np.random.default_rng(seed)
+    picks = []
+    for _ in range(rounds):
+        arm = bandit.select(device)
+        bandit.update(device, arm, float(means[arm] + rng.normal(0, 0.2)))
+        picks.append(arm)
+    return picks
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_converges_to_the_best_arm(kind):
+    bandit = make_bandit(kind, ARMS, seed=0, **KINDS[kind])
+    picks = _play(bandit, "dev", 300, seed=1)
+    share = np.mean(np.array(picks[-100:]) == 3)
+    assert share >= 0.8, (kind, share)
+
+
+@pytest.mark.parametrize("kind", ["sw-ucb", "d-ucb"])
+def test_windowed_ucb_follows_a_device_that_changes(kind):
+    bandit = make_bandit(kind, ARMS, seed=0, **KINDS[kind])
+    _play(bandit, "dev", 200, seed=1)
+    shifted = MEANS.copy()
+    shifted[0], shifted[3] = 1.0, 0.2  # the device got faster at arm 0, slower at arm 3
+    picks = _play(bandit, "dev", 300, seed=2, means=shifted)
+    assert np.mean(np.array(picks[-100:]) == 0) >= 0.7
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_state_round_trip_continues_identically(kind):
+    a = make_bandit(kind, ARMS, seed=3, **KINDS[kind])
+    _play(a, "x", 40, seed=2)
+    _play(a, "y", 10, seed=5)
+    b = make_bandit(kind, ARMS, seed=3, **KINDS[kind])
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    assert _play(a, "x", 30, seed=9) == _play(b, "x", 30, seed=9)
+
+
+def test_devices_learn_independently():
+    bandit = make_bandit("sw-ucb", ARMS, seed=0, **KINDS["sw-ucb"])
+    _play(bandit, "fast", 200, seed=1)
+    assert "slow" not in bandit.state_dict()["history"]
+    first = [bandit.select("slow")]
+    assert first[0] in range(len(ARMS))
+
+
+def test_bad_input_is_rejected():
+    with pytest.raises(ConfigError, match="unknown bandit"):
+        make_bandit("nope", ARMS, seed=0)
+    with pytest.raises(ConfigError, match="at least one arm"):
+        make_bandit("thompson", [], seed=0)
+    with pytest.raises(ConfigError, match="unexpected keyword"):
+        make_bandit("thompson", ARMS, seed=0, window=3)
+    bandit = make_bandit("thompson", ARMS, seed=0)
+    with pytest.raises(ValueError, match="finite"):
+        bandit.update("d", 0, float("nan"))
+    with pytest.raises(ValueError, match="outside"):
+        bandit.update("d", 99, 1.0)
