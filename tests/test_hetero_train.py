@@ -173,3 +173,20 @@ def test_hetlora_self_pruning_lowers_a_clients_rank(tiny_config, tmp_path, cache
     simulate(cfg, tmp_path, quiet=True, cache=cache)
     rows = _rows(tmp_path)
     assert rows[1].get("hetlora_pruned_clients", 0) >= 1
+
+
+@pytest.mark.ray
+def test_ray_runs_mixed_ranks_and_codecs_like_in_process(tiny_config, tmp_path, cache):
+    """FLoRA's merged base and an int8 upload behave the same on stateless Ray workers."""
+    cfg = tiny_config(
+        "strategy.name=flora",
+        "ranks.mode=tiers",
+        "ranks.tiers=[2,4,8]",
+        "compress.up=int8",
+        "simulation.ray_num_cpus=1",
+    )
+    simulate(cfg, tmp_path / "inprocess", quiet=True, cache=cache)
+    simulate(cfg, tmp_path / "ray", backend="ray", quiet=True)
+    keys = ("eval_loss", "train_loss", "payload_up", "payload_down", "flora_global_rank")
+    ip, ray = _rows(tmp_path / "inprocess"), _rows(tmp_path / "ray")
+    assert [{k: r.get(k) for k in keys} for r in ip] == [{k: r.get(k) for k in keys} for r in ray]
