@@ -15,6 +15,7 @@ from fedpeft.data.tasks import TextPair
 from fedpeft.data.tokenize import encode_pairs
 from fedpeft.errors import ConfigError, ProtocolError
 from fedpeft.lora import init_factors
+from fedpeft.server.validate import validate_update
 from fedpeft.simulation.runner import simulate
 from fedpeft.wire import (
     Header,
@@ -58,6 +59,19 @@ def test_partial_update_sends_one_factor_and_takes_the_other_from_the_instructio
         assert torch.equal(f.a, sent.factors[m].a) and torch.equal(f.b, trained.factors[m].b)
     with pytest.raises(ProtocolError, match="needs the instruction"):
         decode_update(content)
+
+
+def test_a_frozen_factor_that_changed_is_rejected(make_update):
+    sent = make_update(rank=4)
+    trained = make_update(rank=4, seed=1)  # both factors differ from the instruction's
+    ins = _instruction(sent.factors, parts="B")
+    content = encode_update(trained)  # a client that ignored `parts` and sent A and B
+    back = decode_update(content, reference=sent.factors)
+    header = replace(ins.header, num_examples=5)
+    with pytest.raises(ProtocolError, match="trains only B"):
+        validate_update(replace(back, header=header), ins)
+    ok = decode_update(encode_update(trained, ins), reference=sent.factors)
+    validate_update(replace(ok, header=header), ins)
 
 
 def test_lossy_upload_is_a_delta_against_the_instruction(make_update):

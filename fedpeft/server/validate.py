@@ -3,7 +3,8 @@
 A bad update is rejected alone, with a reason naming the field and the values; the round
 goes on with the others. Checked: the header (protocol, run id, round, base-model fingerprint,
 adapter-config hash, client id, num_examples), the module set, every factor's shape and rank,
-alpha, dtype and that all values are finite.
+alpha, dtype, that all values are finite, and that a factor the instruction froze came back
+unchanged.
 """
 
 from __future__ import annotations
@@ -68,6 +69,10 @@ def validate_update(update: LoraUpdate, ins: TrainInstruction) -> None:
         if f.alpha != ins.lora.alpha:
             raise ProtocolError(f"{m}: alpha {f.alpha}, expected {ins.lora.alpha}")
         for part, t in (("A", f.a), ("B", f.b)):
+            if part not in ins.parts and not torch.equal(t, getattr(ref, part.lower())):
+                raise ProtocolError(
+                    f"{m}::{part} changed, but the instruction trains only {ins.parts}"
+                )
             if not t.is_floating_point():
                 raise ProtocolError(f"{m}::{part} has dtype {t.dtype}, expected a floating dtype")
             if not bool(torch.isfinite(t).all()):
