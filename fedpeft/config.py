@@ -16,6 +16,7 @@ from fedpeft.errors import ConfigError
 __all__ = [
     "CompressConfig",
     "DataConfig",
+    "DevicesConfig",
     "EvalConfig",
     "FederationConfig",
     "LoraSection",
@@ -392,6 +393,29 @@ class CompressConfig:
 
 
 @dataclass(frozen=True)
+class DevicesConfig:
+    """``[devices]``: simulated device heterogeneity (speed, bandwidth, memory per client)."""
+
+    tiers: list[str] = _help(
+        "profiles assigned round-robin over the client ids: tx2 | xavier-nx | agx "
+        "(empty: no device simulation)",
+        [],
+    )
+    file: str = _help(
+        "JSON file: client id -> tier name or {speed, up_mbps, down_mbps, memory_mb}", ""
+    )
+    deadline_s: float = _help(
+        "simulated seconds a round waits; later clients are dropped (0: wait for the slowest)",
+        0.0,
+    )
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        _check(p, self.deadline_s >= 0, f"devices.deadline_s must be >= 0, got {self.deadline_s}")
+        _raise(p)
+
+
+@dataclass(frozen=True)
 class SimulationConfig:
     """``[simulation]``: how virtual clients are run."""
 
@@ -434,4 +458,5 @@ class RunConfig:
     zo: ZoConfig = field(default_factory=ZoConfig)
     ranks: RanksConfig = field(default_factory=RanksConfig)
     compress: CompressConfig = field(default_factory=CompressConfig)
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)

@@ -38,7 +38,7 @@ SHORTCUTS = {
     "num_clients": "federation.num_clients",
     "seed": "federation.seed",
 }
-PATH_FIELDS = ("data.path",)
+PATH_FIELDS = ("data.path", "devices.file")
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from fedpeft.errors import RoundError
 from fedpeft.seeding import derive_seed, np_rng
 from fedpeft.server.exchange import Exchange, Instruction, exchange
 from fedpeft.server.fedeval import federated_eval
+from fedpeft.simulation.devices import DeviceProfile, assign_profiles, simulated_times
 from fedpeft.strategies.base import AggregateResult, LoraPlan, Strategy, ZoPlan
 from fedpeft.wire import ClientInfo, Header, TrainInstruction, decode_client_info, encode_query
 from fedpeft.wire_zo import ZoInstruction
@@ -106,6 +107,8 @@ class Coordinator:
         self.examples_behind_global = 0
         self.rows: list[dict[str, Any]] = []
         self.clients: list[ClientInfo] = []
+        self.profiles: dict[str, DeviceProfile] = {}
+        self.sim_wall_s = 0.0
 
     # ------------------------------------------------------------------ discovery
     def discover(self) -> tuple[list[ClientInfo], dict[str, int]]:
@@ -209,6 +212,7 @@ class Coordinator:
         nodes = {c.client_id: c.node_id for c in sampled}
         timeout = self.cfg.federation.round_timeout_s
         got = exchange(self.grid, instructions, nodes, server_round, timeout, self.zo_blocks)
+        sim = self._simulate_devices(got)
         if len(got.updates) < self.cfg.federation.min_clients:
             reasons = "; ".join(f"client {c}: {r}" for c, r in sorted(got.failures.items()))
             raise RoundError(
@@ -220,11 +224,36 @@ class Coordinator:
         self.examples_behind_global = sum(u.header.num_examples for u in got.updates)
         self.server_round = server_round
         row = self._row(server_round, got, len(instructions))
+        row.update(sim)
         row.update({k: float(v) for k, v in self.current.metrics.items()})
         row.update(self._eval_row(server_round))
         row["wall_s"] = time.perf_counter() - t0
         self._report(row)
         return row
+
+    def _simulate_devices(self, got: Exchange) -> dict[str, Any]:
+        """Simulated device time of this round; drops updates past ``devices.deadline_s``."""
+        if not self.profiles:
+            return {}
+        train_s = {u.header.client_id: float(u.metrics.get("train_s", 0.0)) for u in got.updates}
+        times = simulated_times(self.profiles, train_s, got.client_bytes_down, got.client_bytes_up)
+        deadline = self.cfg.devices.deadline_s
+        if deadline > 0:
+            late = {c for c, t in times.items() if t > deadline}
+            for c in sorted(late):
+                got.failures[c] = f"missed the deadline: {times[c]:.1f} s > {deadline} s"
+            got.updates = [u for u in got.updates if u.header.client_id not in late]
+        round_s = (
+            min(max(times.values(), default=0.0), deadline)
+            if deadline > 0
+            else max(times.values(), default=0.0)
+        )
+        self.sim_wall_s += round_s
+        return {
+            "sim_round_s": round_s,
+            "sim_wall_s": self.sim_wall_s,
+            "sim_client_s": {c: round(t, 3) for c, t in times.items()},
+        }
 
     def _row(self, server_round: int, got: Exchange, asked: int) -> dict[str, Any]:
         updates, counts = got.updates, got.counts
@@ -283,6 +312,10 @@ class Coordinator:
         """Discover clients, evaluate the start (round 0), run every round."""
         t0 = time.perf_counter()
         self.clients, setup = self.discover()
+        devices = self.cfg.devices
+        self.profiles = assign_profiles(
+            [c.client_id for c in self.clients], devices.tiers, devices.file
+        )
         start: dict[str, Any] = {
             "round": 0,
             "train_loss": None,

@@ -46,6 +46,8 @@ class Exchange:
     counts: dict[str, int] = field(
         default_factory=lambda: {"bytes_down": 0, "bytes_up": 0, "payload_down": 0, "payload_up": 0}
     )
+    client_bytes_down: dict[str, int] = field(default_factory=dict)
+    client_bytes_up: dict[str, int] = field(default_factory=dict)
 
 
 def _encode(ins: Instruction, shared: SharedRecords) -> RecordDict:
@@ -92,7 +94,10 @@ def exchange(
         for cid, ins in instructions.items()
     ]
     out = Exchange()
-    out.counts["bytes_down"] = sum(message_nbytes(m) for m in msgs)
+    out.client_bytes_down = {
+        cid: message_nbytes(m) for cid, m in zip(instructions, msgs, strict=True)
+    }
+    out.counts["bytes_down"] = sum(out.client_bytes_down.values())
     out.counts["payload_down"] = sum(
         _payload_down(ins, m.content) for ins, m in zip(instructions.values(), msgs, strict=True)
     )
@@ -107,7 +112,8 @@ def exchange(
         if cid is None or cid in answered:
             continue  # not asked this round, or a duplicate reply
         answered.add(cid)
-        out.counts["bytes_up"] += message_nbytes(reply)
+        out.client_bytes_up[cid] = message_nbytes(reply)
+        out.counts["bytes_up"] += out.client_bytes_up[cid]
         try:
             update, payload = _decode(reply, instructions[cid], zo_blocks)
         except ProtocolError as err:

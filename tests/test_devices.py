@@ -1,0 +1,56 @@
+"""Simulated device heterogeneity: profiles, simulated round time, deadlines."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedpeft.errors import ConfigError
+from fedpeft.simulation.devices import TIERS, DeviceProfile, assign_profiles, simulated_times
+from fedpeft.simulation.runner import simulate
+
+
+def test_time_formula():
+    p = DeviceProfile("d", speed=2.0, up_mbps=8.0, down_mbps=16.0, memory_mb=1.0)
+    # 3 s compute x 2 + 2 MB down at 16 Mbit/s (1 s) + 1 MB up at 8 Mbit/s (1 s)
+    assert p.seconds(3.0, 2_000_000, 1_000_000) == pytest.approx(8.0)
+
+
+def test_tiers_round_robin_and_file(tmp_path):
+    got = assign_profiles(["2", "0", "1"], ["tx2", "agx"])
+    assert got == {"0": TIERS["tx2"], "1": TIERS["agx"], "2": TIERS["tx2"]}
+    f = tmp_path / "dev.json"
+    f.write_text(json.dumps({"0": "xavier-nx", "1": {"speed": 5, "up_mbps": 1, "down_mbps": 2,
+                                                        "memory_mb": 512}}))  # fmt: skip
+    got = assign_profiles(["0", "1"], [], str(f))
+    assert got["0"] is TIERS["xavier-nx"] and got["1"].speed == 5.0
+    with pytest.raises(ConfigError, match="no profile for clients"):
+        assign_profiles(["0", "1", "2"], [], str(f))
+    with pytest.raises(ConfigError, match="unknown"):
+        assign_profiles(["0"], ["pentium"])
+    with pytest.raises(ConfigError, match="positive"):
+        DeviceProfile("x", speed=0.0, up_mbps=1, down_mbps=1, memory_mb=1)
+
+
+def test_simulated_times_only_for_clients_with_profiles():
+    prof = {"0": TIERS["agx"]}
+    assert set(simulated_times(prof, {"0": 1.0, "1": 1.0}, {}, {})) == {"0"}
+
+
+def test_rounds_record_simulated_time_and_deadlines_drop_slow_clients(tiny_config, tmp_path, cache):
+    cfg = tiny_config('devices.tiers=["agx","tx2","agx"]')
+    simulate(cfg, tmp_path / "all", quiet=True, cache=cache)
+    rows = [json.loads(x) for x in (tmp_path / "all" / "metrics.jsonl").read_text().splitlines()]
+    r1 = rows[1]
+    assert r1["sim_round_s"] == pytest.approx(max(r1["sim_client_s"].values()), abs=1e-3)
+    assert r1["sim_client_s"]["1"] > 3 * r1["sim_client_s"]["0"]  # the TX2-like client is slow
+    assert rows[2]["sim_wall_s"] == pytest.approx(r1["sim_round_s"] + rows[2]["sim_round_s"])
+    deadline = (r1["sim_client_s"]["1"] + max(r1["sim_client_s"]["0"], r1["sim_client_s"]["2"])) / 2
+    cfg = tiny_config('devices.tiers=["agx","tx2","agx"]', f"devices.deadline_s={deadline}")
+    simulate(cfg, tmp_path / "deadline", quiet=True, cache=cache)
+    rows = [
+        json.loads(x) for x in (tmp_path / "deadline" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert "missed the deadline" in rows[1]["failures"]["1"] and rows[1]["clients"] == 2
+    assert rows[1]["sim_round_s"] <= deadline
