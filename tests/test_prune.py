@@ -1,0 +1,82 @@
+"""Structured pruning: zeroing the pruned groups first gives the pruned model's outputs exactly
+(a structural-correctness check), GQA and GPT-2 shapes stay consistent, bad input is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedpeft.errors import ModelError
+from fedpeft.prune.structure import Keep, layer_shapes, prune_layers, zero_pruned
+from fedpeft.seeding import scoped_torch_seed
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    conf = LlamaConfig(
+        vocab_size=64,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        max_position_embeddings=64,
+    )
+    with scoped_torch_seed(0):
+        return LlamaForCausalLM(conf).eval()
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    conf = GPT2Config(vocab_size=64, n_embd=48, n_layer=3, n_head=4, n_positions=64)
+    with scoped_torch_seed(0):
+        return GPT2LMHeadModel(conf).eval()
+
+
+KEEP = {
+    "llama": {0: Keep(attn=(0, 2), ffn=tuple(range(0, 96, 2))), 2: Keep(attn=(1,), ffn=(5, 7))},
+    "gpt2": {1: Keep(attn=(0, 3), ffn=tuple(range(100))), 2: Keep(attn=(2,), ffn=(1, 9, 50))},
+}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_pruned_model_equals_zeroed_reference(arch):
+    build = _llama if arch == "llama" else _gpt2
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    reference = zero_pruned(build(), KEEP[arch])
+    pruned = prune_layers(build(), KEEP[arch])
+    with torch.no_grad():
+        want, got = reference(input_ids=ids).logits, pruned(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-5)
+    n_full = sum(p.numel() for p in build().parameters())
+    assert sum(p.numel() for p in pruned.parameters()) < n_full
+
+
+def test_gqa_shapes_after_pruning():
+    model = prune_layers(_llama(), KEEP["llama"])
+    a = model.model.layers[0].self_attn
+    hd = a.head_dim  # 8; 2 of 3 KV groups kept, 2 query heads per group
+    assert a.k_proj.weight.shape == (2 * hd, 48) and a.v_proj.weight.shape == (2 * hd, 48)
+    assert a.q_proj.weight.shape == (4 * hd, 48) and a.o_proj.weight.shape == (48, 4 * hd)
+    assert a.q_proj.out_features == 4 * hd and a.o_proj.in_features == 4 * hd
+    assert [s.attn_groups for s in layer_shapes(model)] == [2, 3, 1]
+    assert [s.ffn_channels for s in layer_shapes(model)] == [48, 96, 2]
+    ids = torch.randint(0, 64, (1, 5))
+    out = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)  # KV cache works
+    assert out.shape == (1, 8)
+
+
+@pytest.mark.parametrize(
+    ("keep", "match"),
+    [
+        ({0: Keep(attn=(), ffn=(1,))}, "at least one"),
+        ({0: Keep(attn=(3,), ffn=(1,))}, r"0\.\.2"),
+        ({0: Keep(attn=(1, 0), ffn=(1,))}, "sorted"),
+        ({9: Keep(attn=(0,), ffn=(1,))}, "does not exist"),
+    ],
+)
+def test_bad_keep_is_refused(keep, match):
+    with pytest.raises(ModelError, match=match):
+        prune_layers(_llama(), keep)
