@@ -80,3 +80,44 @@ def test_gqa_shapes_after_pruning():
 def test_bad_keep_is_refused(keep, match):
     with pytest.raises(ModelError, match=match):
         prune_layers(_llama(), keep)
+
+
+def test_importance_uses_the_lora_gradient_estimate():
+    """G = s (dB A + B dA): LoRA's view of dL/dW', positively aligned with the true gradient."""
+    from fedpeft.prune.importance import element_importance
+
+    g = torch.Generator().manual_seed(0)
+    w, a, b = (
+        torch.randn(6, 5, generator=g),
+        torch.randn(2, 5, generator=g),
+        torch.randn(6, 2, generator=g),
+    )
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    x = torch.randn(4, 5, generator=g)
+    loss = ((x @ (w + 0.5 * b @ a).T) ** 2).sum()
+    loss.backward()
+    imp = element_importance(w, a.detach(), b.detach(), a.grad, b.grad, 0.5)
+    grad_w = (2 * (x @ (w + 0.5 * b.detach() @ a.detach()).T)).T @ x  # dL/dW', (6, 5)
+    est = 0.5 * (b.grad @ a.detach() + b.detach() @ a.grad)
+    # the estimate is the projection of dL/dW' onto LoRA's tangent space: it agrees in sign
+    # on average and its importance is a product with the merged weight
+    assert torch.allclose(imp, (est * (w + 0.5 * b.detach() @ a.detach())).abs())
+    assert float((est * grad_w).sum()) > 0
+
+
+def test_choose_keep_ranks_groups_and_protects_ends():
+    from fedpeft.prune.importance import GroupScores, choose_keep, reduce_groups
+    from fedpeft.prune.structure import LayerShape
+
+    shapes = [LayerShape(3, 8)] * 4
+    scores = GroupScores(beta=0.5)
+    for layer in range(4):
+        attn = reduce_groups(torch.tensor([[1.0] * 8, [5.0] * 8, [3.0] * 8]).T, 1, 3)
+        scores.add(layer, attn, torch.arange(8.0))
+    keep = choose_keep(scores, shapes, ratio=0.5)
+    assert set(keep) == {1, 2}  # first and last layers whole
+    assert keep[1].attn == (1, 2) and keep[1].ffn == (4, 5, 6, 7)
+    assert choose_keep(scores, shapes, ratio=0.0) == {}
+    with pytest.raises(ValueError, match="ratio"):
+        choose_keep(scores, shapes, ratio=1.0)
