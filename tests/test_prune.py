@@ -121,3 +121,28 @@ def test_choose_keep_ranks_groups_and_protects_ends():
     assert choose_keep(scores, shapes, ratio=0.0) == {}
     with pytest.raises(ValueError, match="ratio"):
         choose_keep(scores, shapes, ratio=1.0)
+
+
+def test_masked_average_uses_exactly_the_clients_that_kept_each_coordinate():
+    from fedpeft.prune.masked import Slice, masked_average, slice_for
+
+    g = torch.Generator().manual_seed(0)
+    full = [torch.randn(6, 4, generator=g) for _ in range(3)]  # what each client would hold
+    kept = [((0, 1, 2, 3, 4, 5), None), ((0, 2, 4), (1, 3)), ((1, 2), None)]
+    weights = [0.2, 0.3, 0.5]
+    pieces = [
+        Slice(slice_for(f, r, c), r if len(r) < 6 else None, c, w)
+        for f, (r, c), w in zip(full, kept, weights, strict=True)
+    ]
+    previous = torch.full((6, 4), 7.0)
+    out, count = masked_average(pieces, previous)
+    for i in range(6):
+        for j in range(4):
+            who = [k for k, (r, c) in enumerate(kept) if i in r and (c is None or j in c)]
+            want = sum(weights[k] * full[k][i, j] for k in who) / sum(weights[k] for k in who)
+            assert torch.isclose(out[i, j], torch.as_tensor(want, dtype=torch.float32), atol=1e-6)
+            assert count[i, j] == len(who)
+    alone = masked_average([Slice(torch.ones(1, 4), (3,), None, 1.0)], previous)[0]
+    assert torch.equal(alone[3], torch.ones(4)) and torch.equal(alone[0], previous[0])
+    with pytest.raises(ValueError, match="does not match"):
+        masked_average([Slice(torch.ones(2, 4), (3,), None, 1.0)], previous)
