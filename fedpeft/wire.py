@@ -27,7 +27,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
@@ -71,6 +71,7 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION: Final = 1
+T = TypeVar("T")
 
 HEADER: Final = "fedpeft.header"
 TENSORS: Final = "fedpeft.tensors"
@@ -255,16 +256,21 @@ def _decode_lora_spec(
     )
 
 
-def _decode_train(content: RecordDict) -> TrainConfig:
-    """The training hyper-parameters of an instruction; unknown fields ask for an upgrade."""
-    train_rec = get_record(content, TRAIN, ConfigRecord)
-    unknown = sorted(set(train_rec) - {f.name for f in dataclasses.fields(TrainConfig)})
+def _decode_fields(content: RecordDict, name: str, cls: type[T]) -> T:
+    """A config dataclass sent as a ConfigRecord; unknown fields ask for an upgrade."""
+    rec = get_record(content, name, ConfigRecord)
+    unknown = sorted(set(rec) - {f.name for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
     if unknown:
-        raise ProtocolError(f"{TRAIN} has unknown fields {unknown}; upgrade fedpeft on this node")
+        raise ProtocolError(f"{name} has unknown fields {unknown}; upgrade fedpeft on this node")
     try:
-        return TrainConfig(**dict(train_rec))
+        return cls(**dict(rec))
     except (TypeError, ValueError) as err:
-        raise ProtocolError(f"{TRAIN} is invalid: {err}") from None
+        raise ProtocolError(f"{name} is invalid: {err}") from None
+
+
+def _decode_train(content: RecordDict) -> TrainConfig:
+    """The training hyper-parameters of an instruction."""
+    return _decode_fields(content, TRAIN, TrainConfig)
 
 
 def encode_instruction(ins: TrainInstruction, shared: SharedRecords | None = None) -> RecordDict:
@@ -307,17 +313,6 @@ def instruction_payload(content: RecordDict) -> int:
     )
 
 
-def _decode_compress(content: RecordDict) -> CompressConfig:
-    rec = get_record(content, COMPRESS, ConfigRecord)
-    unknown = sorted(set(rec) - {f.name for f in dataclasses.fields(CompressConfig)})
-    if unknown:
-        raise ProtocolError(f"{COMPRESS} has unknown fields {unknown}; upgrade fedpeft")
-    try:
-        return CompressConfig(**dict(rec))
-    except (TypeError, ValueError) as err:
-        raise ProtocolError(f"{COMPRESS} is invalid: {err}") from None
-
-
 def decode_instruction(content: RecordDict) -> TrainInstruction:
     """Decode what :func:`encode_instruction` produced.
 
@@ -341,7 +336,7 @@ def decode_instruction(content: RecordDict) -> TrainInstruction:
         with_metric=get_field(lora, "with_metric", bool, LORA),
         parts=get_field(lora, "parts", str, LORA),
         base=base,
-        compress=_decode_compress(content),
+        compress=_decode_fields(content, COMPRESS, CompressConfig),
         reg_lambda=get_field(lora, "reg_lambda", float, LORA),
         reg_gamma=get_field(lora, "reg_gamma", float, LORA),
     )
