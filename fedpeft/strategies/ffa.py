@@ -16,7 +16,6 @@ train is shrunk by the others' weights each round (documented in docs/hetero-lor
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from fedpeft.rank_ops import unit_spec
@@ -28,6 +27,7 @@ from fedpeft.strategies.base import (
     adapter_state,
 )
 from fedpeft.strategies.hetero import (
+    WeightedConfig,
     example_weights,
     initial_unit,
     one_factor_update,
@@ -46,13 +46,9 @@ class FfaLora:
 
     supports_heterogeneous_ranks = True
 
-    @dataclass(frozen=True)
-    class Config:
-        """Options of :class:`FfaLora`."""
+    Config = WeightedConfig
 
-        weighted: bool = True  # weight clients by num_examples (False: plain mean)
-
-    def __init__(self, config: Config, ctx: StrategyContext) -> None:
+    def __init__(self, config: WeightedConfig, ctx: StrategyContext) -> None:
         self.config = config
         self.ctx = ctx
         self._global: Adapter | None = None

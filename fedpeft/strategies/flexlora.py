@@ -15,7 +15,6 @@ the same singular values (tested against the dense SVD).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,6 +28,7 @@ from fedpeft.strategies.base import (
     adapter_state,
 )
 from fedpeft.strategies.hetero import (
+    WeightedConfig,
     client_spec,
     example_weights,
     initial_unit,
@@ -47,13 +47,9 @@ class FlexLora:
 
     supports_heterogeneous_ranks = True
 
-    @dataclass(frozen=True)
-    class Config:
-        """Options of :class:`FlexLora`."""
+    Config = WeightedConfig
 
-        weighted: bool = True  # weight clients by num_examples (False: plain mean)
-
-    def __init__(self, config: Config, ctx: StrategyContext) -> None:
+    def __init__(self, config: WeightedConfig, ctx: StrategyContext) -> None:
         self.config = config
         self.ctx = ctx
         self._global: Adapter | None = None  # stacked, unit scale; None until round 1 ends

@@ -21,7 +21,7 @@ receive only the newest stack; a stateful variant would download ``R_t (out + in
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -36,7 +36,14 @@ from fedpeft.strategies.base import (
     adapter_from_state,
     adapter_state,
 )
-from fedpeft.strategies.hetero import client_spec, example_weights, ordered, ranks_for, shapes_of
+from fedpeft.strategies.hetero import (
+    WeightedConfig,
+    client_spec,
+    example_weights,
+    ordered,
+    ranks_for,
+    shapes_of,
+)
 from fedpeft.strategies.registry import register_strategy
 from fedpeft.wire import Adapter, ClientInfo, LoraFactors, LoraUpdate
 
@@ -48,13 +55,9 @@ class FLora:
 
     supports_heterogeneous_ranks = True
 
-    @dataclass(frozen=True)
-    class Config:
-        """Options of :class:`FLora`."""
+    Config = WeightedConfig
 
-        weighted: bool = True  # weight clients by num_examples (False: plain mean)
-
-    def __init__(self, config: Config, ctx: StrategyContext) -> None:
+    def __init__(self, config: WeightedConfig, ctx: StrategyContext) -> None:
         self.config = config
         self.ctx = ctx
         self._stack: Adapter | None = None  # every round's stack, unit scale

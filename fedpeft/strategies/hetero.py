@@ -7,7 +7,7 @@ the LoRA scale folded into ``B``. A client of rank ``r_k`` trains its own ``alph
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -17,6 +17,7 @@ from fedpeft.strategies.base import LoraPlan, StrategyContext, weights_of
 from fedpeft.wire import Adapter, ClientInfo, LoraFactors, LoraSpec, LoraUpdate
 
 __all__ = [
+    "WeightedConfig",
     "client_spec",
     "example_weights",
     "initial_unit",
@@ -27,6 +28,13 @@ __all__ = [
     "ranks_for",
     "shapes_of",
 ]
+
+
+@dataclass(frozen=True)
+class WeightedConfig:
+    """Options of a strategy whose only choice is how clients are weighted."""
+
+    weighted: bool = True  # weight clients by num_examples (False: plain mean)
 
 
 def shapes_of(adapter: Adapter) -> dict[str, tuple[int, int]]:
