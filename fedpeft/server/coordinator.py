@@ -243,11 +243,8 @@ class Coordinator:
             for c in sorted(late):
                 got.failures[c] = f"missed the deadline: {times[c]:.1f} s > {deadline} s"
             got.updates = [u for u in got.updates if u.header.client_id not in late]
-        round_s = (
-            min(max(times.values(), default=0.0), deadline)
-            if deadline > 0
-            else max(times.values(), default=0.0)
-        )
+        slowest = max(times.values(), default=0.0)
+        round_s = min(slowest, deadline) if deadline > 0 else slowest
         self.sim_wall_s += round_s
         return {
             "sim_round_s": round_s,

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from fedpeft.rank_ops import stack, svd_from_stacks, unit_spec
+from fedpeft.rank_ops import svd_from_stacks, unit_spec
 from fedpeft.strategies.base import (
     AggregateResult,
     LoraPlan,
@@ -33,8 +33,10 @@ from fedpeft.strategies.hetero import (
     example_weights,
     initial_unit,
     ordered,
+    plans_by_rank,
     plans_from_global,
     ranks_for,
+    stacked_updates,
 )
 from fedpeft.strategies.registry import register_strategy
 from fedpeft.wire import Adapter, ClientInfo, LoraFactors, LoraUpdate
@@ -86,19 +88,13 @@ class FlexLora:
         if self._global is None:
             init = initial_unit(self.ctx, self.ctx.rank_policy().max_rank)
             return plans_from_global(self.ctx, init, ranks)
-        per_rank = {
-            r: LoraPlan(client_spec(self.ctx, r), self.for_rank(r)) for r in set(ranks.values())
-        }
-        return {cid: per_rank[r] for cid, r in sorted(ranks.items())}
+        return plans_by_rank(self.ctx, ranks, lambda spec: self.for_rank(spec.rank))
 
     def aggregate_train(self, server_round: int, updates: Sequence[LoraUpdate]) -> AggregateResult:
         """Stack the clients' factors: the global is ``Delta W*`` exactly, at rank ``sum r_k``."""
         ups, modules = ordered(updates, "flexlora")
         weights = example_weights(ups, self.config.weighted)
-        out: dict[str, LoraFactors] = {}
-        for m in modules:
-            a, b = stack([u.factors[m] for u in ups], weights)  # (R, in), (out, R)
-            out[m] = LoraFactors(a=a.float(), b=b.float(), alpha=float(a.shape[0]))
+        out = stacked_updates(ups, modules, weights)  # (R, in), (out, R) per module
         self._global, self._svd = out, {}
         rank = next(iter(out.values())).rank
         return AggregateResult(

@@ -21,13 +21,10 @@ receive only the newest stack; a stateful variant would download ``R_t (out + in
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from typing import Any
 
-import torch
-
 from fedpeft.lora import init_factors
-from fedpeft.rank_ops import stack, unit_spec
+from fedpeft.rank_ops import unit_spec
 from fedpeft.seeding import derive_seed
 from fedpeft.strategies.base import (
     AggregateResult,
@@ -38,14 +35,15 @@ from fedpeft.strategies.base import (
 )
 from fedpeft.strategies.hetero import (
     WeightedConfig,
-    client_spec,
     example_weights,
     ordered,
+    plans_by_rank,
     ranks_for,
     shapes_of,
+    stacked_updates,
 )
 from fedpeft.strategies.registry import register_strategy
-from fedpeft.wire import Adapter, ClientInfo, LoraFactors, LoraUpdate
+from fedpeft.wire import Adapter, ClientInfo, LoraUpdate
 
 __all__ = ["FLora"]
 
@@ -69,25 +67,15 @@ class FLora:
         ranks = ranks_for(self.ctx, server_round, clients, {})
         seed = derive_seed(self.ctx.seed, "flora-init", server_round)
         shapes = shapes_of(self.ctx.initial)
-        plans: dict[int, LoraPlan] = {}
-        for r in sorted(set(ranks.values())):
-            spec = client_spec(self.ctx, r)
-            fresh = init_factors(shapes, replace(spec, rank=r), seed)
-            plans[r] = LoraPlan(spec=spec, adapter=fresh, base=self._stack)
-        return {cid: plans[r] for cid, r in sorted(ranks.items())}
+        return plans_by_rank(
+            self.ctx, ranks, lambda spec: init_factors(shapes, spec, seed), base=self._stack
+        )
 
     def aggregate_train(self, server_round: int, updates: Sequence[LoraUpdate]) -> AggregateResult:
         """Append this round's stack to the global one."""
         ups, modules = ordered(updates, "flora")
         weights = example_weights(ups, self.config.weighted)
-        out: dict[str, LoraFactors] = {}
-        for m in modules:
-            a, b = stack([u.factors[m] for u in ups], weights)  # (R_t, in), (out, R_t)
-            if self._stack is not None:
-                old = self._stack[m]
-                a = torch.cat([old.a.double(), a], dim=0)  # (R, in)
-                b = torch.cat([old.b.double() * old.scale, b], dim=1)  # (out, R)
-            out[m] = LoraFactors(a=a.float(), b=b.float(), alpha=float(a.shape[0]))
+        out = stacked_updates(ups, modules, weights, previous=self._stack)
         self._stack = out
         rank = next(iter(out.values())).rank
         return AggregateResult(

@@ -6,13 +6,13 @@ the LoRA scale folded into ``B``. A client of rank ``r_k`` trains its own ``alph
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
 
 from fedpeft.lora import init_factors
-from fedpeft.rank_ops import check_modules, for_client, pad, unit_scale, unit_spec
+from fedpeft.rank_ops import check_modules, for_client, pad, stack, unit_scale, unit_spec
 from fedpeft.strategies.base import LoraPlan, StrategyContext, weights_of
 from fedpeft.wire import Adapter, ClientInfo, LoraFactors, LoraSpec, LoraUpdate
 
@@ -24,9 +24,11 @@ __all__ = [
     "one_factor_update",
     "ordered",
     "padded_sum",
+    "plans_by_rank",
     "plans_from_global",
     "ranks_for",
     "shapes_of",
+    "stacked_updates",
 ]
 
 
@@ -103,6 +105,33 @@ def example_weights(updates: Sequence[LoraUpdate], weighted: bool) -> list[float
     return weights_of(updates) if weighted else [1.0 / len(updates)] * len(updates)
 
 
+def plans_by_rank(
+    ctx: StrategyContext,
+    ranks: dict[str, int],
+    adapter_for: Callable[[LoraSpec], Adapter],
+    parts: str = "AB",
+    base: Adapter | None = None,
+    reg: tuple[float, float] = (0.0, 1.0),
+) -> dict[str, LoraPlan]:
+    """One plan per distinct rank (its adapter built once, so encoded once), shared by the
+    clients of that rank; ``adapter_for`` gives the starting factors of a client spec."""
+    by_rank: dict[int, LoraPlan] = {}
+    out: dict[str, LoraPlan] = {}
+    for cid, r in sorted(ranks.items()):
+        if r not in by_rank:
+            spec = client_spec(ctx, r)
+            by_rank[r] = LoraPlan(
+                spec=spec,
+                adapter=adapter_for(spec),
+                parts=parts,
+                base=base,
+                reg_lambda=reg[0],
+                reg_gamma=reg[1],
+            )
+        out[cid] = by_rank[r]
+    return out
+
+
 def plans_from_global(
     ctx: StrategyContext,
     global_: Adapter,
@@ -111,19 +140,24 @@ def plans_from_global(
     reg: tuple[float, float] = (0.0, 1.0),
 ) -> dict[str, LoraPlan]:
     """Each client gets the first ``r_k`` components of the unit-scale global, in its scale."""
-    out: dict[str, LoraPlan] = {}
-    by_rank: dict[int, LoraPlan] = {}
-    for cid, r in sorted(ranks.items()):
-        if r not in by_rank:  # one adapter object per rank: encoded once, deduplicated
-            spec = client_spec(ctx, r)
-            by_rank[r] = LoraPlan(
-                spec=spec,
-                adapter=for_client(global_, spec),
-                parts=parts,
-                reg_lambda=reg[0],
-                reg_gamma=reg[1],
-            )
-        out[cid] = by_rank[r]
+    return plans_by_rank(ctx, ranks, lambda spec: for_client(global_, spec), parts, reg=reg)
+
+
+def stacked_updates(
+    updates: Sequence[LoraUpdate],
+    modules: Sequence[str],
+    weights: Sequence[float],
+    previous: Adapter | None = None,
+) -> dict[str, LoraFactors]:
+    """FLoRA stacking of every module (unit scale, ``alpha = rank``), after ``previous``'s stack."""
+    out: dict[str, LoraFactors] = {}
+    for m in modules:
+        a, b = stack([u.factors[m] for u in updates], weights)  # (R_t, in), (out, R_t)
+        if previous is not None:
+            old = previous[m]
+            a = torch.cat([old.a.double(), a], dim=0)  # (R, in)
+            b = torch.cat([old.b.double() * old.scale, b], dim=1)  # (out, R)
+        out[m] = LoraFactors(a=a.float(), b=b.float(), alpha=float(a.shape[0]))
     return out
 
 
