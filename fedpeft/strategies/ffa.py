@@ -18,25 +18,22 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fedpeft.rank_ops import unit_spec
 from fedpeft.strategies.base import (
     AggregateResult,
     LoraPlan,
     StrategyContext,
-    adapter_from_state,
-    adapter_state,
 )
 from fedpeft.strategies.hetero import (
+    UnitGlobal,
     WeightedConfig,
     example_weights,
-    initial_unit,
     one_factor_update,
     ordered,
     plans_from_global,
     ranks_for,
 )
 from fedpeft.strategies.registry import register_strategy
-from fedpeft.wire import Adapter, ClientInfo, LoraUpdate
+from fedpeft.wire import ClientInfo, LoraUpdate
 
 __all__ = ["FfaLora"]
 
@@ -51,39 +48,29 @@ class FfaLora:
     def __init__(self, config: WeightedConfig, ctx: StrategyContext) -> None:
         self.config = config
         self.ctx = ctx
-        self._global: Adapter | None = None
-
-    def _current(self) -> Adapter:
-        if self._global is None:
-            self._global = initial_unit(self.ctx, self.ctx.rank_policy().max_rank)
-        return self._global
+        self._global = UnitGlobal(ctx)
 
     def configure_train(
         self, server_round: int, clients: Sequence[ClientInfo]
     ) -> Mapping[str, LoraPlan]:
         """Each client trains ``B`` at its rank on the shared ``A_0[:r_k]``."""
         ranks = ranks_for(self.ctx, server_round, clients, {})
-        return plans_from_global(self.ctx, self._current(), ranks, parts="B")
+        return plans_from_global(self.ctx, self._global.adapter, ranks, parts="B")
 
     def aggregate_train(self, server_round: int, updates: Sequence[LoraUpdate]) -> AggregateResult:
         """Weighted sum of the zero-padded, scale-folded ``B_k``; ``A_0`` unchanged."""
         ups, modules = ordered(updates, "ffa")
         weights = example_weights(ups, self.config.weighted)
-        self._global = one_factor_update(self._current(), ups, modules, weights, "B")
-        rank = next(iter(self._global.values())).rank
-        return AggregateResult(
-            adapter=self._global,
-            spec=unit_spec(self.ctx.spec, rank),
-            metrics={"ffa_clients": float(len(ups))},
-        )
+        new = one_factor_update(self._global.adapter, ups, modules, weights, "B")
+        return self._global.update(new, {"ffa_clients": float(len(ups))})
 
     def state_dict(self) -> dict[str, Any]:
         """The global adapter (``A_0`` and the averaged ``B``)."""
-        return {"global": adapter_state(self._current())}
+        return self._global.state()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore the global adapter."""
-        self._global = adapter_from_state(state["global"])
+        self._global.load(state)
 
 
 register_strategy("ffa", FfaLora)

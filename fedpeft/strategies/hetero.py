@@ -6,17 +6,26 @@ the LoRA scale folded into ``B``. A client of rank ``r_k`` trains its own ``alph
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
 from fedpeft.lora import init_factors
 from fedpeft.rank_ops import check_modules, for_client, pad, stack, unit_scale, unit_spec
-from fedpeft.strategies.base import LoraPlan, StrategyContext, weights_of
+from fedpeft.strategies.base import (
+    AggregateResult,
+    LoraPlan,
+    StrategyContext,
+    adapter_from_state,
+    adapter_state,
+    weights_of,
+)
 from fedpeft.wire import Adapter, ClientInfo, LoraFactors, LoraSpec, LoraUpdate
 
 __all__ = [
+    "UnitGlobal",
     "WeightedConfig",
     "client_spec",
     "example_weights",
@@ -37,6 +46,38 @@ class WeightedConfig:
     """Options of a strategy whose only choice is how clients are weighted."""
 
     weighted: bool = True  # weight clients by num_examples (False: plain mean)
+
+
+class UnitGlobal:
+    """A padded strategy's global adapter: unit scale at the policy's ``max_rank``, built on
+    first use, and the :class:`AggregateResult` and state that go with it."""
+
+    def __init__(self, ctx: StrategyContext) -> None:
+        self.ctx = ctx
+        self._adapter: Adapter | None = None
+
+    @property
+    def adapter(self) -> Adapter:
+        """The current global adapter."""
+        if self._adapter is None:
+            self._adapter = initial_unit(self.ctx, self.ctx.rank_policy().max_rank)
+        return self._adapter
+
+    def update(self, adapter: Adapter, metrics: dict[str, float]) -> AggregateResult:
+        """Make ``adapter`` the global one and describe it."""
+        self._adapter = adapter
+        rank = next(iter(adapter.values())).rank
+        return AggregateResult(
+            adapter=adapter, spec=unit_spec(self.ctx.spec, rank), metrics=metrics
+        )
+
+    def state(self) -> dict[str, Any]:
+        """``{"global": ...}`` for a strategy's ``state_dict``."""
+        return {"global": adapter_state(self.adapter)}
+
+    def load(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state` returned."""
+        self._adapter = adapter_from_state(state["global"])
 
 
 def shapes_of(adapter: Adapter) -> dict[str, tuple[int, int]]:

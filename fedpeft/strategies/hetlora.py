@@ -24,24 +24,22 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedpeft.errors import ConfigError
-from fedpeft.rank_ops import product_norm, unit_spec
+from fedpeft.rank_ops import product_norm
 from fedpeft.strategies.base import (
     AggregateResult,
     LoraPlan,
     StrategyContext,
-    adapter_from_state,
-    adapter_state,
 )
 from fedpeft.strategies.hetero import (
+    UnitGlobal,
     example_weights,
-    initial_unit,
     ordered,
     padded_sum,
     plans_from_global,
     ranks_for,
 )
 from fedpeft.strategies.registry import register_strategy
-from fedpeft.wire import Adapter, ClientInfo, LoraFactors, LoraUpdate
+from fedpeft.wire import ClientInfo, LoraFactors, LoraUpdate
 
 __all__ = ["HetLora"]
 
@@ -73,13 +71,8 @@ class HetLora:
     def __init__(self, config: Config, ctx: StrategyContext) -> None:
         self.config = config
         self.ctx = ctx
-        self._global: Adapter | None = None
+        self._global = UnitGlobal(ctx)
         self._pruned: dict[str, int] = {}  # client id -> self-pruned rank
-
-    def _current(self) -> Adapter:
-        if self._global is None:
-            self._global = initial_unit(self.ctx, self.ctx.rank_policy().max_rank)
-        return self._global
 
     def configure_train(
         self, server_round: int, clients: Sequence[ClientInfo]
@@ -87,7 +80,7 @@ class HetLora:
         """Each client gets the global truncated to its (possibly self-pruned) rank."""
         ranks = ranks_for(self.ctx, server_round, clients, self._pruned)
         reg = (self.config.reg_lambda, self.config.reg_gamma)
-        return plans_from_global(self.ctx, self._current(), ranks, reg=reg)
+        return plans_from_global(self.ctx, self._global.adapter, ranks, reg=reg)
 
     def _weights(self, ups: Sequence[LoraUpdate], modules: Sequence[str]) -> list[float]:
         if self.config.weighting == "examples":
@@ -104,7 +97,7 @@ class HetLora:
         """Zero-pad to ``r_max``, weight by ``||s_k B_k A_k||``, average ``A`` and ``B``."""
         ups, modules = ordered(updates, "hetlora")
         weights = self._weights(ups, modules)
-        rank = next(iter(self._current().values())).rank
+        rank = next(iter(self._global.adapter.values())).rank
         out: dict[str, LoraFactors] = {}
         for m in modules:
             b = padded_sum(ups, m, weights, rank, "B")  # (out, r_max)
@@ -113,19 +106,18 @@ class HetLora:
         for u in ups:
             if "prune_rank" in u.metrics:
                 self._pruned[u.header.client_id] = max(1, int(u.metrics["prune_rank"]))
-        self._global = out
         metrics = {"hetlora_clients": float(len(ups))}
         if self._pruned:
             metrics["hetlora_pruned_clients"] = float(len(self._pruned))
-        return AggregateResult(adapter=out, spec=unit_spec(self.ctx.spec, rank), metrics=metrics)
+        return self._global.update(out, metrics)
 
     def state_dict(self) -> dict[str, Any]:
         """The global adapter and the self-pruned ranks."""
-        return {"global": adapter_state(self._current()), "pruned": dict(self._pruned)}
+        return {**self._global.state(), "pruned": dict(self._pruned)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
-        self._global = adapter_from_state(state["global"])
+        self._global.load(state)
         self._pruned = {str(k): int(v) for k, v in state.get("pruned", {}).items()}
 
 

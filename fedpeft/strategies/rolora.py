@@ -19,24 +19,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedpeft.errors import ConfigError
-from fedpeft.rank_ops import unit_spec
 from fedpeft.strategies.base import (
     AggregateResult,
     LoraPlan,
     StrategyContext,
-    adapter_from_state,
-    adapter_state,
 )
 from fedpeft.strategies.hetero import (
+    UnitGlobal,
     example_weights,
-    initial_unit,
     one_factor_update,
     ordered,
     plans_from_global,
     ranks_for,
 )
 from fedpeft.strategies.registry import register_strategy
-from fedpeft.wire import Adapter, ClientInfo, LoraUpdate
+from fedpeft.wire import ClientInfo, LoraUpdate
 
 __all__ = ["RoLora"]
 
@@ -60,45 +57,38 @@ class RoLora:
     def __init__(self, config: Config, ctx: StrategyContext) -> None:
         self.config = config
         self.ctx = ctx
-        self._global: Adapter | None = None
+        self._global = UnitGlobal(ctx)
 
     def part(self, server_round: int) -> str:
         """The factor trained in ``server_round``."""
         other = "A" if self.config.first == "B" else "B"
         return self.config.first if server_round % 2 == 1 else other
 
-    def _current(self) -> Adapter:
-        if self._global is None:
-            self._global = initial_unit(self.ctx, self.ctx.rank_policy().max_rank)
-        return self._global
-
     def configure_train(
         self, server_round: int, clients: Sequence[ClientInfo]
     ) -> Mapping[str, LoraPlan]:
         """Each client trains this round's factor at its rank."""
         ranks = ranks_for(self.ctx, server_round, clients, {})
-        return plans_from_global(self.ctx, self._current(), ranks, parts=self.part(server_round))
+        return plans_from_global(
+            self.ctx, self._global.adapter, ranks, parts=self.part(server_round)
+        )
 
     def aggregate_train(self, server_round: int, updates: Sequence[LoraUpdate]) -> AggregateResult:
         """Average this round's factor (zero-padded, unit scale); keep the other."""
         ups, modules = ordered(updates, "rolora")
         weights = example_weights(ups, self.config.weighted)
         part = self.part(server_round)
-        self._global = one_factor_update(self._current(), ups, modules, weights, part)
-        rank = next(iter(self._global.values())).rank
-        return AggregateResult(
-            adapter=self._global,
-            spec=unit_spec(self.ctx.spec, rank),
-            metrics={"rolora_clients": float(len(ups)), "rolora_trained_b": float(part == "B")},
-        )
+        new = one_factor_update(self._global.adapter, ups, modules, weights, part)
+        metrics = {"rolora_clients": float(len(ups)), "rolora_trained_b": float(part == "B")}
+        return self._global.update(new, metrics)
 
     def state_dict(self) -> dict[str, Any]:
         """The global adapter."""
-        return {"global": adapter_state(self._current())}
+        return self._global.state()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore the global adapter."""
-        self._global = adapter_from_state(state["global"])
+        self._global.load(state)
 
 
 register_strategy("rolora", RoLora)
