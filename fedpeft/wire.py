@@ -16,6 +16,8 @@ Record layout of a message's ``RecordDict`` (the names are constants below, used
 - ``fedpeft.lora`` / ``fedpeft.train`` / ``fedpeft.compress`` (ConfigRecord): the adapter
   spec, which factors to train, training hyper-parameters and codecs of an instruction.
 - ``fedpeft.metrics`` (MetricRecord): what a client measured.
+- ``fedpeft.prune`` (ConfigRecord): an instruction's pruning plan, or the structure an
+  update's factors belong to (see :mod:`fedpeft.wire_prune`).
 
 Decoding never unpickles (Flower's ``Array`` uses ``np.load(allow_pickle=False)``) and turns
 every inconsistency into a :class:`~fedpeft.errors.ProtocolError` naming the field.
@@ -42,6 +44,7 @@ from fedpeft.wire_adapter import (
     encode_adapter,
     records_nbytes,
 )
+from fedpeft.wire_prune import PRUNE, PrunePlan, decode_keep, decode_plan, encode_keep, encode_plan
 from fedpeft.wire_types import Adapter, LoraFactors, LoraSpec, get_field, get_record
 
 __all__ = [
@@ -129,6 +132,7 @@ class TrainInstruction:
     compress: CompressConfig = field(default_factory=CompressConfig)
     reg_lambda: float = 0.0  # HetLoRA rank self-pruning: weight of the tail-norm penalty
     reg_gamma: float = 1.0  # HetLoRA: the tail is ranks [floor(gamma r), r)
+    prune: PrunePlan | None = None  # FedSpine: structured pruning; adapter cut to prune.keep
 
     def __post_init__(self) -> None:
         if self.parts not in PARTS:
@@ -137,6 +141,11 @@ class TrainInstruction:
             raise ProtocolError(
                 f"reg_gamma must be in (0, 1] and reg_lambda >= 0, got "
                 f"{self.reg_gamma} and {self.reg_lambda}"
+            )
+        if self.prune is not None and (self.compress.up != "none" or self.parts != "AB"):
+            raise ProtocolError(
+                "a pruning instruction trains both factors and sends them exactly "
+                f"(parts AB, compress.up none), got parts {self.parts!r}, up {self.compress.up!r}"
             )
 
     @property
@@ -158,11 +167,16 @@ class TrainInstruction:
 
 @dataclass(frozen=True, slots=True)
 class LoraUpdate:
-    """A client's trained LoRA factors for one round."""
+    """A client's trained LoRA factors for one round.
+
+    ``keep`` is the pruned structure the factors belong to (a bitmask of the instruction's
+    pruning layout), ``None`` for the whole model.
+    """
 
     header: Header
     factors: Adapter
     metrics: Mapping[str, float] = field(default_factory=dict)
+    keep: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,6 +317,8 @@ def encode_instruction(ins: TrainInstruction, shared: SharedRecords | None = Non
     content[TENSORS], content[META] = encode_adapter(ins.adapter, codec=codec, shared=shared)
     if ins.base is not None:
         content[BASE], content[BASE_META] = encode_adapter(ins.base, codec=codec, shared=shared)
+    if ins.prune is not None:
+        content[PRUNE] = encode_plan(ins.prune)
     return RecordDict(content)
 
 
@@ -339,6 +355,7 @@ def decode_instruction(content: RecordDict) -> TrainInstruction:
         compress=_decode_fields(content, COMPRESS, CompressConfig),
         reg_lambda=get_field(lora, "reg_lambda", float, LORA),
         reg_gamma=get_field(lora, "reg_gamma", float, LORA),
+        prune=decode_plan(content),
     )
 
 
@@ -365,6 +382,8 @@ def encode_update(
             feedback=feedback,
         )
     content[METRICS] = MetricRecord({k: float(v) for k, v in update.metrics.items()})
+    if update.keep is not None:
+        content[PRUNE] = encode_keep(update.keep)
     return RecordDict(content)
 
 
@@ -387,7 +406,7 @@ def decode_update(content: RecordDict, reference: Adapter | None = None) -> Lora
             raise ProtocolError(f"metric {k!r} must be a number, got {v!r}")
         values[k] = float(v)
     factors = decode_adapter(content, TENSORS, META, reference)
-    return LoraUpdate(header=header, factors=factors, metrics=values)
+    return LoraUpdate(header=header, factors=factors, metrics=values, keep=decode_keep(content))
 
 
 def update_payload(content: RecordDict) -> int:

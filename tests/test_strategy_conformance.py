@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from fedpeft.errors import AggregationError
+from fedpeft.prune.layout import LayerLayout, PruneLayout
 from fedpeft.strategies.base import StrategyContext
 from fedpeft.strategies.registry import build_strategy, registered, resolve
 from fedpeft.wire import ClientInfo, Header, LoraSpec
@@ -26,8 +27,15 @@ STRATEGIES = [n for n in registered() if getattr(resolve(n), "mode", "lora") == 
 SPEC = LoraSpec(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"))
 
 
+# a pruning strategy's layout; the suite's module names lie outside it (nothing is pruned)
+LAYOUT = PruneLayout("llama", (LayerLayout(groups=2, per_group=2, head_dim=4, ffn=16),) * 3)
+
+
 def _build(name, initial):
-    return build_strategy(name, {}, StrategyContext(initial=initial, spec=SPEC, seed=0))
+    layout = LAYOUT if getattr(resolve(name), "needs_layout", False) else None
+    return build_strategy(
+        name, {}, StrategyContext(initial=initial, spec=SPEC, seed=0, layout=layout)
+    )
 
 
 def _clients(n):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,7 +23,17 @@ from fedpeft.lora import ModelHandle
 from fedpeft.seeding import derive_seed, scoped_torch_seed, torch_generator
 from fedpeft.wire import Header, LoraUpdate, TrainInstruction
 
-__all__ = ["ClientData", "LoraTrainer", "NoopTrainer", "Trainer", "local_steps", "make_trainer"]
+__all__ = [
+    "ClientData",
+    "LoraTrainer",
+    "NoopTrainer",
+    "Trainer",
+    "batch_stream",
+    "local_steps",
+    "make_trainer",
+    "reply_header",
+    "run_steps",
+]
 
 
 @dataclass(frozen=True)
@@ -58,7 +68,7 @@ def _batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[list[int
             yield order[i : i + batch_size]
 
 
-def _reply_header(ins: TrainInstruction, handle: ModelHandle, data: ClientData) -> Header:
+def reply_header(ins: TrainInstruction, handle: ModelHandle, data: ClientData) -> Header:
     return Header(
         run_id=ins.header.run_id,
         server_round=ins.header.server_round,
@@ -78,6 +88,49 @@ def _tail_norm(handle: ModelHandle, name: str, keep: int) -> torch.Tensor:
     return total
 
 
+def run_steps(
+    handle: ModelHandle,
+    name: str,
+    ins: TrainInstruction,
+    data: ClientData,
+    batches: Iterator[list[int]],
+    steps: int,
+    losses: list[float],
+    penalty: Callable[[], torch.Tensor] | None = None,
+    after_backward: Callable[[], None] | None = None,
+) -> None:
+    """``steps`` AdamW steps (fresh optimizer) on the factors ``ins.parts`` of adapter ``name``.
+
+    Inside ``handle.training(name)``; appends every micro-batch loss to ``losses``;
+    ``penalty`` is added to each micro-batch loss, ``after_backward`` runs before each step.
+    """
+    train = ins.train
+    pad = handle.tokenizer.pad_token_id
+    model = handle.peft_model(name)
+    params = handle.trainable_parameters(name, ins.parts)
+    opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        for _ in range(train.grad_accum):
+            batch = collate([data.examples[i] for i in next(batches)], pad, handle.device)
+            loss = model(**batch).loss
+            losses.append(float(loss.detach()))
+            if penalty is not None:
+                loss = loss + penalty()
+            (loss / train.grad_accum).backward()
+        if after_backward is not None:
+            after_backward()
+        if train.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def batch_stream(ins: TrainInstruction, data: ClientData) -> Iterator[list[int]]:
+    """The round's shuffled batches, seeded by the instruction."""
+    return _batches(len(data.examples), ins.train.batch_size, torch_generator(ins.seed, "batches"))
+
+
 class LoraTrainer:
     """AdamW on the LoRA factors the instruction asks to train (``parts``).
 
@@ -85,45 +138,32 @@ class LoraTrainer:
     round. HetLoRA's rank self-pruning (Cho et al. 2024): with ``reg_lambda > 0`` the loss
     gains ``lambda * (||A[g:]|| + ||B[:, g:]||)`` with ``g = floor(gamma r)``; when that tail
     norm ends the round below where it started, the client reports ``prune_rank = g`` and
-    the coordinator trains it at that rank from then on.
+    the coordinator trains it at that rank from then on. An instruction with a pruning plan
+    goes to :class:`~fedpeft.client.prune_trainer.PruneTrainer`.
     """
 
     def fit(self, handle: ModelHandle, ins: TrainInstruction, data: ClientData) -> LoraUpdate:
         """Run the instruction's local steps and return the trained factors."""
+        if ins.prune is not None:
+            from fedpeft.client.prune_trainer import PruneTrainer
+
+            return PruneTrainer().fit(handle, ins, data)
         t0 = time.perf_counter()
-        train = ins.train
         name = handle.ensure_adapter(ins.lora)
         handle.set_factors(name, ins.adapter)
-        steps = local_steps(train, len(data.examples))
-        batches = _batches(
-            len(data.examples), train.batch_size, torch_generator(ins.seed, "batches")
-        )
-        pad = handle.tokenizer.pad_token_id
+        steps = local_steps(ins.train, len(data.examples))
         keep = max(1, math.floor(ins.reg_gamma * ins.lora.rank))
         prune = ins.reg_lambda > 0 and keep < ins.lora.rank
         losses: list[float] = []
         with (
             scoped_torch_seed(derive_seed(ins.seed, "dropout")),
             handle.merged(ins.base),
-            handle.training(name) as model,
+            handle.training(name),
         ):
-            params = handle.trainable_parameters(name, ins.parts)
-            opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
             with torch.no_grad():
                 tail_start = float(_tail_norm(handle, name, keep)) if prune else 0.0
-            for _ in range(steps):
-                opt.zero_grad(set_to_none=True)
-                for _ in range(train.grad_accum):
-                    batch = collate([data.examples[i] for i in next(batches)], pad, handle.device)
-                    loss = model(**batch).loss
-                    losses.append(float(loss.detach()))
-                    if prune:
-                        loss = loss + ins.reg_lambda * _tail_norm(handle, name, keep)
-                    (loss / train.grad_accum).backward()
-                if train.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
-                opt.step()
-            opt.zero_grad(set_to_none=True)
+            penalty = (lambda: ins.reg_lambda * _tail_norm(handle, name, keep)) if prune else None
+            run_steps(handle, name, ins, data, batch_stream(ins, data), steps, losses, penalty)
             metrics = {
                 "train_loss": sum(losses) / len(losses),
                 "steps": float(steps),
@@ -135,7 +175,7 @@ class LoraTrainer:
                     metrics["prune_rank"] = float(keep)
         metrics["train_s"] = time.perf_counter() - t0
         return LoraUpdate(
-            header=_reply_header(ins, handle, data),
+            header=reply_header(ins, handle, data),
             factors=handle.get_factors(name),
             metrics=metrics,
         )
@@ -147,7 +187,7 @@ class NoopTrainer:
     def fit(self, handle: ModelHandle, ins: TrainInstruction, data: ClientData) -> LoraUpdate:
         """Echo the global factors back."""
         return LoraUpdate(
-            header=_reply_header(ins, handle, data), factors=ins.adapter, metrics={"steps": 0.0}
+            header=reply_header(ins, handle, data), factors=ins.adapter, metrics={"steps": 0.0}
         )
 
 

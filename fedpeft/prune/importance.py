@@ -25,7 +25,15 @@ import torch
 
 from fedpeft.prune.structure import Keep, LayerShape
 
-__all__ = ["GroupScores", "choose_keep", "element_importance", "reduce_groups"]
+__all__ = [
+    "GroupScores",
+    "choose_keep",
+    "element_importance",
+    "kept_count",
+    "merge_keeps",
+    "reduce_groups",
+    "top_k",
+]
 
 
 def element_importance(
@@ -94,12 +102,21 @@ def choose_keep(
     return out
 
 
+def kept_count(n: int, ratio: float) -> int:
+    """How many of ``n`` groups pruning ``ratio`` keeps: ``max(1, n - floor(ratio n))``."""
+    return max(1, n - math.floor(ratio * n))
+
+
+def top_k(score: torch.Tensor, k: int) -> tuple[int, ...]:
+    """Positions of the ``k`` largest scores, sorted (ties keep the lower position)."""
+    order = sorted(range(len(score)), key=lambda j: (-float(score[j]), j))[:k]
+    return tuple(sorted(order))
+
+
 def _top(score: torch.Tensor | None, n: int, ratio: float) -> tuple[int, ...]:
     if score is None:
         return tuple(range(n))
-    k = max(1, n - math.floor(ratio * n))
-    order = sorted(range(n), key=lambda j: (-float(score[j]), j))[:k]
-    return tuple(sorted(order))
+    return top_k(score, kept_count(n, ratio))
 
 
 def merge_keeps(keeps: Mapping[int, Keep], shapes: Sequence[LayerShape]) -> list[Keep]:

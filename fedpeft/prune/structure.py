@@ -27,7 +27,16 @@ from torch import nn
 
 from fedpeft.errors import ModelError
 
-__all__ = ["Keep", "LayerShape", "layer_shapes", "prune_layers", "zero_pruned"]
+__all__ = [
+    "Keep",
+    "LayerShape",
+    "arch_of",
+    "attn_sizes",
+    "decoder_layers",
+    "layer_shapes",
+    "prune_layers",
+    "zero_pruned",
+]
 
 
 @dataclass(frozen=True)
@@ -46,18 +55,18 @@ class Keep:
     ffn: tuple[int, ...]
 
 
-def _arch(model: Any) -> str:
+def arch_of(model: Any) -> str:
     kind = getattr(getattr(model, "config", None), "model_type", "")
     if kind == "gpt2":
         return "gpt2"
-    if hasattr(_layers(model, "llama")[0], "mlp") and hasattr(
-        _layers(model, "llama")[0].mlp, "gate_proj"
+    if hasattr(decoder_layers(model, "llama")[0], "mlp") and hasattr(
+        decoder_layers(model, "llama")[0].mlp, "gate_proj"
     ):
         return "llama"
     raise ModelError(f"structured pruning supports LLaMA-family and GPT-2 models, not {kind!r}")
 
 
-def _layers(model: Any, arch: str) -> list[Any]:
+def decoder_layers(model: Any, arch: str) -> list[Any]:
     inner = (
         getattr(model, "model", None) if arch == "llama" else getattr(model, "transformer", None)
     )
@@ -67,7 +76,7 @@ def _layers(model: Any, arch: str) -> list[Any]:
     return list(blocks)
 
 
-def _attn_sizes(model: Any, layer: Any, arch: str) -> tuple[int, int, int]:
+def attn_sizes(model: Any, layer: Any, arch: str) -> tuple[int, int, int]:
     """(groups, q heads per group, head_dim) of one layer's attention."""
     attn = layer.self_attn if arch == "llama" else layer.attn
     hd = int(attn.head_dim)
@@ -79,10 +88,10 @@ def _attn_sizes(model: Any, layer: Any, arch: str) -> tuple[int, int, int]:
 
 def layer_shapes(model: Any) -> list[LayerShape]:
     """The prunable sizes of every layer, in order."""
-    arch = _arch(model)
+    arch = arch_of(model)
     out = []
-    for layer in _layers(model, arch):
-        groups, _, _ = _attn_sizes(model, layer, arch)
+    for layer in decoder_layers(model, arch):
+        groups, _, _ = attn_sizes(model, layer, arch)
         ffn = (
             layer.mlp.gate_proj.weight.shape[0]
             if arch == "llama"
@@ -135,15 +144,15 @@ def prune_layers(model: Any, keep: Mapping[int, Keep]) -> Any:
     ModelError
         For an unsupported model, a layer index out of range or invalid indices.
     """
-    arch = _arch(model)
-    layers = _layers(model, arch)
+    arch = arch_of(model)
+    layers = decoder_layers(model, arch)
     shapes = layer_shapes(model)
     for i, k in sorted(keep.items()):
         if not 0 <= i < len(layers):
             raise ModelError(f"layer {i} does not exist (the model has {len(layers)})")
         _check_keep(k, shapes[i], i)
         layer = layers[i]
-        groups, per, hd = _attn_sizes(model, layer, arch)
+        groups, per, hd = attn_sizes(model, layer, arch)
         q_idx = _head_rows(k.attn, per, hd)
         ffn = torch.tensor(k.ffn, dtype=torch.long)
         with torch.no_grad():
@@ -176,12 +185,12 @@ def zero_pruned(model: Any, keep: Mapping[int, Keep]) -> Any:
     of removed channels removes their contribution exactly; the pruned model must then compute
     the same outputs.
     """
-    arch = _arch(model)
-    layers = _layers(model, arch)
+    arch = arch_of(model)
+    layers = decoder_layers(model, arch)
     with torch.no_grad():
         for i, k in keep.items():
             layer = layers[i]
-            groups, per, hd = _attn_sizes(model, layer, arch)
+            groups, per, hd = attn_sizes(model, layer, arch)
             drop_g = [g for g in range(groups) if g not in k.attn]
             cols = _head_rows(drop_g, per, hd)
             width = (

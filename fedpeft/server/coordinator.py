@@ -187,7 +187,7 @@ class Coordinator:
                 out[cid] = TrainInstruction(
                     header, plan.spec, train, plan.adapter, seed,
                     parts=plan.parts, base=plan.base, compress=self.cfg.compress,
-                    reg_lambda=plan.reg_lambda, reg_gamma=plan.reg_gamma,
+                    reg_lambda=plan.reg_lambda, reg_gamma=plan.reg_gamma, prune=plan.prune,
                 )  # fmt: skip
         return out
 
@@ -232,11 +232,21 @@ class Coordinator:
         return row
 
     def _simulate_devices(self, got: Exchange) -> dict[str, Any]:
-        """Simulated device time of this round; drops updates past ``devices.deadline_s``."""
-        if not self.profiles:
-            return {}
+        """Simulated device time of this round; drops updates past ``devices.deadline_s``.
+
+        Every update gets ``client_s`` in its metrics: its simulated seconds, or without
+        device profiles the compute time the client reported (``train_s``), so a strategy
+        that learns from client speed (FedSpine's bandit) reads the same field either way.
+        """
         train_s = {u.header.client_id: float(u.metrics.get("train_s", 0.0)) for u in got.updates}
         times = simulated_times(self.profiles, train_s, got.client_bytes_down, got.client_bytes_up)
+        got.updates = [
+            replace(u, metrics={**u.metrics, "client_s": times.get(cid, train_s[cid])})
+            for u in got.updates
+            for cid in [u.header.client_id]
+        ]
+        if not self.profiles:
+            return {}
         deadline = self.cfg.devices.deadline_s
         if deadline > 0:
             late = {c for c, t in times.items() if t > deadline}

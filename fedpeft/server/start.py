@@ -21,6 +21,7 @@ import torch
 from fedpeft.cache import PROCESS_CACHE, ProcessCache
 from fedpeft.config import RunConfig
 from fedpeft.lora import ModelHandle, init_factors
+from fedpeft.prune.layout import PruneLayout
 from fedpeft.ranks import make_rank_policy
 from fedpeft.seeding import derive_seed
 from fedpeft.strategies.base import AggregateResult, StrategyContext, ZoGlobal
@@ -88,8 +89,11 @@ def initial_global(
         zeros = np.zeros((rt.num_blocks, zspec.num_seeds), np.float32)
         ctx = StrategyContext(initial={}, spec=spec, seed=seed, zo=zspec, zo_blocks=rt.num_blocks)
         return AggregateResult(zo=ZoGlobal(zspec, 0, zeros)), ctx
+    layout = (
+        PruneLayout.of(handle.base_model) if getattr(strategy_cls, "needs_layout", False) else None
+    )
     adapter = init_factors(handle.module_shapes(handle.ensure_adapter(spec)), spec, seed)
-    ctx = StrategyContext(adapter, spec, seed, ranks=make_rank_policy(cfg))
+    ctx = StrategyContext(adapter, spec, seed, ranks=make_rank_policy(cfg), layout=layout)
     return AggregateResult(adapter=adapter, spec=spec), ctx
 
 

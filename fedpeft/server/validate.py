@@ -4,7 +4,8 @@ A bad update is rejected alone, with a reason naming the field and the values; t
 goes on with the others. Checked: the header (protocol, run id, round, base-model fingerprint,
 adapter-config hash, client id, num_examples), the module set, every factor's shape and rank,
 alpha, dtype, that all values are finite, and that a factor the instruction froze came back
-unchanged.
+unchanged. A pruning client's kept structure must lie inside the one it was told to start
+from, and its factors must have that structure's shapes.
 """
 
 from __future__ import annotations
@@ -58,9 +59,11 @@ def validate_update(update: LoraUpdate, ins: TrainInstruction) -> None:
             f"adapter modules differ from the instruction: missing {missing}, extra {extra}"
         )
     r = ins.lora.rank
+    sizes = _pruned_sizes(update, ins)
     for m, f in update.factors.items():
         ref = ins.adapter[m]
-        want_a, want_b = (r, ref.a.shape[1]), (ref.b.shape[0], r)
+        out_k, in_k = sizes.get(m, (int(ref.b.shape[0]), int(ref.a.shape[1])))
+        want_a, want_b = (r, in_k), (out_k, r)
         if tuple(f.a.shape) != want_a or tuple(f.b.shape) != want_b:
             raise ProtocolError(
                 f"{m}: got A{tuple(f.a.shape)} B{tuple(f.b.shape)}, "
@@ -77,6 +80,28 @@ def validate_update(update: LoraUpdate, ins: TrainInstruction) -> None:
                 raise ProtocolError(f"{m}::{part} has dtype {t.dtype}, expected a floating dtype")
             if not bool(torch.isfinite(t).all()):
                 raise ProtocolError(f"{m}::{part} contains NaN or infinite values")
+
+
+def _pruned_sizes(update: LoraUpdate, ins: TrainInstruction) -> dict[str, tuple[int, int]]:
+    """``(out, in)`` of every module a pruning client's final structure touches."""
+    plan = ins.prune
+    if plan is None:
+        if update.keep is not None:
+            raise ProtocolError("update carries a pruned structure, but none was asked for")
+        return {}
+    if update.keep is None:
+        raise ProtocolError("update carries no kept structure, but the instruction prunes")
+    start, keeps = plan.start(), plan.layout.decode(update.keep)
+    for i, (k0, k) in enumerate(zip(start, keeps, strict=True)):
+        if not (set(k.attn) <= set(k0.attn) and set(k.ffn) <= set(k0.ffn)):
+            raise ProtocolError(f"kept structure of layer {i} restores groups pruned before")
+    out: dict[str, tuple[int, int]] = {}
+    for m, ref in ins.adapter.items():
+        rows, cols = plan.layout.factor_index(m, keeps)
+        out_k = len(rows) if rows is not None else int(ref.b.shape[0])
+        in_k = len(cols) if cols is not None else int(ref.a.shape[1])
+        out[m] = (out_k, in_k)
+    return out
 
 
 def validate_zo_update(update: ZoUpdate, ins: ZoInstruction, num_blocks: int) -> None:

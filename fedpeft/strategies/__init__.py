@@ -3,6 +3,7 @@
 from fedpeft.strategies.base import AggregateResult, LoraPlan, Strategy, StrategyContext
 from fedpeft.strategies.fedavg import FedAvg
 from fedpeft.strategies.fedkseed import FedKSeed, FedKSeedPro
+from fedpeft.strategies.fedspine import FedSpine
 from fedpeft.strategies.ferret import Ferret
 from fedpeft.strategies.ffa import FfaLora
 from fedpeft.strategies.flexlora import FlexLora
@@ -17,6 +18,7 @@ __all__ = [
     "FedAvg",
     "FedKSeed",
     "FedKSeedPro",
+    "FedSpine",
     "Ferret",
     "FfaLora",
     "FlexLora",

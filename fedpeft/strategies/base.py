@@ -22,8 +22,10 @@ import numpy as np
 import torch
 
 from fedpeft.errors import AggregationError
+from fedpeft.prune.layout import PruneLayout
 from fedpeft.ranks import FixedRanks, RankPolicy
 from fedpeft.wire import Adapter, ClientInfo, LoraFactors, LoraSpec, LoraUpdate
+from fedpeft.wire_prune import PrunePlan
 from fedpeft.wire_zo import ZoSpec, ZoSync
 
 __all__ = [
@@ -79,6 +81,9 @@ class StrategyContext:
         Zeroth-order strategies: blocks of the tuned tensors (1 unless Ferret).
     ranks : RankPolicy | None
         Heterogeneous-rank strategies: who trains which rank (``None``: ``spec.rank`` for all).
+    layout : PruneLayout | None
+        Pruning strategies (class attribute ``needs_layout = True``): the base model's
+        prunable structure.
     """
 
     initial: Adapter
@@ -87,6 +92,7 @@ class StrategyContext:
     zo: ZoSpec | None = None
     zo_blocks: int = 1
     ranks: RankPolicy | None = None
+    layout: PruneLayout | None = None
 
     def rank_policy(self) -> RankPolicy:
         """``ranks``, or everyone at ``spec.rank``."""
@@ -99,7 +105,8 @@ class LoraPlan:
 
     ``parts`` names the factors it trains and sends back (``AB``, ``A`` or ``B``; the other
     stays as sent). ``base`` is merged into the client's base weights for the round (FLoRA).
-    ``reg_lambda`` / ``reg_gamma`` switch on HetLoRA's rank self-pruning.
+    ``reg_lambda`` / ``reg_gamma`` switch on HetLoRA's rank self-pruning. ``prune`` asks for
+    structured pruning (FedSpine); ``adapter`` then has the shapes of ``prune.keep``.
     """
 
     spec: LoraSpec
@@ -108,6 +115,7 @@ class LoraPlan:
     base: Adapter | None = None
     reg_lambda: float = 0.0
     reg_gamma: float = 1.0
+    prune: PrunePlan | None = None
 
 
 @dataclass(frozen=True)

@@ -52,15 +52,17 @@ class UnitGlobal:
     """A padded strategy's global adapter: unit scale at the policy's ``max_rank``, built on
     first use, and the :class:`AggregateResult` and state that go with it."""
 
-    def __init__(self, ctx: StrategyContext) -> None:
+    def __init__(self, ctx: StrategyContext, rank: int | None = None) -> None:
         self.ctx = ctx
+        self.rank = rank  # None: the rank policy's max_rank
         self._adapter: Adapter | None = None
 
     @property
     def adapter(self) -> Adapter:
         """The current global adapter."""
         if self._adapter is None:
-            self._adapter = initial_unit(self.ctx, self.ctx.rank_policy().max_rank)
+            rank = self.rank if self.rank is not None else self.ctx.rank_policy().max_rank
+            self._adapter = initial_unit(self.ctx, rank)
         return self._adapter
 
     def update(self, adapter: Adapter, metrics: dict[str, float]) -> AggregateResult:

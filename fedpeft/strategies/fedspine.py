@@ -1,0 +1,247 @@
+"""FedSpine (Yao et al. 2025, arXiv:2501.02438): a bandit picks each device's (structured
+pruning ratio, LoRA rank); devices prune-then-tune; pruned updates are averaged per coordinate.
+
+Per round and sampled device ``k``:
+
+1. **Arm.** The bandit (:mod:`fedpeft.bandit`, one statistics table per device) picks an arm
+   ``(p_k, r_k)`` from ``arms``. The device starts from the structure it ended at last time
+   when that was pruned no further than ``p_k`` (pruning continues from there), else from the
+   whole model. It receives the first ``r_k`` components of the unit-scale global adapter
+   (``B`` divided by its ``alpha / r_k``), cut to its starting structure.
+2. **Prune-then-tune** on the device (:mod:`fedpeft.client.prune_trainer`): LoRAPrune scores
+   from LoRA gradients, pruning in ``stages`` with ``warmup_steps`` of tuning before each.
+3. **Masked aggregation** (:mod:`fedpeft.prune.masked`): every coordinate of the unit-scale
+   ``B`` (out, R) and ``A`` (R, in) is the example-weighted mean over the devices whose
+   structure and rank contain it; a coordinate nobody covered keeps its value. Rank
+   components are treated like pruned features (a rank-4 device does not dilute components
+   5..8 with zeros, unlike HetLoRA's zero padding). With one arm ``(0, r)`` for everyone
+   this is FedAvg of the factors.
+4. **Reward.** FedSpine's exact reward is not public. Ours, per device ``k`` of the round::
+
+       rate_k   = (l_start_k - l_end_k) / t_k        # probe-batch loss drop per simulated second
+       reward_k = rate_k / median_j |rate_j|  -  delay_penalty * max(0, t_k / median_j t_j - 1)
+
+   ``l_start`` is the loss on the round's first batch with the received factors on the
+   starting structure, ``l_end`` the same batch after tuning on the final structure, so the
+   damage pruning does shows up as a smaller drop. ``t_k`` is the device's simulated
+   seconds (compute x speed + bytes / bandwidth; on real nodes its measured compute time).
+   Dividing by the round's median rate makes rewards scale-free as the loss flattens (UCB's
+   bonus assumes rewards of order 1); the penalty charges a device for holding the round
+   beyond the typical device's time, the straggler cost FedSpine's reward includes.
+   With a single arm nothing is learned and the probe forwards are skipped.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedpeft.bandit import Arm, Bandit, make_bandit
+from fedpeft.errors import AggregationError, ConfigError
+from fedpeft.prune.layout import PruneLayout, cut_adapter
+from fedpeft.prune.masked import Slice, masked_average
+from fedpeft.prune.schedule import default_protect
+from fedpeft.rank_ops import for_client, unit_scale
+from fedpeft.strategies.base import AggregateResult, LoraPlan, StrategyContext
+from fedpeft.strategies.hetero import UnitGlobal, client_spec, example_weights
+from fedpeft.strategies.registry import register_strategy
+from fedpeft.wire import ClientInfo, LoraFactors, LoraUpdate
+from fedpeft.wire_prune import PrunePlan
+
+__all__ = ["FedSpine", "fedspine_reward"]
+
+DEFAULT_ARMS = [[0.0, 8.0], [0.25, 8.0], [0.5, 4.0], [0.75, 4.0]]
+
+
+def fedspine_reward(
+    drops: Mapping[str, float], times: Mapping[str, float], delay_penalty: float
+) -> dict[str, float]:
+    """The reward of every device of a round (see the module docstring)."""
+    rates = {c: drops[c] / max(times[c], 1e-9) for c in drops}
+    scale = statistics.median(abs(r) for r in rates.values()) if rates else 0.0
+    t_med = statistics.median(times[c] for c in drops) if drops else 0.0
+    out = {}
+    for c, rate in rates.items():
+        delay = max(0.0, times[c] / t_med - 1.0) if t_med > 0 else 0.0
+        out[c] = (rate / scale if scale > 0 else 0.0) - delay_penalty * delay
+    return out
+
+
+class FedSpine:
+    """Bandit-chosen pruning ratio and rank per device, masked averaging of pruned updates."""
+
+    supports_heterogeneous_ranks = True
+    needs_layout = True
+
+    @dataclass(frozen=True)
+    class Config:
+        """Options of :class:`FedSpine`."""
+
+        arms: list[list[float]] = field(default_factory=lambda: [list(a) for a in DEFAULT_ARMS])
+        bandit: str = "sw-ucb"  # sw-ucb | d-ucb | epsilon-greedy | thompson
+        bandit_options: dict[str, float] = field(default_factory=dict)  # e.g. {window = 10}
+        delay_penalty: float = 0.5  # weight of the straggler term of the reward
+        stages: int = 2  # a device reaches its ratio in this many cuts
+        warmup_steps: int = 2  # local steps of tuning and scoring before each cut
+        weighted: bool = True  # weight devices by num_examples (False: plain mean)
+
+        def __post_init__(self) -> None:
+            p = []
+            if not self.arms:
+                p.append("arms must list at least one [ratio, rank]")
+            for arm in self.arms:
+                ok = len(arm) == 2 and 0 <= arm[0] < 1 and arm[1] >= 1 and arm[1] == int(arm[1])
+                if not ok:
+                    p.append(f"arm {arm} must be [ratio in [0, 1), integer rank >= 1]")
+            if len({(float(a[0]), int(a[1])) for a in self.arms if len(a) == 2}) < len(self.arms):
+                p.append(f"arms repeat an arm: {self.arms}")
+            if self.delay_penalty < 0:
+                p.append(f"delay_penalty must be >= 0, got {self.delay_penalty}")
+            if self.stages < 1 or self.warmup_steps < 0:
+                p.append(
+                    f"stages >= 1 and warmup_steps >= 0, got {self.stages}, {self.warmup_steps}"
+                )
+            if not p:
+                try:
+                    make_bandit(self.bandit, [Arm(0.0, 1)], 0, **self.bandit_options)
+                except ConfigError as err:
+                    p.append(str(err))
+            if p:
+                raise ConfigError([f"strategy.options.{x}" for x in p])
+
+    def __init__(self, config: Config, ctx: StrategyContext) -> None:
+        self.config = config
+        self.ctx = ctx
+        self.arms = [Arm(float(r), int(k)) for r, k in config.arms]
+        self._global = UnitGlobal(ctx, max(a.rank for a in self.arms))
+        self.bandit: Bandit = make_bandit(
+            config.bandit, self.arms, ctx.seed, **config.bandit_options
+        )
+        self._keeps: dict[str, tuple[float, bytes]] = {}  # device -> (target ratio, structure)
+        self._pending: dict[str, int] = {}  # device -> arm played this round
+
+    @property
+    def layout(self) -> PruneLayout:
+        """The base model's prunable structure."""
+        if self.ctx.layout is None:
+            raise ConfigError(
+                "fedspine needs the base model's pruning layout (StrategyContext.layout)"
+            )
+        return self.ctx.layout
+
+    def _plan(self, cid: str, arm: Arm) -> LoraPlan:
+        layout = self.layout
+        ratio, keep = self._keeps.get(cid, (0.0, b""))
+        start = keep if 0 < ratio <= arm.ratio else b""
+        keeps = layout.decode(start) if start else layout.full()
+        spec = client_spec(self.ctx, arm.rank)
+        adapter = cut_adapter(for_client(self._global.adapter, spec), layout, layout.full(), keeps)
+        prune = PrunePlan(
+            layout=layout,
+            ratio=arm.ratio,
+            keep=start,
+            stages=self.config.stages,
+            warmup_steps=self.config.warmup_steps,
+            protect=default_protect(layout),
+            measure=len(self.arms) > 1,
+        )
+        return LoraPlan(spec=spec, adapter=adapter, prune=prune)
+
+    def configure_train(
+        self, server_round: int, clients: Sequence[ClientInfo]
+    ) -> Mapping[str, LoraPlan]:
+        """Each device's arm from the bandit, its start structure and its slice of the global."""
+        self._pending = {}
+        plans = {}
+        for c in sorted(clients, key=lambda c: c.client_id):
+            i = self.bandit.select(c.client_id)
+            self._pending[c.client_id] = i
+            plans[c.client_id] = self._plan(c.client_id, self.arms[i])
+        return plans
+
+    def _slices(
+        self, ups: Sequence[LoraUpdate], weights: Sequence[float], module: str
+    ) -> tuple[list[Slice], list[Slice]]:
+        layout = self.layout
+        b_pieces, a_pieces = [], []
+        for w, u in zip(weights, ups, strict=True):
+            keeps = layout.decode(u.keep) if u.keep else layout.full()
+            rows, cols = layout.factor_index(module, keeps)
+            a, b = unit_scale(u.factors[module])  # (r_k, in_k), (out_k, r_k)
+            ranks = tuple(range(a.shape[0]))
+            b_pieces.append(Slice(b, rows, ranks, w))
+            a_pieces.append(Slice(a, ranks, cols, w))
+        return b_pieces, a_pieces
+
+    def aggregate_train(self, server_round: int, updates: Sequence[LoraUpdate]) -> AggregateResult:
+        """Masked averaging of the unit-scale factors; bandit rewards; remember structures."""
+        ups = sorted(updates, key=lambda u: u.header.client_id)
+        if not ups:
+            raise AggregationError("strategy 'fedspine' got no updates to aggregate")
+        global_ = self._global.adapter
+        for u in ups:
+            if set(u.factors) != set(global_):
+                raise AggregationError(
+                    f"client {u.header.client_id} adapted other modules than the global adapter"
+                )
+        weights = example_weights(ups, self.config.weighted)
+        out: dict[str, LoraFactors] = {}
+        covered = 0.0
+        for m in sorted(global_):
+            g = global_[m]
+            b_pieces, a_pieces = self._slices(ups, weights, m)
+            b, count_b = masked_average(b_pieces, g.b)  # (out, R)
+            a, _ = masked_average(a_pieces, g.a)  # (R, in)
+            covered += float((count_b > 0).float().mean()) / len(global_)
+            out[m] = LoraFactors(a=a, b=b, alpha=g.alpha)
+        metrics = self._learn(ups)
+        metrics["fedspine_covered"] = covered
+        return self._global.update(out, metrics)
+
+    def _learn(self, ups: Sequence[LoraUpdate]) -> dict[str, float]:
+        """Record structures, feed the bandit, describe the round."""
+        metrics: dict[str, float] = {}
+        drops, times = {}, {}
+        for u in ups:
+            cid = u.header.client_id
+            arm_i = self._pending.get(cid)
+            if arm_i is None:
+                continue
+            arm = self.arms[arm_i]
+            self._keeps[cid] = (arm.ratio, u.keep or b"")
+            metrics[f"arm_ratio/{cid}"] = arm.ratio
+            metrics[f"arm_rank/{cid}"] = float(arm.rank)
+            if "probe_loss_start" in u.metrics and "probe_loss_end" in u.metrics:
+                drops[cid] = u.metrics["probe_loss_start"] - u.metrics["probe_loss_end"]
+                times[cid] = u.metrics.get("client_s", u.metrics.get("train_s", 0.0))
+        if len(self.arms) > 1 and drops:
+            rewards = fedspine_reward(drops, times, self.config.delay_penalty)
+            for cid, r in sorted(rewards.items()):
+                self.bandit.update(cid, self._pending[cid], r)
+            metrics["fedspine_reward_mean"] = sum(rewards.values()) / len(rewards)
+        played = [self.arms[i] for c, i in self._pending.items() if f"arm_rank/{c}" in metrics]
+        if played:
+            metrics["fedspine_ratio_mean"] = sum(a.ratio for a in played) / len(played)
+            metrics["fedspine_rank_mean"] = sum(a.rank for a in played) / len(played)
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        """Global adapter, bandit statistics, each device's structure, this round's arms."""
+        return {
+            **self._global.state(),
+            "bandit": self.bandit.state_dict(),
+            "keeps": {c: [r, k] for c, (r, k) in self._keeps.items()},
+            "pending": dict(self._pending),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self._global.load(state)
+        self.bandit.load_state_dict(state["bandit"])
+        self._keeps = {str(c): (float(r), bytes(k)) for c, (r, k) in state["keeps"].items()}
+        self._pending = {str(c): int(i) for c, i in state["pending"].items()}
+
+
+register_strategy("fedspine", FedSpine)

@@ -1,0 +1,454 @@
+"""FedSpine: the pruning layout and its masks, cutting LoRA factors to a pruned structure,
+prune-then-tune on the client, validation of pruned updates, masked aggregation inside the
+strategy, the reward, state round trips and a tiny simulation end to end."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from fedpeft.bandit import Arm
+from fedpeft.client.prune_trainer import PruneTrainer, plain_copy, pruned_handle
+from fedpeft.client.trainer import ClientData
+from fedpeft.config import TrainConfig
+from fedpeft.data.tasks import TextPair
+from fedpeft.data.tokenize import encode_pairs
+from fedpeft.errors import ConfigError, ProtocolError
+from fedpeft.lora import ModelHandle, init_factors
+from fedpeft.prune.layout import LayerLayout, PruneLayout, cut_adapter
+from fedpeft.prune.schedule import default_protect, needs_pruning, target_counts
+from fedpeft.prune.structure import Keep, prune_layers, zero_pruned
+from fedpeft.seeding import scoped_torch_seed
+from fedpeft.server.validate import validate_update
+from fedpeft.simulation.runner import simulate
+from fedpeft.strategies.base import StrategyContext
+from fedpeft.strategies.fedavg import FedAvg
+from fedpeft.strategies.fedspine import FedSpine, fedspine_reward
+from fedpeft.wire import (
+    Header,
+    LoraFactors,
+    LoraSpec,
+    LoraUpdate,
+    TrainInstruction,
+    decode_instruction,
+    decode_update,
+    encode_instruction,
+    encode_update,
+)
+from fedpeft.wire_prune import PrunePlan
+
+TARGETS = {
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "gpt2": ("c_attn", "c_proj", "c_fc"),
+}
+
+
+def _llama(layers=4):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    conf = LlamaConfig(
+        vocab_size=64,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=6,
+        num_key_value_heads=3,  # GQA: 2 query heads per KV group
+        max_position_embeddings=64,
+    )
+    with scoped_torch_seed(0):
+        return LlamaForCausalLM(conf).eval()
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    conf = GPT2Config(vocab_size=64, n_embd=48, n_layer=4, n_head=4, n_positions=64)
+    with scoped_torch_seed(0):
+        return GPT2LMHeadModel(conf).eval()
+
+
+BUILD = {"llama": _llama, "gpt2": _gpt2}
+KEEPS = {
+    "llama": {1: Keep(attn=(0, 2), ffn=tuple(range(0, 96, 3))), 2: Keep(attn=(1,), ffn=(5, 7))},
+    "gpt2": {1: Keep(attn=(1, 3), ffn=tuple(range(0, 192, 2))), 2: Keep(attn=(2,), ffn=(4,))},
+}
+
+
+def _random_adapter(handle, spec, seed=0):
+    name = handle.ensure_adapter(spec)
+    g = torch.Generator().manual_seed(seed)
+    return {
+        m: LoraFactors(a=torch.randn(spec.rank, i, generator=g) * 0.1,
+                       b=torch.randn(o, spec.rank, generator=g) * 0.1, alpha=spec.alpha)
+        for m, (o, i) in handle.module_shapes(name).items()
+    }  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- layout, masks
+
+
+def test_mask_round_trips_and_bad_masks_are_refused():
+    layout = PruneLayout.of(_llama())
+    keeps = layout.full()
+    keeps[1] = KEEPS["llama"][1]
+    blob = layout.encode(keeps)
+    assert len(blob) == (4 * (3 + 96) + 7) // 8
+    assert layout.decode(blob) == keeps
+    with pytest.raises(ProtocolError, match="bytes"):
+        layout.decode(blob[:-1])
+    emptied = layout.full()
+    emptied[2] = Keep(attn=(0,), ffn=())
+    bits = bytearray(layout.encode(layout.full()))
+    with pytest.raises(ProtocolError, match="bits set past"):
+        layout.decode(bytes(bits[:-1]) + b"\xff")
+    zero = bytes(len(blob))
+    with pytest.raises(ProtocolError, match="empties layer 0"):
+        layout.decode(zero)
+    assert PruneLayout.from_json(json.loads(json.dumps(layout.to_json()))) == layout
+    with pytest.raises(ProtocolError):
+        PruneLayout.from_json({"arch": "llama", "layers": [[0, 1, 1, 1]]})
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_cut_adapter_on_the_pruned_model_equals_the_zeroed_full_model(arch):
+    """The structural check with LoRA on every prunable module: the pruned model with the
+    cut adapter computes exactly what the full model computes when the pruned groups (and the
+    LoRA inputs that read them) are zeroed."""
+    spec = LoraSpec(rank=4, alpha=8.0, target_modules=TARGETS[arch])
+    full = ModelHandle(BUILD[arch](), None, "fp", "m", torch.device("cpu"))
+    layout = PruneLayout.of(full.base_model)
+    adapter = _random_adapter(full, spec)
+    keeps = layout.full()
+    for i, k in KEEPS[arch].items():
+        keeps[i] = k
+    # reference: zero the pruned groups' output weights and the LoRA A columns reading them
+    ref = ModelHandle(zero_pruned(BUILD[arch](), KEEPS[arch]), None, "fp", "m", torch.device("cpu"))
+    ref_adapter = {}
+    for m, f in adapter.items():
+        _, cols = layout.factor_index(m, keeps)
+        a = f.a.clone()
+        if cols is not None:
+            mask = torch.zeros(a.shape[1], dtype=torch.bool)
+            mask[list(cols)] = True
+            a[:, ~mask] = 0
+        ref_adapter[m] = LoraFactors(a=a, b=f.b, alpha=f.alpha)
+    ref.set_factors(ref.ensure_adapter(spec), ref_adapter)
+    pruned = ModelHandle(prune_layers(BUILD[arch](), KEEPS[arch]), None, "fp", "m", full.device)
+    name = pruned.ensure_adapter(spec)
+    pruned.set_factors(name, cut_adapter(adapter, layout, layout.full(), keeps))
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ref.peft_model(ref.ensure_adapter(spec))(input_ids=ids).logits
+        got = pruned.peft_model(name)(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert PruneLayout.of(prune_layers(BUILD[arch](), KEEPS[arch])) == layout.pruned(keeps)
+
+
+def test_plain_copy_shares_weights_and_leaves_the_base_alone(tiny_handle):
+    spec = LoraSpec(rank=2, alpha=4.0, target_modules=("q_proj", "v_proj"))
+    tiny_handle.ensure_adapter(spec)
+    copy_ = plain_copy(tiny_handle)
+    from peft.tuners.lora import LoraLayer
+
+    assert not any(isinstance(m, LoraLayer) for m in copy_.modules())
+    base = dict(tiny_handle.base_model.named_parameters())
+    shared = [n for n, p in copy_.named_parameters() if any(p is q for q in base.values())]
+    assert len(shared) == len(list(copy_.parameters()))  # nothing duplicated
+    layout = PruneLayout.of(copy_)
+    keeps = layout.full()
+    keeps[0] = Keep(attn=(0,), ffn=(0, 1))
+    sub = pruned_handle(tiny_handle, layout, keeps)
+    assert sum(p.numel() for p in sub.base_model.parameters()) < sum(
+        p.numel() for n, p in tiny_handle.base_model.named_parameters() if "lora_" not in n
+    )
+    assert PruneLayout.of(tiny_handle.base_model) == layout  # the shared base is untouched
+
+
+def test_target_counts_protect_the_ends_and_keep_one():
+    layout = PruneLayout("llama", (LayerLayout(3, 3, 64, 1536),) * 4)
+    protect = default_protect(layout)
+    assert protect == (0, 3)
+    counts = target_counts(layout, 0.5, protect)
+    assert counts == [(3, 1536), (2, 768), (2, 768), (3, 1536)]
+    assert target_counts(layout, 0.9, ())[1] == (1, 154)
+    assert needs_pruning(layout.full(), counts)
+    assert not needs_pruning(layout.full(), target_counts(layout, 0.0, protect))
+
+
+# ---------------------------------------------------------------------------- client
+
+
+def _data(handle, n=24):
+    pairs = [TextPair(f"word {i}", f"meaning number {i} of the word") for i in range(n)]
+    return ClientData("0", encode_pairs(handle.tokenizer, pairs, 48, False))
+
+
+def _tiny4(cache):
+    from fedpeft.config import ModelConfig
+    from fedpeft.models import get_model
+
+    return get_model(ModelConfig(name="tiny", tiny_layers=4), cache)
+
+
+def _prune_instruction(handle, ratio, keep=b"", stages=2, rank=4, steps=5, measure=True):
+    spec = LoraSpec(rank=rank, alpha=8.0, target_modules=("q_proj", "v_proj", "up_proj"))
+    layout = PruneLayout.of(handle.base_model)
+    shapes = handle.module_shapes(handle.ensure_adapter(spec))
+    start = layout.decode(keep) if keep else layout.full()
+    adapter = cut_adapter(init_factors(shapes, spec, 3), layout, layout.full(), start)
+    plan = PrunePlan(layout, ratio, keep, stages, 2, default_protect(layout), measure)
+    return TrainInstruction(
+        header=Header("run", 1, handle.fingerprint, spec.config_hash(), 0, "0"),
+        lora=spec,
+        train=TrainConfig(local_steps=steps, batch_size=4, lr=1e-2),
+        adapter=adapter,
+        seed=5,
+        prune=plan,
+    )
+
+
+def test_prune_then_tune_reaches_the_ratio_and_passes_validation(cache):
+    handle = _tiny4(cache)
+    ins = _prune_instruction(handle, 0.5)
+    before = {n: p.clone() for n, p in handle.base_model.named_parameters() if "lora_" not in n}
+    up = PruneTrainer().fit(handle, ins, _data(handle))
+    layout = ins.prune.layout
+    keeps = layout.decode(up.keep)
+    counts = target_counts(layout, 0.5, default_protect(layout))
+    assert [(len(k.attn), len(k.ffn)) for k in keeps] == counts
+    assert keeps[0] == layout.full()[0] and keeps[-1] == layout.full()[-1]
+    assert up.metrics["prune_cuts"] == 2 and up.metrics["prune_params"] < 1
+    assert up.metrics["probe_loss_end"] < up.metrics["probe_loss_start"]
+    back = decode_update(
+        encode_update(replace(up, header=replace(up.header, num_examples=24)), ins)
+    )
+    validate_update(back, ins)
+    assert back.keep == up.keep
+    for n, p in handle.base_model.named_parameters():  # the shared base is left as it was
+        if "lora_" not in n:
+            assert torch.equal(p, before[n])
+    again = PruneTrainer().fit(handle, ins, _data(handle))
+    assert again.keep == up.keep and all(
+        torch.equal(again.factors[m].b, up.factors[m].b) for m in up.factors
+    )
+
+
+def test_a_pruned_start_continues_and_a_met_target_trains_without_cutting(cache):
+    handle = _tiny4(cache)
+    first = PruneTrainer().fit(handle, _prune_instruction(handle, 0.25), _data(handle))
+    ins = _prune_instruction(handle, 0.5, keep=first.keep)
+    second = PruneTrainer().fit(handle, ins, _data(handle))
+    layout = ins.prune.layout
+    for k0, k in zip(layout.decode(first.keep), layout.decode(second.keep), strict=True):
+        assert set(k.ffn) <= set(k0.ffn)
+    same = PruneTrainer().fit(
+        handle, _prune_instruction(handle, 0.5, keep=second.keep), _data(handle)
+    )
+    assert same.keep == second.keep and same.metrics["prune_cuts"] == 0
+
+
+def test_validation_refuses_bad_pruned_updates(cache):
+    handle = _tiny4(cache)
+    ins = _prune_instruction(handle, 0.5, steps=3, measure=False)
+    up = PruneTrainer().fit(handle, ins, _data(handle))
+    up = replace(up, header=replace(up.header, num_examples=24))
+    layout = ins.prune.layout
+    with pytest.raises(ProtocolError, match="no kept structure"):
+        validate_update(replace(up, keep=None), ins)
+    full = layout.encode(layout.full())
+    with pytest.raises(ProtocolError, match="A\\(|B\\("):
+        validate_update(replace(up, keep=full), ins)  # shapes no longer match the structure
+    later = _prune_instruction(handle, 0.5, keep=up.keep, steps=3, measure=False)
+    with pytest.raises(ProtocolError, match="restores groups"):
+        validate_update(replace(up, keep=full), later)
+    plain = replace(ins, prune=None)
+    with pytest.raises(ProtocolError, match="none was asked"):
+        validate_update(up, plain)
+    assert "probe_loss_start" not in up.metrics
+
+
+def test_pruning_instruction_round_trips_on_the_wire(cache):
+    handle = _tiny4(cache)
+    ins = _prune_instruction(handle, 0.5, keep=b"")
+    back = decode_instruction(encode_instruction(ins))
+    assert back.prune == ins.prune
+    with pytest.raises(ProtocolError, match="compress.up"):
+        replace(ins, compress=replace(ins.compress, up="int8"))
+
+
+# ---------------------------------------------------------------------------- strategy
+
+LAYOUT = PruneLayout("llama", (LayerLayout(groups=2, per_group=1, head_dim=2, ffn=4),) * 3)
+MODULES = {"model.layers.1.self_attn.q_proj": (4, 6), "model.layers.1.mlp.down_proj": (6, 4)}
+SPEC = LoraSpec(rank=2, alpha=4.0, target_modules=("q_proj", "down_proj"))
+
+
+def _strategy(arms, **opts):
+    initial = init_factors(MODULES, SPEC, 0)
+    ctx = StrategyContext(initial=initial, spec=SPEC, seed=0, layout=LAYOUT)
+    return FedSpine(FedSpine.Config(arms=arms, **opts), ctx)
+
+
+def _pruned_update(cid, keeps, rank, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    factors = {}
+    for m, (out, inp) in MODULES.items():
+        rows, cols = LAYOUT.factor_index(m, keeps)
+        o = len(rows) if rows is not None else out
+        i = len(cols) if cols is not None else inp
+        factors[m] = LoraFactors(a=torch.randn(rank, i, generator=g),
+                                 b=torch.randn(o, rank, generator=g), alpha=4.0)  # fmt: skip
+    header = Header("run", 1, "fp", "h", n, cid)
+    return LoraUpdate(header, factors, {"train_loss": 1.0}, LAYOUT.encode(keeps))
+
+
+def _clients(ids):
+    from fedpeft.wire import ClientInfo
+
+    return [ClientInfo(Header("r", 0, "fp", "", 10, c), "cpu") for c in ids]
+
+
+def test_masked_aggregation_averages_each_coordinate_over_its_keepers():
+    strat = _strategy([[0.0, 2.0], [0.5, 1.0]])
+    strat.configure_train(1, _clients(["a", "b", "c"]))
+    full = LAYOUT.full()
+    k_b = [full[0], Keep(attn=(1,), ffn=(0, 3)), full[2]]
+    ups = [
+        _pruned_update("a", full, 2, 10, 1),
+        _pruned_update("b", k_b, 1, 30, 2),
+        _pruned_update("c", full, 1, 20, 3),
+    ]
+    prev = copy.deepcopy(strat._global.adapter)
+    res = strat.aggregate_train(1, ups)
+    q, down = "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"
+    unit = {
+        u.header.client_id: {m: (f.a, f.b * f.scale) for m, f in u.factors.items()} for u in ups
+    }
+    b = res.adapter[q].b
+    # q rows 0..1 are head 0: b pruned it; rank component 0 is everyone's, 1 only a's
+    torch.testing.assert_close(
+        b[0, 0], (10 * unit["a"][q][1][0, 0] + 20 * unit["c"][q][1][0, 0]) / 30
+    )
+    want = (
+        10 * unit["a"][q][1][2, 0] + 30 * unit["b"][q][1][0, 0] + 20 * unit["c"][q][1][2, 0]
+    ) / 60
+    torch.testing.assert_close(b[2, 0], want)
+    torch.testing.assert_close(b[2, 1], unit["a"][q][1][2, 1])
+    # down_proj A columns 1, 2 (channels b pruned) average over a and c only
+    a = res.adapter[down].a
+    torch.testing.assert_close(
+        a[0, 1], (10 * unit["a"][down][0][0, 1] + 20 * unit["c"][down][0][0, 1]) / 30
+    )
+    torch.testing.assert_close(
+        a[0, 3],
+        (
+            10 * unit["a"][down][0][0, 3]
+            + 30 * unit["b"][down][0][0, 1]
+            + 20 * unit["c"][down][0][0, 3]
+        )
+        / 60,
+    )
+    assert res.metrics["arm_rank/b"] in (1.0, 2.0)
+    # a coordinate nobody kept keeps its previous value
+    strat.configure_train(2, _clients(["b"]))
+    after = strat.aggregate_train(2, [ups[1]]).adapter
+    assert (
+        torch.equal(after[q].b[:2], res.adapter[q].b[:2]) and res.metrics["fedspine_covered"] == 1
+    )
+    assert not torch.equal(after[q].b[2:, :1], res.adapter[q].b[2:, :1])
+    assert torch.equal(prev[q].b, torch.zeros_like(prev[q].b))
+
+
+def test_a_single_unpruned_arm_is_fedavg(make_update):
+    strat = _strategy([[0.0, 2.0]])
+    strat.configure_train(1, _clients(["0", "1", "2"]))
+    ups = []
+    for i in range(3):
+        u = _pruned_update(str(i), LAYOUT.full(), 2, 10 + 7 * i, i)
+        ups.append(replace(u, keep=None))
+    got = strat.aggregate_train(1, ups)
+    ref = FedAvg(FedAvg.Config(), StrategyContext(initial=ups[0].factors, spec=SPEC, seed=0))
+    want = ref.aggregate_train(1, ups)
+    for m in MODULES:
+        torch.testing.assert_close(
+            got.adapter[m].delta(), want.adapter[m].delta(), rtol=1e-5, atol=1e-6
+        )
+
+
+def test_plans_start_from_the_last_structure_only_when_it_fits_the_arm():
+    strat = _strategy([[0.0, 2.0], [0.5, 2.0]])
+    keeps = [LAYOUT.full()[0], Keep(attn=(1,), ffn=(0, 3)), LAYOUT.full()[2]]
+    strat._keeps["a"] = (0.5, LAYOUT.encode(keeps))
+    plan = strat._plan("a", Arm(0.5, 2))
+    assert plan.prune.keep == LAYOUT.encode(keeps)
+    assert plan.adapter["model.layers.1.self_attn.q_proj"].b.shape == (2, 2)
+    assert plan.adapter["model.layers.1.mlp.down_proj"].a.shape == (2, 2)
+    assert strat._plan("a", Arm(0.0, 2)).prune.keep == b""  # less pruning: the whole model
+
+
+def test_state_round_trips_and_continues_identically():
+    a = _strategy([[0.0, 2.0], [0.5, 1.0]])
+    for rnd in (1, 2):
+        a.configure_train(rnd, _clients(["x", "y"]))
+        ups = [_pruned_update(c, LAYOUT.full(), 1, 10, rnd) for c in ("x", "y")]
+        ups = [
+            replace(u, metrics={"probe_loss_start": 2.0, "probe_loss_end": 1.5, "client_s": 3.0})
+            for u in ups
+        ]
+        a.aggregate_train(rnd, ups)
+    b = _strategy([[0.0, 2.0], [0.5, 1.0]])
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    pa, pb = a.configure_train(3, _clients(["x", "y"])), b.configure_train(3, _clients(["x", "y"]))
+    assert {c: p.prune for c, p in pa.items()} == {c: p.prune for c, p in pb.items()}
+    assert (
+        a.bandit.state_dict() == b.bandit.state_dict()
+        and len(a.bandit.state_dict()["history"]["x"]) == 2
+    )
+
+
+def test_reward_prefers_progress_per_second_and_charges_stragglers():
+    r = fedspine_reward(
+        {"fast": 0.2, "slow": 0.2, "mid": 0.2}, {"fast": 1.0, "slow": 4.0, "mid": 2.0}, 0.5
+    )
+    assert r["fast"] > r["mid"] > r["slow"]
+    assert r["slow"] == pytest.approx(0.05 / 0.1 - 0.5 * (4.0 / 2.0 - 1))  # rate / median - delay
+    no_pen = fedspine_reward({"a": 0.1, "b": 0.3}, {"a": 1.0, "b": 1.0}, 0.5)
+    assert no_pen["b"] > no_pen["a"]
+
+
+def test_config_is_validated():
+    for bad, match in (
+        ({"arms": []}, "at least one"),
+        ({"arms": [[1.0, 4.0]]}, "ratio"),
+        ({"arms": [[0.5, 2.5]]}, "integer rank"),
+        ({"arms": [[0.5, 2.0], [0.5, 2.0]]}, "repeat"),
+        ({"bandit": "nope"}, "unknown bandit"),
+        ({"bandit_options": {"nope": 1.0}}, "nope"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            FedSpine.Config(**bad)
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+def test_tiny_fedspine_simulation_learns_with_mixed_arms(tiny_config, tmp_path, cache):
+    cfg = tiny_config(
+        "strategy.name=fedspine",
+        "model.tiny_layers=4",
+        'lora.target_modules=["q_proj","v_proj","up_proj"]',
+        'devices.tiers=["tx2","xavier-nx","agx"]',
+        "federation.rounds=3",
+    )
+    summary = simulate(cfg, tmp_path, quiet=True, cache=cache)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["failures"] == {} and r["clients"] == 3 for r in rows[1:])
+    assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
+    assert rows[-1]["sim_wall_s"] > rows[1]["sim_wall_s"] > 0
+    ratios = {r[f"arm_ratio/{c}"] for r in rows[1:] for c in r["client_ids"]}
+    assert len(ratios) > 1 and "fedspine_reward_mean" in rows[1]
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
