@@ -18,10 +18,10 @@ Per round, for an instruction with a :class:`~fedpeft.wire_prune.PrunePlan`:
    magnitude ``|W|``.
 3. Tune the remaining local steps; report the final structure with the factors.
 
-``probe_loss_start`` / ``probe_loss_end``: loss on the round's first batch (eval mode) with
-the received factors on the starting structure, and with the trained factors on the final
-structure; the FedSpine strategy turns their difference per simulated second into the
-bandit's reward.
+``probe_loss_start`` / ``probe_loss_end``: the loss of the round's first batch at the first
+local step (received factors, starting structure; the training forward itself, so free), and
+that batch's loss after training (trained factors, final structure, eval mode; one extra
+forward). The FedSpine strategy turns their difference into the bandit's reward.
 """
 
 from __future__ import annotations
@@ -174,7 +174,6 @@ class PruneTrainer:
         losses: list[float] = []
         done, cuts = 0, 0
         with scoped_torch_seed(derive_seed(ins.seed, "dropout")):
-            loss_start = _probe_loss(sub, name, probe) if plan.measure else None
             for ratio in stages:
                 counts = target_counts(layout, ratio, protect)
                 if not needs_pruning(keeps, counts):
@@ -192,7 +191,8 @@ class PruneTrainer:
                 sub.set_factors(name, factors)
             with sub.training(name):
                 run_steps(sub, name, ins, data, batches, steps - done, losses)
-            loss_end = _probe_loss(sub, name, probe) if plan.measure else None
+            loss_end = _probe_loss(sub, name, probe) if plan.measure and losses else None
+        loss_start = losses[0] if losses else None  # the first micro-batch is the probe batch
         full_params = _base_params(handle.base_model)
         kept_params = _base_params(sub.base_model)
         metrics = {

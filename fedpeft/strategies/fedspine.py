@@ -16,19 +16,23 @@ Per round and sampled device ``k``:
    components are treated like pruned features (a rank-4 device does not dilute components
    5..8 with zeros, unlike HetLoRA's zero padding). With one arm ``(0, r)`` for everyone
    this is FedAvg of the factors.
-4. **Reward.** FedSpine's exact reward is not public. Ours, per device ``k`` of the round::
+4. **Reward.** FedSpine's exact reward is not public. Ours, per device ``k`` of the round,
+   with ``T`` the round's median device time::
 
-       rate_k   = (l_start_k - l_end_k) / t_k        # probe-batch loss drop per simulated second
-       reward_k = rate_k / median_j |rate_j|  -  delay_penalty * max(0, t_k / median_j t_j - 1)
+       rate_k   = (l_start_k - l_end_k) / T          # loss drop per second of a typical round
+       reward_k = rate_k / median_j |rate_j|  -  delay_penalty * max(0, t_k / T - 1)
 
-   ``l_start`` is the loss on the round's first batch with the received factors on the
-   starting structure, ``l_end`` the same batch after tuning on the final structure, so the
-   damage pruning does shows up as a smaller drop. ``t_k`` is the device's simulated
-   seconds (compute x speed + bytes / bandwidth; on real nodes its measured compute time).
+   ``l_start`` is the loss on the round's first batch at the first local step (received
+   factors, starting structure), ``l_end`` that batch's loss after tuning on the final
+   structure, so the damage pruning does shows up as a smaller drop. ``t_k`` is the device's
+   simulated seconds (compute x speed + bytes / bandwidth; on real nodes its measured
+   compute time). Why this shape: the round lasts as long as its slowest device, so a device
+   that finishes before the typical one gains nothing by finishing sooner and should train
+   the arm that teaches most; one that finishes later delays everybody in proportion to its
+   excess, which the penalty charges (the straggler cost FedSpine's reward includes).
    Dividing by the round's median rate makes rewards scale-free as the loss flattens (UCB's
-   bonus assumes rewards of order 1); the penalty charges a device for holding the round
-   beyond the typical device's time, the straggler cost FedSpine's reward includes.
-   With a single arm nothing is learned and the probe forwards are skipped.
+   bonus assumes rewards of order 1). With a single arm nothing is learned and the probe
+   forward is skipped.
 """
 
 from __future__ import annotations
@@ -59,9 +63,9 @@ def fedspine_reward(
     drops: Mapping[str, float], times: Mapping[str, float], delay_penalty: float
 ) -> dict[str, float]:
     """The reward of every device of a round (see the module docstring)."""
-    rates = {c: drops[c] / max(times[c], 1e-9) for c in drops}
-    scale = statistics.median(abs(r) for r in rates.values()) if rates else 0.0
     t_med = statistics.median(times[c] for c in drops) if drops else 0.0
+    rates = {c: drops[c] / max(t_med, 1e-9) for c in drops}
+    scale = statistics.median(abs(r) for r in rates.values()) if rates else 0.0
     out = {}
     for c, rate in rates.items():
         delay = max(0.0, times[c] / t_med - 1.0) if t_med > 0 else 0.0
@@ -203,7 +207,7 @@ class FedSpine:
     def _learn(self, ups: Sequence[LoraUpdate]) -> dict[str, float]:
         """Record structures, feed the bandit, describe the round."""
         metrics: dict[str, float] = {}
-        drops, times = {}, {}
+        drops, times, kept = {}, {}, []
         for u in ups:
             cid = u.header.client_id
             arm_i = self._pending.get(cid)
@@ -213,6 +217,7 @@ class FedSpine:
             self._keeps[cid] = (arm.ratio, u.keep or b"")
             metrics[f"arm_ratio/{cid}"] = arm.ratio
             metrics[f"arm_rank/{cid}"] = float(arm.rank)
+            kept.append(u.metrics.get("prune_params", 1.0))
             if "probe_loss_start" in u.metrics and "probe_loss_end" in u.metrics:
                 drops[cid] = u.metrics["probe_loss_start"] - u.metrics["probe_loss_end"]
                 times[cid] = u.metrics.get("client_s", u.metrics.get("train_s", 0.0))
@@ -225,6 +230,7 @@ class FedSpine:
         if played:
             metrics["fedspine_ratio_mean"] = sum(a.ratio for a in played) / len(played)
             metrics["fedspine_rank_mean"] = sum(a.rank for a in played) / len(played)
+            metrics["fedspine_params_mean"] = sum(kept) / len(kept)
         return metrics
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,143 @@
+"""FedSpine on the real model: no pruning vs the best fixed (ratio, rank) arm vs the bandit.
+
+``simulations/fedspine.toml``: SmolLM2-135M, WordNet split by domain over 12 clients on three
+simulated device tiers (4 each of a TX2-, Xavier-NX- and AGX-shaped device: compute 6x, 3x
+and 1x this machine's measured time, plus bytes over their bandwidth), every client every
+round, the round waiting for the slowest. Runs, all with the ``fedspine`` strategy (same
+masked aggregation):
+
+- ``(a) no pruning r8``: the single arm (0.0, 8) for every device;
+- ``fixed <ratio>/<rank>``: each other arm of the grid for every device (the sweep that finds
+  the best fixed arm, (b));
+- ``(c) bandit``: sliding-window UCB per device over the grid.
+
+Prints, per run, the simulated time to reach a target eval loss (default: the highest final
+eval loss of all runs, so every run reaches it; ``--target`` to choose), the speed-up over
+(a), the final eval loss and Rouge-L, the mean simulated round time and the mean share of
+base-model parameters the devices kept; then the bandit's arm choices per tier. Writes
+``benchmarks/results/bandit.json``. About 45 minutes on 2 CPU cores; keep the machine
+otherwise idle (compute times are measured).
+
+    .venv/bin/python benchmarks/bandit.py [--rounds 8] [--out runs/bandit] [--only NAME ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+SCENARIO = REPO / "simulations" / "fedspine.toml"
+GRID = [(0.0, 8), (0.5, 8), (0.75, 4)]  # the scenario's arms
+
+
+def runs() -> dict[str, list[str]]:
+    """Overrides of every run, by name."""
+    out = {}
+    for ratio, rank in GRID:
+        name = "(a) no pruning r8" if ratio == 0 else f"fixed {ratio}/{rank}"
+        out[name] = [f"strategy.options.arms=[[{ratio}, {float(rank)}]]"]
+    out["(c) bandit sw-ucb"] = []
+    return out
+
+
+def run(name: str, extra: list[str], rounds: int, root: Path) -> list[dict[str, Any]]:
+    """One simulation through the CLI; its metrics rows."""
+    out = root / name.replace(" ", "_").replace("(", "").replace(")", "").replace("/", "-")
+    cmd = [sys.executable, "-m", "fedpeft.cli", "simulate", "--quiet", "--config", str(SCENARIO),
+           "--out", str(out), f"federation.rounds={rounds}", *extra]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def time_to(rows: list[dict[str, Any]], target: float) -> float | None:
+    """Simulated seconds until the first evaluated round at or below ``target``."""
+    for r in rows[1:]:
+        if r.get("eval_loss") is not None and r["eval_loss"] <= target:
+            return float(r["sim_wall_s"])
+    return None
+
+
+def tiers_of(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """Each client's device tier, as the coordinator assigned them (round-robin by id)."""
+    from fedpeft.simulation.devices import assign_profiles
+
+    ids = sorted({c for r in rows[1:] for c in r["client_ids"]})
+    return {c: p.name for c, p in assign_profiles(ids, ["tx2", "xavier-nx", "agx"]).items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--target", type=float, default=None)
+    ap.add_argument("--out", default=str(REPO / "runs" / "bandit"))
+    ap.add_argument("--only", nargs="*", default=None, help="a subset of the run names")
+    args = ap.parse_args()
+    results: dict[str, list[dict[str, Any]]] = {}
+    for name, extra in runs().items():
+        if args.only and name not in args.only:
+            continue
+        results[name] = run(name, extra, args.rounds, Path(args.out))
+        print(f"done: {name}", file=sys.stderr, flush=True)
+    finals = {n: rows[-1]["eval_loss"] for n, rows in results.items()}
+    target = args.target if args.target is not None else max(finals.values())
+    base = time_to(results.get("(a) no pruning r8", []), target)
+    print(
+        f"\nSmolLM2-135M, WordNet by domain, 12 clients (4 tx2 / 4 xavier-nx / 4 agx) x "
+        f"{args.rounds} rounds x 4 local steps; eval loss before "
+        f"{next(iter(results.values()))[0]['eval_loss']:.4f}; target eval loss {target:.4f}"
+    )
+    head = f"{'run':<20}{'t->target s':>12}{'speed-up':>9}{'final loss':>11}{'Rouge-L':>8}"
+    print(head + f"{'round s':>8}{'params kept':>12}")
+    table = {}
+    for name, rows in results.items():
+        t = time_to(rows, target)
+        speed = base / t if (base is not None and t) else None
+        trained = rows[1:]
+        round_s = sum(r["sim_round_s"] for r in trained) / len(trained)
+        kept = sum(r.get("fedspine_params_mean", 1.0) for r in trained) / len(trained)
+        last = rows[-1]
+        table[name] = {
+            "time_to_target_s": t,
+            "speedup_vs_a": speed,
+            "final_eval_loss": last["eval_loss"],
+            "final_rougeL": last.get("eval_rougeL"),
+            "mean_round_s": round_s,
+            "params_kept": kept,
+        }
+        print(
+            f"{name:<20}{t if t is not None else float('nan'):>12.1f}"
+            f"{speed if speed is not None else float('nan'):>9.2f}{last['eval_loss']:>11.4f}"
+            f"{last.get('eval_rougeL', float('nan')):>8.4f}{round_s:>8.1f}{kept:>12.3f}"
+        )
+    bandit = results.get("(c) bandit sw-ucb")
+    if bandit:
+        tiers = tiers_of(bandit)
+        print(
+            "\nbandit arm choices (ratio/rank) per tier, first half and second half of the rounds"
+        )
+        half = len(bandit[1:]) // 2
+        for tier in ("tx2", "xavier-nx", "agx"):
+            parts = []
+            for rows in (bandit[1 : 1 + half], bandit[1 + half :]):
+                c = Counter(
+                    f"{r[f'arm_ratio/{cid}']}/{int(r[f'arm_rank/{cid}'])}"
+                    for r in rows for cid in r["client_ids"] if tiers[cid] == tier
+                )  # fmt: skip
+                parts.append(", ".join(f"{k} x{v}" for k, v in sorted(c.items())))
+            print(f"  {tier:<10} {parts[0]:<34} | {parts[1]}")
+    dest = REPO / "benchmarks" / "results"
+    dest.mkdir(exist_ok=True)
+    blob = {"rounds": args.rounds, "target": target, "table": table, "rows": results}
+    (dest / "bandit.json").write_text(json.dumps(blob, indent=2))
+
+
+if __name__ == "__main__":
+    main()
