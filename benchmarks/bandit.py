@@ -19,6 +19,7 @@ base-model parameters the devices kept; then the bandit's arm choices per tier. 
 otherwise idle (compute times are measured).
 
     .venv/bin/python benchmarks/bandit.py [--rounds 8] [--out runs/bandit] [--only NAME ...]
+        [--reuse]   # read the runs already finished in --out instead of running them again
 """
 
 from __future__ import annotations
@@ -46,9 +47,14 @@ def runs() -> dict[str, list[str]]:
     return out
 
 
-def run(name: str, extra: list[str], rounds: int, root: Path) -> list[dict[str, Any]]:
-    """One simulation through the CLI; its metrics rows."""
+def run(name: str, extra: list[str], rounds: int, root: Path, reuse: bool) -> list[dict[str, Any]]:
+    """One simulation through the CLI (or, with ``reuse``, a finished one); its metrics rows."""
     out = root / name.replace(" ", "_").replace("(", "").replace(")", "").replace("/", "-")
+    done = out / "summary.json"
+    if reuse and done.exists():
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        if len(rows) == rounds + 1:
+            return rows
     cmd = [sys.executable, "-m", "fedpeft.cli", "simulate", "--quiet", "--config", str(SCENARIO),
            "--out", str(out), f"federation.rounds={rounds}", *extra]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -79,12 +85,13 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=None)
     ap.add_argument("--out", default=str(REPO / "runs" / "bandit"))
     ap.add_argument("--only", nargs="*", default=None, help="a subset of the run names")
+    ap.add_argument("--reuse", action="store_true", help="read runs already finished in --out")
     args = ap.parse_args()
     results: dict[str, list[dict[str, Any]]] = {}
     for name, extra in runs().items():
         if args.only and name not in args.only:
             continue
-        results[name] = run(name, extra, args.rounds, Path(args.out))
+        results[name] = run(name, extra, args.rounds, Path(args.out), args.reuse)
         print(f"done: {name}", file=sys.stderr, flush=True)
     finals = {n: rows[-1]["eval_loss"] for n, rows in results.items()}
     target = args.target if args.target is not None else max(finals.values())

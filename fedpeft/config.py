@@ -233,10 +233,16 @@ class EvalConfig:
         "held-out split (fed_eval_* in metrics), whenever the loss is evaluated",
         False,
     )
+    validation_examples: int = _help(
+        "held-out records, disjoint from the evaluated ones, that the coordinator may use to "
+        "score client updates (FedSpine's bandit reward); 0: none",
+        16,
+    )
 
     def __post_init__(self) -> None:
         p: list[str] = []
         _check(p, self.examples >= 0, "eval.examples must be >= 0")
+        _check(p, self.validation_examples >= 0, "eval.validation_examples must be >= 0")
         _check(p, self.every >= 0, "eval.every must be >= 0")
         _check(p, self.metric_every >= 0, "eval.metric_every must be >= 0")
         _check(p, self.batch_size >= 1, "eval.batch_size must be >= 1")

@@ -116,11 +116,20 @@ class EvalSet:
     prompts: list[list[int]]
 
     @classmethod
-    def build(cls, cfg: RunConfig, records: Sequence[dict[str, Any]], tokenizer: Any) -> EvalSet:
-        """A fixed seeded sample of ``eval.examples`` records (all if 0)."""
+    def build(
+        cls,
+        cfg: RunConfig,
+        records: Sequence[dict[str, Any]],
+        tokenizer: Any,
+        part: str = "eval",
+    ) -> EvalSet:
+        """A fixed seeded sample of ``eval.examples`` records (all if 0); with
+        ``part="validation"`` the next ``eval.validation_examples`` of the same permutation
+        (disjoint from the evaluated records; may be empty)."""
         order = np_rng(cfg.federation.seed, "eval-sample").permutation(len(records))
         n = cfg.eval.examples or len(records)
-        chosen = [records[int(i)] for i in sorted(order[:n])]
+        pick = order[:n] if part == "eval" else order[n : n + cfg.eval.validation_examples]
+        chosen = [records[int(i)] for i in sorted(pick)]
         pairs = format_pairs(chosen, cfg.data)
         examples = encode_pairs(tokenizer, pairs, cfg.train.max_seq_len, cfg.data.chat_template)
         prompts = [encode_prompt(tokenizer, p.prompt, cfg.data.chat_template) for p in pairs]

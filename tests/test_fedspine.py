@@ -414,7 +414,7 @@ def test_reward_is_the_loss_drop_less_a_charge_for_delaying_the_round():
     times = {"fast": 1.0, "slow": 4.0, "mid": 2.0}  # the median device takes 2 s
     r = fedspine_reward({"fast": 0.2, "slow": 0.2, "mid": 0.2}, times, 0.5)
     assert r["fast"] == r["mid"] == pytest.approx(1.0)  # not slower than typical: no charge
-    assert r["slow"] == pytest.approx(1.0 - 0.5 * (4.0 / 2.0 - 1))
+    assert r["slow"] == pytest.approx(1.0 - 0.5 * 3 * (4.0 / 2.0 - 1))  # 3 devices wait
     drops = fedspine_reward({"a": 0.1, "b": 0.3, "c": 0.2}, {"a": 1.0, "b": 1.0, "c": 1.0}, 0.5)
     assert drops == pytest.approx({"a": 0.5, "b": 1.5, "c": 1.0})  # scale-free: / median drop
 
@@ -451,3 +451,36 @@ def test_tiny_fedspine_simulation_learns_with_mixed_arms(tiny_config, tmp_path, 
     ratios = {r[f"arm_ratio/{c}"] for r in rows[1:] for c in r["client_ids"]}
     assert len(ratios) > 1 and "fedspine_reward_mean" in rows[1]
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
+
+
+def test_validation_reward_scores_each_update_on_the_whole_model():
+    """With validation records the reward is how much each device's update alone lowers the
+    coordinator's validation loss; devices then skip the probe forward."""
+    target = {m: torch.full((out, 2), 0.5) for m, (out, _) in MODULES.items()}
+
+    def val_loss(spec, adapter):  # a stand-in for the loss on validation records
+        return float(
+            sum(((adapter[m].b * adapter[m].scale - target[m]) ** 2).sum() for m in target)
+        )
+
+    initial = init_factors(MODULES, SPEC, 0)
+    ctx = StrategyContext(
+        initial=initial, spec=SPEC, seed=0, layout=LAYOUT, validation_loss=val_loss
+    )
+    strat = FedSpine(FedSpine.Config(arms=[[0.0, 2.0], [0.5, 2.0]]), ctx)
+    plans = strat.configure_train(1, _clients(["good", "bad"]))
+    assert not any(p.prune.measure for p in plans.values())
+    ups = []
+    for cid, value in (("good", 0.5), ("bad", -3.0)):
+        u = _pruned_update(cid, LAYOUT.full(), 2, 10, 0)
+        factors = {m: LoraFactors(a=f.a, b=torch.full_like(f.b, value) / f.scale, alpha=f.alpha)
+                   for m, f in u.factors.items()}  # fmt: skip
+        ups.append(replace(u, factors=factors, keep=None, metrics={"client_s": 1.0}))
+    res = strat.aggregate_train(1, ups)
+    history = strat.bandit.state_dict()["history"]
+    assert history["good"][0][1] > 0 > history["bad"][0][1]
+    assert res.metrics["fedspine_gain_mean"] != 0
+    with pytest.raises(ConfigError, match="validation records"):
+        FedSpine(
+            FedSpine.Config(reward="validation"), replace(ctx, validation_loss=None)
+        ).configure_train(1, _clients(["x"]))

@@ -11,7 +11,7 @@ strategies also ``zo_state.safetensors``).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +61,14 @@ def run_server(
     cls = resolve(cfg.strategy.name)
     per_round = clients_per_round(cfg, cfg.federation.num_clients)
     initial, ctx = initial_global(cfg, handle, cls, per_round, cache)
+    held_out = get_task(cfg.data, seed, cache).eval
+    if getattr(cls, "needs_validation", False) and cfg.eval.validation_examples > 0:
+        valset = EvalSet.build(cfg, held_out, handle.tokenizer, part="validation")
+        if valset.examples:
+            validator = Evaluator(cfg, handle, valset, cache)
+            ctx = replace(ctx, validation_loss=lambda s, a: validator(s, a, False)["eval_loss"])
     strategy = build_strategy(cfg.strategy.name, cfg.strategy.options, ctx)
-    evalset = EvalSet.build(cfg, get_task(cfg.data, seed, cache).eval, handle.tokenizer)
+    evalset = EvalSet.build(cfg, held_out, handle.tokenizer)
     coordinator = Coordinator(
         cfg,
         grid,

@@ -14,7 +14,7 @@ from outside the package by file or dotted path (see ``strategies/README.md``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -84,6 +84,10 @@ class StrategyContext:
     layout : PruneLayout | None
         Pruning strategies (class attribute ``needs_layout = True``): the base model's
         prunable structure.
+    validation_loss : Callable[[LoraSpec, Adapter], float] | None
+        Strategies with ``needs_validation = True``: the loss of an adapter on the
+        coordinator's validation records (``eval.validation_examples``, disjoint from the
+        evaluated ones), on the unpruned base model; ``None`` when there are none.
     """
 
     initial: Adapter
@@ -93,6 +97,7 @@ class StrategyContext:
     zo_blocks: int = 1
     ranks: RankPolicy | None = None
     layout: PruneLayout | None = None
+    validation_loss: Callable[[LoraSpec, Adapter], float] | None = None
 
     def rank_policy(self) -> RankPolicy:
         """``ranks``, or everyone at ``spec.rank``."""

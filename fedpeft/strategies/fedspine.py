@@ -19,20 +19,29 @@ Per round and sampled device ``k``:
 4. **Reward.** FedSpine's exact reward is not public. Ours, per device ``k`` of the round,
    with ``T`` the round's median device time::
 
-       rate_k   = (l_start_k - l_end_k) / T          # loss drop per second of a typical round
-       reward_k = rate_k / median_j |rate_j|  -  delay_penalty * max(0, t_k / T - 1)
+       rate_k   = gain_k / T                         # loss gain per second of a typical round
+       reward_k = rate_k / median_j |rate_j|  -  delay_penalty * n * max(0, t_k / T - 1)
 
-   ``l_start`` is the loss on the round's first batch at the first local step (received
-   factors, starting structure), ``l_end`` that batch's loss after tuning on the final
-   structure, so the damage pruning does shows up as a smaller drop. ``t_k`` is the device's
+   ``gain_k`` (``reward = "validation"``, the default when the coordinator has validation
+   records, ``eval.validation_examples``): how much the device's update alone lowers the
+   loss of the **unpruned** model on those records, ``L(G) - L(G with the coordinates k
+   trained set to k's values)`` (FedSpine's "update importance"; it sees that a heavily
+   pruned device's factors, fitted to repair its own pruning, may not help the whole
+   model). ``reward = "probe"`` (no server data): the drop of the device's own first-batch
+   loss, from the first local step (received factors, starting structure) to after tuning
+   (final structure), which the device measures with one extra forward. ``t_k`` is the device's
    simulated seconds (compute x speed + bytes / bandwidth; on real nodes its measured
-   compute time). Why this shape: the round lasts as long as its slowest device, so a device
-   that finishes before the typical one gains nothing by finishing sooner and should train
-   the arm that teaches most; one that finishes later delays everybody in proportion to its
-   excess, which the penalty charges (the straggler cost FedSpine's reward includes).
+   compute time), ``n`` the number of devices in the round. Why this shape: the round lasts as
+   long as its slowest device, so a device that finishes before the typical one gains nothing
+   by finishing sooner and should train the arm that teaches most; one that finishes later
+   delays everybody. The federation's progress per second is ``sum_j gain_j / T_round``; a
+   straggler that stretches the round by a fraction ``x`` costs about ``x`` times the
+   whole round's gain, ``n`` typical gains, which is why the charge scales with ``n``
+   (``delay_penalty`` 0.5: half that first-order cost, since only the slowest device sets the
+   round time while every device above the median is charged). This is FedSpine's
+   straggler term in our form.
    Dividing by the round's median rate makes rewards scale-free as the loss flattens (UCB's
-   bonus assumes rewards of order 1). With a single arm nothing is learned and the probe
-   forward is skipped.
+   bonus assumes rewards of order 1). With a single arm nothing is learned or measured.
 """
 
 from __future__ import annotations
@@ -47,7 +56,7 @@ from fedpeft.errors import AggregationError, ConfigError
 from fedpeft.prune.layout import PruneLayout, cut_adapter
 from fedpeft.prune.masked import Slice, masked_average
 from fedpeft.prune.schedule import default_protect
-from fedpeft.rank_ops import for_client, unit_scale
+from fedpeft.rank_ops import for_client, unit_scale, unit_spec
 from fedpeft.strategies.base import AggregateResult, LoraPlan, StrategyContext
 from fedpeft.strategies.hetero import UnitGlobal, client_spec, example_weights
 from fedpeft.strategies.registry import register_strategy
@@ -60,16 +69,16 @@ DEFAULT_ARMS = [[0.0, 8.0], [0.25, 8.0], [0.5, 4.0], [0.75, 4.0]]
 
 
 def fedspine_reward(
-    drops: Mapping[str, float], times: Mapping[str, float], delay_penalty: float
+    gains: Mapping[str, float], times: Mapping[str, float], delay_penalty: float
 ) -> dict[str, float]:
     """The reward of every device of a round (see the module docstring)."""
-    t_med = statistics.median(times[c] for c in drops) if drops else 0.0
-    rates = {c: drops[c] / max(t_med, 1e-9) for c in drops}
+    t_med = statistics.median(times[c] for c in gains) if gains else 0.0
+    rates = {c: gains[c] / max(t_med, 1e-9) for c in gains}
     scale = statistics.median(abs(r) for r in rates.values()) if rates else 0.0
     out = {}
     for c, rate in rates.items():
         delay = max(0.0, times[c] / t_med - 1.0) if t_med > 0 else 0.0
-        out[c] = (rate / scale if scale > 0 else 0.0) - delay_penalty * delay
+        out[c] = (rate / scale if scale > 0 else 0.0) - delay_penalty * len(gains) * delay
     return out
 
 
@@ -78,6 +87,7 @@ class FedSpine:
 
     supports_heterogeneous_ranks = True
     needs_layout = True
+    needs_validation = True
 
     @dataclass(frozen=True)
     class Config:
@@ -86,10 +96,11 @@ class FedSpine:
         arms: list[list[float]] = field(default_factory=lambda: [list(a) for a in DEFAULT_ARMS])
         bandit: str = "sw-ucb"  # sw-ucb | d-ucb | epsilon-greedy | thompson
         bandit_options: dict[str, float] = field(default_factory=dict)  # e.g. {window = 10}
-        delay_penalty: float = 0.5  # weight of the straggler term of the reward
+        delay_penalty: float = 0.5  # straggler charge, in typical gains per device per 100 % delay
         stages: int = 2  # a device reaches its ratio in this many cuts
         warmup_steps: int = 2  # local steps of tuning and scoring before each cut
         weighted: bool = True  # weight devices by num_examples (False: plain mean)
+        reward: str = "auto"  # validation | probe | auto (validation when records exist)
 
         def __post_init__(self) -> None:
             p = []
@@ -103,6 +114,8 @@ class FedSpine:
                 p.append(f"arms repeat an arm: {self.arms}")
             if self.delay_penalty < 0:
                 p.append(f"delay_penalty must be >= 0, got {self.delay_penalty}")
+            if self.reward not in ("auto", "validation", "probe"):
+                p.append(f"reward must be auto|validation|probe, got {self.reward!r}")
             if self.stages < 1 or self.warmup_steps < 0:
                 p.append(
                     f"stages >= 1 and warmup_steps >= 0, got {self.stages}, {self.warmup_steps}"
@@ -127,6 +140,19 @@ class FedSpine:
         self._pending: dict[str, int] = {}  # device -> arm played this round
 
     @property
+    def reward_kind(self) -> str:
+        """``validation`` or ``probe``: what the bandit's reward measures."""
+        kind = self.config.reward
+        if kind == "auto":
+            return "validation" if self.ctx.validation_loss is not None else "probe"
+        if kind == "validation" and self.ctx.validation_loss is None:
+            raise ConfigError(
+                "strategy.options.reward = 'validation' needs validation records "
+                "(eval.validation_examples > 0)"
+            )
+        return kind
+
+    @property
     def layout(self) -> PruneLayout:
         """The base model's prunable structure."""
         if self.ctx.layout is None:
@@ -149,7 +175,7 @@ class FedSpine:
             stages=self.config.stages,
             warmup_steps=self.config.warmup_steps,
             protect=default_protect(layout),
-            measure=len(self.arms) > 1,
+            measure=len(self.arms) > 1 and self.reward_kind == "probe",
         )
         return LoraPlan(spec=spec, adapter=adapter, prune=prune)
 
@@ -204,10 +230,32 @@ class FedSpine:
         metrics["fedspine_covered"] = covered
         return self._global.update(out, metrics)
 
+    def _validation_gains(self, ups: Sequence[LoraUpdate]) -> dict[str, float]:
+        """``L(G) - L(G with k's coordinates)`` on the validation records, per device."""
+        val = self.ctx.validation_loss
+        if val is None:
+            raise ConfigError("no validation records to score updates with")
+        prev = self._global.adapter
+        spec = unit_spec(self.ctx.spec, next(iter(prev.values())).rank)
+        base = val(spec, prev)
+        gains = {}
+        for u in ups:
+            solo: dict[str, LoraFactors] = {}
+            for m, g in prev.items():
+                b_pieces, a_pieces = self._slices([u], [1.0], m)
+                b, _ = masked_average(b_pieces, g.b)
+                a, _ = masked_average(a_pieces, g.a)
+                solo[m] = LoraFactors(a=a, b=b, alpha=g.alpha)
+            gains[u.header.client_id] = base - val(spec, solo)
+        return gains
+
     def _learn(self, ups: Sequence[LoraUpdate]) -> dict[str, float]:
         """Record structures, feed the bandit, describe the round."""
         metrics: dict[str, float] = {}
         drops, times, kept = {}, {}, []
+        learning = len(self.arms) > 1
+        if learning and self.reward_kind == "validation":
+            drops = self._validation_gains([u for u in ups if u.header.client_id in self._pending])
         for u in ups:
             cid = u.header.client_id
             arm_i = self._pending.get(cid)
@@ -220,12 +268,13 @@ class FedSpine:
             kept.append(u.metrics.get("prune_params", 1.0))
             if "probe_loss_start" in u.metrics and "probe_loss_end" in u.metrics:
                 drops[cid] = u.metrics["probe_loss_start"] - u.metrics["probe_loss_end"]
-                times[cid] = u.metrics.get("client_s", u.metrics.get("train_s", 0.0))
-        if len(self.arms) > 1 and drops:
+            times[cid] = u.metrics.get("client_s", u.metrics.get("train_s", 0.0))
+        if learning and drops:
             rewards = fedspine_reward(drops, times, self.config.delay_penalty)
             for cid, r in sorted(rewards.items()):
                 self.bandit.update(cid, self._pending[cid], r)
             metrics["fedspine_reward_mean"] = sum(rewards.values()) / len(rewards)
+            metrics["fedspine_gain_mean"] = sum(drops.values()) / len(drops)
         played = [self.arms[i] for c, i in self._pending.items() if f"arm_rank/{c}" in metrics]
         if played:
             metrics["fedspine_ratio_mean"] = sum(a.ratio for a in played) / len(played)
