@@ -11,10 +11,11 @@ masked aggregation):
   the best fixed arm, (b));
 - ``(c) bandit``: sliding-window UCB per device over the grid.
 
-Prints, per run, the simulated time to reach a target eval loss (default: the highest final
-eval loss of all runs, so every run reaches it; ``--target`` to choose), the speed-up over
-(a), the final eval loss and Rouge-L, the mean simulated round time and the mean share of
-base-model parameters the devices kept; then the bandit's arm choices per tier. Writes
+Prints, per run, the simulated time to reach three target eval losses (by default the losses
+(a) reaches after a quarter, half and all of its rounds; ``--targets`` to choose) and the
+speed-up over (a) at each (``-`` where a run never gets there), the final eval loss and
+Rouge-L, the mean simulated round time and the mean share of base-model parameters the
+devices kept; then the bandit's arm choices per tier. Writes
 ``benchmarks/results/bandit.json``. About 45 minutes on 2 CPU cores; keep the machine
 otherwise idle (compute times are measured).
 
@@ -82,7 +83,7 @@ def tiers_of(rows: list[dict[str, Any]]) -> dict[str, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=8)
-    ap.add_argument("--target", type=float, default=None)
+    ap.add_argument("--targets", nargs="*", type=float, default=None)
     ap.add_argument("--out", default=str(REPO / "runs" / "bandit"))
     ap.add_argument("--only", nargs="*", default=None, help="a subset of the run names")
     ap.add_argument("--reuse", action="store_true", help="read runs already finished in --out")
@@ -93,26 +94,39 @@ def main() -> None:
             continue
         results[name] = run(name, extra, args.rounds, Path(args.out), args.reuse)
         print(f"done: {name}", file=sys.stderr, flush=True)
-    finals = {n: rows[-1]["eval_loss"] for n, rows in results.items()}
-    target = args.target if args.target is not None else max(finals.values())
-    base = time_to(results.get("(a) no pruning r8", []), target)
+    ref = results.get("(a) no pruning r8", [])
+    if args.targets:
+        targets = list(args.targets)
+    else:
+        n = len(ref) - 1
+        targets = [
+            ref[max(1, n // 4)]["eval_loss"],
+            ref[max(1, n // 2)]["eval_loss"],
+            ref[n]["eval_loss"],
+        ]
+    base = [time_to(ref, t) for t in targets]
     print(
         f"\nSmolLM2-135M, WordNet by domain, 12 clients (4 tx2 / 4 xavier-nx / 4 agx) x "
         f"{args.rounds} rounds x 4 local steps; eval loss before "
-        f"{next(iter(results.values()))[0]['eval_loss']:.4f}; target eval loss {target:.4f}"
+        f"{next(iter(results.values()))[0]['eval_loss']:.4f}; simulated seconds to reach eval "
+        f"loss {' / '.join(f'{t:.3f}' for t in targets)} (speed-up vs (a))"
     )
-    head = f"{'run':<20}{'t->target s':>12}{'speed-up':>9}{'final loss':>11}{'Rouge-L':>8}"
-    print(head + f"{'round s':>8}{'params kept':>12}")
+    head = f"{'run':<20}" + "".join(f"{'t->' + format(t, '.2f'):>17}" for t in targets)
+    print(head + f"{'final loss':>11}{'Rouge-L':>8}{'round s':>8}{'params kept':>12}")
     table = {}
     for name, rows in results.items():
-        t = time_to(rows, target)
-        speed = base / t if (base is not None and t) else None
+        times = [time_to(rows, t) for t in targets]
+        speed = [b / t if (b is not None and t) else None for b, t in zip(base, times, strict=True)]
+        cells = "".join(
+            f"{'-':>17}" if t is None else f"{t:>10.1f} ({s:.2f}x)" if s else f"{t:>17.1f}"
+            for t, s in zip(times, speed, strict=True)
+        )
         trained = rows[1:]
         round_s = sum(r["sim_round_s"] for r in trained) / len(trained)
         kept = sum(r.get("fedspine_params_mean", 1.0) for r in trained) / len(trained)
         last = rows[-1]
         table[name] = {
-            "time_to_target_s": t,
+            "time_to_targets_s": times,
             "speedup_vs_a": speed,
             "final_eval_loss": last["eval_loss"],
             "final_rougeL": last.get("eval_rougeL"),
@@ -120,8 +134,7 @@ def main() -> None:
             "params_kept": kept,
         }
         print(
-            f"{name:<20}{t if t is not None else float('nan'):>12.1f}"
-            f"{speed if speed is not None else float('nan'):>9.2f}{last['eval_loss']:>11.4f}"
+            f"{name:<20}{cells}{last['eval_loss']:>11.4f}"
             f"{last.get('eval_rougeL', float('nan')):>8.4f}{round_s:>8.1f}{kept:>12.3f}"
         )
     bandit = results.get("(c) bandit sw-ucb")
@@ -142,7 +155,7 @@ def main() -> None:
             print(f"  {tier:<10} {parts[0]:<34} | {parts[1]}")
     dest = REPO / "benchmarks" / "results"
     dest.mkdir(exist_ok=True)
-    blob = {"rounds": args.rounds, "target": target, "table": table, "rows": results}
+    blob = {"rounds": args.rounds, "targets": targets, "table": table, "rows": results}
     (dest / "bandit.json").write_text(json.dumps(blob, indent=2))
 
 
