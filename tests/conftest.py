@@ -37,6 +37,37 @@ def tiny_handle() -> ModelHandle:
     return load_model(ModelConfig(name="tiny"))
 
 
+def _small_model(arch: str, layers: int = 3) -> torch.nn.Module:
+    """A small random LLaMA (6 query heads in 3 KV groups: GQA) or GPT-2 (4 heads), eval mode."""
+    from fedpeft.seeding import scoped_torch_seed
+
+    if arch == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        conf = LlamaConfig(
+            vocab_size=64,
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=layers,
+            num_attention_heads=6,
+            num_key_value_heads=3,
+            max_position_embeddings=64,
+        )
+        with scoped_torch_seed(0):
+            return LlamaForCausalLM(conf).eval()
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    g_conf = GPT2Config(vocab_size=64, n_embd=48, n_layer=layers, n_head=4, n_positions=64)
+    with scoped_torch_seed(0):
+        return GPT2LMHeadModel(g_conf).eval()
+
+
+@pytest.fixture
+def small_model() -> Callable[..., torch.nn.Module]:
+    """``small_model(arch, layers=3)``: a fresh small random ``llama`` or ``gpt2`` model."""
+    return _small_model
+
+
 @pytest.fixture
 def cache() -> ProcessCache:
     """A fresh process cache, so a test counts its own model loads."""

@@ -22,7 +22,6 @@ from fedpeft.lora import ModelHandle, init_factors
 from fedpeft.prune.layout import LayerLayout, PruneLayout, cut_adapter
 from fedpeft.prune.schedule import default_protect, needs_pruning, target_counts
 from fedpeft.prune.structure import Keep, prune_layers, zero_pruned
-from fedpeft.seeding import scoped_torch_seed
 from fedpeft.server.validate import validate_update
 from fedpeft.simulation.runner import simulate
 from fedpeft.strategies.base import StrategyContext
@@ -47,31 +46,6 @@ TARGETS = {
 }
 
 
-def _llama(layers=4):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    conf = LlamaConfig(
-        vocab_size=64,
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=layers,
-        num_attention_heads=6,
-        num_key_value_heads=3,  # GQA: 2 query heads per KV group
-        max_position_embeddings=64,
-    )
-    with scoped_torch_seed(0):
-        return LlamaForCausalLM(conf).eval()
-
-
-def _gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    conf = GPT2Config(vocab_size=64, n_embd=48, n_layer=4, n_head=4, n_positions=64)
-    with scoped_torch_seed(0):
-        return GPT2LMHeadModel(conf).eval()
-
-
-BUILD = {"llama": _llama, "gpt2": _gpt2}
 KEEPS = {
     "llama": {1: Keep(attn=(0, 2), ffn=tuple(range(0, 96, 3))), 2: Keep(attn=(1,), ffn=(5, 7))},
     "gpt2": {1: Keep(attn=(1, 3), ffn=tuple(range(0, 192, 2))), 2: Keep(attn=(2,), ffn=(4,))},
@@ -91,8 +65,8 @@ def _random_adapter(handle, spec, seed=0):
 # ---------------------------------------------------------------------------- layout, masks
 
 
-def test_mask_round_trips_and_bad_masks_are_refused():
-    layout = PruneLayout.of(_llama())
+def test_mask_round_trips_and_bad_masks_are_refused(small_model):
+    layout = PruneLayout.of(small_model("llama", 4))
     keeps = layout.full()
     keeps[1] = KEEPS["llama"][1]
     blob = layout.encode(keeps)
@@ -114,19 +88,21 @@ def test_mask_round_trips_and_bad_masks_are_refused():
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_cut_adapter_on_the_pruned_model_equals_the_zeroed_full_model(arch):
+def test_cut_adapter_on_the_pruned_model_equals_the_zeroed_full_model(arch, small_model):
     """The structural check with LoRA on every prunable module: the pruned model with the
     cut adapter computes exactly what the full model computes when the pruned groups (and the
     LoRA inputs that read them) are zeroed."""
     spec = LoraSpec(rank=4, alpha=8.0, target_modules=TARGETS[arch])
-    full = ModelHandle(BUILD[arch](), None, "fp", "m", torch.device("cpu"))
+    full = ModelHandle(small_model(arch, 4), None, "fp", "m", torch.device("cpu"))
     layout = PruneLayout.of(full.base_model)
     adapter = _random_adapter(full, spec)
     keeps = layout.full()
     for i, k in KEEPS[arch].items():
         keeps[i] = k
     # reference: zero the pruned groups' output weights and the LoRA A columns reading them
-    ref = ModelHandle(zero_pruned(BUILD[arch](), KEEPS[arch]), None, "fp", "m", torch.device("cpu"))
+    ref = ModelHandle(
+        zero_pruned(small_model(arch, 4), KEEPS[arch]), None, "fp", "m", torch.device("cpu")
+    )
     ref_adapter = {}
     for m, f in adapter.items():
         _, cols = layout.factor_index(m, keeps)
@@ -137,7 +113,9 @@ def test_cut_adapter_on_the_pruned_model_equals_the_zeroed_full_model(arch):
             a[:, ~mask] = 0
         ref_adapter[m] = LoraFactors(a=a, b=f.b, alpha=f.alpha)
     ref.set_factors(ref.ensure_adapter(spec), ref_adapter)
-    pruned = ModelHandle(prune_layers(BUILD[arch](), KEEPS[arch]), None, "fp", "m", full.device)
+    pruned = ModelHandle(
+        prune_layers(small_model(arch, 4), KEEPS[arch]), None, "fp", "m", full.device
+    )
     name = pruned.ensure_adapter(spec)
     pruned.set_factors(name, cut_adapter(adapter, layout, layout.full(), keeps))
     ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
@@ -145,7 +123,7 @@ def test_cut_adapter_on_the_pruned_model_equals_the_zeroed_full_model(arch):
         want = ref.peft_model(ref.ensure_adapter(spec))(input_ids=ids).logits
         got = pruned.peft_model(name)(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert PruneLayout.of(prune_layers(BUILD[arch](), KEEPS[arch])) == layout.pruned(keeps)
+    assert PruneLayout.of(prune_layers(small_model(arch, 4), KEEPS[arch])) == layout.pruned(keeps)
 
 
 def test_plain_copy_shares_weights_and_leaves_the_base_alone(tiny_handle):

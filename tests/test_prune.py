@@ -8,32 +8,6 @@ import torch
 
 from fedpeft.errors import ModelError
 from fedpeft.prune.structure import Keep, layer_shapes, prune_layers, zero_pruned
-from fedpeft.seeding import scoped_torch_seed
-
-
-def _llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    conf = LlamaConfig(
-        vocab_size=64,
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=6,
-        num_key_value_heads=3,
-        max_position_embeddings=64,
-    )
-    with scoped_torch_seed(0):
-        return LlamaForCausalLM(conf).eval()
-
-
-def _gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    conf = GPT2Config(vocab_size=64, n_embd=48, n_layer=3, n_head=4, n_positions=64)
-    with scoped_torch_seed(0):
-        return GPT2LMHeadModel(conf).eval()
-
 
 KEEP = {
     "llama": {0: Keep(attn=(0, 2), ffn=tuple(range(0, 96, 2))), 2: Keep(attn=(1,), ffn=(5, 7))},
@@ -42,8 +16,10 @@ KEEP = {
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_pruned_model_equals_zeroed_reference(arch):
-    build = _llama if arch == "llama" else _gpt2
+def test_pruned_model_equals_zeroed_reference(arch, small_model):
+    def build():
+        return small_model(arch)
+
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
     reference = zero_pruned(build(), KEEP[arch])
     pruned = prune_layers(build(), KEEP[arch])
@@ -54,8 +30,8 @@ def test_pruned_model_equals_zeroed_reference(arch):
     assert sum(p.numel() for p in pruned.parameters()) < n_full
 
 
-def test_gqa_shapes_after_pruning():
-    model = prune_layers(_llama(), KEEP["llama"])
+def test_gqa_shapes_after_pruning(small_model):
+    model = prune_layers(small_model("llama"), KEEP["llama"])
     a = model.model.layers[0].self_attn
     hd = a.head_dim  # 8; 2 of 3 KV groups kept, 2 query heads per group
     assert a.k_proj.weight.shape == (2 * hd, 48) and a.v_proj.weight.shape == (2 * hd, 48)
@@ -78,9 +54,9 @@ def test_gqa_shapes_after_pruning():
         ({9: Keep(attn=(0,), ffn=(1,))}, "does not exist"),
     ],
 )
-def test_bad_keep_is_refused(keep, match):
+def test_bad_keep_is_refused(keep, match, small_model):
     with pytest.raises(ModelError, match=match):
-        prune_layers(_llama(), keep)
+        prune_layers(small_model("llama"), keep)
 
 
 def test_importance_uses_the_lora_gradient_estimate():

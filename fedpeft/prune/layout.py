@@ -24,7 +24,14 @@ import numpy as np
 import torch
 
 from fedpeft.errors import ProtocolError
-from fedpeft.prune.structure import Keep, LayerShape, arch_of, attn_sizes, decoder_layers
+from fedpeft.prune.structure import (
+    Keep,
+    LayerShape,
+    arch_of,
+    attn_sizes,
+    decoder_layers,
+    ffn_width,
+)
 from fedpeft.wire_types import LoraFactors
 
 __all__ = ["LayerLayout", "PruneLayout", "Role", "cut_adapter", "full_keeps"]
@@ -91,16 +98,11 @@ class PruneLayout:
     def of(cls, model: Any) -> PruneLayout:
         """The layout of a LLaMA-family or GPT-2 model (``ModelError`` for others)."""
         arch = arch_of(model)
-        out = []
-        for layer in decoder_layers(model, arch):
-            groups, per, hd = attn_sizes(model, layer, arch)
-            ffn = (
-                layer.mlp.gate_proj.weight.shape[0]
-                if arch == "llama"
-                else layer.mlp.c_fc.weight.shape[1]
-            )
-            out.append(LayerLayout(groups, per, hd, int(ffn)))
-        return cls(arch=arch, layers=tuple(out))
+        layers = tuple(
+            LayerLayout(*attn_sizes(model, layer, arch), ffn=ffn_width(layer, arch))
+            for layer in decoder_layers(model, arch)
+        )
+        return cls(arch=arch, layers=layers)
 
     # ------------------------------------------------------------------ structure
     def shapes(self) -> list[LayerShape]:

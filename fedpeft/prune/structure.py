@@ -33,6 +33,7 @@ __all__ = [
     "arch_of",
     "attn_sizes",
     "decoder_layers",
+    "ffn_width",
     "layer_shapes",
     "prune_layers",
     "zero_pruned",
@@ -86,19 +87,21 @@ def attn_sizes(model: Any, layer: Any, arch: str) -> tuple[int, int, int]:
     return n_kv, int(attn.q_proj.weight.shape[0]) // hd // n_kv, hd
 
 
+def ffn_width(layer: Any, arch: str) -> int:
+    """FFN channels of one decoder layer."""
+    mlp = layer.mlp
+    return int(mlp.gate_proj.weight.shape[0] if arch == "llama" else mlp.c_fc.weight.shape[1])
+
+
 def layer_shapes(model: Any) -> list[LayerShape]:
     """The prunable sizes of every layer, in order."""
     arch = arch_of(model)
-    out = []
-    for layer in decoder_layers(model, arch):
-        groups, _, _ = attn_sizes(model, layer, arch)
-        ffn = (
-            layer.mlp.gate_proj.weight.shape[0]
-            if arch == "llama"
-            else layer.mlp.c_fc.weight.shape[1]
+    return [
+        LayerShape(
+            attn_groups=attn_sizes(model, layer, arch)[0], ffn_channels=ffn_width(layer, arch)
         )
-        out.append(LayerShape(attn_groups=groups, ffn_channels=int(ffn)))
-    return out
+        for layer in decoder_layers(model, arch)
+    ]
 
 
 def _rows(weight: torch.Tensor, idx: torch.Tensor, dim: int) -> nn.Parameter:
@@ -193,13 +196,8 @@ def zero_pruned(model: Any, keep: Mapping[int, Keep]) -> Any:
             groups, per, hd = attn_sizes(model, layer, arch)
             drop_g = [g for g in range(groups) if g not in k.attn]
             cols = _head_rows(drop_g, per, hd)
-            width = (
-                layer.mlp.gate_proj.weight.shape[0]
-                if arch == "llama"
-                else layer.mlp.c_fc.weight.shape[1]
-            )
             drop_f = torch.tensor(
-                [c for c in range(int(width)) if c not in k.ffn], dtype=torch.long
+                [c for c in range(ffn_width(layer, arch)) if c not in k.ffn], dtype=torch.long
             )
             if arch == "llama":
                 layer.self_attn.o_proj.weight[:, cols] = 0
