@@ -9,7 +9,10 @@ masked aggregation):
 - ``(a) no pruning r8``: the single arm (0.0, 8) for every device;
 - ``fixed <ratio>/<rank>``: each other arm of the grid for every device (the sweep that finds
   the best fixed arm, (b));
-- ``(c) bandit``: sliding-window UCB per device over the grid.
+- ``(c) bandit``: sliding-window UCB per device over the grid;
+- ``(o) pinned tx2 0.75/4``: no learning, the TX2-shaped devices pinned to the most pruned
+  arm and everyone else to no pruning (the assignment a bandit would hope to find: only the
+  stragglers prune), to separate what the bandit fails to learn from what pruning costs.
 
 Prints, per run, the simulated time to reach three target eval losses (by default the losses
 (a) reaches after a quarter, half and all of its rounds; ``--targets`` to choose) and the
@@ -45,6 +48,17 @@ def runs() -> dict[str, list[str]]:
         name = "(a) no pruning r8" if ratio == 0 else f"fixed {ratio}/{rank}"
         out[name] = [f"strategy.options.arms=[[{ratio}, {float(rank)}]]"]
     out["(c) bandit sw-ucb"] = []
+    from fedpeft.simulation.devices import assign_profiles
+
+    ids = [str(i) for i in range(12)]
+    tx2 = [
+        c for c, p in assign_profiles(ids, ["tx2", "xavier-nx", "agx"]).items() if p.name == "tx2"
+    ]
+    pins = ",".join(f'"{c}"={len(GRID) - 1}.0' for c in tx2)
+    out["(o) pinned tx2 0.75/4"] = [
+        'strategy.options.bandit="pinned"',
+        f"strategy.options.bandit_options={{{pins}}}",
+    ]
     return out
 
 

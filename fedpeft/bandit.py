@@ -15,6 +15,8 @@ sums and a resumed bandit makes the same choices.
 - ``EpsilonGreedy``: the best mean with probability ``1 - epsilon``, else a uniform arm.
 - ``ThompsonSampling``: Gaussian posterior per arm (unit prior, noise from the observed
   spread), the arm with the largest draw.
+- ``PinnedArms``: no learning: each device plays the arm it is pinned to (arm 0 if none) -
+  a known assignment, or an oracle baseline to compare a learner with.
 
 Unplayed arms are played first (in a seeded random order).
 """
@@ -36,6 +38,7 @@ __all__ = [
     "Bandit",
     "DiscountedUCB",
     "EpsilonGreedy",
+    "PinnedArms",
     "SlidingWindowUCB",
     "ThompsonSampling",
     "make_bandit",
@@ -210,8 +213,26 @@ class ThompsonSampling(_Base):
         return self._argmax(device, draws)
 
 
+@dataclass
+class PinnedArms(_Base):
+    """Every device plays its pinned arm (``pins``: device id -> arm index; others arm 0)."""
+
+    pins: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        bad = {d: i for d, i in self.pins.items() if not 0 <= i < len(self.arms)}
+        if bad:
+            raise ConfigError(f"pinned arms {bad} are outside 0..{len(self.arms) - 1}")
+
+    def select(self, device: str) -> int:
+        """The device's pinned arm."""
+        return self.pins.get(device, 0)
+
+
 def make_bandit(kind: str, arms: Sequence[Arm], seed: int, **options: float) -> Bandit:
-    """A bandit by name: ``sw-ucb``, ``d-ucb``, ``epsilon-greedy`` or ``thompson``.
+    """A bandit by name: ``sw-ucb``, ``d-ucb``, ``epsilon-greedy``, ``thompson`` or ``pinned``
+    (whose options are ``device id = arm index``).
 
     Raises
     ------
@@ -224,8 +245,15 @@ def make_bandit(kind: str, arms: Sequence[Arm], seed: int, **options: float) -> 
         "epsilon-greedy": EpsilonGreedy,
         "thompson": ThompsonSampling,
     }
+    if kind == "pinned":
+        bad = {d: v for d, v in options.items() if v != int(v)}
+        if bad:
+            raise ConfigError(f"pinned bandit options are device = arm index, got {bad}")
+        pins = {str(d): int(v) for d, v in options.items()}
+        return PinnedArms(arms=list(arms), seed=seed, pins=pins)
     if kind not in classes:
-        raise ConfigError(f"unknown bandit {kind!r}; known: {', '.join(classes)}")
+        known = ", ".join([*classes, "pinned"])
+        raise ConfigError(f"unknown bandit {kind!r}; known: {known}")
     try:
         bandit = classes[kind](arms=list(arms), seed=seed, **options)  # type: ignore[arg-type]
     except TypeError as err:

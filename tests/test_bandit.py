@@ -78,3 +78,15 @@ def test_bad_input_is_rejected():
         bandit.update("d", 0, float("nan"))
     with pytest.raises(ValueError, match="outside"):
         bandit.update("d", 99, 1.0)
+
+
+def test_pinned_arms_play_the_pinned_arm_and_refuse_bad_pins():
+    arms = [Arm(0.0, 8), Arm(0.75, 4)]
+    bandit = make_bandit("pinned", arms, 0, **{"3": 1.0})
+    assert [bandit.select(d) for d in ("3", "0", "3")] == [1, 0, 1]
+    bandit.update("3", 1, 0.5)
+    assert bandit.state_dict()["history"]["3"] == [[1, 0.5]]
+    with pytest.raises(ConfigError, match="outside"):
+        make_bandit("pinned", arms, 0, **{"3": 2.0})
+    with pytest.raises(ConfigError, match="arm index"):
+        make_bandit("pinned", arms, 0, **{"3": 0.5})

@@ -122,7 +122,12 @@ class FedSpine:
                 )
             if not p:
                 try:
-                    make_bandit(self.bandit, [Arm(0.0, 1)], 0, **self.bandit_options)
+                    make_bandit(
+                        self.bandit,
+                        [Arm(r, int(k)) for r, k in self.arms],
+                        0,
+                        **self.bandit_options,
+                    )
                 except ConfigError as err:
                     p.append(str(err))
             if p:
