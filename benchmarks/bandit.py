@@ -9,7 +9,8 @@ masked aggregation):
 - ``(a) no pruning r8``: the single arm (0.0, 8) for every device;
 - ``fixed <ratio>/<rank>``: each other arm of the grid for every device (the sweep that finds
   the best fixed arm, (b));
-- ``(c) bandit``: sliding-window UCB per device over the grid;
+- ``(c) bandit``: sliding-window UCB per device over the grid; ``(c2)`` the same over the two
+  extreme arms only (half the exploration);
 - ``(o) pinned tx2 0.75/4``: no learning, the TX2-shaped devices pinned to the most pruned
   arm and everyone else to no pruning (the assignment a bandit would hope to find: only the
   stragglers prune), to separate what the bandit fails to learn from what pruning costs.
@@ -48,6 +49,7 @@ def runs() -> dict[str, list[str]]:
         name = "(a) no pruning r8" if ratio == 0 else f"fixed {ratio}/{rank}"
         out[name] = [f"strategy.options.arms=[[{ratio}, {float(rank)}]]"]
     out["(c) bandit sw-ucb"] = []
+    out["(c2) bandit, 2 arms"] = ["strategy.options.arms=[[0.0, 8.0], [0.75, 4.0]]"]
     from fedpeft.simulation.devices import assign_profiles
 
     ids = [str(i) for i in range(12)]
@@ -151,26 +153,29 @@ def main() -> None:
             f"{name:<20}{cells}{last['eval_loss']:>11.4f}"
             f"{last.get('eval_rougeL', float('nan')):>8.4f}{round_s:>8.1f}{kept:>12.3f}"
         )
-    bandit = results.get("(c) bandit sw-ucb")
-    if bandit:
-        tiers = tiers_of(bandit)
-        print(
-            "\nbandit arm choices (ratio/rank) per tier, first half and second half of the rounds"
-        )
-        half = len(bandit[1:]) // 2
-        for tier in ("tx2", "xavier-nx", "agx"):
-            parts = []
-            for rows in (bandit[1 : 1 + half], bandit[1 + half :]):
-                c = Counter(
-                    f"{r[f'arm_ratio/{cid}']}/{int(r[f'arm_rank/{cid}'])}"
-                    for r in rows for cid in r["client_ids"] if tiers[cid] == tier
-                )  # fmt: skip
-                parts.append(", ".join(f"{k} x{v}" for k, v in sorted(c.items())))
-            print(f"  {tier:<10} {parts[0]:<34} | {parts[1]}")
+    for name in ("(c) bandit sw-ucb", "(c2) bandit, 2 arms"):
+        if name in results:
+            arm_choices(name, results[name])
     dest = REPO / "benchmarks" / "results"
     dest.mkdir(exist_ok=True)
     blob = {"rounds": args.rounds, "targets": targets, "table": table, "rows": results}
     (dest / "bandit.json").write_text(json.dumps(blob, indent=2))
+
+
+def arm_choices(name: str, rows: list[dict[str, Any]]) -> None:
+    """Print a bandit run's arm choices per tier, first half | second half of the rounds."""
+    tiers = tiers_of(rows)
+    print(f"\n{name}: arm choices (ratio/rank) per tier, first half | second half of the rounds")
+    half = len(rows[1:]) // 2
+    for tier in ("tx2", "xavier-nx", "agx"):
+        parts = []
+        for part in (rows[1 : 1 + half], rows[1 + half :]):
+            c = Counter(
+                f"{r[f'arm_ratio/{cid}']}/{int(r[f'arm_rank/{cid}'])}"
+                for r in part for cid in r["client_ids"] if tiers[cid] == tier
+            )  # fmt: skip
+            parts.append(", ".join(f"{k} x{v}" for k, v in sorted(c.items())))
+        print(f"  {tier:<10} {parts[0]:<34} | {parts[1]}")
 
 
 if __name__ == "__main__":
