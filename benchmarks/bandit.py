@@ -20,7 +20,7 @@ Prints, per run, the simulated time to reach three target eval losses (by defaul
 speed-up over (a) at each (``-`` where a run never gets there), the final eval loss and
 Rouge-L, the mean simulated round time and the mean share of base-model parameters the
 devices kept; then the bandit's arm choices per tier. Writes
-``benchmarks/results/bandit.json``. About 45 minutes on 2 CPU cores; keep the machine
+``benchmarks/results/bandit.json``. About 65 minutes on 2 CPU cores; keep the machine
 otherwise idle (compute times are measured).
 
     .venv/bin/python benchmarks/bandit.py [--rounds 8] [--out runs/bandit] [--only NAME ...]
