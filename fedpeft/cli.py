@@ -61,6 +61,19 @@ def _parser() -> argparse.ArgumentParser:
         "--src", default="/usr/share/wordnet", help="WordNet dict folder (data.noun, ...)"
     )
     wn.add_argument("--out", default="simulations/data/wordnet.jsonl.gz", help="output .jsonl.gz")
+    keys = sub.add_parser(
+        "keys", help="create a CA, the SuperLink TLS certificate and SuperNode auth keys"
+    )
+    keys.add_argument("--out", required=True, help="folder for ca.crt, server.pem, nodes/...")
+    keys.add_argument(
+        "--host",
+        action="append",
+        default=None,
+        help="host name or IP the SuperLink is reached by (repeat; default 127.0.0.1, localhost)",
+    )
+    keys.add_argument("--nodes", type=int, default=2, help="SuperNode key pairs: node0, node1, ...")
+    keys.add_argument("--days", type=int, default=365, help="certificate validity in days")
+    keys.add_argument("--force", action="store_true", help="replace existing credential files")
     return parser
 
 
@@ -100,6 +113,8 @@ def _run(args: argparse.Namespace) -> int:
         n = build_wordnet(args.src, args.out)
         print(f"wrote {n} records to {args.out}")
         return 0
+    if args.verb == "keys":
+        return _keys(args)
     from fedpeft.configio import config_to_dict, dump_toml, load_config
 
     cfg = load_config(args.config, args.overrides)
@@ -109,6 +124,23 @@ def _run(args: argparse.Namespace) -> int:
     from fedpeft.simulation.runner import simulate
 
     simulate(cfg, args.out, backend=args.backend, quiet=args.quiet)
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from fedpeft.deploy.credentials import write_credentials
+
+    if args.nodes < 0:
+        raise ConfigError(f"--nodes must be >= 0, got {args.nodes}")
+    hosts = args.host or ["127.0.0.1", "localhost"]
+    creds = write_credentials(
+        args.out, hosts, [f"node{i}" for i in range(args.nodes)], args.days, args.force
+    )
+    print(f"CA certificate      {creds.ca_cert}   (give to every SuperNode and flwr CLI)")
+    print(f"CA key              {creds.ca_key}   (keep offline)")
+    print(f"SuperLink cert/key  {creds.server_cert}, {creds.server_key}   for {', '.join(hosts)}")
+    for name, (private, public) in creds.node_keys.items():
+        print(f"{name:<19} {private} (private), {public} (register with flwr supernode register)")
     return 0
 
 

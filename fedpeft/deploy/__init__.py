@@ -1,0 +1,1 @@
+"""Deployment on real nodes: credentials for TLS and SuperNode authentication."""
