@@ -127,4 +127,7 @@ def exchange(
     for cid in instructions:
         if cid not in answered:
             out.failures[cid] = "no reply before the round timeout"
+    # replies arrive in whatever order the transport delivers them (Ray: scheduling); sorted,
+    # every float sum downstream (the round's mean train loss, ...) is the same on any backend
+    out.updates.sort(key=lambda u: u.header.client_id)
     return out
