@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 import itertools
 import time
-from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -84,6 +83,13 @@ def _weight_out_in(layout: PruneLayout, module: Any) -> torch.Tensor:
     return w.T if layout.arch == "gpt2" else w  # GPT-2 Conv1D stores (in, out)
 
 
+def _accumulate(
+    table: dict[tuple[int, str], torch.Tensor], key: tuple[int, str], scores: torch.Tensor
+) -> None:
+    """Add ``scores`` (float64) into ``table[key]``."""
+    table[key] = table[key] + scores.double() if key in table else scores.double()
+
+
 class _Scorer:
     """Accumulates LoRAPrune group scores of the current structure, step after step."""
 
@@ -93,7 +99,7 @@ class _Scorer:
 
     def after_backward(self) -> None:
         """Fold this step's LoRA gradients into the smoothed scores."""
-        step: dict[tuple[int, str], torch.Tensor] = defaultdict(lambda: torch.zeros(0))
+        step: dict[tuple[int, str], torch.Tensor] = {}
         with torch.no_grad():
             for module, layer in self.sub.lora_layers(self.name):
                 role = self.layout.role(module)
@@ -103,8 +109,7 @@ class _Scorer:
                 w = _weight_out_in(self.layout, layer.get_base_layer())
                 imp = element_importance(w, a, b, a.grad, b.grad, layer.scaling[self.name])
                 kind, s = self.layout.group_scores(role, imp)
-                acc = step[(role.layer, kind)]
-                step[(role.layer, kind)] = s.double() if acc.numel() == 0 else acc + s.double()
+                _accumulate(step, (role.layer, kind), s)
         for layer_idx in sorted({i for i, _ in step}):
             self.scores.add(layer_idx, step.get((layer_idx, "attn")), step.get((layer_idx, "ffn")))
 
@@ -119,10 +124,8 @@ class _Scorer:
                     continue
                 kind, s = self.layout.group_scores(role, _weight_out_in(self.layout, mod).abs())
                 table = self.scores.attn if kind == "attn" else self.scores.ffn
-                if role.layer in table:
-                    continue
-                key = (role.layer, kind)
-                found[key] = s.double() if key not in found else found[key] + s.double()
+                if role.layer not in table:
+                    _accumulate(found, (role.layer, kind), s)
         for (i, kind), s in found.items():
             (self.scores.attn if kind == "attn" else self.scores.ffn)[i] = s
 
@@ -163,18 +166,10 @@ class PruneTrainer:
         stream = batch_stream(ins, data)
         first = next(stream)
         batches: Iterator[list[int]] = itertools.chain([first], stream)
-        probe = collate(
-            [data.examples[i] for i in first], handle.tokenizer.pad_token_id, handle.device
-        )
-        stages = [
-            r
-            for r in stage_ratios(plan.ratio, plan.stages)
-            if needs_pruning(keeps, target_counts(layout, r, protect))
-        ]
         losses: list[float] = []
         done, cuts = 0, 0
         with scoped_torch_seed(derive_seed(ins.seed, "dropout")):
-            for ratio in stages:
+            for ratio in stage_ratios(plan.ratio, plan.stages):
                 counts = target_counts(layout, ratio, protect)
                 if not needs_pruning(keeps, counts):
                     continue
@@ -191,7 +186,11 @@ class PruneTrainer:
                 sub.set_factors(name, factors)
             with sub.training(name):
                 run_steps(sub, name, ins, data, batches, steps - done, losses)
-            loss_end = _probe_loss(sub, name, probe) if plan.measure and losses else None
+            loss_end = None
+            if plan.measure and losses:  # the first batch again, after training
+                pad = handle.tokenizer.pad_token_id
+                probe = collate([data.examples[i] for i in first], pad, handle.device)
+                loss_end = _probe_loss(sub, name, probe)
         loss_start = losses[0] if losses else None  # the first micro-batch is the probe batch
         full_params = _base_params(handle.base_model)
         kept_params = _base_params(sub.base_model)

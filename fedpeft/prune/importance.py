@@ -18,7 +18,7 @@ groups, at least one, and leaves protected layers (first and last by default) wh
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +30,6 @@ __all__ = [
     "choose_keep",
     "element_importance",
     "kept_count",
-    "merge_keeps",
     "reduce_groups",
     "top_k",
 ]
@@ -117,11 +116,3 @@ def _top(score: torch.Tensor | None, n: int, ratio: float) -> tuple[int, ...]:
     if score is None:
         return tuple(range(n))
     return top_k(score, kept_count(n, ratio))
-
-
-def merge_keeps(keeps: Mapping[int, Keep], shapes: Sequence[LayerShape]) -> list[Keep]:
-    """A :class:`Keep` for every layer (layers not in ``keeps`` keep everything)."""
-    return [
-        keeps.get(i, Keep(attn=tuple(range(s.attn_groups)), ffn=tuple(range(s.ffn_channels))))
-        for i, s in enumerate(shapes)
-    ]

@@ -240,10 +240,10 @@ class Coordinator:
         """
         train_s = {u.header.client_id: float(u.metrics.get("train_s", 0.0)) for u in got.updates}
         times = simulated_times(self.profiles, train_s, got.client_bytes_down, got.client_bytes_up)
+        seconds = {c: times.get(c, t) for c, t in train_s.items()}
         got.updates = [
-            replace(u, metrics={**u.metrics, "client_s": times.get(cid, train_s[cid])})
+            replace(u, metrics={**u.metrics, "client_s": seconds[u.header.client_id]})
             for u in got.updates
-            for cid in [u.header.client_id]
         ]
         if not self.profiles:
             return {}

@@ -56,6 +56,7 @@ from fedpeft.errors import AggregationError, ConfigError
 from fedpeft.prune.layout import PruneLayout, cut_adapter
 from fedpeft.prune.masked import Slice, masked_average
 from fedpeft.prune.schedule import default_protect
+from fedpeft.prune.structure import Keep
 from fedpeft.rank_ops import for_client, unit_scale, unit_spec
 from fedpeft.strategies.base import AggregateResult, LoraPlan, StrategyContext
 from fedpeft.strategies.hetero import UnitGlobal, client_spec, example_weights
@@ -170,9 +171,10 @@ class FedSpine:
         layout = self.layout
         ratio, keep = self._keeps.get(cid, (0.0, b""))
         start = keep if 0 < ratio <= arm.ratio else b""
-        keeps = layout.decode(start) if start else layout.full()
+        full = layout.full()
+        keeps = layout.decode(start) if start else full
         spec = client_spec(self.ctx, arm.rank)
-        adapter = cut_adapter(for_client(self._global.adapter, spec), layout, layout.full(), keeps)
+        adapter = cut_adapter(for_client(self._global.adapter, spec), layout, full, keeps)
         prune = PrunePlan(
             layout=layout,
             ratio=arm.ratio,
@@ -196,14 +198,21 @@ class FedSpine:
             plans[c.client_id] = self._plan(c.client_id, self.arms[i])
         return plans
 
-    def _slices(
-        self, ups: Sequence[LoraUpdate], weights: Sequence[float], module: str
-    ) -> tuple[list[Slice], list[Slice]]:
+    def _structures(self, ups: Sequence[LoraUpdate]) -> list[list[Keep]]:
+        """Each update's kept structure, decoded once per round."""
         layout = self.layout
+        return [layout.decode(u.keep) if u.keep else layout.full() for u in ups]
+
+    def _slices(
+        self,
+        ups: Sequence[LoraUpdate],
+        structures: Sequence[Sequence[Keep]],
+        weights: Sequence[float],
+        module: str,
+    ) -> tuple[list[Slice], list[Slice]]:
         b_pieces, a_pieces = [], []
-        for w, u in zip(weights, ups, strict=True):
-            keeps = layout.decode(u.keep) if u.keep else layout.full()
-            rows, cols = layout.factor_index(module, keeps)
+        for w, u, keeps in zip(weights, ups, structures, strict=True):
+            rows, cols = self.layout.factor_index(module, keeps)
             a, b = unit_scale(u.factors[module])  # (r_k, in_k), (out_k, r_k)
             ranks = tuple(range(a.shape[0]))
             b_pieces.append(Slice(b, rows, ranks, w))
@@ -222,20 +231,23 @@ class FedSpine:
                     f"client {u.header.client_id} adapted other modules than the global adapter"
                 )
         weights = example_weights(ups, self.config.weighted)
+        structures = self._structures(ups)
         out: dict[str, LoraFactors] = {}
         covered = 0.0
         for m in sorted(global_):
             g = global_[m]
-            b_pieces, a_pieces = self._slices(ups, weights, m)
+            b_pieces, a_pieces = self._slices(ups, structures, weights, m)
             b, count_b = masked_average(b_pieces, g.b)  # (out, R)
             a, _ = masked_average(a_pieces, g.a)  # (R, in)
             covered += float((count_b > 0).float().mean()) / len(global_)
             out[m] = LoraFactors(a=a, b=b, alpha=g.alpha)
-        metrics = self._learn(ups)
+        metrics = self._learn(ups, structures)
         metrics["fedspine_covered"] = covered
         return self._global.update(out, metrics)
 
-    def _validation_gains(self, ups: Sequence[LoraUpdate]) -> dict[str, float]:
+    def _validation_gains(
+        self, ups: Sequence[LoraUpdate], structures: Sequence[Sequence[Keep]]
+    ) -> dict[str, float]:
         """``L(G) - L(G with k's coordinates)`` on the validation records, per device."""
         val = self.ctx.validation_loss
         if val is None:
@@ -244,29 +256,33 @@ class FedSpine:
         spec = unit_spec(self.ctx.spec, next(iter(prev.values())).rank)
         base = val(spec, prev)
         gains = {}
-        for u in ups:
+        for u, keeps in zip(ups, structures, strict=True):
             solo: dict[str, LoraFactors] = {}
             for m, g in prev.items():
-                b_pieces, a_pieces = self._slices([u], [1.0], m)
+                b_pieces, a_pieces = self._slices([u], [keeps], [1.0], m)
                 b, _ = masked_average(b_pieces, g.b)
                 a, _ = masked_average(a_pieces, g.a)
                 solo[m] = LoraFactors(a=a, b=b, alpha=g.alpha)
             gains[u.header.client_id] = base - val(spec, solo)
         return gains
 
-    def _learn(self, ups: Sequence[LoraUpdate]) -> dict[str, float]:
+    def _learn(
+        self, ups: Sequence[LoraUpdate], structures: Sequence[Sequence[Keep]]
+    ) -> dict[str, float]:
         """Record structures, feed the bandit, describe the round."""
         metrics: dict[str, float] = {}
-        drops, times, kept = {}, {}, []
+        drops, times, kept, played = {}, {}, [], []
         learning = len(self.arms) > 1
         if learning and self.reward_kind == "validation":
-            drops = self._validation_gains([u for u in ups if u.header.client_id in self._pending])
+            mine = [i for i, u in enumerate(ups) if u.header.client_id in self._pending]
+            drops = self._validation_gains([ups[i] for i in mine], [structures[i] for i in mine])
         for u in ups:
             cid = u.header.client_id
             arm_i = self._pending.get(cid)
             if arm_i is None:
                 continue
             arm = self.arms[arm_i]
+            played.append(arm)
             self._keeps[cid] = (arm.ratio, u.keep or b"")
             metrics[f"arm_ratio/{cid}"] = arm.ratio
             metrics[f"arm_rank/{cid}"] = float(arm.rank)
@@ -280,7 +296,6 @@ class FedSpine:
                 self.bandit.update(cid, self._pending[cid], r)
             metrics["fedspine_reward_mean"] = sum(rewards.values()) / len(rewards)
             metrics["fedspine_gain_mean"] = sum(drops.values()) / len(drops)
-        played = [self.arms[i] for c, i in self._pending.items() if f"arm_rank/{c}" in metrics]
         if played:
             metrics["fedspine_ratio_mean"] = sum(a.ratio for a in played) / len(played)
             metrics["fedspine_rank_mean"] = sum(a.rank for a in played) / len(played)
