@@ -190,6 +190,11 @@ class FederationConfig:
         False,
     )
     round_timeout_s: float = _help("seconds to wait for replies in a round", 3600.0)
+    connect_timeout_s: float = _help(
+        "seconds to wait at the start for num_clients nodes to connect; after it the run "
+        "goes on with those connected if they are at least min_clients",
+        600.0,
+    )
 
     def __post_init__(self) -> None:
         p: list[str] = []
@@ -216,7 +221,13 @@ class FederationConfig:
         )
         _check(p, self.dirichlet_alpha > 0, "federation.dirichlet_alpha must be > 0")
         _check(p, self.round_timeout_s > 0, "federation.round_timeout_s must be > 0")
+        _check(p, self.connect_timeout_s >= 0, "federation.connect_timeout_s must be >= 0")
         _raise(p)
+
+    @property
+    def nodes(self) -> int:
+        """Nodes a run expects: one in centralized mode, else ``num_clients``."""
+        return 1 if self.centralized else self.num_clients
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from flwr.app import Context, RecordDict
 
+from fedpeft.client.app import make_client_app
 from fedpeft.config import ModelConfig
+from fedpeft.errors import RoundError
 from fedpeft.models import load_model
-from fedpeft.server.results import TIME_KEYS
+from fedpeft.server.app import Outcome, make_server_app
+from fedpeft.server.results import TIME_KEYS, RunReporter
+from fedpeft.simulation.inprocess import InProcessGrid
 from fedpeft.simulation.runner import simulate
 
 REQUIRED = {"round", "train_loss", "eval_loss", "bytes_up", "bytes_down", "wall_s", "clients"}
@@ -120,6 +125,48 @@ def test_base_model_loaded_once_for_all_clients(tiny_config, tmp_path, cache):
     simulate(cfg, tmp_path, quiet=True, cache=cache)
     assert cache.count("model:") == 1
     assert cache.count("client-data:") == 5
+
+
+class _LateNodes(InProcessGrid):
+    """Nodes that connect one by one, as Ray's virtual nodes and real SuperNodes do."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.asked = 0
+
+    def get_node_ids(self):
+        self.asked += 1
+        return list(self._contexts)[: max(0, self.asked - 3)]
+
+
+def _run_on(grid, cfg, out, cache):
+    outcome = Outcome()
+    app = make_server_app(
+        cfg, out, RunReporter(out, cfg.federation.rounds, quiet=True), outcome, cache
+    )
+    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    app(grid, ctx)
+    return outcome
+
+
+def test_coordinator_waits_for_every_node_to_connect(tiny_config, tmp_path, cache):
+    cfg = tiny_config("federation.rounds=1")
+    (tmp_path / "a").mkdir()
+    simulate(cfg, tmp_path / "a", quiet=True, cache=cache)
+    nodes = [{"partition-id": i, "num-partitions": 3} for i in range(3)]
+    grid = _LateNodes(make_client_app(cfg, cache), nodes)
+    outcome = _run_on(grid, cfg, tmp_path / "b", cache)
+    assert outcome.error is None and grid.asked >= 6
+    rows = _rows(tmp_path / "b")
+    assert rows[-1]["clients"] == 3
+    assert _without_times(rows) == _without_times(_rows(tmp_path / "a"))
+
+
+def test_too_few_nodes_connected_is_a_clean_error(tiny_config, tmp_path, cache):
+    cfg = tiny_config("federation.connect_timeout_s=0.5", "federation.min_clients=2")
+    grid = InProcessGrid(make_client_app(cfg, cache), [{"partition-id": 0, "num-partitions": 3}])
+    with pytest.raises(RoundError, match="1 nodes connected within .*connect_timeout_s = 0.5 s"):
+        _run_on(grid, cfg, tmp_path, cache)
 
 
 def test_plugin_strategy_runs_end_to_end(tiny_config, tmp_path, cache, repo):

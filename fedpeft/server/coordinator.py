@@ -111,10 +111,33 @@ class Coordinator:
         self.sim_wall_s = 0.0
 
     # ------------------------------------------------------------------ discovery
+    def connected_nodes(self) -> list[int]:
+        """Node ids, once all expected nodes are connected or ``connect_timeout_s`` has passed.
+
+        Nodes register asynchronously (Ray's engine starts its virtual nodes in another
+        thread, SuperNodes connect when they are started), so asking once at start can
+        see none or some of them.
+        """
+        fed = self.cfg.federation
+        deadline = time.monotonic() + fed.connect_timeout_s
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= fed.nodes or time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+        if len(nodes) < min(fed.min_clients, fed.nodes):
+            raise RoundError(
+                0,
+                f"{len(nodes)} nodes connected within federation.connect_timeout_s = "
+                f"{fed.connect_timeout_s:g} s; federation.min_clients is {fed.min_clients} "
+                f"(expected {fed.nodes} nodes)",
+            )
+        return nodes
+
     def discover(self) -> tuple[list[ClientInfo], dict[str, int]]:
         """Ask every node who it is (``query.info``); returns infos and setup bytes."""
         query = encode_query(self.run_id)
-        msgs = [Message(query, node, "query.info") for node in sorted(self.grid.get_node_ids())]
+        msgs = [Message(query, node, "query.info") for node in self.connected_nodes()]
         down = sum(message_nbytes(m) for m in msgs)
         timeout = self.cfg.federation.round_timeout_s
         replies = list(self.grid.send_and_receive(msgs, timeout=timeout))

@@ -36,7 +36,7 @@ __all__ = ["num_nodes", "simulate"]
 
 def num_nodes(cfg: RunConfig) -> int:
     """Virtual nodes to start: one in centralized mode, else ``federation.num_clients``."""
-    return 1 if cfg.federation.centralized else cfg.federation.num_clients
+    return cfg.federation.nodes
 
 
 def _ray(server_app: Any, client_app: Any, cfg: RunConfig) -> None:
