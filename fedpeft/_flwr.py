@@ -11,6 +11,9 @@ below, this is the only file to fix.
 - ``flwr.supercore.task_identity.TaskIdentity``: a ``Message`` constructor reads the run id
   and node id from this process-wide identity; the in-process grid must set it.
 - ``flwr.supercore.run.Run``: what ``Grid.run`` returns.
+- ``flwr.common.serde``: Flower's own protobuf encoding of a ``Context`` and a ``RecordDict``,
+  which the deployed node's per-message ClientApp uses to hand a message to the node's
+  long-lived model worker (no pickle).
 """
 
 from __future__ import annotations
@@ -18,7 +21,15 @@ from __future__ import annotations
 from typing import cast
 from uuid import uuid4
 
-from flwr.app import Message
+from flwr.app import Context, Message, RecordDict
+from flwr.common.serde import (
+    context_from_proto,
+    context_to_proto,
+    recorddict_from_proto,
+    recorddict_to_proto,
+)
+from flwr.proto.message_pb2 import Context as ProtoContext  # pylint: disable=E0611
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # pylint: disable=E0611
 from flwr.supercore.inflatable.inflatable_object import (
     get_all_nested_objects,
     no_object_id_recompute,
@@ -29,8 +40,12 @@ from flwr.supercore.task_identity import TaskIdentity
 
 __all__ = [
     "SERVER_NODE_ID",
+    "context_from_bytes",
+    "context_to_bytes",
     "make_run",
     "message_nbytes",
+    "records_from_bytes",
+    "records_to_bytes",
     "roundtrip",
     "serialize",
     "set_message_id",
@@ -102,3 +117,27 @@ def set_task_identity(run_id: int, node_id: int) -> None:
 def make_run(run_id: int) -> Run:
     """An empty Flower ``Run`` record for an in-process run."""
     return Run.create_empty(run_id=run_id)
+
+
+def context_to_bytes(context: Context) -> bytes:
+    """A node's ``Context`` (ids, node and run config, state) in Flower's protobuf encoding."""
+    return bytes(context_to_proto(context).SerializeToString())
+
+
+def context_from_bytes(data: bytes) -> Context:
+    """The ``Context`` encoded by :func:`context_to_bytes` (protobuf parsing only)."""
+    proto = ProtoContext()
+    proto.ParseFromString(data)
+    return context_from_proto(proto)
+
+
+def records_to_bytes(records: RecordDict) -> bytes:
+    """A ``RecordDict`` (a message's content) in Flower's protobuf encoding."""
+    return bytes(recorddict_to_proto(records).SerializeToString())
+
+
+def records_from_bytes(data: bytes) -> RecordDict:
+    """The ``RecordDict`` encoded by :func:`records_to_bytes` (protobuf parsing only)."""
+    proto = ProtoRecordDict()
+    proto.ParseFromString(data)
+    return recorddict_from_proto(proto)

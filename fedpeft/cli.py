@@ -7,6 +7,11 @@ Verbs:
 - ``fedpeft config-help``: every configuration key with its default and help text.
 - ``fedpeft strategies``: the registered strategies.
 - ``fedpeft data wordnet --src DIR --out FILE``: rebuild the WordNet task file.
+- ``fedpeft keys --out DIR [--host H ...] [--nodes N]``: CA, SuperLink certificate, node keys.
+- ``fedpeft server --config X.toml --out DIR --keys DIR [--host H] [--port P]``: coordinator
+  (TLS SuperLink with node authentication, keys registered, the scenario run on it).
+- ``fedpeft client --superlink H:P --ca ca.crt --key nodes/nodeN [--partition-id I ...]``:
+  edge node (SuperNode plus the long-lived model worker).
 
 Exit codes: 0 success, 2 configuration or usage error, 1 any other fedpeft error.
 """
@@ -19,6 +24,7 @@ import sys
 import typing
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from fedpeft.errors import ConfigError, FedpeftError
@@ -74,6 +80,30 @@ def _parser() -> argparse.ArgumentParser:
     keys.add_argument("--nodes", type=int, default=2, help="SuperNode key pairs: node0, node1, ...")
     keys.add_argument("--days", type=int, default=365, help="certificate validity in days")
     keys.add_argument("--force", action="store_true", help="replace existing credential files")
+    srv = sub.add_parser(
+        "server", help="coordinator: start a TLS SuperLink with node auth and run a scenario on it"
+    )
+    _add_config_args(srv)
+    srv.add_argument("--out", required=True, help="run folder (results, app/, superlink.log)")
+    srv.add_argument("--keys", required=True, help="the folder `fedpeft keys` wrote")
+    srv.add_argument("--host", default="127.0.0.1", help="SuperLink address to listen on")
+    srv.add_argument("--port", type=int, default=9092, help="SuperLink port")
+    srv.add_argument("--keep", action="store_true", help="leave the SuperLink running afterwards")
+    cli = sub.add_parser(
+        "client", help="edge node: a SuperNode with TLS and node auth plus the model worker"
+    )
+    cli.add_argument("--superlink", required=True, help="the SuperLink's HOST:PORT")
+    cli.add_argument("--ca", required=True, help="CA certificate (ca.crt from `fedpeft keys`)")
+    cli.add_argument("--key", required=True, help="this node's private key (nodes/nodeN)")
+    cli.add_argument("--state-dir", default="fedpeft-node", help="worker socket and node files")
+    cli.add_argument("--runtime-port", type=int, default=9094, help="SuperNode's local API port")
+    cli.add_argument("--partition-id", type=int, default=None, help="this node's data share")
+    cli.add_argument("--num-partitions", type=int, default=None, help="shares in total")
+    cli.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N | mps")
+    cli.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 | auto")
+    cli.add_argument("--data-path", default=None, help="this node's copy of the data file")
+    cli.add_argument("--max-rank", type=int, default=None, help="largest LoRA rank to accept")
+    cli.add_argument("--memory-mb", type=int, default=None, help="memory to advertise (MiB)")
     return parser
 
 
@@ -115,6 +145,16 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.verb == "keys":
         return _keys(args)
+    if args.verb == "client":
+        return _client(args)
+    if args.verb == "server":
+        from fedpeft.deploy.server_role import ServerRole
+
+        role = ServerRole(
+            Path(args.config), args.overrides, Path(args.out), Path(args.keys),
+            args.host, args.port, args.keep,
+        )  # fmt: skip
+        return role.run()
     from fedpeft.configio import config_to_dict, dump_toml, load_config
 
     cfg = load_config(args.config, args.overrides)
@@ -142,6 +182,29 @@ def _keys(args: argparse.Namespace) -> int:
     for name, (private, public) in creds.node_keys.items():
         print(f"{name:<19} {private} (private), {public} (register with flwr supernode register)")
     return 0
+
+
+def _client(args: argparse.Namespace) -> int:
+    from fedpeft.deploy.client_role import ClientRole
+
+    flags = {
+        "partition-id": args.partition_id,
+        "num-partitions": args.num_partitions,
+        "device": args.device,
+        "dtype": args.dtype,
+        "data-path": str(Path(args.data_path).resolve()) if args.data_path else None,
+        "max-rank": args.max_rank,
+        "memory-mb": args.memory_mb,
+    }
+    role = ClientRole(
+        superlink=args.superlink,
+        ca_cert=Path(args.ca).resolve(),
+        auth_key=Path(args.key).resolve(),
+        state_dir=Path(args.state_dir),
+        node_config={k: v for k, v in flags.items() if v is not None},
+        runtime_port=args.runtime_port,
+    )
+    return role.run()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -176,7 +176,9 @@ def _resolve_paths(tree: dict[str, Any], base: Path, overridden: set[str]) -> No
 
 
 def load_config(
-    path: str | Path | None = None, overrides: Sequence[str] | Mapping[str, Any] = ()
+    path: str | Path | None = None,
+    overrides: Sequence[str] | Mapping[str, Any] = (),
+    text: str | None = None,
 ) -> RunConfig:
     """Load a scenario TOML (or the defaults), apply overrides and validate everything.
 
@@ -187,6 +189,10 @@ def load_config(
         relative to the working directory).
     overrides : Sequence[str] | Mapping[str, Any]
         ``KEY=VALUE`` strings or an already parsed dotted-key mapping.
+    text : str | None
+        The scenario as TOML text instead of a file (``path`` must then be ``None``;
+        relative paths in it are relative to the working directory). A deployed run
+        carries its scenario this way, inside Flower's run config.
 
     Returns
     -------
@@ -202,7 +208,14 @@ def load_config(
     problems: list[str] = []
     tree: dict[str, Any] = {}
     base = Path.cwd()
-    if path is not None:
+    if text is not None:
+        if path is not None:
+            raise ConfigError("give the scenario as a path or as text, not both")
+        try:
+            tree = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"the scenario text is not valid TOML: {err}") from None
+    elif path is not None:
         p = Path(path)
         base = p.resolve().parent
         try:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from typing import Any
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -30,7 +31,7 @@ from fedpeft.client.trainer import ClientData, make_trainer
 from fedpeft.client.zo_trainer import fit_zo
 from fedpeft.codecs import ErrorFeedback
 from fedpeft.config import RunConfig
-from fedpeft.configio import load_config
+from fedpeft.configio import load_config, parse_overrides
 from fedpeft.data.clients import client_eval_records, client_records
 from fedpeft.data.tasks import format_pairs
 from fedpeft.data.tokenize import encode_pairs
@@ -51,7 +52,15 @@ from fedpeft.wire import (
 )
 from fedpeft.wire_zo import decode_zo_instruction, encode_zo_update
 
-__all__ = ["client_data", "client_evalset", "make_client_app", "partition_id"]
+__all__ = [
+    "NODE_OVERRIDES",
+    "NODE_PROPERTIES",
+    "client_data",
+    "client_evalset",
+    "make_client_app",
+    "node_overrides",
+    "partition_id",
+]
 
 
 def partition_id(context: Context) -> int:
@@ -122,14 +131,39 @@ def _check_fingerprint(theirs: str, handle: ModelHandle) -> None:
         )
 
 
+# Node config keys a deployed node may set, and the scenario keys they override on that node.
+NODE_OVERRIDES = {"device": "model.device", "dtype": "model.dtype", "data-path": "data.path"}
+# Node config keys advertised to the coordinator in ClientInfo.properties.
+NODE_PROPERTIES = {"max-rank": "max_rank", "memory-mb": "memory_mb"}
+
+
+def node_overrides(context: Context) -> dict[str, Any]:
+    """The scenario overrides this node's config asks for (``device``, ``dtype``, ``data-path``)."""
+    return {
+        NODE_OVERRIDES[k]: v for k, v in sorted(context.node_config.items()) if k in NODE_OVERRIDES
+    }
+
+
 def _config(fixed: RunConfig | None, context: Context, cache: ProcessCache) -> RunConfig:
     if fixed is not None:
         return fixed
-    path = context.run_config.get("config")
+    run = context.run_config
+    overrides = str(run.get("overrides", "")).split()
+    local = node_overrides(context)
+    key = "config:" + json.dumps(
+        [run.get("config"), run.get("scenario"), overrides, local], sort_keys=True
+    )
+    text = run.get("scenario")
+    if isinstance(text, str) and text:
+        return cache.get(
+            key, lambda: load_config(None, {**parse_overrides(overrides), **local}, text)
+        )
+    path = run.get("config")
     if not isinstance(path, str):
-        raise ConfigError("the run config has no 'config' (path of the scenario TOML)")
-    overrides = str(context.run_config.get("overrides", ""))
-    return cache.get(f"config:{path}:{overrides}", lambda: load_config(path, overrides.split()))
+        raise ConfigError(
+            "the run config has neither 'scenario' (TOML text) nor 'config' (scenario path)"
+        )
+    return cache.get(key, lambda: load_config(path, {**parse_overrides(overrides), **local}))
 
 
 def make_client_app(cfg: RunConfig | None = None, cache: ProcessCache = PROCESS_CACHE) -> ClientApp:
@@ -138,8 +172,10 @@ def make_client_app(cfg: RunConfig | None = None, cache: ProcessCache = PROCESS_
     Parameters
     ----------
     cfg : RunConfig | None
-        The scenario; ``None`` reads the TOML path from the run config key ``config``
-        (with optional ``overrides``), as ``flwr run`` passes it.
+        The scenario; ``None`` reads it from the run config, as a deployed run passes it:
+        ``scenario`` (TOML text) or ``config`` (a TOML path), plus optional ``overrides``
+        (``KEY=VALUE ...``); the node config's ``device``, ``dtype`` and ``data-path``
+        override the model device/dtype and data path on that node.
     cache : ProcessCache
         Where the base model and data live (the process cache by default).
 
@@ -167,6 +203,11 @@ def make_client_app(cfg: RunConfig | None = None, cache: ProcessCache = PROCESS_
                 client_id=data.client_id,
             ),
             device=str(handle.device),
+            properties={
+                prop: float(context.node_config[k])
+                for k, prop in NODE_PROPERTIES.items()
+                if k in context.node_config
+            },
         )
         return Message(encode_client_info(reply), reply_to=msg)
 

@@ -1,0 +1,163 @@
+"""The Flower app components of a deployed fedpeft run: what ``flwr run`` starts.
+
+``fedpeft server`` writes a small Flower app folder whose ``pyproject.toml`` names
+``fedpeft.deploy.apps:server_app`` and ``fedpeft.deploy.apps:client_app`` and whose run config
+carries the whole scenario as TOML text (``scenario``), plus ``overrides`` and the
+coordinator's output folder ``out``. The same scenario therefore reaches the coordinator and
+every node, exactly as ``fedpeft simulate`` would run it.
+
+- ``server_app``: the fedpeft coordinator (:func:`fedpeft.server.app.run_server`) on the
+  SuperLink's grid, wrapped in :class:`PollingGrid` (Flower's ``HttpGrid`` sleeps 3 s between
+  pulls; fedpeft polls every 0.1 s).
+- ``client_app``: forwards every message to the node's long-lived model worker
+  (:mod:`fedpeft.deploy.worker`, socket path in the node config key ``worker``), so the base
+  model loads once per node. Without ``worker`` it runs the fedpeft ClientApp in its own
+  per-message process and reloads the model every time (works, slowly; a warning says so).
+
+This module imports neither torch nor transformers at import time: Flower imports it in a new
+process for every message.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+__all__ = ["POLL_S", "PollingGrid", "client_app", "server_app"]
+
+POLL_S = 0.1
+log = logging.getLogger(__name__)
+
+
+class PollingGrid(Grid):
+    """Any ``Grid``, with ``send_and_receive`` polling every ``poll_s`` seconds."""
+
+    def __init__(self, grid: Grid, poll_s: float = POLL_S) -> None:
+        self._grid = grid
+        self._poll_s = poll_s
+
+    def set_run(self, run: Any) -> None:  # noqa: D102 (Grid's interface)
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Any:  # noqa: D102
+        return self._grid.run
+
+    def create_message(  # noqa: D102
+        self,
+        content: Any,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
+        return self._grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Push, then pull until every reply is in or ``timeout`` seconds have passed."""
+        waiting = set(self.push_messages(messages))
+        end = time.monotonic() + (timeout if timeout is not None else 0.0)
+        replies: list[Message] = []
+        while waiting:
+            got = list(self.pull_messages(waiting))
+            replies += got
+            waiting -= {m.metadata.reply_to_message_id for m in got}
+            if not waiting or (timeout is not None and time.monotonic() >= end):
+                break
+            time.sleep(self._poll_s)
+        return replies
+
+
+# ---------------------------------------------------------------------------------- server
+server_app = ServerApp()
+
+
+@server_app.main()
+def _coordinate(grid: Grid, context: Context) -> None:
+    from fedpeft.configio import config_to_dict, dump_toml, load_config, parse_overrides
+    from fedpeft.server.app import run_server
+    from fedpeft.server.results import RunReporter
+
+    run = context.run_config
+    overrides = parse_overrides(str(run.get("overrides", "")).split())
+    cfg = load_config(None, overrides, text=str(run["scenario"]))
+    out = Path(str(run["out"]))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.toml").write_text(dump_toml(config_to_dict(cfg)), encoding="utf-8")
+    reporter = RunReporter(out, cfg.federation.rounds, quiet=True)
+    summary = run_server(PollingGrid(grid), cfg, out, reporter)
+    log.warning(
+        "fedpeft: run finished; eval loss %s -> %s; results in %s",
+        summary["before"].get("eval_loss"),
+        summary["after"].get("eval_loss"),
+        out,
+    )
+
+
+# ---------------------------------------------------------------------------------- client
+client_app = ClientApp()
+_LOCAL: list[ClientApp] = []
+
+
+def _local_app() -> ClientApp:
+    if not _LOCAL:
+        from fedpeft.client.app import make_client_app
+
+        log.warning(
+            "fedpeft: this node has no model worker (node config 'worker'); the base model "
+            "loads in every message's process. Start the node with `fedpeft client`."
+        )
+        _LOCAL.append(make_client_app(None))
+    return _LOCAL[0]
+
+
+def _forward(msg: Message, context: Context) -> Message:
+    path = context.node_config.get("worker")
+    if not isinstance(path, str) or not path:
+        return _local_app()(msg, context)
+    from fedpeft.deploy.worker import call_worker
+
+    reply = call_worker(path, msg, context)
+    context.state = reply.state
+    if reply.error is not None:
+        raise RuntimeError(f"model worker: {reply.error}")
+    assert reply.content is not None
+    return Message(reply.content, reply_to=msg)
+
+
+@client_app.query("info")
+def _info(msg: Message, context: Context) -> Message:
+    return _forward(msg, context)
+
+
+@client_app.train("lora")
+def _train(msg: Message, context: Context) -> Message:
+    return _forward(msg, context)
+
+
+@client_app.train("zo")
+def _train_zo(msg: Message, context: Context) -> Message:
+    return _forward(msg, context)
+
+
+@client_app.evaluate("lora")
+def _evaluate(msg: Message, context: Context) -> Message:
+    return _forward(msg, context)
