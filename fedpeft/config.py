@@ -46,7 +46,7 @@ def _raise(problems: list[str]) -> None:
         raise ConfigError(problems)
 
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,11 @@ class ModelConfig:
         "smollm2-135m",
     )
     gguf_file: str = _help("GGUF file name inside `name` when loading a GGUF model", "")
-    dtype: str = _help("weights dtype: float32 | bfloat16 | float16", "float32")
+    dtype: str = _help(
+        "weights dtype: float32 | bfloat16 | float16 | auto (bfloat16 on a CUDA GPU that "
+        "supports it, else float32)",
+        "float32",
+    )
     device: str = _help("auto | cpu | cuda | cuda:N | mps", "auto")
     tiny_hidden_size: int = _help("hidden size of the 'tiny' model", 64)
     tiny_layers: int = _help("number of layers of the 'tiny' model", 2)

@@ -33,11 +33,31 @@ from fedpeft.errors import ModelError
 from fedpeft.lora import ModelHandle
 from fedpeft.seeding import scoped_torch_seed
 
-__all__ = ["fingerprint", "get_model", "load_model", "model_key", "resolve_device"]
+__all__ = [
+    "fingerprint",
+    "get_model",
+    "load_model",
+    "model_key",
+    "resolve_device",
+    "resolve_dtype",
+]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _SAMPLE = 2048  # elements hashed at each end of every tensor
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """Turn ``auto`` into bfloat16 on a CUDA device that supports it, else float32.
+
+    bfloat16 halves weight memory and is fast on Ampere and later GPUs (and Jetson Orin);
+    older GPUs (Pascal, Volta: Jetson TX2, Xavier) and CPUs get float32.
+    """
+    if dtype != "auto":
+        return getattr(torch, dtype)  # type: ignore[no-any-return]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.bfloat16
+    return torch.float32
 
 
 def resolve_device(device: str) -> torch.device:
@@ -88,7 +108,7 @@ def smollm2_folder() -> Path | None:
     return folder if (folder / SMOLLM2_GGUF).is_file() else None
 
 
-def _pretrained(cfg: ModelConfig) -> tuple[nn.Module, Any, str]:
+def _pretrained(cfg: ModelConfig, dtype: torch.dtype) -> tuple[nn.Module, Any, str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name, gguf, label = cfg.name, cfg.gguf_file or None, cfg.name
@@ -104,9 +124,7 @@ def _pretrained(cfg: ModelConfig) -> tuple[nn.Module, Any, str]:
     kwargs: dict[str, Any] = {"gguf_file": gguf} if gguf else {}
     try:
         tok = AutoTokenizer.from_pretrained(name, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=getattr(torch, cfg.dtype), **kwargs
-        )
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
     except (OSError, ValueError, ImportError) as err:
         raise ModelError(f"could not load model {cfg.name!r} (gguf_file={gguf!r}): {err}") from err
     if getattr(model.config, "quantization_config", None) is not None and gguf:
@@ -124,11 +142,12 @@ def load_model(cfg: ModelConfig) -> ModelHandle:
         If the model cannot be found or loaded; the message says what to install or set.
     """
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    model, tok, label = _tiny(cfg) if cfg.name == "tiny" else _pretrained(cfg)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    model, tok, label = _tiny(cfg) if cfg.name == "tiny" else _pretrained(cfg, dtype)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    device = resolve_device(cfg.device)
-    model = model.to(device=device, dtype=getattr(torch, cfg.dtype))
+    model = model.to(device=device, dtype=dtype)
     model.requires_grad_(False)
     model.eval()
     return ModelHandle(
