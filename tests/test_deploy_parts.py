@@ -171,3 +171,9 @@ def test_polling_grid_gets_every_reply(tiny_config, cache):
 def test_auto_dtype_is_float32_off_gpu():
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+
+
+def test_too_long_socket_path_is_a_clear_error(tmp_path):
+    w = ModelWorker(tmp_path / ("x" * 120) / "worker.sock", app_factory=_echo_app)
+    with pytest.raises(ConfigError, match="shorter --state-dir"):
+        w.bind()

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -217,3 +223,50 @@ def test_ray_backend_matches_the_in_process_run(tiny_config, tmp_path, cache):
     assert (tmp_path / "inprocess" / adapter).read_bytes() == (
         tmp_path / "ray" / adapter
     ).read_bytes()
+
+
+@pytest.fixture
+def ray_cluster(tmp_path):
+    """An existing Ray cluster (``ray start --head --block``) declaring 2 CPUs and 1 GPU."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ray = Path(sys.executable).parent / "ray"
+    log = open(tmp_path / "ray.log", "wb")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(
+        [str(ray), "start", "--head", "--block", "--port", str(port), "--num-cpus", "2",
+         "--num-gpus", "1", "--include-dashboard", "false", "--disable-usage-stats",
+         "--temp-dir", tempfile.mkdtemp(prefix="ray", dir="/tmp")],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while b"Ray runtime started" not in (tmp_path / "ray.log").read_bytes():
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                tmp_path / "ray.log"
+            ).read_text()[-2000:]
+            time.sleep(0.2)
+        yield f"127.0.0.1:{port}", proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+        log.close()
+
+
+@pytest.mark.ray
+def test_ray_backend_joins_an_existing_cluster_with_fractional_gpus(
+    tiny_config, tmp_path, cache, ray_cluster
+):
+    """Two virtual clients share the cluster's one (declared) GPU at 0.5 each."""
+    address, proc = ray_cluster
+    cfg = tiny_config(
+        f"simulation.ray_address={address!r}", "simulation.ray_num_gpus=0.5", "model.device=cpu"
+    )
+    simulate(cfg, tmp_path / "inprocess", quiet=True, cache=cache)
+    simulate(cfg, tmp_path / "cluster", backend="ray", quiet=True)
+    adapter = "adapter/adapter_model.safetensors"
+    assert (tmp_path / "inprocess" / adapter).read_bytes() == (
+        tmp_path / "cluster" / adapter
+    ).read_bytes()
+    assert proc.poll() is None  # the run left the user's cluster running

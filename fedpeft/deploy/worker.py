@@ -47,12 +47,13 @@ from fedpeft._flwr import (
     set_task_identity,
 )
 from fedpeft.cache import PROCESS_CACHE, ProcessCache
-from fedpeft.errors import ProtocolError
+from fedpeft.errors import ConfigError, ProtocolError
 
 __all__ = ["ModelWorker", "WorkerReply", "call_worker", "read_frame", "write_frame"]
 
 VERSION = 1
 MAX_HEADER = 64 * 1024
+MAX_SOCKET_PATH = 107  # sun_path on Linux, less its terminating NUL
 MAX_PART = 4 * 1024**3  # a LoRA update is MBs; this only stops absurd lengths early
 log = logging.getLogger(__name__)
 
@@ -235,6 +236,11 @@ class ModelWorker:
 
     def bind(self) -> None:
         """Create the socket (a stale one from a dead worker is replaced)."""
+        if len(os.fsencode(self.path)) > MAX_SOCKET_PATH:
+            raise ConfigError(
+                f"socket path {self.path} is longer than {MAX_SOCKET_PATH} bytes (the limit "
+                "of Unix sockets); choose a shorter --state-dir"
+            )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(self.path.parent, 0o700)
         if self.path.exists():
