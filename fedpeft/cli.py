@@ -75,7 +75,8 @@ def _parser() -> argparse.ArgumentParser:
         "--host",
         action="append",
         default=None,
-        help="host name or IP the SuperLink is reached by (repeat; default 127.0.0.1, localhost)",
+        help="host name or IP the SuperLink is reached by (repeat; 127.0.0.1 and localhost are "
+        "always added)",
     )
     keys.add_argument("--nodes", type=int, default=2, help="SuperNode key pairs: node0, node1, ...")
     keys.add_argument("--days", type=int, default=365, help="certificate validity in days")
@@ -89,6 +90,12 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1", help="SuperLink address to listen on")
     srv.add_argument("--port", type=int, default=9092, help="SuperLink port")
     srv.add_argument("--keep", action="store_true", help="leave the SuperLink running afterwards")
+    srv.add_argument(
+        "--attach",
+        action="store_true",
+        help="submit to the SuperLink already running at --host:--port (no start, no key "
+        "registration, no stop)",
+    )
     cli = sub.add_parser(
         "client", help="edge node: a SuperNode with TLS and node auth plus the model worker"
     )
@@ -104,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     cli.add_argument("--data-path", default=None, help="this node's copy of the data file")
     cli.add_argument("--max-rank", type=int, default=None, help="largest LoRA rank to accept")
     cli.add_argument("--memory-mb", type=int, default=None, help="memory to advertise (MiB)")
+    cli.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     return parser
 
 
@@ -152,7 +160,7 @@ def _run(args: argparse.Namespace) -> int:
 
         role = ServerRole(
             Path(args.config), args.overrides, Path(args.out), Path(args.keys),
-            args.host, args.port, args.keep,
+            args.host, args.port, args.keep, args.attach,
         )  # fmt: skip
         return role.run()
     from fedpeft.configio import config_to_dict, dump_toml, load_config
@@ -172,7 +180,8 @@ def _keys(args: argparse.Namespace) -> int:
 
     if args.nodes < 0:
         raise ConfigError(f"--nodes must be >= 0, got {args.nodes}")
-    hosts = args.host or ["127.0.0.1", "localhost"]
+    # loopback always: the coordinator's own flwr CLI reaches the SuperLink through it
+    hosts = list(dict.fromkeys([*(args.host or []), "127.0.0.1", "localhost"]))
     creds = write_credentials(
         args.out, hosts, [f"node{i}" for i in range(args.nodes)], args.days, args.force
     )
@@ -203,6 +212,7 @@ def _client(args: argparse.Namespace) -> int:
         state_dir=Path(args.state_dir),
         node_config={k: v for k, v in flags.items() if v is not None},
         runtime_port=args.runtime_port,
+        threads=args.threads,
     )
     return role.run()
 

@@ -8,6 +8,7 @@ no process behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -71,8 +72,12 @@ def _group_gone(pgid: int, timeout: float = 20.0) -> bool:
     return False
 
 
-def _federation(tmp: Path, scenario: str, overrides: tuple[str, ...]) -> dict:
-    """Keys, server, two registered nodes and one rogue node; returns what happened."""
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory) -> dict:
+    """One SuperLink (``fedpeft server --keep``) and two registered nodes run the LoRA
+    scenario, then the zeroth-order one is submitted to the same SuperLink (``--attach``);
+    a third node with an unregistered key tries to join. Everything is stopped at the end."""
+    tmp = tmp_path_factory.mktemp("dep")
     keys = tmp / "keys"
     write_credentials(keys, ["127.0.0.1"], ["node0", "node1"], 1, False)
     rogue = tmp / "rogue"
@@ -82,13 +87,13 @@ def _federation(tmp: Path, scenario: str, overrides: tuple[str, ...]) -> dict:
     (rogue / "key").chmod(0o600)
     (rogue / "key.pub").write_bytes(public)
     port = _port()
-    out = tmp / "run"
     procs: list[subprocess.Popen[bytes]] = []
-    result: dict = {"out": out}
+    result: dict = {"lora": tmp / "lora", "zo": tmp / "zo"}
+    link_pid = None
     try:
         server = _start(
-            ["server", "--config", f"simulations/{scenario}", "--out", str(out),
-             "--keys", str(keys), "--port", str(port), *overrides,
+            ["server", "--config", "simulations/tiny.toml", "--out", str(tmp / "lora"),
+             "--keys", str(keys), "--port", str(port), "--keep", *LORA,
              "federation.connect_timeout_s=120"],
             tmp / "server.log", REPO,
         )  # fmt: skip
@@ -123,67 +128,92 @@ def _federation(tmp: Path, scenario: str, overrides: tuple[str, ...]) -> dict:
                     REPO,
                 )  # fmt: skip
             )
-        result["server_rc"] = server.wait(timeout=300)
+        result["lora_rc"] = server.wait(timeout=300)
+        log = (tmp / "server.log").read_text()
+        if "SuperLink left running (pid " in log:
+            link_pid = int(log.split("SuperLink left running (pid ")[1].split(")")[0])
         result["rogue_rc"] = procs[3].wait(timeout=60)
+        attach = _start(
+            ["server", "--attach", "--config", "simulations/tiny_fedkseed.toml",
+             "--out", str(tmp / "zo"), "--keys", str(keys), "--port", str(port), *ZO],
+            tmp / "attach.log", REPO,
+        )  # fmt: skip
+        procs.append(attach)
+        result["zo_rc"] = attach.wait(timeout=300)
         result["workers"] = [
             json.loads((tmp / n / "worker.json").read_text()) for n in ("node0", "node1")
         ]
         result["rogue_requests"] = json.loads((rogue / "worker.json").read_text())["requests"]
     finally:
+        groups = [p.pid for p in procs] + ([link_pid] if link_pid else [])
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGTERM)
+        if link_pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(link_pid, signal.SIGTERM)
         for p in procs:
             try:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
-        result["left"] = [p.pid for p in procs if not _group_gone(p.pid)]
+        result["left"] = [g for g in groups if not _group_gone(g)]
         for pgid in result["left"]:
             os.killpg(pgid, signal.SIGKILL)
     result["logs"] = {p.name: p.read_text(errors="replace") for p in tmp.glob("*.log")}
+    result["superlink_log"] = (tmp / "lora" / "superlink.log").read_text(errors="replace")
     return result
 
 
-def _check(result: dict, reference: Path, files: list[str]) -> None:
-    logs = result["logs"]
-    assert result["server_rc"] == 0, logs["server.log"][-4000:]
-    for name in files:  # bit-identical tensors and metadata (the header's key order varies:
-        # safetensors writes the metadata map in hash order, so compare contents, not bytes)
-        dep, sim = (safe_open(str(d / name), "pt") for d in (result["out"], reference))
-        assert dep.metadata() == sim.metadata() and set(dep.keys()) == set(sim.keys())
-        for key in sim.keys():  # noqa: SIM118 (safe_open is not a dict)
-            assert torch.equal(dep.get_tensor(key), sim.get_tensor(key)), (name, key)
-    sim = [json.loads(x) for x in (reference / "metrics.jsonl").read_text().splitlines()]
-    dep = [json.loads(x) for x in (result["out"] / "metrics.jsonl").read_text().splitlines()]
-    assert [r["eval_loss"] for r in dep] == [r["eval_loss"] for r in sim]
-    assert [r["train_loss"] for r in dep] == [r["train_loss"] for r in sim]
-    # discovery + 2 rounds on each node, one base-model load per node
-    for w in result["workers"]:
-        assert w["model_loads"] == 1 and w["requests"] == 3, w
-    # the rogue node's key was never registered: the SuperLink refused it and it exited
-    assert result["rogue_rc"] != 0, logs["rogue.log"][-3000:]
-    assert "Failed to activate SuperNode" in logs["rogue.log"], logs["rogue.log"][-3000:]
-    link = (result["out"] / "superlink.log").read_text(errors="replace")
-    assert '"POST /v1/fleet/activate-node HTTP/1.1" 412' in link
-    assert link.count('"POST /v1/fleet/activate-node HTTP/1.1" 200') == 2
-    assert result["rogue_requests"] == 0
-    assert result["left"] == [], "process groups still alive after shutdown"
+def _same_tensors(dep: Path, sim: Path, files: list[str]) -> None:
+    """Bit-identical tensors and metadata (the safetensors header's key order varies between
+    processes: it writes the metadata map in hash order, so compare contents, not bytes)."""
+    for name in files:
+        d, s = (safe_open(str(x / name), "pt") for x in (dep, sim))
+        assert d.metadata() == s.metadata() and set(d.keys()) == set(s.keys())
+        for key in s.keys():  # noqa: SIM118 (safe_open is not a dict)
+            assert torch.equal(d.get_tensor(key), s.get_tensor(key)), (name, key)
+    rows = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+            for d in (dep, sim)]  # fmt: skip
+    for k in ("eval_loss", "train_loss"):
+        assert [r[k] for r in rows[0]] == [r[k] for r in rows[1]], k
 
 
 @pytest.mark.deploy
-def test_lora_run_on_superlink_and_supernodes_equals_the_simulation(tmp_path, cache):
-    ref = tmp_path / "sim"
-    simulate(load_config(REPO / "simulations" / "tiny.toml", LORA), ref, quiet=True, cache=cache)
-    result = _federation(tmp_path / "dep", "tiny.toml", LORA)
-    _check(result, ref, ["adapter/adapter_model.safetensors"])
+def test_lora_run_on_superlink_and_supernodes_equals_the_simulation(federation, tmp_path, cache):
+    assert federation["lora_rc"] == 0, federation["logs"]["server.log"][-4000:]
+    simulate(
+        load_config(REPO / "simulations" / "tiny.toml", LORA), tmp_path, quiet=True, cache=cache
+    )
+    _same_tensors(federation["lora"], tmp_path, ["adapter/adapter_model.safetensors"])
 
 
 @pytest.mark.deploy
-def test_zeroth_order_run_on_superlink_and_supernodes_equals_the_simulation(tmp_path, cache):
-    ref = tmp_path / "sim"
+def test_zeroth_order_run_on_the_same_superlink_equals_the_simulation(federation, tmp_path, cache):
+    assert federation["zo_rc"] == 0, federation["logs"]["attach.log"][-4000:]
     cfg = load_config(REPO / "simulations" / "tiny_fedkseed.toml", ZO)
-    simulate(cfg, ref, quiet=True, cache=cache)
-    result = _federation(tmp_path / "dep", "tiny_fedkseed.toml", ZO)
-    _check(result, ref, ["zo_state.safetensors"])
+    simulate(cfg, tmp_path, quiet=True, cache=cache)
+    _same_tensors(federation["zo"], tmp_path, ["zo_state.safetensors"])
+
+
+@pytest.mark.deploy
+def test_each_node_loads_the_base_model_once(federation):
+    # per run: discovery + 2 rounds; both runs use the same tiny model, still loaded once
+    for w in federation["workers"]:
+        assert w["model_loads"] == 1 and w["requests"] == 6, w
+
+
+@pytest.mark.deploy
+def test_an_unregistered_node_is_refused(federation):
+    log = federation["logs"]["rogue.log"]
+    assert federation["rogue_rc"] != 0, log[-3000:]
+    assert "Failed to activate SuperNode" in log, log[-3000:]
+    assert '"POST /v1/fleet/activate-node HTTP/1.1" 412' in federation["superlink_log"]
+    assert federation["superlink_log"].count('"POST /v1/fleet/activate-node HTTP/1.1" 200') == 2
+    assert federation["rogue_requests"] == 0
+
+
+@pytest.mark.deploy
+def test_every_process_is_shut_down(federation):
+    assert federation["left"] == [], "process groups still alive after shutdown"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import stat
 import struct
@@ -177,3 +178,23 @@ def test_too_long_socket_path_is_a_clear_error(tmp_path):
     w = ModelWorker(tmp_path / ("x" * 120) / "worker.sock", app_factory=_echo_app)
     with pytest.raises(ConfigError, match="shorter --state-dir"):
         w.bind()
+
+
+def test_a_node_with_its_own_data_file_trains_on_all_of_it(tiny_config, cache, tmp_path):
+    path = tmp_path / "mine.jsonl"
+    rows = [{"prompt": f"word{i}", "response": f"meaning {i}", "domain": "x",
+             "split": "eval" if i % 10 == 0 else "train"} for i in range(30)]  # fmt: skip
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = tiny_config("data.max_examples_per_client=0")
+    app = make_client_app(None, cache)
+
+    def info(node_config):
+        ctx = Context(run_id=1, node_id=5, state=RecordDict(), node_config=node_config,
+                      run_config={"scenario": dump_toml(config_to_dict(cfg))})  # fmt: skip
+        set_task_identity(1, SERVER_NODE_ID)
+        return decode_client_info(app(Message(encode_query("r"), 5, "query.info"), ctx).content)
+
+    own = info({"partition-id": 7, "data-path": str(path)})
+    assert own.client_id == "7" and own.header.num_examples == 27  # every training record
+    shared = info({"partition-id": 0})
+    assert shared.header.num_examples not in (0, 27)  # a share of the scenario's file

@@ -59,6 +59,7 @@ __all__ = [
     "client_evalset",
     "make_client_app",
     "node_overrides",
+    "own_data",
     "partition_id",
 ]
 
@@ -75,12 +76,19 @@ def partition_id(context: Context) -> int:
 
 
 def client_data(
-    cfg: RunConfig, handle: ModelHandle, pid: int, cache: ProcessCache = PROCESS_CACHE
+    cfg: RunConfig,
+    handle: ModelHandle,
+    pid: int,
+    cache: ProcessCache = PROCESS_CACHE,
+    own: bool = False,
 ) -> ClientData:
-    """The tokenized training examples of partition ``pid`` (built once per process)."""
+    """The tokenized training examples of partition ``pid`` (built once per process).
+
+    ``own``: ``data.path`` is this client's own file (all of it), not a file to partition.
+    """
 
     def build() -> ClientData:
-        pairs = format_pairs(client_records(cfg, pid, cache), cfg.data)
+        pairs = format_pairs(client_records(cfg, pid, cache, own), cfg.data)
         examples = encode_pairs(
             handle.tokenizer, pairs, cfg.train.max_seq_len, cfg.data.chat_template
         )
@@ -93,6 +101,7 @@ def client_data(
             cfg.train.max_seq_len,
             model_key(cfg.model),
             pid,
+            own,
         ],
         sort_keys=True,
     )
@@ -100,16 +109,20 @@ def client_data(
 
 
 def client_evalset(
-    cfg: RunConfig, handle: ModelHandle, pid: int, cache: ProcessCache = PROCESS_CACHE
+    cfg: RunConfig,
+    handle: ModelHandle,
+    pid: int,
+    cache: ProcessCache = PROCESS_CACHE,
+    own: bool = False,
 ) -> EvalSet:
     """Partition ``pid``'s tokenized share of the held-out split (built once per process)."""
     key = "client-eval:" + json.dumps(
         [asdict(cfg.data), asdict(cfg.federation), asdict(cfg.eval), cfg.train.max_seq_len,
-         model_key(cfg.model), pid],
+         model_key(cfg.model), pid, own],
         sort_keys=True,
     )  # fmt: skip
     return cache.get(
-        key, lambda: EvalSet.build(cfg, client_eval_records(cfg, pid, cache), handle.tokenizer)
+        key, lambda: EvalSet.build(cfg, client_eval_records(cfg, pid, cache, own), handle.tokenizer)
     )
 
 
@@ -142,6 +155,11 @@ def node_overrides(context: Context) -> dict[str, Any]:
     return {
         NODE_OVERRIDES[k]: v for k, v in sorted(context.node_config.items()) if k in NODE_OVERRIDES
     }
+
+
+def own_data(context: Context) -> bool:
+    """Whether this node trains on its own data file (node config ``data-path``)."""
+    return "data-path" in context.node_config
 
 
 def _config(fixed: RunConfig | None, context: Context, cache: ProcessCache) -> RunConfig:
@@ -191,7 +209,7 @@ def make_client_app(cfg: RunConfig | None = None, cache: ProcessCache = PROCESS_
         run = _config(cfg, context, cache)
         handle = get_model(run.model, cache)
         pid = partition_id(context)
-        data = client_data(run, handle, pid, cache)
+        data = client_data(run, handle, pid, cache, own_data(context))
         run_id = msg.content[HEADER]["run_id"] if HEADER in msg.content else ""
         reply = ClientInfo(
             header=Header(
@@ -214,7 +232,7 @@ def make_client_app(cfg: RunConfig | None = None, cache: ProcessCache = PROCESS_
     @app.train("lora")
     def train(msg: Message, context: Context) -> Message:
         run, handle, ins = _decode(cfg, context, cache, msg)
-        data = client_data(run, handle, partition_id(context), cache)
+        data = client_data(run, handle, partition_id(context), cache, own_data(context))
         update = make_trainer(ins.train.trainer).fit(handle, ins, data)
         feedback = None
         if ins.up_codec.sparse and ins.compress.error_feedback:
@@ -228,13 +246,13 @@ def make_client_app(cfg: RunConfig | None = None, cache: ProcessCache = PROCESS_
         handle = get_model(run.model, cache)
         ins = decode_zo_instruction(msg.content)
         _check_fingerprint(ins.header.model_fingerprint, handle)
-        data = client_data(run, handle, partition_id(context), cache)
+        data = client_data(run, handle, partition_id(context), cache, own_data(context))
         return Message(encode_zo_update(fit_zo(handle, ins, data, cache)), reply_to=msg)
 
     @app.evaluate("lora")
     def evaluate(msg: Message, context: Context) -> Message:
         run, handle, ins = _decode(cfg, context, cache, msg)
-        evalset = client_evalset(run, handle, partition_id(context), cache)
+        evalset = client_evalset(run, handle, partition_id(context), cache, own_data(context))
         metrics = Evaluator(run, handle, evalset)(ins.lora, ins.adapter, ins.with_metric)
         header = Header(
             run_id=ins.header.run_id,

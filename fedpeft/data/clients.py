@@ -68,9 +68,20 @@ def _partitions(cfg: RunConfig, cache: ProcessCache) -> tuple[Task, list[list[in
 
 
 def client_records(
-    cfg: RunConfig, partition_id: int, cache: ProcessCache = PROCESS_CACHE
+    cfg: RunConfig, partition_id: int, cache: ProcessCache = PROCESS_CACHE, own: bool = False
 ) -> list[dict[str, Any]]:
-    """The training records of client ``partition_id`` (all clients' union if centralized)."""
+    """The training records of client ``partition_id`` (all clients' union if centralized).
+
+    ``own``: the data file is this client's own (a deployed node's ``data-path``): all of its
+    training records, capped at ``data.max_examples_per_client`` as a partition is.
+    """
+    if own:
+        records = get_task(cfg.data, cfg.federation.seed, cache).train
+        cap = cfg.data.max_examples_per_client
+        if cap and len(records) > cap:
+            rng = np_rng(cfg.federation.seed, "cap", partition_id)
+            return [records[int(i)] for i in sorted(rng.permutation(len(records))[:cap])]
+        return list(records)
     task, parts, _ = _partitions(cfg, cache)
     if cfg.federation.centralized:
         if partition_id != 0:
@@ -104,9 +115,14 @@ def eval_assignment(
 
 
 def client_eval_records(
-    cfg: RunConfig, partition_id: int, cache: ProcessCache = PROCESS_CACHE
+    cfg: RunConfig, partition_id: int, cache: ProcessCache = PROCESS_CACHE, own: bool = False
 ) -> list[dict[str, Any]]:
-    """Client ``partition_id``'s share of the held-out split (for federated evaluation)."""
+    """Client ``partition_id``'s share of the held-out split (for federated evaluation).
+
+    ``own``: the data file is this client's own: all of its held-out records.
+    """
+    if own:
+        return list(get_task(cfg.data, cfg.federation.seed, cache).eval)
     task, parts, key = _partitions(cfg, cache)
     if cfg.federation.centralized:
         return list(task.eval)

@@ -60,6 +60,8 @@ class ClientRole:
         Node config values (``partition-id``, ``device``, ...).
     runtime_port : int
         Port of the SuperNode's local Runtime API (distinct per node on one machine).
+    threads : int | None
+        CPU threads torch may use in the worker (``None``: torch's default).
     """
 
     superlink: str
@@ -68,12 +70,19 @@ class ClientRole:
     state_dir: Path
     node_config: Mapping[str, str | int | float] = field(default_factory=dict)
     runtime_port: int = 9094
+    threads: int | None = None
 
     def run(self) -> int:
         """Serve until the SuperNode exits; returns its exit code."""
         for p in (self.ca_cert, self.auth_key):
             if not p.exists():
                 raise ConfigError(f"{p} does not exist; `fedpeft keys` creates it")
+        if self.threads is not None:
+            if self.threads < 1:
+                raise ConfigError(f"--threads must be >= 1, got {self.threads}")
+            import torch
+
+            torch.set_num_threads(self.threads)
         state = self.state_dir.resolve()
         worker = ModelWorker(state / "worker" / "worker.sock", stats_path=state / "worker.json")
         worker.bind()

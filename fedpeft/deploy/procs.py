@@ -75,11 +75,13 @@ def stop(proc: subprocess.Popen[bytes], grace_s: float = 15.0) -> int:
     return proc.wait()
 
 
-def wait_port(host: str, port: int, timeout_s: float, proc: subprocess.Popen[bytes]) -> None:
+def wait_port(
+    host: str, port: int, timeout_s: float, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     """Wait until ``host:port`` accepts TCP connections; fail if ``proc`` exits first."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             what = Path(str(list(proc.args)[0])).name  # type: ignore[arg-type]
             raise FedpeftError(f"{what} exited with code {proc.returncode} while starting")
         try:

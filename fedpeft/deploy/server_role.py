@@ -102,6 +102,9 @@ class ServerRole:
         Where the SuperLink listens (Fleet, Control and Runtime APIs share it in 1.41).
     keep : bool
         Leave the SuperLink running after the run.
+    attach : bool
+        Use the SuperLink already running at ``host:port`` (started by an earlier
+        ``--keep`` or as a service): no start, no key registration, no stop.
     """
 
     config: Path
@@ -111,6 +114,7 @@ class ServerRole:
     host: str = "127.0.0.1"
     port: int = 9092
     keep: bool = False
+    attach: bool = False
 
     def _files(self) -> tuple[Path, Path, Path, list[Path]]:
         ca, cert, key = self.keys / "ca.crt", self.keys / "server.pem", self.keys / "server.key"
@@ -140,19 +144,43 @@ class ServerRole:
             if proc.returncode != 0:
                 raise FedpeftError(f"registering {pub} failed:\n{proc.stdout}{proc.stderr}")
 
+    def submit(self, out: Path, env: dict[str, str]) -> int:
+        """``flwr run OUT/app fedpeft --stream``; returns its exit code (1 if no summary)."""
+        t0 = time.perf_counter()
+        submit = [flower_command("flwr"), "run", str(out / "app"), CONNECTION, "--stream"]
+        print("+", " ".join(submit), flush=True)
+        rc = subprocess.run(submit, env=env).returncode
+        if rc == 0 and not (out / "summary.json").exists():
+            print("fedpeft server: the run ended without summary.json; see the log above")
+            rc = 1
+        if rc == 0:
+            print(f"fedpeft server: run done in {time.perf_counter() - t0:.1f} s; results in {out}")
+        return rc
+
     def run(self) -> int:
         """Do the four steps; returns the exit code of ``flwr run``."""
         cfg = load_config(self.config, self.overrides)
-        ca, cert, key, pubs = self._files()
+        if self.attach:
+            ca = self.keys / "ca.crt"
+            if not ca.exists():
+                raise ConfigError(f"{ca} does not exist; `fedpeft keys` creates it")
+        else:
+            ca, cert, key, pubs = self._files()
         out = self.out.resolve()
         (out / "app").mkdir(parents=True, exist_ok=True)
         (out / "flwr").mkdir(parents=True, exist_ok=True)
-        address = f"{self.host}:{self.port}"
+        # the flwr CLI runs on this machine: a wildcard listen address is reached on loopback
+        # (which `fedpeft keys` always puts in the certificate)
+        local = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        address = f"{local}:{self.port}"
         (out / "flwr" / "config.toml").write_text(flwr_config(address, ca.resolve()))
         scenario = dump_toml(config_to_dict(cfg))
         (out / "app" / "pyproject.toml").write_text(app_project(scenario, out))
         (out / "summary.json").unlink(missing_ok=True)
         env = flower_env(out / "flwr", {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"})
+        if self.attach:
+            wait_port(local, self.port, 10.0)
+            return self.submit(out, env)
         cmd = [
             flower_command("flower-superlink"),
             "--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key),
@@ -163,20 +191,9 @@ class ServerRole:
         with open(out / "superlink.log", "ab") as log:
             link = start(cmd, env, log)
         try:
-            wait_port(self.host, self.port, 60.0, link)
+            wait_port(local, self.port, 60.0, link)
             self.register(pubs, env)
-            t0 = time.perf_counter()
-            submit = [flower_command("flwr"), "run", str(out / "app"), CONNECTION, "--stream"]
-            print("+", " ".join(submit), flush=True)
-            rc = subprocess.run(submit, env=env).returncode
-            if rc == 0 and not (out / "summary.json").exists():
-                print("fedpeft server: the run ended without summary.json; see the log above")
-                rc = 1
-            if rc == 0:
-                print(
-                    f"fedpeft server: run done in {time.perf_counter() - t0:.1f} s; "
-                    f"results in {out}"
-                )
+            rc = self.submit(out, env)
             if self.keep:
                 print(f"fedpeft server: SuperLink left running (pid {link.pid}) on {address}")
                 return rc
