@@ -157,30 +157,12 @@ def deployed(
     try:
         _wait_text(tmp / "server.log", "flwr run", server, 180)
         for i, relay in enumerate(relays):
-            nodes.append(
-                _cli(
-                    [
-                        "client",
-                        "--superlink",
-                        f"127.0.0.1:{relay.port}",
-                        "--ca",
-                        str(keys / "ca.crt"),
-                        "--key",
-                        str(keys / "nodes" / f"node{i}"),
-                        "--state-dir",
-                        str(tmp / f"n{i}"),
-                        "--runtime-port",
-                        str(_port()),
-                        "--partition-id",
-                        str(i),
-                        "--num-partitions",
-                        "2",
-                        "--device",
-                        "cpu",
-                    ],
-                    tmp / f"node{i}.log",
-                )  # fmt: skip
-            )
+            args = ["client", "--superlink", f"127.0.0.1:{relay.port}",
+                    "--ca", str(keys / "ca.crt"), "--key", str(keys / "nodes" / f"node{i}"),
+                    "--state-dir", str(tmp / f"n{i}"), "--runtime-port", str(_port()),
+                    "--partition-id", str(i), "--num-partitions", "2", "--device", "cpu",
+                    "--threads", str(threads)]  # fmt: skip
+            nodes.append(_cli(args, tmp / f"node{i}.log"))
         t0 = time.perf_counter()
         if server.wait(timeout=3600) != 0:
             raise RuntimeError((tmp / "server.log").read_text()[-3000:])
@@ -252,6 +234,7 @@ def main() -> None:
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--idle", type=float, default=15.0, help="idle seconds measured after a run")
+    ap.add_argument("--tmp", default=None, help="keep the runs' files in this folder")
     ap.add_argument(
         "--node-threads",
         type=int,
@@ -261,7 +244,8 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     results = []
-    with tempfile.TemporaryDirectory(prefix="fdep", dir="/tmp") as tmp:
+    with tempfile.TemporaryDirectory(prefix="fdep", dir="/tmp") as scratch:
+        tmp = args.tmp or scratch
         for name in args.cases:
             results.append(case(name, args.rounds, args.idle, args.node_threads, Path(tmp)))
             print(json.dumps(results[-1]), flush=True)
