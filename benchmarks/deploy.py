@@ -9,7 +9,10 @@ For each case it runs, side by side in one invocation:
   wire (TLS records, HTTP, Flower's protobuf objects, polling) is counted.
 
 After the run it keeps the nodes connected and idle for ``--idle`` seconds to measure the
-polling traffic alone. Reported per case: mean round wall time (in-process vs deployed), and
+polling traffic alone. Round times come from a second deployed run without the relays (the
+relay is one more hop in Python; its run's round times are reported apart).
+
+Reported per case: mean round wall time (in-process vs deployed), and
 per node and round (whole run / rounds, so connection set-up, discovery and polling while
 training are included): wire bytes up/down, Flower message bytes (the serialized objects, as
 ``metrics.jsonl`` counts them, discovery included) and the encoded payload. Cases:
@@ -102,6 +105,8 @@ class Relay:
             except OSError:
                 conn.close()
                 continue
+            for sock in (conn, link):  # forward small HTTP frames at once, as the peers would
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=self._pump, args=(conn, link, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(link, conn, False), daemon=True).start()
 
@@ -140,12 +145,13 @@ def _rows(out: Path) -> list[dict[str, Any]]:
 
 
 def deployed(
-    scenario: str, overrides: list[str], tmp: Path, idle_s: float, threads: int
+    scenario: str, overrides: list[str], tmp: Path, idle_s: float, threads: int, relay: bool
 ) -> dict[str, Any]:
+    """One deployed run; with ``relay`` each node talks through a byte-counting relay."""
     keys = tmp / "keys"
     write_credentials(keys, ["127.0.0.1"], ["node0", "node1"], 1, False)
     port = _port()
-    relays = [Relay(port), Relay(port)]
+    relays = [Relay(port), Relay(port)] if relay else []
     out = tmp / "run"
     server = _cli(
         ["server", "--config", f"simulations/{scenario}", "--out", str(out), "--keys", str(keys),
@@ -156,8 +162,9 @@ def deployed(
     link_pid = None
     try:
         _wait_text(tmp / "server.log", "flwr run", server, 180)
-        for i, relay in enumerate(relays):
-            args = ["client", "--superlink", f"127.0.0.1:{relay.port}",
+        for i in range(2):
+            to = relays[i].port if relay else port
+            args = ["client", "--superlink", f"127.0.0.1:{to}",
                     "--ca", str(keys / "ca.crt"), "--key", str(keys / "nodes" / f"node{i}"),
                     "--state-dir", str(tmp / f"n{i}"), "--runtime-port", str(_port()),
                     "--partition-id", str(i), "--num-partitions", "2", "--device", "cpu",
@@ -170,7 +177,7 @@ def deployed(
         body = (tmp / "server.log").read_text()
         link_pid = int(body.split("SuperLink left running (pid ")[1].split(")")[0])
         at_end = [r.counts() for r in relays]
-        time.sleep(idle_s)
+        time.sleep(idle_s if relay else 0)
         idle = [
             ((r.counts()[0] - a[0]) / idle_s, (r.counts()[1] - a[1]) / idle_s)
             for r, a in zip(relays, at_end, strict=True)
@@ -197,8 +204,10 @@ def case(name: str, rounds: int, idle_s: float, threads: int, tmp: Path) -> dict
                  f"federation.rounds={rounds}"]  # fmt: skip
     sim_out = tmp / f"{name}-sim"
     simulate(load_config(REPO / "simulations" / scenario, overrides), sim_out, quiet=True)
-    dep = deployed(scenario, overrides, tmp / f"{name}-dep", idle_s, threads)
+    direct = deployed(scenario, overrides, tmp / f"{name}-direct", idle_s, threads, relay=False)
+    dep = deployed(scenario, overrides, tmp / f"{name}-relay", idle_s, threads, relay=True)
     sim_rows, dep_rows = _rows(sim_out)[1:], _rows(dep["out"])[1:]
+    direct_rows = _rows(direct["out"])[1:]
     summary = json.loads((dep["out"] / "summary.json").read_text())
     n = len(dep_rows)
     # whole run (discovery included), as the relays count it
@@ -212,9 +221,12 @@ def case(name: str, rounds: int, idle_s: float, threads: int, tmp: Path) -> dict
         "case": name,
         "rounds": n,
         "round_s_inprocess": statistics.mean(r["wall_s"] for r in sim_rows),
-        "round_s_deployed": statistics.mean(r["wall_s"] for r in dep_rows),
-        "round_s_deployed_min": min(r["wall_s"] for r in dep_rows),
-        "run_s_deployed": dep["run_s"],
+        "round_s_deployed": statistics.mean(r["wall_s"] for r in direct_rows),
+        "round_s_deployed_min": min(r["wall_s"] for r in direct_rows),
+        "train_s_max_deployed": statistics.mean(r["train_s_max"] for r in direct_rows),
+        "train_s_max_inprocess": statistics.mean(r["train_s_max"] for r in sim_rows),
+        "round_s_through_relay": statistics.mean(r["wall_s"] for r in dep_rows),
+        "run_s_deployed": direct["run_s"],
         "wire_up": wire_up,
         "wire_down": wire_down,
         "flower_up": flower_up,
@@ -223,9 +235,11 @@ def case(name: str, rounds: int, idle_s: float, threads: int, tmp: Path) -> dict
         "payload_down": payload_down,
         "idle_up_Bps": statistics.mean(i[0] for i in dep["idle_Bps"]),
         "idle_down_Bps": statistics.mean(i[1] for i in dep["idle_Bps"]),
-        "model_loads": [w["model_loads"] for w in dep["workers"]],
-        "requests": [w["requests"] for w in dep["workers"]],
-        "same_final_loss": _rows(sim_out)[-1]["eval_loss"] == _rows(dep["out"])[-1]["eval_loss"],
+        "model_loads": [w["model_loads"] for w in direct["workers"] + dep["workers"]],
+        "requests": [w["requests"] for w in direct["workers"] + dep["workers"]],
+        "same_final_loss": _rows(sim_out)[-1]["eval_loss"]
+        == _rows(direct["out"])[-1]["eval_loss"]
+        == _rows(dep["out"])[-1]["eval_loss"],
     }
 
 
@@ -251,22 +265,27 @@ def main() -> None:
             print(json.dumps(results[-1]), flush=True)
     kb = 1024
     print(
-        f"\n{'case':6} {'round s in-proc':>15} {'deployed':>9} {'(min)':>6} {'ratio':>6} | per node"
-        f" and round, KiB: {'wire up':>8} {'flower up':>9} {'payload':>8} {'wire/flw':>8}"
-        f" | {'wire dn':>8} {'flower dn':>9} {'payload':>8} {'wire/flw':>8} | idle B/s up/dn"
+        f"\n{'case':6} {'round s: in-proc':>16} {'deployed':>9} {'(min)':>6} {'ratio':>6}"
+        f" | {'client train s: in-proc':>23} {'deployed':>9} | {'round s via relay':>17}"
     )
     for r in results:
         print(
-            f"{r['case']:6} {r['round_s_inprocess']:15.3f} {r['round_s_deployed']:9.2f}"
+            f"{r['case']:6} {r['round_s_inprocess']:16.3f} {r['round_s_deployed']:9.2f}"
             f" {r['round_s_deployed_min']:6.2f}"
-            f" {r['round_s_deployed'] / r['round_s_inprocess']:5.0f}x |"
-            f"{'':22}{r['wire_up'] / kb:8.1f} {r['flower_up'] / kb:9.1f}"
-            f" {r['payload_up'] / kb:8.1f}"
-            f" {r['wire_up'] / r['flower_up']:7.2f}x | {r['wire_down'] / kb:8.1f}"
-            f" {r['flower_down'] / kb:9.1f} {r['payload_down'] / kb:8.1f}"
-            f" {r['wire_down'] / r['flower_down']:7.2f}x |"
-            f" {r['idle_up_Bps']:.0f}/{r['idle_down_Bps']:.0f}"
+            f" {r['round_s_deployed'] / r['round_s_inprocess']:5.1f}x"
+            f" | {r['train_s_max_inprocess']:23.2f} {r['train_s_max_deployed']:9.2f}"
+            f" | {r['round_s_through_relay']:17.2f}"
         )
+    print(
+        f"\nper node and round, KiB  {'wire up':>8} {'flower up':>9} {'payload':>8} {'wire/flw':>8}"
+        f" | {'wire dn':>8} {'flower dn':>9} {'payload':>8} {'wire/flw':>8} | idle B/s up/dn"
+    )
+    for r in results:
+        print(f"{r['case']:24} {r['wire_up'] / kb:8.1f} {r['flower_up'] / kb:9.1f}"
+              f" {r['payload_up'] / kb:8.1f} {r['wire_up'] / r['flower_up']:7.2f}x"
+              f" | {r['wire_down'] / kb:8.1f} {r['flower_down'] / kb:9.1f}"
+              f" {r['payload_down'] / kb:8.1f} {r['wire_down'] / r['flower_down']:7.2f}x"
+              f" | {r['idle_up_Bps']:.0f}/{r['idle_down_Bps']:.0f}")  # fmt: skip
     print("model loads per node:", {r["case"]: r["model_loads"] for r in results})
     dest = REPO / "benchmarks" / "results" / "deploy.json"
     dest.parent.mkdir(exist_ok=True)
