@@ -122,4 +122,12 @@ class ClientRole:
             f"{stats['requests']} messages with {stats['model_loads']} base-model load(s)",
             flush=True,
         )
+        if rc != 0 and not stopping.is_set() and stats["requests"] == 0:
+            print(
+                "fedpeft client: the SuperNode stopped before any message. If its log says "
+                "'Failed to activate SuperNode', the SuperLink does not know this node's key: "
+                f"register {self.auth_key}.pub there (fedpeft server registers KEYS/nodes/*.pub "
+                "when it starts) and start this node again.",
+                flush=True,
+            )
         return 0 if stopping.is_set() else rc

@@ -51,6 +51,7 @@ def app_project(scenario: str, out: Path, overrides: str = "") -> str:
             'name = "fedpeft-run"',
             'version = "1.0.0"',
             'description = "A fedpeft run (the code is the fedpeft installed on every node)"',
+            'license = "Apache-2.0"',
             "dependencies = []",
             "",
             "[tool.flwr.app]",
