@@ -198,3 +198,16 @@ def test_a_node_with_its_own_data_file_trains_on_all_of_it(tiny_config, cache, t
     assert own.client_id == "7" and own.header.num_examples == 27  # every training record
     shared = info({"partition-id": 0})
     assert shared.header.num_examples not in (0, 27)  # a share of the scenario's file
+
+
+def test_the_deployed_client_app_forwards_every_message_type_fedpeft_handles(tiny_config, cache):
+    # Flower keeps a ClientApp's handlers in `_registered_funcs` (1.41); if that moves, this
+    # test must find them another way, not be dropped: a type missing here fails in deployment.
+    from fedpeft.deploy.apps import client_app
+
+    handled = set(make_client_app(tiny_config(), cache)._registered_funcs)
+    assert (
+        set(client_app._registered_funcs)
+        == handled
+        == {"query.info", "train.lora", "train.zo", "evaluate.lora"}
+    )

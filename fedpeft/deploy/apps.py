@@ -30,7 +30,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-__all__ = ["POLL_S", "PollingGrid", "client_app", "server_app"]
+__all__ = ["FORWARDED", "POLL_S", "PollingGrid", "client_app", "server_app"]
 
 POLL_S = 0.1
 log = logging.getLogger(__name__)
@@ -143,21 +143,7 @@ def _forward(msg: Message, context: Context) -> Message:
     return Message(reply.content, reply_to=msg)
 
 
-@client_app.query("info")
-def _info(msg: Message, context: Context) -> Message:
-    return _forward(msg, context)
-
-
-@client_app.train("lora")
-def _train(msg: Message, context: Context) -> Message:
-    return _forward(msg, context)
-
-
-@client_app.train("zo")
-def _train_zo(msg: Message, context: Context) -> Message:
-    return _forward(msg, context)
-
-
-@client_app.evaluate("lora")
-def _evaluate(msg: Message, context: Context) -> Message:
-    return _forward(msg, context)
+# Every message type the fedpeft ClientApp handles goes to the same forwarder.
+FORWARDED = (("query", "info"), ("train", "lora"), ("train", "zo"), ("evaluate", "lora"))
+for _category, _action in FORWARDED:
+    getattr(client_app, _category)(_action)(_forward)
