@@ -93,10 +93,17 @@ server_app = ServerApp()
 @server_app.main()
 def _coordinate(grid: Grid, context: Context) -> None:
     from fedpeft.configio import config_to_dict, dump_toml, load_config, parse_overrides
+    from fedpeft.errors import ConfigError
     from fedpeft.server.app import run_server
     from fedpeft.server.results import RunReporter
 
     run = context.run_config
+    missing = [k for k in ("scenario", "out") if not isinstance(run.get(k), str)]
+    if missing:
+        raise ConfigError(
+            f"the run config lacks {missing}: submit fedpeft runs with `fedpeft server`, "
+            "which writes them into the app's pyproject.toml"
+        )
     overrides = parse_overrides(str(run.get("overrides", "")).split())
     cfg = load_config(None, overrides, text=str(run["scenario"]))
     out = Path(str(run["out"]))
