@@ -109,6 +109,11 @@ def _parser() -> argparse.ArgumentParser:
     cli.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N | mps")
     cli.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 | auto")
     cli.add_argument("--data-path", default=None, help="this node's copy of the data file")
+    cli.add_argument(
+        "--own-data",
+        action="store_true",
+        help="the data file is this node's own: train on all of it, not a partition",
+    )
     cli.add_argument("--max-rank", type=int, default=None, help="largest LoRA rank to accept")
     cli.add_argument("--memory-mb", type=int, default=None, help="memory to advertise (MiB)")
     cli.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
@@ -202,6 +207,7 @@ def _client(args: argparse.Namespace) -> int:
         "device": args.device,
         "dtype": args.dtype,
         "data-path": str(Path(args.data_path).resolve()) if args.data_path else None,
+        "own-data": 1 if args.own_data else None,
         "max-rank": args.max_rank,
         "memory-mb": args.memory_mb,
     }

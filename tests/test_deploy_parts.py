@@ -182,7 +182,7 @@ def test_too_long_socket_path_is_a_clear_error(tmp_path):
 
 def test_a_node_with_its_own_data_file_trains_on_all_of_it(tiny_config, cache, tmp_path):
     path = tmp_path / "mine.jsonl"
-    rows = [{"prompt": f"word{i}", "response": f"meaning {i}", "domain": "x",
+    rows = [{"prompt": f"word{i}", "response": f"meaning {i}", "domain": f"d{i % 3}",
              "split": "eval" if i % 10 == 0 else "train"} for i in range(30)]  # fmt: skip
     path.write_text("\n".join(json.dumps(r) for r in rows))
     cfg = tiny_config("data.max_examples_per_client=0")
@@ -194,8 +194,10 @@ def test_a_node_with_its_own_data_file_trains_on_all_of_it(tiny_config, cache, t
         set_task_identity(1, SERVER_NODE_ID)
         return decode_client_info(app(Message(encode_query("r"), 5, "query.info"), ctx).content)
 
-    own = info({"partition-id": 7, "data-path": str(path)})
+    own = info({"partition-id": 7, "data-path": str(path), "own-data": 1})
     assert own.client_id == "7" and own.header.num_examples == 27  # every training record
+    copy = info({"partition-id": 0, "data-path": str(path)})  # its copy, partitioned
+    assert 0 < copy.header.num_examples < 27  # one of 3 domains
     shared = info({"partition-id": 0})
     assert shared.header.num_examples not in (0, 27)  # a share of the scenario's file
 

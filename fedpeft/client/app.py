@@ -158,8 +158,9 @@ def node_overrides(context: Context) -> dict[str, Any]:
 
 
 def own_data(context: Context) -> bool:
-    """Whether this node trains on its own data file (node config ``data-path``)."""
-    return "data-path" in context.node_config
+    """Whether this node's data file is its own (node config ``own-data``): it trains on all
+    of it instead of its ``partition-id`` share of the scenario's file."""
+    return bool(context.node_config.get("own-data", 0))
 
 
 def _config(fixed: RunConfig | None, context: Context, cache: ProcessCache) -> RunConfig:
@@ -193,7 +194,8 @@ def make_client_app(cfg: RunConfig | None = None, cache: ProcessCache = PROCESS_
         The scenario; ``None`` reads it from the run config, as a deployed run passes it:
         ``scenario`` (TOML text) or ``config`` (a TOML path), plus optional ``overrides``
         (``KEY=VALUE ...``); the node config's ``device``, ``dtype`` and ``data-path``
-        override the model device/dtype and data path on that node.
+        override the model device/dtype and data path on that node, and ``own-data = 1``
+        makes the node train on all of its file rather than its partition.
     cache : ProcessCache
         Where the base model and data live (the process cache by default).
 

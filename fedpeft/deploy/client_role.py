@@ -5,7 +5,8 @@ process and starts ``flower-supernode`` as a child with TLS (``--root-certificat
 node authentication (``--auth-supernode-private-key``). The node config it passes tells the
 per-message ClientApp where the worker's socket is (``worker``) plus what the user gave:
 ``partition-id``/``num-partitions`` (which share of the scenario's data file this node
-trains on), ``device``, ``dtype``, ``data-path``, ``max-rank``, ``memory-mb``.
+trains on), ``device``, ``dtype``, ``data-path`` (this node's copy of that file),
+``own-data`` (the file is the node's own: all of it), ``max-rank``, ``memory-mb``.
 
 When the SuperNode exits (the SuperLink refused its key, or it was stopped), the worker
 stops too and the command returns the SuperNode's exit code; SIGTERM/SIGINT stop both.
