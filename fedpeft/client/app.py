@@ -169,20 +169,20 @@ def _config(fixed: RunConfig | None, context: Context, cache: ProcessCache) -> R
     run = context.run_config
     overrides = str(run.get("overrides", "")).split()
     local = node_overrides(context)
-    key = "config:" + json.dumps(
-        [run.get("config"), run.get("scenario"), overrides, local], sort_keys=True
-    )
-    text = run.get("scenario")
-    if isinstance(text, str) and text:
-        return cache.get(
-            key, lambda: load_config(None, {**parse_overrides(overrides), **local}, text)
-        )
-    path = run.get("config")
-    if not isinstance(path, str):
-        raise ConfigError(
-            "the run config has neither 'scenario' (TOML text) nor 'config' (scenario path)"
-        )
-    return cache.get(key, lambda: load_config(path, {**parse_overrides(overrides), **local}))
+    text, path = run.get("scenario"), run.get("config")
+    key = "config:" + json.dumps([path, text, overrides, local], sort_keys=True)
+
+    def build() -> RunConfig:
+        merged = {**parse_overrides(overrides), **local}
+        if isinstance(text, str) and text:
+            return load_config(None, merged, text)
+        if not isinstance(path, str):
+            raise ConfigError(
+                "the run config has neither 'scenario' (TOML text) nor 'config' (scenario path)"
+            )
+        return load_config(path, merged)
+
+    return cache.get(key, build)
 
 
 def make_client_app(cfg: RunConfig | None = None, cache: ProcessCache = PROCESS_CACHE) -> ClientApp:

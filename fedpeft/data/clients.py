@@ -49,15 +49,14 @@ def partition_indices(task: Task, fed: FederationConfig, data: DataConfig) -> li
             )
         keys = [r[fed.partition_key] for r in task.train]
     parts = partition(fed.partition, keys, fed.num_clients, rng, fed.dirichlet_alpha)
-    cap = data.max_examples_per_client
-    if cap:
-        parts = [
-            sorted(int(i) for i in np_rng(fed.seed, "cap", c).permutation(p)[:cap])
-            if len(p) > cap
-            else p
-            for c, p in enumerate(parts)
-        ]
-    return parts
+    return [_capped(p, data.max_examples_per_client, fed.seed, c) for c, p in enumerate(parts)]
+
+
+def _capped(indices: list[int], cap: int, seed: int, client: int) -> list[int]:
+    """At most ``cap`` of ``indices`` (0: all), a seeded random subset per client, sorted."""
+    if not cap or len(indices) <= cap:
+        return indices
+    return sorted(int(i) for i in np_rng(seed, "cap", client).permutation(indices)[:cap])
 
 
 def _partitions(cfg: RunConfig, cache: ProcessCache) -> tuple[Task, list[list[int]], str]:
@@ -77,11 +76,13 @@ def client_records(
     """
     if own:
         records = get_task(cfg.data, cfg.federation.seed, cache).train
-        cap = cfg.data.max_examples_per_client
-        if cap and len(records) > cap:
-            rng = np_rng(cfg.federation.seed, "cap", partition_id)
-            return [records[int(i)] for i in sorted(rng.permutation(len(records))[:cap])]
-        return list(records)
+        keep = _capped(
+            list(range(len(records))),
+            cfg.data.max_examples_per_client,
+            cfg.federation.seed,
+            partition_id,
+        )
+        return [records[i] for i in keep]
     task, parts, _ = _partitions(cfg, cache)
     if cfg.federation.centralized:
         if partition_id != 0:

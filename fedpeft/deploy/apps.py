@@ -20,6 +20,7 @@ process for every message.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Iterable
@@ -121,19 +122,17 @@ def _coordinate(grid: Grid, context: Context) -> None:
 
 # ---------------------------------------------------------------------------------- client
 client_app = ClientApp()
-_LOCAL: list[ClientApp] = []
 
 
+@functools.cache
 def _local_app() -> ClientApp:
-    if not _LOCAL:
-        from fedpeft.client.app import make_client_app
+    from fedpeft.client.app import make_client_app
 
-        log.warning(
-            "fedpeft: this node has no model worker (node config 'worker'); the base model "
-            "loads in every message's process. Start the node with `fedpeft client`."
-        )
-        _LOCAL.append(make_client_app(None))
-    return _LOCAL[0]
+    log.warning(
+        "fedpeft: this node has no model worker (node config 'worker'); the base model "
+        "loads in every message's process. Start the node with `fedpeft client`."
+    )
+    return make_client_app(None)
 
 
 def _forward(msg: Message, context: Context) -> Message:
