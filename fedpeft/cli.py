@@ -3,6 +3,8 @@
 Verbs:
 
 - ``fedpeft simulate --config X.toml --out DIR [--backend inprocess|ray] [--quiet] [KEY=VALUE ...]``
+- ``fedpeft simulate --resume DIR``: continue a run from its checkpoint (its last complete
+  round), with the run folder's own ``config.toml``.
 - ``fedpeft validate --config X.toml [KEY=VALUE ...]``: check a scenario, print it resolved.
 - ``fedpeft config-help``: every configuration key with its default and help text.
 - ``fedpeft strategies``: the registered strategies.
@@ -32,8 +34,8 @@ from fedpeft.errors import ConfigError, FedpeftError
 __all__ = ["main"]
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="scenario TOML (see simulations/)")
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--config", required=required, help="scenario TOML (see simulations/)")
     p.add_argument(
         "overrides",
         nargs="*",
@@ -48,9 +50,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="verb", required=True)
     sim = sub.add_parser("simulate", help="run a scenario with simulated clients")
-    _add_config_args(sim)
+    _add_config_args(sim, required=False)
     sim.add_argument(
-        "--out", required=True, help="run folder for metrics.jsonl, summary.json, adapter/"
+        "--out", default=None, help="run folder for metrics.jsonl, summary.json, adapter/"
+    )
+    sim.add_argument(
+        "--resume",
+        metavar="DIR",
+        default=None,
+        help="continue the run in DIR from its checkpoint (uses DIR/config.toml)",
     )
     sim.add_argument(
         "--backend", choices=("inprocess", "ray"), default=None, help="override simulation.backend"
@@ -95,6 +103,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="submit to the SuperLink already running at --host:--port (no start, no key "
         "registration, no stop)",
+    )
+    srv.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its checkpoint (same --config and overrides)",
     )
     cli = sub.add_parser(
         "client", help="edge node: a SuperNode with TLS and node auth plus the model worker"
@@ -165,18 +178,30 @@ def _run(args: argparse.Namespace) -> int:
 
         role = ServerRole(
             Path(args.config), args.overrides, Path(args.out), Path(args.keys),
-            args.host, args.port, args.keep, args.attach,
+            args.host, args.port, args.keep, args.attach, args.resume,
         )  # fmt: skip
         return role.run()
     from fedpeft.configio import config_to_dict, dump_toml, load_config
 
-    cfg = load_config(args.config, args.overrides)
     if args.verb == "validate":
+        cfg = load_config(args.config, args.overrides)
         print(dump_toml(config_to_dict(cfg)), end="")
         return 0
     from fedpeft.simulation.runner import simulate
 
-    simulate(cfg, args.out, backend=args.backend, quiet=args.quiet)
+    resume = args.resume is not None
+    if resume and (args.config or args.overrides):
+        raise ConfigError(
+            "--resume continues with the run folder's own config.toml; drop --config and "
+            "KEY=VALUE overrides (a changed scenario is a new run)"
+        )
+    if not resume and (args.config is None or args.out is None):
+        raise ConfigError("simulate needs --config and --out (or --resume DIR)")
+    out = args.resume if resume else args.out
+    if resume and args.out not in (None, args.resume):
+        raise ConfigError(f"--out {args.out} differs from --resume {args.resume}; give one")
+    cfg = load_config(Path(out) / "config.toml" if resume else args.config, args.overrides)
+    simulate(cfg, out, backend=args.backend, quiet=args.quiet, resume=resume)
     return 0
 
 

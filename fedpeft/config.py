@@ -26,6 +26,7 @@ __all__ = [
     "SimulationConfig",
     "StrategyConfig",
     "TrainConfig",
+    "ValidationConfig",
     "ZoConfig",
 ]
 
@@ -437,6 +438,49 @@ class DevicesConfig:
 
 
 @dataclass(frozen=True)
+class ValidationConfig:
+    """``[validation]``: limits every update must meet before it is aggregated."""
+
+    max_update_norm: float = _help(
+        "largest L2 norm of a LoRA update's change to the factors it was sent, over all "
+        "modules (0: no bound)",
+        1000.0,
+    )
+    max_scalar: float = _help(
+        "largest |scalar| in a zeroth-order upload (0: no bound); strategies clip further",
+        1e6,
+    )
+    max_reply_mb: float = _help(
+        "largest reply in MB (0: automatic, twice the instruction's adapter in float32 "
+        "plus 1 MB, or 1 MB plus 16 bytes per possible seed/scalar pair)",
+        0.0,
+    )
+    max_weight_ratio: float = _help(
+        "an update's aggregation weight (num_examples) is capped at this many times the "
+        "median of the round's valid updates (0: no cap)",
+        10.0,
+    )
+    round_retries: int = _help(
+        "times a round that ends with too few valid updates is run again (resampled "
+        "clients stay the same; strategy state is restored first) before the run fails",
+        0,
+    )
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        for name in ("max_update_norm", "max_scalar", "max_reply_mb", "max_weight_ratio"):
+            value = getattr(self, name)
+            _check(p, value >= 0, f"validation.{name} must be >= 0, got {value}")
+        _check(
+            p,
+            self.max_weight_ratio == 0 or self.max_weight_ratio >= 1,
+            f"validation.max_weight_ratio must be 0 or >= 1, got {self.max_weight_ratio}",
+        )
+        _check(p, self.round_retries >= 0, "validation.round_retries must be >= 0")
+        _raise(p)
+
+
+@dataclass(frozen=True)
 class SimulationConfig:
     """``[simulation]``: how virtual clients are run."""
 
@@ -480,4 +524,5 @@ class RunConfig:
     ranks: RanksConfig = field(default_factory=RanksConfig)
     compress: CompressConfig = field(default_factory=CompressConfig)
     devices: DevicesConfig = field(default_factory=DevicesConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)

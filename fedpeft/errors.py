@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 __all__ = [
+    "REJECT_CODES",
     "AggregationError",
     "ConfigError",
     "DataError",
@@ -46,6 +47,26 @@ class ConfigError(FedpeftError, ValueError):
         super().__init__(text)
 
 
+#: Typed reasons an update is refused; the round's metrics count them under ``rejected``.
+REJECT_CODES: dict[str, str] = {
+    "decode": "the bytes do not decode as the expected message",
+    "payload_size": "the reply is larger than the limit for its instruction",
+    "header": "protocol, run, base-model fingerprint, adapter hash or client id differ",
+    "replay": "the update is for another round than the one asked",
+    "duplicate": "a second reply to the same instruction",
+    "structure": "modules, shapes, rank, alpha or pruned structure differ from the instruction",
+    "frozen": "a factor the instruction froze came back changed",
+    "dtype": "a tensor is not floating point",
+    "nonfinite": "NaN or infinite values",
+    "norm": "the update's norm is above validation.max_update_norm",
+    "num_examples": "num_examples outside 1..what the client reported at discovery",
+    "seed_range": "a zeroth-order seed or block index outside the pool, or a repeated pair",
+    "client_error": "the client answered with an error",
+    "timeout": "no reply before the round timeout",
+    "deadline": "the simulated device missed devices.deadline_s",
+}
+
+
 class ProtocolError(FedpeftError, ValueError):
     """A message could not be decoded or does not match what was expected of it.
 
@@ -53,10 +74,15 @@ class ProtocolError(FedpeftError, ValueError):
     ----------
     reason : str
         What is wrong with the message, naming the offending field and value.
+    code : str
+        One of :data:`REJECT_CODES` (``decode`` unless the check knows better).
     """
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, code: str = "decode") -> None:
+        if code not in REJECT_CODES:
+            raise ValueError(f"unknown rejection code {code!r}; known: {sorted(REJECT_CODES)}")
         self.reason = reason
+        self.code = code
         super().__init__(reason)
 
 

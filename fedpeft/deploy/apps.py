@@ -111,7 +111,8 @@ def _coordinate(grid: Grid, context: Context) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.toml").write_text(dump_toml(config_to_dict(cfg)), encoding="utf-8")
     reporter = RunReporter(out, cfg.federation.rounds, quiet=True)
-    summary = run_server(PollingGrid(grid), cfg, out, reporter)
+    resume = bool(run.get("resume", False))
+    summary = run_server(PollingGrid(grid), cfg, out, reporter, resume=resume)
     log.warning(
         "fedpeft: run finished; eval loss %s -> %s; results in %s",
         summary["before"].get("eval_loss"),

@@ -38,7 +38,7 @@ __all__ = ["CONNECTION", "ServerRole", "app_project", "flwr_config"]
 CONNECTION = "fedpeft"
 
 
-def app_project(scenario: str, out: Path, overrides: str = "") -> str:
+def app_project(scenario: str, out: Path, overrides: str = "", resume: bool = False) -> str:
     """The ``pyproject.toml`` of the Flower app a deployed run submits."""
     return "\n".join(
         [
@@ -65,6 +65,7 @@ def app_project(scenario: str, out: Path, overrides: str = "") -> str:
             f"scenario = {json.dumps(scenario)}",
             f"overrides = {json.dumps(overrides)}",
             f"out = {json.dumps(str(out))}",
+            f"resume = {'true' if resume else 'false'}",
             "",
         ]
     )
@@ -106,6 +107,8 @@ class ServerRole:
     attach : bool
         Use the SuperLink already running at ``host:port`` (started by an earlier
         ``--keep`` or as a service): no start, no key registration, no stop.
+    resume : bool
+        Continue the run in ``out`` from its checkpoint instead of starting over.
     """
 
     config: Path
@@ -116,6 +119,7 @@ class ServerRole:
     port: int = 9092
     keep: bool = False
     attach: bool = False
+    resume: bool = False
 
     def _files(self) -> tuple[Path, Path, Path, list[Path]]:
         ca, cert, key = self.keys / "ca.crt", self.keys / "server.pem", self.keys / "server.key"
@@ -176,7 +180,7 @@ class ServerRole:
         address = f"{local}:{self.port}"
         (out / "flwr" / "config.toml").write_text(flwr_config(address, ca.resolve()))
         scenario = dump_toml(config_to_dict(cfg))
-        (out / "app" / "pyproject.toml").write_text(app_project(scenario, out))
+        (out / "app" / "pyproject.toml").write_text(app_project(scenario, out, resume=self.resume))
         (out / "summary.json").unlink(missing_ok=True)
         env = flower_env(out / "flwr", {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"})
         if self.attach:

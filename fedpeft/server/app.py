@@ -24,6 +24,7 @@ from fedpeft.configio import config_hash
 from fedpeft.data.clients import get_task
 from fedpeft.evaluation import EvalSet, Evaluator
 from fedpeft.models import get_model
+from fedpeft.server.checkpoint import CHECKPOINT
 from fedpeft.server.coordinator import Coordinator, clients_per_round
 from fedpeft.server.results import RunReporter, summarize
 from fedpeft.server.start import initial_global, save_global
@@ -47,13 +48,19 @@ def run_server(
     out_dir: Path,
     reporter: RunReporter,
     cache: ProcessCache = PROCESS_CACHE,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run the whole federated job on ``grid``; returns the summary.
+
+    The coordinator's state is checkpointed to ``out_dir/checkpoint.safetensors`` after every
+    round; ``resume`` continues from there.
 
     Raises
     ------
     RoundError
         If a round cannot complete (too few valid updates).
+    CheckpointError
+        If ``resume`` finds no checkpoint, or one of another scenario.
     """
     t0 = time.perf_counter()
     seed = cfg.federation.seed
@@ -79,6 +86,8 @@ def run_server(
         evaluate=Evaluator(cfg, handle, evalset, cache).global_model,
         on_row=reporter.on_row,
         zo_blocks=ctx.zo_blocks,
+        checkpoint=out_dir / CHECKPOINT,
+        resume=resume,
     )
     result = coordinator.run()
     saved = save_global(result.model, handle, out_dir, cache)
@@ -94,6 +103,7 @@ def make_server_app(
     reporter: RunReporter,
     outcome: Outcome,
     cache: ProcessCache = PROCESS_CACHE,
+    resume: bool = False,
 ) -> ServerApp:
     """A ``ServerApp`` whose ``main`` runs :func:`run_server` and records the outcome."""
     app = ServerApp()
@@ -101,7 +111,7 @@ def make_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            outcome.summary = run_server(grid, cfg, out_dir, reporter, cache)
+            outcome.summary = run_server(grid, cfg, out_dir, reporter, cache, resume)
         except BaseException as err:
             outcome.error = err
             reporter.bar.close()

@@ -10,14 +10,25 @@ run through the same loop (:mod:`fedpeft.server.exchange` handles both message k
 
 Per round ``r``: ``k = min(n, max(min_clients, ceil(fraction_train * n)))`` clients are
 sampled by a generator seeded with ``(seed, "sample", r)``, so a resumed run samples the same.
+
+After round 0 (the evaluation of the start) and after every round, the coordinator's whole
+state (:meth:`Coordinator.state_dict`: round, strategy state with any bandit or accountant,
+the current global model, the metrics rows, simulated time) is written atomically to
+``checkpoint`` (:mod:`fedpeft.server.checkpoint`). Every random draw derives from the run
+seed and the round, so a run resumed from a checkpoint continues exactly as the uninterrupted
+run would. A round with too few valid updates is run again ``validation.round_retries`` times,
+with the strategy's state restored first, before the run fails.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Message
@@ -25,16 +36,26 @@ from flwr.serverapp import Grid
 
 from fedpeft._flwr import message_nbytes
 from fedpeft.config import RunConfig, TrainConfig
-from fedpeft.errors import RoundError
+from fedpeft.errors import ProtocolError, RoundError
 from fedpeft.seeding import derive_seed, np_rng
+from fedpeft.server.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    result_from_state,
+    result_state,
+    save_checkpoint,
+)
 from fedpeft.server.exchange import Exchange, Instruction, exchange
 from fedpeft.server.fedeval import federated_eval
+from fedpeft.server.validate import MAX_NUM_EXAMPLES, Limits, cap_weights
 from fedpeft.simulation.devices import DeviceProfile, assign_profiles, simulated_times
 from fedpeft.strategies.base import AggregateResult, LoraPlan, Strategy, ZoPlan
 from fedpeft.wire import ClientInfo, Header, TrainInstruction, decode_client_info, encode_query
 from fedpeft.wire_zo import ZoInstruction
 
 __all__ = ["Coordinator", "EvalFn", "RunResult", "clients_per_round"]
+
+log = logging.getLogger(__name__)
 
 EvalFn = Callable[[AggregateResult, bool], dict[str, float]]
 ZO_KEYS = ("sync_regens", "regens_per_step", "step_s", "forward_s")
@@ -80,6 +101,10 @@ class Coordinator:
         Called with each round's metrics as soon as they exist.
     zo_blocks : int
         Seed/scalar strategies: blocks of the tuned tensors (to validate uploads).
+    checkpoint : Path | None
+        Where the state is written after every round (``None``: nowhere).
+    resume : bool
+        Continue from ``checkpoint`` instead of starting at round 0.
     """
 
     def __init__(
@@ -93,6 +118,8 @@ class Coordinator:
         evaluate: EvalFn | None = None,
         on_row: Callable[[dict[str, Any]], None] | None = None,
         zo_blocks: int = 1,
+        checkpoint: Path | None = None,
+        resume: bool = False,
     ) -> None:
         self.cfg = cfg
         self.grid = grid
@@ -103,6 +130,8 @@ class Coordinator:
         self.evaluate = evaluate
         self.on_row = on_row
         self.zo_blocks = zo_blocks
+        self.checkpoint = checkpoint
+        self.resume = resume
         self.server_round = 0
         self.examples_behind_global = 0
         self.rows: list[dict[str, Any]] = []
@@ -148,7 +177,17 @@ class Coordinator:
             if reply.has_error():
                 problems.append(f"node {node}: {reply.error.reason}")
                 continue
-            info = decode_client_info(reply.content, node_id=node)
+            try:
+                info = decode_client_info(reply.content, node_id=node)
+            except ProtocolError as err:
+                problems.append(f"node {node}: {err.reason}")
+                continue
+            if not 1 <= info.num_examples <= MAX_NUM_EXAMPLES:
+                problems.append(
+                    f"node {node} (client {info.client_id}) reports {info.num_examples} "
+                    f"examples, expected 1..{MAX_NUM_EXAMPLES}"
+                )
+                continue
             if info.header.model_fingerprint != self.fingerprint:
                 problems.append(
                     f"node {node} (client {info.client_id}) has base model "
@@ -221,8 +260,10 @@ class Coordinator:
         metric = first_or_last or (ev.metric_every > 0 and server_round % ev.metric_every == 0)
         return loss, metric
 
-    def run_round(self, server_round: int, clients: Sequence[ClientInfo]) -> dict[str, Any]:
-        """One full round; returns (and reports) its metrics row.
+    def run_round(
+        self, server_round: int, clients: Sequence[ClientInfo], attempt: int = 1
+    ) -> dict[str, Any]:
+        """One full round (``attempt``: which try at it); returns (and reports) its metrics row.
 
         Raises
         ------
@@ -233,8 +274,12 @@ class Coordinator:
         sampled = self.sample(server_round, clients)
         instructions = self.instructions(server_round, sampled)
         nodes = {c.client_id: c.node_id for c in sampled}
+        limits = {
+            c.client_id: Limits(self.cfg.validation, c.num_examples, self.zo_blocks)
+            for c in sampled
+        }
         timeout = self.cfg.federation.round_timeout_s
-        got = exchange(self.grid, instructions, nodes, server_round, timeout, self.zo_blocks)
+        got = exchange(self.grid, instructions, nodes, server_round, timeout, limits)
         sim = self._simulate_devices(got)
         if len(got.updates) < self.cfg.federation.min_clients:
             reasons = "; ".join(f"client {c}: {r}" for c, r in sorted(got.failures.items()))
@@ -243,10 +288,13 @@ class Coordinator:
                 f"{len(got.updates)} valid updates, need federation.min_clients="
                 f"{self.cfg.federation.min_clients}. {reasons}",
             )
+        got.updates, capped = cap_weights(got.updates, self.cfg.validation.max_weight_ratio)
         self.current = self.strategy.aggregate_train(server_round, got.updates)
         self.examples_behind_global = sum(u.header.num_examples for u in got.updates)
         self.server_round = server_round
         row = self._row(server_round, got, len(instructions))
+        row["weights_capped"] = capped
+        row["attempts"] = attempt
         row.update(sim)
         row.update({k: float(v) for k, v in self.current.metrics.items()})
         row.update(self._eval_row(server_round))
@@ -274,7 +322,7 @@ class Coordinator:
         if deadline > 0:
             late = {c for c, t in times.items() if t > deadline}
             for c in sorted(late):
-                got.failures[c] = f"missed the deadline: {times[c]:.1f} s > {deadline} s"
+                got.fail(c, "deadline", f"missed the deadline: {times[c]:.1f} s > {deadline} s")
             got.updates = [u for u in got.updates if u.header.client_id not in late]
         slowest = max(times.values(), default=0.0)
         round_s = min(slowest, deadline) if deadline > 0 else slowest
@@ -299,6 +347,7 @@ class Coordinator:
             "clients": len(updates),
             "client_ids": sorted(u.header.client_id for u in updates),
             "failures": dict(sorted(got.failures.items())),
+            "rejected": dict(sorted(got.rejected.items())),
             "num_examples": self.examples_behind_global,
             "bytes_up": counts["bytes_up"],
             "bytes_down": counts["bytes_down"],
@@ -353,11 +402,16 @@ class Coordinator:
             "bytes_up": 0,
             "bytes_down": 0,
         }
-        start.update(self._eval_row(0))
-        start["wall_s"] = time.perf_counter() - t0
-        self._report(start)
+        if self.resume:
+            self._restore()
+        else:
+            start.update(self._eval_row(0))
+            start["wall_s"] = time.perf_counter() - t0
+            self._report(start)
+            self._save()
         for server_round in range(self.server_round + 1, self.cfg.federation.rounds + 1):
-            self.run_round(server_round, self.clients)
+            self._run_with_retries(server_round)
+            self._save()
         return RunResult(
             rows=self.rows,
             model=self.current,
@@ -365,3 +419,62 @@ class Coordinator:
             setup_bytes=setup,
             wall_s=time.perf_counter() - t0,
         )
+
+    # ------------------------------------------------------------------ state
+    def _run_with_retries(self, server_round: int) -> dict[str, Any]:
+        retries = self.cfg.validation.round_retries
+        for attempt in range(retries + 1):
+            snapshot = copy.deepcopy(self.strategy.state_dict())
+            try:
+                return self.run_round(server_round, self.clients, attempt + 1)
+            except RoundError as err:
+                if attempt == retries:
+                    raise
+                log.warning("%s; running it again (%d of %d)", err, attempt + 1, retries)
+                self.strategy.load_state_dict(snapshot)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue after the last completed round."""
+        return {
+            "run_id": self.run_id,
+            "round": self.server_round,
+            "examples_behind_global": self.examples_behind_global,
+            "sim_wall_s": self.sim_wall_s,
+            "rows": copy.deepcopy(self.rows),
+            "current": result_state(self.current),
+            "strategy": self.strategy.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (the strategy's part included).
+
+        Raises
+        ------
+        CheckpointError
+            If the state is from a run with another scenario (another ``run_id``).
+        """
+        if state["run_id"] != self.run_id:
+            raise CheckpointError(
+                f"the checkpoint is from run {state['run_id']!r}, this scenario is run "
+                f"{self.run_id!r}: resume with the run folder's own config.toml"
+            )
+        self.server_round = int(state["round"])
+        self.examples_behind_global = int(state["examples_behind_global"])
+        self.sim_wall_s = float(state["sim_wall_s"])
+        self.rows = list(state["rows"])
+        self.current = result_from_state(state["current"])
+        self.strategy.load_state_dict(state["strategy"])
+
+    def _save(self) -> None:
+        if self.checkpoint is not None:
+            save_checkpoint(self.checkpoint, self.state_dict())
+
+    def _restore(self) -> None:
+        if self.checkpoint is None:
+            raise CheckpointError("resume needs a checkpoint path")
+        self.load_state_dict(load_checkpoint(self.checkpoint))
+        rows, self.rows = self.rows, []
+        for row in rows:  # the run's metrics so far, written again by whoever listens
+            self._report(row)
+        log.info("resumed after round %d from %s", self.server_round, self.checkpoint)

@@ -10,6 +10,7 @@ for seed/scalar training).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +20,7 @@ from flwr.serverapp import Grid
 
 from fedpeft._flwr import message_nbytes
 from fedpeft.errors import ProtocolError
-from fedpeft.server.validate import validate_update, validate_zo_update
+from fedpeft.server.validate import Limits, reply_limit, validate_update, validate_zo_update
 from fedpeft.wire import (
     LoraUpdate,
     SharedRecords,
@@ -39,15 +40,26 @@ Update = LoraUpdate | ZoUpdate
 
 @dataclass
 class Exchange:
-    """What came back from one round's instructions."""
+    """What came back from one round's instructions.
+
+    ``failures`` maps a client id to why it contributes nothing this round (text starting
+    with its code); ``rejected`` counts those codes (:data:`~fedpeft.errors.REJECT_CODES`),
+    including second replies to one instruction (``duplicate``), which do not fail the client.
+    """
 
     updates: list[Any] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)
+    rejected: Counter[str] = field(default_factory=Counter)
     counts: dict[str, int] = field(
         default_factory=lambda: {"bytes_down": 0, "bytes_up": 0, "payload_down": 0, "payload_up": 0}
     )
     client_bytes_down: dict[str, int] = field(default_factory=dict)
     client_bytes_up: dict[str, int] = field(default_factory=dict)
+
+    def fail(self, cid: str, code: str, reason: str) -> None:
+        """Record that ``cid`` contributes nothing this round, and why."""
+        self.failures[cid] = f"{code}: {reason}"
+        self.rejected[code] += 1
 
 
 def _encode(ins: Instruction, shared: SharedRecords) -> RecordDict:
@@ -62,15 +74,22 @@ def _payload_down(ins: Instruction, content: RecordDict) -> int:
     return instruction_payload(content)
 
 
-def _decode(reply: Message, ins: Instruction, zo_blocks: int) -> tuple[Update, int]:
+def _decode(reply: Message, ins: Instruction, limits: Limits, nbytes: int) -> tuple[Update, int]:
     if reply.has_error():
-        raise ProtocolError(f"client error: {reply.error.reason}")
+        raise ProtocolError(str(reply.error.reason), "client_error")
+    limit = reply_limit(ins, limits)
+    if nbytes > limit:
+        raise ProtocolError(
+            f"reply is {nbytes} bytes, the limit for this instruction is {limit} "
+            "(validation.max_reply_mb)",
+            "payload_size",
+        )
     if isinstance(ins, ZoInstruction):
         zo = decode_zo_update(reply.content)
-        validate_zo_update(zo, ins, zo_blocks)
+        validate_zo_update(zo, ins, limits)
         return zo, zo.payload_nbytes
     update = decode_update(reply.content, reference=ins.adapter)
-    validate_update(update, ins)
+    validate_update(update, ins, limits)
     return update, update_payload(reply.content)
 
 
@@ -80,13 +99,14 @@ def exchange(
     nodes: Mapping[str, int],
     server_round: int,
     timeout: float,
-    zo_blocks: int = 1,
+    limits: Mapping[str, Limits] | None = None,
 ) -> Exchange:
     """Send every instruction, wait for the replies and keep only the valid updates.
 
-    A reply that is an error, does not decode or does not match its instruction is recorded
-    in ``failures`` under its client id (``client error: ...`` / ``rejected: ...``), as is a
-    client that did not answer before ``timeout``.
+    A reply that is an error, is too large, does not decode or does not match its
+    instruction (and ``limits[cid]``: the run's bounds and the client's example count) is
+    recorded in ``failures`` under its client id as ``<code>: <reason>``, as is a client that
+    did not answer before ``timeout``; ``rejected`` counts the codes.
     """
     shared: SharedRecords = {}  # one encoded copy of each distinct broadcast adapter
     msgs = [
@@ -109,24 +129,25 @@ def exchange(
     while replies:  # pop as we decode: a reply's bytes are freed once it is decoded
         reply = replies.pop()
         cid = by_node.get(reply.metadata.src_node_id)
-        if cid is None or cid in answered:
-            continue  # not asked this round, or a duplicate reply
+        if cid is None:
+            continue  # not asked this round
+        if cid in answered:
+            out.rejected["duplicate"] += 1  # the first reply to an instruction counts
+            continue
         answered.add(cid)
         out.client_bytes_up[cid] = message_nbytes(reply)
         out.counts["bytes_up"] += out.client_bytes_up[cid]
         try:
-            update, payload = _decode(reply, instructions[cid], zo_blocks)
+            limit = (limits or {}).get(cid, Limits())
+            update, payload = _decode(reply, instructions[cid], limit, out.client_bytes_up[cid])
         except ProtocolError as err:
-            reason = err.reason
-            out.failures[cid] = (
-                reason if reason.startswith("client error") else f"rejected: {reason}"
-            )
+            out.fail(cid, err.code, err.reason)
             continue
         out.counts["payload_up"] += payload
         out.updates.append(update)
     for cid in instructions:
         if cid not in answered:
-            out.failures[cid] = "no reply before the round timeout"
+            out.fail(cid, "timeout", "no reply before the round timeout")
     # replies arrive in whatever order the transport delivers them (Ray: scheduling); sorted,
     # every float sum downstream (the round's mean train loss, ...) is the same on any backend
     out.updates.sort(key=lambda u: u.header.client_id)

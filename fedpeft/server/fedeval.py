@@ -32,7 +32,7 @@ __all__ = ["federated_eval"]
 
 def _report(reply: Message, run_id: str, server_round: int, cid: str) -> EvalReport:
     if reply.has_error():
-        raise ProtocolError(f"client error: {reply.error.reason}")
+        raise ProtocolError(f"client error: {reply.error.reason}", "client_error")
     report = decode_eval_report(reply.content)
     h = report.header
     if (h.run_id, h.server_round, h.client_id) != (run_id, server_round, cid):

@@ -10,7 +10,8 @@ Both backends run the very same ``ServerApp`` and ``ClientApp``:
   GPUs let several clients share one GPU).
 
 Writes ``OUT/config.toml`` (the resolved configuration), ``OUT/metrics.jsonl``,
-``OUT/summary.json`` and ``OUT/adapter/``.
+``OUT/summary.json``, ``OUT/adapter/`` and, after every round, ``OUT/checkpoint.safetensors``
+(``resume=True`` continues a run from it).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ def simulate(
     backend: str | None = None,
     quiet: bool = False,
     cache: ProcessCache = PROCESS_CACHE,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run a scenario to the end and return its summary.
 
@@ -80,6 +82,8 @@ def simulate(
         No progress bar or table.
     cache : ProcessCache
         Where models and data are shared (in-process backend).
+    resume : bool
+        Continue the run in ``out_dir`` from its checkpoint (its last completed round).
 
     Returns
     -------
@@ -96,7 +100,7 @@ def simulate(
     (out / "config.toml").write_text(dump_toml(config_to_dict(cfg)), encoding="utf-8")
     reporter = RunReporter(out, cfg.federation.rounds, quiet=quiet)
     outcome = Outcome()
-    server_app = make_server_app(cfg, out, reporter, outcome, cache)
+    server_app = make_server_app(cfg, out, reporter, outcome, cache, resume)
     client_app = make_client_app(cfg, cache)
     n = num_nodes(cfg)
     if backend == "inprocess":

@@ -1,0 +1,195 @@
+"""Crash-safe coordinator: checkpoints round-trip exactly; a SIGKILLed run resumes bit-identically."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from fedpeft.errors import RoundError
+from fedpeft.server.checkpoint import (
+    CHECKPOINT,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
+from fedpeft.simulation.runner import simulate
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMING = {"wall_s", "eval_s", "train_s_max", "sim_client_s", "step_s_max", "forward_s_max"}
+
+
+def test_checkpoint_round_trips_every_kind_of_value(tmp_path):
+    state = {
+        "tensor": torch.arange(6, dtype=torch.bfloat16).reshape(2, 3),
+        "empty": torch.zeros(0, 4),
+        "array": np.array([1, 2, 3], np.uint16),
+        "f64": np.linspace(0, 1, 7),
+        "floats": [0.1, float("nan"), float("inf"), -0.0, 1e-310],
+        "ints": {1: "one", (2, "x"): [None, True, False]},
+        "tuple": (1, (2.5, "s")),
+        "np_scalar": np.int64(7),
+        "nested": {"a": {"b": [torch.ones(1)]}},
+    }
+    path = tmp_path / CHECKPOINT
+    save_checkpoint(path, state)
+    back = load_checkpoint(path)
+    assert back["tensor"].dtype == torch.bfloat16 and torch.equal(back["tensor"], state["tensor"])
+    assert back["empty"].shape == (0, 4)
+    assert back["array"].dtype == np.uint16 and back["array"].tolist() == [1, 2, 3]
+    assert np.array_equal(back["f64"], state["f64"])
+    f = back["floats"]
+    assert f[0] == 0.1 and math.isnan(f[1]) and f[2] == math.inf and f[4] == 1e-310
+    assert math.copysign(1, f[3]) == -1
+    assert back["ints"] == {1: "one", (2, "x"): [None, True, False]}
+    assert back["tuple"] == (1, (2.5, "s")) and back["np_scalar"] == 7
+    assert torch.equal(back["nested"]["a"]["b"][0], torch.ones(1))
+    assert not path.with_name(CHECKPOINT + ".tmp").exists()
+
+
+def test_checkpoint_refuses_what_it_cannot_restore_and_reports_bad_files(tmp_path):
+    with pytest.raises(CheckpointError, match="cannot checkpoint a object"):
+        save_checkpoint(tmp_path / CHECKPOINT, {"x": object()})
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "missing.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_checkpoint(bad)
+
+
+def test_a_crash_while_writing_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / CHECKPOINT
+    save_checkpoint(path, {"round": 1})
+
+    def crash(*args, **kwargs):
+        raise OSError("disk pulled out")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk pulled out"):
+        save_checkpoint(path, {"round": 2})
+    assert load_checkpoint(path) == {"round": 1}
+
+
+def _cli(*args: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedpeft.cli", "simulate", "--quiet", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def _rows(run: Path) -> list[dict[str, object]]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt") as fh:
+        return {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+
+
+def _checkpointed_round(run: Path) -> int:
+    try:
+        return int(load_checkpoint(run / CHECKPOINT)["round"])
+    except CheckpointError:
+        return -1
+
+
+def test_sigkill_mid_run_then_resume_gives_the_bit_identical_adapter(tmp_path):
+    scenario = ("--config", "simulations/tiny.toml", "rounds=5", "eval.examples=8")
+    clean, crashed = tmp_path / "clean", tmp_path / "crashed"
+    ref = _cli(*scenario, "--out", str(clean))
+    assert ref.wait(timeout=300) == 0, ref.stdout.read().decode() if ref.stdout else ""
+
+    victim = _cli(*scenario, "--out", str(crashed))
+    deadline = time.monotonic() + 300
+    while _checkpointed_round(crashed) < 2 and victim.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)  # no chance to clean up: as if the machine died
+    assert victim.wait(timeout=30) == -signal.SIGKILL
+    done = _checkpointed_round(crashed)
+    assert 2 <= done < 5 and not (crashed / "summary.json").exists()
+
+    resumed = _cli("--resume", str(crashed))
+    out = resumed.stdout.read().decode() if resumed.stdout else ""
+    assert resumed.wait(timeout=300) == 0, out
+    a = _tensors(clean / "adapter" / "adapter_model.safetensors")
+    b = _tensors(crashed / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _rows(clean) == _rows(crashed)  # every round's losses, clients and bytes
+    assert json.loads((crashed / "summary.json").read_text())["rounds"] == 5
+
+
+def test_resume_needs_the_same_scenario(tiny_config, tmp_path, cache):
+    cfg = tiny_config("federation.rounds=1")
+    simulate(cfg, tmp_path, quiet=True, cache=cache)
+    other = tiny_config("federation.rounds=2")
+    with pytest.raises(CheckpointError, match="resume with the run folder's own config.toml"):
+        simulate(other, tmp_path, quiet=True, cache=cache, resume=True)
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        simulate(cfg, tmp_path / "empty", quiet=True, cache=cache, resume=True)
+
+
+def test_resume_after_a_failed_round_retries_it(tiny_config, tmp_path, cache, monkeypatch):
+    """A round that fails (too few updates) leaves the last good checkpoint; resume redoes it."""
+    from fedpeft.server import coordinator
+
+    cfg = tiny_config("federation.rounds=2")
+    clean = simulate(cfg, tmp_path / "clean", quiet=True, cache=cache)
+    real = coordinator.exchange
+
+    def drop_all_in_round_2(grid, instructions, nodes, server_round, *args, **kwargs):
+        got = real(grid, instructions, nodes, server_round, *args, **kwargs)
+        if server_round == 2:
+            for u in got.updates:
+                got.fail(u.header.client_id, "timeout", "simulated outage")
+            got.updates = []
+        return got
+
+    monkeypatch.setattr(coordinator, "exchange", drop_all_in_round_2)
+    with pytest.raises(RoundError, match="round 2 failed"):
+        simulate(cfg, tmp_path / "run", quiet=True, cache=cache)
+    assert load_checkpoint(tmp_path / "run" / CHECKPOINT)["round"] == 1
+    monkeypatch.setattr(coordinator, "exchange", real)
+    again = simulate(cfg, tmp_path / "run", quiet=True, cache=cache, resume=True)
+    assert again["after"] == clean["after"]
+    assert _rows(tmp_path / "run") == _rows(tmp_path / "clean")
+
+
+def test_round_retries_rerun_a_failed_round_with_the_strategy_state_restored(
+    tiny_config, tmp_path, cache, monkeypatch
+):
+    from fedpeft.server import coordinator
+
+    cfg = tiny_config("federation.rounds=2", "validation.round_retries=1")
+    clean = simulate(cfg, tmp_path / "clean", quiet=True, cache=cache)
+    real, calls = coordinator.exchange, []
+
+    def flaky(grid, instructions, nodes, server_round, *args, **kwargs):
+        got = real(grid, instructions, nodes, server_round, *args, **kwargs)
+        calls.append(server_round)
+        if calls.count(server_round) == 1 and server_round == 2:
+            got.updates = []  # everyone timed out the first time
+        return got
+
+    monkeypatch.setattr(coordinator, "exchange", flaky)
+    again = simulate(cfg, tmp_path / "run", quiet=True, cache=cache)
+    assert calls == [1, 2, 2]
+    assert again["after"] == clean["after"]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("attempts") for r in rows] == [None, 1, 2]
