@@ -18,7 +18,8 @@ below, this is the only file to fix.
 
 from __future__ import annotations
 
-from typing import cast
+from collections.abc import Callable
+from typing import TypeVar, cast
 from uuid import uuid4
 
 from flwr.app import Context, Message, RecordDict
@@ -37,6 +38,11 @@ from flwr.supercore.inflatable.inflatable_object import (
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
+
+from fedpeft.errors import ProtocolError
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 __all__ = [
     "SERVER_NODE_ID",
@@ -124,11 +130,22 @@ def context_to_bytes(context: Context) -> bytes:
     return bytes(context_to_proto(context).SerializeToString())
 
 
+def _parsed(data: bytes, proto: T, convert: Callable[[T], R], what: str) -> R:
+    """``convert(proto parsed from data)``; any failure of either step is a ``ProtocolError``.
+
+    Flower's converters assume well-formed protobufs: on corrupted input they raise
+    ``AttributeError``, ``TypeError``, ``KeyError``... (found by fuzzing; flwr 1.41).
+    """
+    try:
+        proto.ParseFromString(data)  # type: ignore[attr-defined]
+        return convert(proto)
+    except Exception as err:  # network input: every failure is a bad message
+        raise ProtocolError(f"{what} bytes do not parse: {type(err).__name__}: {err}") from None
+
+
 def context_from_bytes(data: bytes) -> Context:
     """The ``Context`` encoded by :func:`context_to_bytes` (protobuf parsing only)."""
-    proto = ProtoContext()
-    proto.ParseFromString(data)
-    return context_from_proto(proto)
+    return _parsed(data, ProtoContext(), context_from_proto, "Context")
 
 
 def records_to_bytes(records: RecordDict) -> bytes:
@@ -138,6 +155,4 @@ def records_to_bytes(records: RecordDict) -> bytes:
 
 def records_from_bytes(data: bytes) -> RecordDict:
     """The ``RecordDict`` encoded by :func:`records_to_bytes` (protobuf parsing only)."""
-    proto = ProtoRecordDict()
-    proto.ParseFromString(data)
-    return recorddict_from_proto(proto)
+    return _parsed(data, ProtoRecordDict(), recorddict_from_proto, "RecordDict")

@@ -86,7 +86,7 @@ def _array_to_tensor(arr: Array, dtype_name: str, key: str) -> torch.Tensor:
     want = np.int16 if dtype_name == "bfloat16" else np.dtype(dtype_name)
     if nd.dtype != want:
         raise ProtocolError(
-            f"tensor {key!r} is {nd.dtype}, expected {np.dtype(want)} for {dtype_name}"
+            f"tensor {key!r} is {nd.dtype}, expected {np.dtype(want)} for {dtype_name}", "dtype"
         )
     t = torch.from_numpy(np.ascontiguousarray(nd).copy())
     return t.view(torch.bfloat16) if dtype_name == "bfloat16" else t

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ConfigRecord, Message, RecordDict
@@ -186,3 +187,56 @@ def test_eval_report_round_trip_and_non_finite_rejected():
     bad = encode_eval_report(EvalReport(header=report.header, metrics={"eval_loss": float("nan")}))
     with pytest.raises(ProtocolError, match="finite"):
         decode_eval_report(bad)
+
+
+def _wire_bytes(make_update, zo: bool) -> bytes:
+    from fedpeft._flwr import records_to_bytes
+    from fedpeft.wire_zo import ZoUpdate, encode_zo_update
+
+    if zo:
+        u = ZoUpdate(
+            Header("r", 1, "f", "h", 5, "0"),
+            np.arange(6, dtype=np.uint16),
+            np.linspace(-1, 1, 6).astype(np.float32),
+        )
+        return records_to_bytes(encode_zo_update(u))
+    return records_to_bytes(encode_update(make_update(rank=1, shape=(3, 2))))
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    zo=st.booleans(),
+    cut=st.integers(min_value=0, max_value=2000),
+    flips=st.lists(st.tuples(st.integers(0, 2000), st.integers(0, 255)), max_size=4),
+    noise=st.binary(max_size=200),
+    mode=st.sampled_from(["truncate", "flip", "random", "append"]),
+)
+def test_random_and_truncated_message_bytes_give_a_typed_error_never_a_crash(
+    make_update, monkeypatch, zo, cut, flips, noise, mode
+):
+    """Whole messages as they arrive off the network: parse, then decode; nothing unpickled."""
+    import pickle
+
+    from fedpeft._flwr import records_from_bytes
+    from fedpeft.wire_zo import decode_zo_update
+
+    def no_pickle(*args, **kwargs):
+        raise AssertionError("network input must never be unpickled")
+
+    monkeypatch.setattr(pickle, "loads", no_pickle)
+    monkeypatch.setattr(pickle, "load", no_pickle)
+    monkeypatch.setattr(pickle, "Unpickler", no_pickle)
+    good = _wire_bytes(make_update, zo)
+    if mode == "truncate":
+        data = good[: cut % (len(good) + 1)]
+    elif mode == "flip":
+        buf = bytearray(good)
+        for pos, val in flips:
+            buf[pos % len(buf)] = val
+        data = bytes(buf)
+    elif mode == "append":
+        data = good + noise
+    else:
+        data = noise
+    with contextlib.suppress(ProtocolError):  # the only acceptable failure, at either step
+        (decode_zo_update if zo else decode_update)(records_from_bytes(data))

@@ -115,15 +115,28 @@ def _short(rec) -> None:
     rec["scalars"] = rec["scalars"][:-4]
 
 
+def _huge_scalar(rec) -> None:
+    vals = np.frombuffer(rec["scalars"], "<f4").copy()
+    vals[0] = 1e9  # a malicious scalar
+    rec["scalars"] = vals.tobytes()
+
+
+def _extra_pairs(rec) -> None:
+    rec["seeds"] = rec["seeds"] + rec["seeds"][:2]
+    rec["scalars"] = rec["scalars"] + rec["scalars"][:4]
+
+
 @pytest.mark.parametrize(
-    ("corrupt", "reason"),
+    ("corrupt", "code", "reason"),
     [
-        (_bad_seed, "seed index 4000 is outside the pool 0..1023"),
-        (_nan_scalar, "NaN or infinite"),
-        (_short, "9 scalars"),
+        (_bad_seed, "seed_range", "seed index 4000 is outside the pool 0..1023"),
+        (_nan_scalar, "nonfinite", "NaN or infinite"),
+        (_short, "decode", "9 scalars"),
+        (_huge_scalar, "norm", "above validation.max_scalar"),
+        (_extra_pairs, "structure", "11 pairs .* expected 10 pairs"),
     ],
 )
-def test_bad_zo_upload_rejected_alone(tmp_path, cache, corrupt, reason):
+def test_bad_zo_upload_rejected_alone(tmp_path, cache, corrupt, code, reason):
     cfg = _cfg(
         "tiny_fedkseed.toml", "zo.local_steps=10", "federation.rounds=1", "federation.min_clients=2"
     )
@@ -132,6 +145,7 @@ def test_bad_zo_upload_rejected_alone(tmp_path, cache, corrupt, reason):
     run_server(grid, cfg, tmp_path, RunReporter(tmp_path, 1, quiet=True), cache)
     row = _rows(tmp_path)[1]
     assert row["clients"] == 2 and list(row["failures"]) == ["1"]
+    assert row["rejected"] == {code: 1}
     assert re.search(reason, row["failures"]["1"]), row["failures"]
 
 

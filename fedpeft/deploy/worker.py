@@ -138,10 +138,10 @@ class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         try:
             header, (ctx, content) = read_frame(self.request, 2)
+            context = context_from_bytes(ctx)
         except (ProtocolError, struct.error) as err:
             log.warning("model worker: dropped a malformed request: %s", err)
             return
-        context = context_from_bytes(ctx)
         error: str | None = None
         reply = RecordDict()
         try:

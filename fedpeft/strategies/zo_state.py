@@ -92,8 +92,13 @@ class Coefficients:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
+        """Restore :meth:`state_dict`, except what clients hold.
+
+        A restored coordinator cannot know what the nodes kept while it was down (a
+        simulation's clients restart with it), so every client gets a full sync next time
+        (at most K regenerations each) instead of an increment it may not be able to apply.
+        """
         self.values = np.array(state["values"], np.float64)
         self.changed_at = np.array(state["changed_at"], np.int64)
         self.version = int(state["version"])
-        self.client_versions = dict(state["client_versions"])
+        self.client_versions = {}
