@@ -14,6 +14,7 @@ from typing import Any
 from fedpeft.errors import ConfigError
 
 __all__ = [
+    "AttackConfig",
     "CompressConfig",
     "DataConfig",
     "DevicesConfig",
@@ -22,6 +23,7 @@ __all__ = [
     "LoraSection",
     "ModelConfig",
     "RanksConfig",
+    "RobustConfig",
     "RunConfig",
     "SimulationConfig",
     "StrategyConfig",
@@ -480,6 +482,88 @@ class ValidationConfig:
         _raise(p)
 
 
+ROBUST_RULES = ("mean", "median", "trimmed_mean", "krum", "multikrum")
+ATTACKS = (
+    "none", "sign_flip", "scale", "noise", "label_flip", "alie", "nonfinite", "inflate_examples",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RobustConfig:
+    """``[robust]``: Byzantine-robust aggregation around any strategy (see docs/robustness.md)."""
+
+    rule: str = _help(
+        "mean (the strategy's own) | median | trimmed_mean (coordinate-wise over the "
+        "updates' changes; LoRA: one combined update goes to the strategy; seed/scalar: "
+        "trimmed_mean per seed) | krum | multikrum (the strategy aggregates the selected)",
+        "mean",
+    )
+    clip_norm: float = _help(
+        "scale each LoRA update's change (over all factors) down to this L2 norm first "
+        "(0: no clipping)",
+        0.0,
+    )
+    scalar_clip: float = _help("clip each seed/scalar upload's scalars to +-this (0: none)", 0.0)
+    trim_fraction: float = _help("trimmed_mean: fraction cut from each end per coordinate", 0.2)
+    byzantine: int = _help("krum / multikrum: attackers assumed per round (f)", 1)
+    krum_select: int = _help("multikrum: updates kept (0: n - f)", 0)
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        _check(
+            p,
+            self.rule in ROBUST_RULES,
+            f"robust.rule must be one of {ROBUST_RULES}, got {self.rule!r}",
+        )
+        _check(p, self.clip_norm >= 0, f"robust.clip_norm must be >= 0, got {self.clip_norm}")
+        _check(p, self.scalar_clip >= 0, "robust.scalar_clip must be >= 0")
+        _check(
+            p,
+            0 <= self.trim_fraction < 0.5,
+            f"robust.trim_fraction must be in [0, 0.5), got {self.trim_fraction}",
+        )
+        _check(p, self.byzantine >= 0, "robust.byzantine must be >= 0")
+        _check(p, self.krum_select >= 0, "robust.krum_select must be >= 0")
+        _raise(p)
+
+    @property
+    def active(self) -> bool:
+        """Whether anything differs from the strategy's own aggregation."""
+        return self.rule != "mean" or self.clip_norm > 0 or self.scalar_clip > 0
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """``[attack]``: simulated Byzantine clients (simulation only; see docs/robustness.md)."""
+
+    kind: str = _help(
+        "none | sign_flip | scale | noise | label_flip | alie | nonfinite | inflate_examples",
+        "none",
+    )
+    fraction: float = _help("fraction of the clients that attack (the same ones every round)", 0.2)
+    scale: float = _help(
+        "sign_flip: the change is multiplied by -scale; scale: by scale (LoRA factors' "
+        "change, or seed/scalar scalars)",
+        4.0,
+    )
+    noise_std: float = _help("noise: std of the Gaussian sent instead of the change", 0.1)
+    alie_z: float = _help(
+        "alie: mean - z * std of the honest changes (0: z from the client counts, as in "
+        "Baruch et al. 2019)",
+        0.0,
+    )
+    examples: int = _help("inflate_examples: num_examples the attackers claim", 10**6)
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        _check(p, self.kind in ATTACKS, f"attack.kind must be one of {ATTACKS}, got {self.kind!r}")
+        _check(p, 0 <= self.fraction < 1, f"attack.fraction must be in [0, 1), got {self.fraction}")
+        _check(p, self.noise_std >= 0, "attack.noise_std must be >= 0")
+        _check(p, self.alie_z >= 0, "attack.alie_z must be >= 0")
+        _check(p, self.examples >= 1, "attack.examples must be >= 1")
+        _raise(p)
+
+
 @dataclass(frozen=True)
 class SimulationConfig:
     """``[simulation]``: how virtual clients are run."""
@@ -525,4 +609,6 @@ class RunConfig:
     compress: CompressConfig = field(default_factory=CompressConfig)
     devices: DevicesConfig = field(default_factory=DevicesConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)

@@ -16,9 +16,10 @@ import numpy as np
 
 from fedpeft.cache import PROCESS_CACHE, ProcessCache
 from fedpeft.config import DataConfig, FederationConfig, RunConfig
-from fedpeft.data.tasks import Task, load_task
+from fedpeft.data.tasks import Task, load_task, template_fields
 from fedpeft.errors import DataError
 from fedpeft.seeding import np_rng
+from fedpeft.simulation.attacks import attackers, flip_labels
 from fedpeft.simulation.partition import partition
 
 __all__ = [
@@ -90,7 +91,10 @@ def client_records(
         return [task.train[i] for i in sorted(i for p in parts for i in p)]
     if not 0 <= partition_id < len(parts):
         raise DataError(f"partition {partition_id} is outside 0..{len(parts) - 1}")
-    return [task.train[i] for i in parts[partition_id]]
+    records = [task.train[i] for i in parts[partition_id]]
+    if cfg.attack.kind == "label_flip" and str(partition_id) in attackers(cfg):
+        records = flip_labels(records, template_fields(cfg.data.response_template))
+    return records
 
 
 def eval_assignment(

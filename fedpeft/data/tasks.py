@@ -101,7 +101,8 @@ def load_task(cfg: DataConfig, seed: int) -> Task:
     return Task(train=train, eval=held)
 
 
-def _template_fields(template: str) -> set[str]:
+def template_fields(template: str) -> set[str]:
+    """The record fields a ``str.format`` template names."""
     return {name for _, name, _, _ in string.Formatter().parse(template) if name}
 
 
@@ -115,7 +116,7 @@ def format_pairs(records: Sequence[dict[str, Any]], cfg: DataConfig) -> list[Tex
     """
     if not records:
         return []
-    needed = _template_fields(cfg.prompt_template) | _template_fields(cfg.response_template)
+    needed = template_fields(cfg.prompt_template) | template_fields(cfg.response_template)
     missing = sorted(needed - set(records[0]))
     if missing:
         raise DataError(

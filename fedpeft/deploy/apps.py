@@ -107,6 +107,8 @@ def _coordinate(grid: Grid, context: Context) -> None:
         )
     overrides = parse_overrides(str(run.get("overrides", "")).split())
     cfg = load_config(None, overrides, text=str(run["scenario"]))
+    if cfg.attack.kind != "none":
+        raise ConfigError("[attack] simulates Byzantine clients; it is refused on real nodes")
     out = Path(str(run["out"]))
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.toml").write_text(dump_toml(config_to_dict(cfg)), encoding="utf-8")

@@ -28,7 +28,9 @@ from fedpeft.server.checkpoint import CHECKPOINT
 from fedpeft.server.coordinator import Coordinator, clients_per_round
 from fedpeft.server.results import RunReporter, summarize
 from fedpeft.server.start import initial_global, save_global
+from fedpeft.simulation.attacks import AttackGrid
 from fedpeft.strategies.registry import build_strategy, resolve
+from fedpeft.strategies.robust import RobustAggregation
 
 __all__ = ["Outcome", "make_server_app", "run_server"]
 
@@ -75,6 +77,9 @@ def run_server(
             validator = Evaluator(cfg, handle, valset, cache)
             ctx = replace(ctx, validation_loss=lambda s, a: validator(s, a, False)["eval_loss"])
     strategy = build_strategy(cfg.strategy.name, cfg.strategy.options, ctx)
+    if cfg.robust.active:
+        zo = getattr(cls, "mode", "lora") == "zo"
+        strategy = RobustAggregation(strategy, cfg.robust, zo=zo)
     evalset = EvalSet.build(cfg, held_out, handle.tokenizer)
     coordinator = Coordinator(
         cfg,
@@ -110,6 +115,8 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        if cfg.attack.kind != "none":
+            grid = AttackGrid(grid, cfg)  # simulated attackers (simulation only)
         try:
             outcome.summary = run_server(grid, cfg, out_dir, reporter, cache, resume)
         except BaseException as err:

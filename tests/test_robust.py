@@ -1,0 +1,186 @@
+"""Robust aggregation with known answers, and simulated attacks against it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fedpeft.config import RobustConfig
+from fedpeft.errors import AggregationError, ConfigError
+from fedpeft.simulation.attacks import alie_z, attackers, flip_labels
+from fedpeft.simulation.runner import simulate
+from fedpeft.strategies.base import StrategyContext
+from fedpeft.strategies.fedavg import FedAvg
+from fedpeft.strategies.robust import (
+    RobustAggregation,
+    flat_change,
+    krum_scores,
+    median,
+    trimmed_mean,
+    with_change,
+)
+from fedpeft.wire import ClientInfo, Header, LoraFactors, LoraSpec, LoraUpdate
+from fedpeft.wire_zo import ZoUpdate
+
+SPEC = LoraSpec(rank=1, alpha=1.0, target_modules=("m",))
+SENT = {"m": LoraFactors(a=torch.zeros(1, 2), b=torch.zeros(2, 1), alpha=1.0)}
+
+
+def _update(cid: str, values: list[float], n: int = 10) -> LoraUpdate:
+    """A rank-1 update of module ``m`` whose change from SENT is ``values`` (a0 a1 b0 b1)."""
+    a = torch.tensor([values[:2]], dtype=torch.float32)  # (1, 2)
+    b = torch.tensor([[values[2]], [values[3]]], dtype=torch.float32)  # (2, 1)
+    return LoraUpdate(Header("r", 1, "f", "h", n, cid), {"m": LoraFactors(a, b, 1.0)})
+
+
+def _robust(**options) -> RobustAggregation:
+    inner = FedAvg(FedAvg.Config(), StrategyContext(initial=SENT, spec=SPEC, seed=0))
+    agg = RobustAggregation(inner, RobustConfig(**options))
+    clients = [ClientInfo(Header("r", 0, "f", "", 10, str(i)), "cpu") for i in range(5)]
+    agg.configure_train(1, clients)
+    return agg
+
+
+def _flat(result) -> list[float]:
+    f = result.adapter["m"]
+    return [*f.a.reshape(-1).tolist(), *f.b.reshape(-1).tolist()]
+
+
+HONEST = [[1, 2, 3, 4], [2, 3, 4, 5], [3, 4, 5, 6], [4, 5, 6, 7]]
+
+
+def test_statistics_known_values():
+    x = torch.tensor([[1.0, 10.0], [2.0, -5.0], [100.0, 0.0], [3.0, 1.0]])
+    assert median(x).tolist() == [2.5, 0.5]
+    assert median(x[:3]).tolist() == [2.0, 0.0]
+    assert trimmed_mean(x, 0.25).tolist() == [2.5, 0.5]  # drops 1 from each end
+    assert trimmed_mean(x, 0.0).tolist() == x.mean(0).tolist()
+    pts = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [10.0, 10.0]])
+    scores = krum_scores(pts, byzantine=1)  # n - f - 2 = 1 nearest neighbour
+    assert scores.tolist() == [1.0, 1.0, 1.0, 181.0]
+
+
+def test_median_and_trimmed_mean_ignore_an_attacker_and_its_weight():
+    ups = [_update(str(i), v) for i, v in enumerate(HONEST)]
+    ups.append(_update("4", [1e3, -1e3, 1e3, -1e3], n=10**6))
+    assert _flat(_robust(rule="median").aggregate_train(1, ups)) == [3.0, 3.0, 5.0, 5.0]
+    tm = _robust(rule="trimmed_mean", trim_fraction=0.2).aggregate_train(1, ups)
+    assert _flat(tm) == pytest.approx([3.0, 3.0, 5.0, 5.0])  # [1,2,3,4,1e3] -> mean(2,3,4)
+    plain = _robust(rule="mean").aggregate_train(1, ups)
+    assert _flat(plain)[0] > 900  # undefended FedAvg is captured by the weighted attacker
+
+
+def test_krum_and_multikrum_select_from_the_honest_cluster():
+    ups = [_update(str(i), v) for i, v in enumerate(HONEST)]
+    ups.append(_update("4", [-50.0, 50.0, -50.0, 50.0]))
+    krum = _robust(rule="krum", byzantine=1).aggregate_train(1, ups)
+    assert _flat(krum) in ([2.0, 3.0, 4.0, 5.0], [3.0, 4.0, 5.0, 6.0])
+    assert krum.metrics["robust_kept"] == 1
+    multi = _robust(rule="multikrum", byzantine=1).aggregate_train(1, ups)
+    assert multi.metrics["robust_kept"] == 4
+    assert _flat(multi) == pytest.approx([2.5, 3.5, 4.5, 5.5])  # the mean of the four honest
+
+
+def test_clipping_bounds_each_change_to_the_norm():
+    ups = [_update("0", [3.0, 4.0, 0.0, 0.0]), _update("1", [0.0, 0.0, 0.3, 0.4])]
+    agg = _robust(clip_norm=1.0)
+    out = agg.aggregate_train(1, ups)
+    assert _flat(out) == pytest.approx([0.3, 0.4, 0.15, 0.2])  # (0.6, 0.8) and (0.3, 0.4) averaged
+    assert out.metrics["robust_clipped"] == 1 and out.metrics["robust_norm_max"] == 5.0
+
+
+def test_change_helpers_round_trip():
+    u = _update("0", [1.0, 2.0, 3.0, 4.0])
+    d = flat_change(u.factors, SENT)
+    assert d.tolist() == [1.0, 2.0, 3.0, 4.0]
+    back = with_change(u, SENT, d * 2)
+    assert flat_change(back.factors, SENT).tolist() == [2.0, 4.0, 6.0, 8.0]
+
+
+def test_robust_rules_refuse_what_they_cannot_combine():
+    agg = _robust(rule="median")
+    bad = LoraUpdate(
+        Header("r", 1, "f", "h", 10, "1"),
+        {"m": LoraFactors(torch.zeros(2, 2), torch.zeros(2, 2), 1.0)},
+    )
+    with pytest.raises(AggregationError, match="needs updates of the shapes that were sent"):
+        agg.aggregate_train(1, [_update("0", HONEST[0]), bad])
+    inner = FedAvg(FedAvg.Config(), StrategyContext(initial=SENT, spec=SPEC, seed=0))
+    with pytest.raises(ConfigError, match="seed/scalar strategies take"):
+        RobustAggregation(inner, RobustConfig(rule="krum"), zo=True)
+
+
+def _zo(cid: str, seeds: list[int], scalars: list[float]) -> ZoUpdate:
+    return ZoUpdate(
+        Header("r", 1, "f", "h", 10, cid),
+        np.array(seeds, np.uint16),
+        np.array(scalars, np.float32),
+    )
+
+
+def test_zeroth_order_scalar_clip_and_per_seed_trimmed_mean():
+    inner = FedAvg(FedAvg.Config(), StrategyContext(initial=SENT, spec=SPEC, seed=0))
+    agg = RobustAggregation(inner, RobustConfig(rule="trimmed_mean", trim_fraction=0.2), zo=True)
+    # seed 7: five clients, values 1 2 3 4 and an attacker's 1000; seed 9: only two clients
+    ups = [_zo(str(i), [7, 9], [float(i + 1), 5.0]) for i in range(4)][:2]
+    ups += [_zo(str(i), [7], [float(i + 1)]) for i in range(2, 4)]
+    ups += [_zo("4", [7], [1000.0])]
+    out, metrics = agg._zo(ups)
+    seven = sorted(float(u.scalars[0]) for u in out)
+    # 1 and 1000 trimmed (0), 2 3 4 scaled by 5/3: sum = 5 * mean(2, 3, 4) = 15
+    assert seven == pytest.approx([0.0, 0.0, 10 / 3, 5.0, 20 / 3])
+    assert float(out[0].scalars[1]) == 5.0 and float(out[1].scalars[1]) == 5.0  # too few: kept
+    assert metrics["robust_trimmed"] == 2
+    clip = RobustAggregation(inner, RobustConfig(scalar_clip=2.0), zo=True)
+    clipped, m = clip._zo(ups)
+    assert float(clipped[-1].scalars[0]) == 2.0 and m["robust_clipped"] == 5
+
+
+def test_attack_helpers():
+    assert alie_z(10, 2) == pytest.approx(0.2533, abs=1e-4)  # Phi^-1(0.6)
+    recs = [{"prompt": p, "response": r} for p, r in [("a", "1"), ("b", "2"), ("c", "3")]]
+    assert [r["response"] for r in flip_labels(recs, {"response"})] == ["2", "3", "1"]
+    assert [r["prompt"] for r in flip_labels(recs, {"response"})] == ["a", "b", "c"]
+
+
+def test_attackers_are_a_seeded_fraction(tiny_config):
+    cfg = tiny_config("federation.num_clients=10", "attack.kind=sign_flip", "attack.fraction=0.2")
+    bad = attackers(cfg)
+    assert len(bad) == 2 and bad == attackers(cfg) and bad <= {str(i) for i in range(10)}
+    assert attackers(tiny_config("federation.num_clients=10")) == set()
+
+
+def _loss(path) -> float:
+    return json.loads((path / "summary.json").read_text())["after"]["eval_loss"]
+
+
+def test_a_noise_attack_hurts_and_the_median_defends(tiny_config, tmp_path, cache):
+    base = ("federation.num_clients=5", "federation.rounds=2", "attack.fraction=0.2")
+    runs = {
+        "clean": (),
+        "attacked": ("attack.kind=noise", "attack.noise_std=1"),
+        "median": ("attack.kind=noise", "attack.noise_std=1", "robust.rule=median"),
+        "nonfinite": ("attack.kind=nonfinite",),
+    }
+    loss = {}
+    for name, extra in runs.items():
+        simulate(tiny_config(*base, *extra), tmp_path / name, quiet=True, cache=cache)
+        loss[name] = _loss(tmp_path / name)
+    assert loss["attacked"] > loss["clean"] + 0.1
+    assert abs(loss["median"] - loss["clean"]) < 0.05
+    rows = [
+        json.loads(x) for x in (tmp_path / "nonfinite" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert rows[1]["rejected"] == {"nonfinite": 1} and rows[1]["clients"] == 4
+
+
+def test_inflated_examples_are_capped(tiny_config, tmp_path, cache):
+    cfg = tiny_config(
+        "federation.num_clients=5", "federation.rounds=1", "attack.kind=inflate_examples"
+    )
+    simulate(cfg, tmp_path, quiet=True, cache=cache)
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[1])
+    assert row["weights_capped"] == 1 and row["rejected"] == {}
