@@ -18,6 +18,7 @@ __all__ = [
     "CompressConfig",
     "DataConfig",
     "DevicesConfig",
+    "DpConfig",
     "EvalConfig",
     "FederationConfig",
     "LoraSection",
@@ -565,6 +566,54 @@ class AttackConfig:
 
 
 @dataclass(frozen=True)
+class DpConfig:
+    """``[dp]``: client-level differential privacy at the coordinator (see docs/privacy.md)."""
+
+    noise_multiplier: float = _help(
+        "z: Gaussian noise std = z * clip_norm / (clients per round) on the mean change (0: no DP)",
+        0.0,
+    )
+    clip_norm: float = _help("C: each client's change is scaled down to this L2 norm", 1.0)
+    delta: float = _help("the delta epsilon is reported at", 1e-5)
+    max_epsilon: float = _help("stop before the round that would exceed it (0: no budget)", 0.0)
+    accountant: str = _help("pld (tight) | rdp (Renyi DP), from Google's dp-accounting", "pld")
+    amplification: str = _help(
+        "none (every round counts fully; sound for any sampling) | poisson (credit "
+        "sampling at rate clients-per-round / num_clients as if Poisson; fedpeft samples a "
+        "fixed number, so this is an approximation)",
+        "none",
+    )
+    secure_noise: bool = _help(
+        "draw the noise from os.urandom instead of the run seed (not reproducible, so a "
+        "resumed run differs)",
+        False,
+    )
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        _check(p, self.noise_multiplier >= 0, "dp.noise_multiplier must be >= 0")
+        _check(p, self.clip_norm > 0, f"dp.clip_norm must be > 0, got {self.clip_norm}")
+        _check(p, 0 < self.delta < 1, f"dp.delta must be in (0, 1), got {self.delta}")
+        _check(p, self.max_epsilon >= 0, "dp.max_epsilon must be >= 0")
+        _check(
+            p,
+            self.accountant in ("pld", "rdp"),
+            f"dp.accountant must be pld or rdp, got {self.accountant!r}",
+        )
+        _check(
+            p,
+            self.amplification in ("none", "poisson"),
+            f"dp.amplification must be none or poisson, got {self.amplification!r}",
+        )
+        _raise(p)
+
+    @property
+    def active(self) -> bool:
+        """Whether DP is on."""
+        return self.noise_multiplier > 0
+
+
+@dataclass(frozen=True)
 class SimulationConfig:
     """``[simulation]``: how virtual clients are run."""
 
@@ -611,4 +660,5 @@ class RunConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     robust: RobustConfig = field(default_factory=RobustConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    dp: DpConfig = field(default_factory=DpConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)

@@ -239,9 +239,35 @@ def load_config(
             f"eval.federated is for LoRA strategies; {cfg.strategy.name!r} is a seed/scalar "
             "strategy: set eval.federated=false"
         )
+    if not problems:
+        problems += _cross_section_problems(cfg, zo)
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def _cross_section_problems(cfg: RunConfig, zo: bool) -> list[str]:
+    """Combinations of sections that cannot work together."""
+    p = []
+    if cfg.dp.active and cfg.robust.active:
+        p.append(
+            "dp clips and averages every update itself; robust.rule must be 'mean' with no "
+            "clipping when dp.noise_multiplier > 0"
+        )
+    if cfg.dp.active and cfg.strategy.name == "fedkseed-pro":
+        p.append(
+            "fedkseed-pro samples seeds from non-private client statistics; use fedkseed with dp"
+        )
+    if cfg.robust.scalar_clip > 0 and not zo:
+        p.append("robust.scalar_clip is for seed/scalar strategies; LoRA uses robust.clip_norm")
+    if zo and cfg.robust.rule in ("median", "krum", "multikrum"):
+        p.append(
+            f"robust.rule = {cfg.robust.rule!r} combines LoRA updates; seed/scalar strategies "
+            "take 'mean' or 'trimmed_mean' (per seed)"
+        )
+    if cfg.dp.active and cfg.federation.centralized:
+        p.append("dp protects clients; it has no meaning in centralized mode")
+    return p
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

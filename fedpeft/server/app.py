@@ -29,6 +29,7 @@ from fedpeft.server.coordinator import Coordinator, clients_per_round
 from fedpeft.server.results import RunReporter, summarize
 from fedpeft.server.start import initial_global, save_global
 from fedpeft.simulation.attacks import AttackGrid
+from fedpeft.strategies.dp import DpAggregation
 from fedpeft.strategies.registry import build_strategy, resolve
 from fedpeft.strategies.robust import RobustAggregation
 
@@ -77,9 +78,13 @@ def run_server(
             validator = Evaluator(cfg, handle, valset, cache)
             ctx = replace(ctx, validation_loss=lambda s, a: validator(s, a, False)["eval_loss"])
     strategy = build_strategy(cfg.strategy.name, cfg.strategy.options, ctx)
+    zo = getattr(cls, "mode", "lora") == "zo"
     if cfg.robust.active:
-        zo = getattr(cls, "mode", "lora") == "zo"
         strategy = RobustAggregation(strategy, cfg.robust, zo=zo)
+    if cfg.dp.active:
+        shape = (ctx.zo_blocks, ctx.zo.num_seeds if ctx.zo is not None else 1)
+        n = cfg.federation.num_clients
+        strategy = DpAggregation(strategy, cfg.dp, per_round, n, seed, zo=zo, zo_shape=shape)
     evalset = EvalSet.build(cfg, held_out, handle.tokenizer)
     coordinator = Coordinator(
         cfg,

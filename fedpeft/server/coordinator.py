@@ -37,6 +37,7 @@ from flwr.serverapp import Grid
 from fedpeft._flwr import message_nbytes
 from fedpeft.config import RunConfig, TrainConfig
 from fedpeft.errors import ProtocolError, RoundError
+from fedpeft.privacy import PrivacyBudgetExhausted
 from fedpeft.seeding import derive_seed, np_rng
 from fedpeft.server.checkpoint import (
     CheckpointError,
@@ -76,6 +77,7 @@ class RunResult:
     clients: list[ClientInfo]
     setup_bytes: dict[str, int] = field(default_factory=dict)
     wall_s: float = 0.0
+    stopped: str | None = None  # why the run ended before its last round
 
 
 class Coordinator:
@@ -409,8 +411,14 @@ class Coordinator:
             start["wall_s"] = time.perf_counter() - t0
             self._report(start)
             self._save()
+        stopped = None
         for server_round in range(self.server_round + 1, self.cfg.federation.rounds + 1):
-            self._run_with_retries(server_round)
+            try:
+                self._run_with_retries(server_round)
+            except PrivacyBudgetExhausted as err:
+                stopped = str(err)
+                log.warning("fedpeft: %s", err)
+                break
             self._save()
         return RunResult(
             rows=self.rows,
@@ -418,6 +426,7 @@ class Coordinator:
             clients=self.clients,
             setup_bytes=setup,
             wall_s=time.perf_counter() - t0,
+            stopped=stopped,
         )
 
     # ------------------------------------------------------------------ state

@@ -212,8 +212,10 @@ class RobustAggregation:
         metrics: dict[str, float] = {}
         if cfg.scalar_clip > 0:
             clipped = sum(int((np.abs(s) > cfg.scalar_clip).sum()) for s in scalars)
+            biggest = max((float(np.abs(s).max()) for s in scalars if len(s)), default=0.0)
             scalars = [np.clip(s, -cfg.scalar_clip, cfg.scalar_clip) for s in scalars]
             metrics["robust_clipped"] = float(clipped)
+            metrics["robust_scalar_max"] = biggest
         if cfg.rule == "trimmed_mean":
             scalars, trimmed = _trim_per_direction(updates, scalars, cfg.trim_fraction)
             metrics["robust_trimmed"] = float(trimmed)

@@ -1,0 +1,92 @@
+"""Privacy accounting for client-level DP, on Google's ``dp-accounting`` library.
+
+Each round releases the clients' mean clipped change plus Gaussian noise of std
+``z * C / k`` (``k``: clients per round), a Gaussian mechanism with noise multiplier ``z``
+on the add/remove-one-client relation (DP-FedAvg: McMahan et al., ICLR 2018). ``T`` rounds
+compose; with ``amplification = "poisson"`` each round is credited as Poisson sampling at
+rate ``q = k / n`` (fedpeft samples exactly ``k`` clients, so this is the usual
+approximation, not a proof). The PLD accountant is tight (for ``T`` unsampled rounds it gives
+the exact epsilon of ``sqrt(T) / z``-GDP); the RDP accountant is an upper bound.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from fedpeft.config import DpConfig
+from fedpeft.errors import FedpeftError
+
+__all__ = ["PrivacyAccountant", "PrivacyBudgetExhausted"]
+
+
+class PrivacyBudgetExhausted(FedpeftError):
+    """The next round would spend more privacy than ``dp.max_epsilon`` allows."""
+
+
+class PrivacyAccountant:
+    """Epsilon spent after some rounds of the Gaussian mechanism.
+
+    Parameters
+    ----------
+    config : DpConfig
+        Noise multiplier, delta, accountant kind and amplification.
+    sample_rate : float
+        Clients per round over all clients (used with ``amplification = "poisson"``).
+    """
+
+    def __init__(self, config: DpConfig, sample_rate: float = 1.0) -> None:
+        self.config = config
+        self.sample_rate = sample_rate
+        self.rounds = 0
+
+    def _event(self, rounds: int) -> Any:
+        import dp_accounting
+
+        event: Any = dp_accounting.GaussianDpEvent(self.config.noise_multiplier)
+        if self.config.amplification == "poisson" and self.sample_rate < 1:
+            event = dp_accounting.PoissonSampledDpEvent(self.sample_rate, event)
+        return dp_accounting.SelfComposedDpEvent(event, rounds)
+
+    def epsilon(self, rounds: int | None = None) -> float:
+        """Epsilon at ``config.delta`` after ``rounds`` (default: the rounds so far)."""
+        t = self.rounds if rounds is None else rounds
+        if t == 0:
+            return 0.0
+        if self.config.accountant == "rdp":
+            from dp_accounting.rdp import RdpAccountant
+
+            acc: Any = RdpAccountant()
+        else:
+            from dp_accounting.pld import PLDAccountant
+
+            acc = PLDAccountant()
+        acc.compose(self._event(t))
+        eps = float(acc.get_epsilon(self.config.delta))
+        return eps if math.isfinite(eps) else math.inf
+
+    def check_next(self) -> None:
+        """Raise :class:`PrivacyBudgetExhausted` if one more round would pass the budget."""
+        budget = self.config.max_epsilon
+        if budget > 0:
+            nxt = self.epsilon(self.rounds + 1)
+            if nxt > budget:
+                raise PrivacyBudgetExhausted(
+                    f"round {self.rounds + 1} would reach epsilon {nxt:.4g} > dp.max_epsilon = "
+                    f"{budget:g} (delta {self.config.delta:g}); stopping after {self.rounds} "
+                    "rounds"
+                )
+
+    def step(self) -> float:
+        """Count one released round; returns the epsilon spent so far."""
+        self.rounds += 1
+        return self.epsilon()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Rounds released (the accountant's whole state)."""
+        return {"rounds": self.rounds}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.rounds = int(state["rounds"])

@@ -1,0 +1,193 @@
+"""Client-level differential privacy around a strategy (``[dp]``): clip, average, add noise.
+
+DP-FedAvg (McMahan et al., "Learning Differentially Private Recurrent Language Models",
+ICLR 2018) with the noise added at the coordinator. Per round, with ``k`` the clients per
+round, ``C`` = ``dp.clip_norm`` and ``z`` = ``dp.noise_multiplier``:
+
+- LoRA: each client's change to the factors it trains (``parts``; FFA-LoRA trains only ``B``,
+  the natural pair: its aggregate is exact and the frozen ``A`` gets no noise; Sun et al.,
+  ICLR 2024) is scaled to norm at most ``C``; the release is ``sum_k clip(d_k) / k + N(0,
+  (z C / k)^2)`` on every trained coordinate, and the strategy aggregates that one update
+  (all clients must have been sent the same factors: FedAvg, FFA-LoRA).
+- Seed/scalar (FedKSeed, Ferret): a client's upload is a vector over the (block, seed)
+  directions (its scalars summed per direction); it is scaled to norm at most ``C``; every
+  client gets the same weight ``1 / k``; and one more set of pairs carrying ``N(0, (z C /
+  k)^2)`` on every direction of the pool is added, so the strategy's per-direction sum is the
+  noisy clipped mean. The directions themselves are public (the shared pool).
+
+Dividing by ``k`` (not by the valid updates that came back) keeps the sensitivity at
+``C / k`` when clients drop. Epsilon at ``dp.delta`` is reported in every round's metrics
+(``dp_epsilon``) by :class:`~fedpeft.privacy.PrivacyAccountant`, whose state is part of this
+wrapper's, and a round that would pass ``dp.max_epsilon`` is not started
+(:class:`~fedpeft.privacy.PrivacyBudgetExhausted`). Noise comes from a generator seeded by
+``(run seed, "dp-noise", round)`` (reproducible, so resume is exact), or from ``os.urandom``
+with ``dp.secure_noise``. Floating-point Gaussian sampling is known to leak through its
+low-order bits (Mironov, CCS 2012); that attack is not addressed here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedpeft.config import DpConfig
+from fedpeft.errors import AggregationError
+from fedpeft.privacy import PrivacyAccountant
+from fedpeft.seeding import np_rng
+from fedpeft.strategies.base import AggregateResult, LoraPlan, Strategy
+from fedpeft.strategies.robust import flat_change, with_change
+from fedpeft.wire import Adapter, ClientInfo, LoraUpdate
+from fedpeft.wire_zo import ZoUpdate
+
+__all__ = ["DpAggregation", "gaussian"]
+
+
+def gaussian(n: int, std: float, seed: int, server_round: int, secure: bool) -> np.ndarray:
+    """``n`` draws of ``N(0, std^2)`` (float64), seeded or from ``os.urandom``."""
+    if secure:
+        # Box-Muller on uniforms made from the OS's cryptographic random bytes
+        u = np.frombuffer(os.urandom(16 * n), dtype="<u8").reshape(2, n)
+        u1 = (u[0] >> np.uint64(11)).astype(np.float64) * 2.0**-53 + 2.0**-54  # (0, 1)
+        u2 = (u[1] >> np.uint64(11)).astype(np.float64) * 2.0**-53
+        out: np.ndarray = std * np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
+        return out
+    return np_rng(seed, "dp-noise", server_round).normal(0.0, std, n)
+
+
+class DpAggregation:
+    """A strategy whose releases are client-level DP (see the module docstring).
+
+    Parameters
+    ----------
+    inner : Strategy
+        The strategy that aggregates the privatized release.
+    config : DpConfig
+        The ``[dp]`` section.
+    clients_per_round : int
+        ``k``: the fixed denominator of the mean.
+    num_clients : int
+        All clients (for the sampling rate).
+    seed : int
+        The run seed (noise generator).
+    zo : bool
+        Whether ``inner`` is a seed/scalar strategy.
+    zo_shape : tuple[int, int]
+        Seed/scalar strategies: ``(blocks, K)``.
+    """
+
+    def __init__(
+        self,
+        inner: Strategy,
+        config: DpConfig,
+        clients_per_round: int,
+        num_clients: int,
+        seed: int,
+        zo: bool = False,
+        zo_shape: tuple[int, int] = (1, 1),
+    ) -> None:
+        self.inner = inner
+        self.config = config
+        self.k = clients_per_round
+        self.seed = seed
+        self.zo = zo
+        self.zo_shape = zo_shape
+        self.accountant = PrivacyAccountant(config, clients_per_round / num_clients)
+        self._sent: dict[str, tuple[Adapter, str]] = {}
+
+    @property
+    def std(self) -> float:
+        """Noise std on the mean: ``z * C / k``."""
+        return self.config.noise_multiplier * self.config.clip_norm / self.k
+
+    def configure_train(self, server_round: int, clients: Sequence[ClientInfo]) -> Any:
+        """The inner plans, unless the round would pass the privacy budget."""
+        self.accountant.check_next()
+        plans = self.inner.configure_train(server_round, clients)
+        self._sent = {
+            cid: (p.adapter, p.parts) for cid, p in plans.items() if isinstance(p, LoraPlan)
+        }
+        return plans
+
+    def aggregate_train(self, server_round: int, updates: Sequence[Any]) -> AggregateResult:
+        """Privatize ``updates`` into one release; the inner strategy aggregates it."""
+        ordered = sorted(updates, key=lambda u: u.header.client_id)
+        if not ordered:
+            raise AggregationError("dp aggregation got no updates")
+        release = self._zo(server_round, ordered) if self.zo else self._lora(server_round, ordered)
+        result = self.inner.aggregate_train(server_round, release)
+        eps = self.accountant.step()
+        metrics = {"dp_epsilon": eps, "dp_delta": self.config.delta, "dp_noise_std": self.std}
+        return replace(result, metrics={**result.metrics, **metrics})
+
+    def _lora(self, server_round: int, updates: list[LoraUpdate]) -> list[LoraUpdate]:
+        first = updates[0]
+        sent, parts = self._sent[first.header.client_id]
+        if any(self._sent[u.header.client_id][0] is not sent for u in updates[1:]):
+            raise AggregationError(
+                "dp averages updates of clients that were all sent the same factors; this "
+                "strategy sends different ones (use fedavg or ffa)"
+            )
+        mask = torch.cat(
+            [
+                torch.full((f.numel(),), part in parts, dtype=torch.bool)
+                for m in sorted(sent)
+                for part, f in (("A", sent[m].a), ("B", sent[m].b))
+            ]
+        )  # (d,) the trained coordinates, in flat_change's order
+        total = torch.zeros(mask.shape, dtype=torch.float64)
+        for u in updates:
+            d = flat_change(u.factors, sent) * mask  # (d,)
+            total += d * min(1.0, self.config.clip_norm / max(float(d.norm()), 1e-300))
+        noise = gaussian(
+            int(mask.sum()), self.std, self.seed, server_round, self.config.secure_noise
+        )
+        release = total / self.k
+        release[mask] += torch.from_numpy(noise)
+        examples = sum(u.header.num_examples for u in updates)
+        one = with_change(first, sent, release)
+        return [replace(one, header=replace(first.header, num_examples=examples))]
+
+    def _zo(self, server_round: int, updates: list[ZoUpdate]) -> list[ZoUpdate]:
+        blocks, num_seeds = self.zo_shape
+        m, out = len(updates), []
+        for u in updates:
+            g = u.scalars.astype(np.float64)
+            b = u.blocks.astype(np.int64) if len(u.blocks) else np.zeros(len(g), np.int64)
+            dense = np.zeros((blocks, num_seeds))
+            np.add.at(dense, (b, u.seeds.astype(np.int64)), g)  # (blocks, K)
+            scale = min(1.0, self.config.clip_norm / max(float(np.linalg.norm(dense)), 1e-300))
+            # the strategy weights each update 1/m; (m / k) makes that 1/k
+            out.append(
+                replace(
+                    u,
+                    scalars=(g * scale * m / self.k).astype(np.float32),
+                    header=replace(u.header, num_examples=1),
+                )
+            )
+        noise = gaussian(
+            blocks * num_seeds, self.std, self.seed, server_round, self.config.secure_noise
+        )
+        carrier = out[0]
+        all_b, all_s = np.divmod(np.arange(blocks * num_seeds), num_seeds)
+        extra_b = all_b.astype(np.uint16) if blocks > 1 else np.zeros(0, np.uint16)
+        out[0] = replace(
+            carrier,
+            seeds=np.concatenate([carrier.seeds, all_s.astype(carrier.seeds.dtype)]),
+            scalars=np.concatenate([carrier.scalars, (noise * m).astype(np.float32)]),
+            blocks=np.concatenate([carrier.blocks, extra_b]) if blocks > 1 else carrier.blocks,
+        )
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """The inner strategy's state and the accountant's."""
+        return {"inner": self.inner.state_dict(), "accountant": self.accountant.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.inner.load_state_dict(state["inner"])
+        self.accountant.load_state_dict(state["accountant"])

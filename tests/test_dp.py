@@ -1,0 +1,160 @@
+"""Client-level DP: accounting against a known value, the mechanism, the budget stop."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import brentq
+from scipy.stats import norm
+
+from fedpeft.config import DpConfig
+from fedpeft.privacy import PrivacyAccountant, PrivacyBudgetExhausted
+from fedpeft.simulation.runner import simulate
+from fedpeft.strategies.base import StrategyContext
+from fedpeft.strategies.dp import DpAggregation, gaussian
+from fedpeft.strategies.fedavg import FedAvg
+from fedpeft.strategies.ffa import FfaLora
+from fedpeft.wire import ClientInfo, Header, LoraFactors, LoraSpec, LoraUpdate
+from fedpeft.wire_zo import ZoUpdate
+
+
+def _gdp_epsilon(mu: float, delta: float) -> float:
+    """Exact epsilon of mu-GDP at delta (Dong, Roth and Su 2019, Corollary 2.13)."""
+
+    def gap(eps: float) -> float:
+        return norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * norm.cdf(-eps / mu - mu / 2) - delta
+
+    return brentq(gap, 0.0, 200.0)
+
+
+@pytest.mark.parametrize(("z", "rounds"), [(1.0, 4), (2.0, 10), (0.8, 1)])
+def test_pld_accountant_matches_the_exact_gaussian_value(z, rounds):
+    """T unsampled Gaussian rounds of multiplier z are exactly sqrt(T)/z-GDP."""
+    acc = PrivacyAccountant(DpConfig(noise_multiplier=z, delta=1e-5))
+    exact = _gdp_epsilon(math.sqrt(rounds) / z, 1e-5)
+    assert acc.epsilon(rounds) == pytest.approx(exact, rel=1e-4)
+    rdp = PrivacyAccountant(DpConfig(noise_multiplier=z, delta=1e-5, accountant="rdp"))
+    assert exact <= rdp.epsilon(rounds) <= 1.5 * exact  # RDP is an upper bound
+
+
+def test_known_value_and_amplification():
+    acc = PrivacyAccountant(DpConfig(noise_multiplier=1.0, delta=1e-5))
+    assert acc.epsilon(4) == pytest.approx(9.9973, abs=1e-3)  # mu = 2
+    sampled = PrivacyAccountant(
+        DpConfig(noise_multiplier=1.0, delta=1e-5, amplification="poisson"), sample_rate=0.1
+    )
+    assert sampled.epsilon(4) < acc.epsilon(4) / 2
+
+
+def test_budget_stops_before_the_round_that_would_exceed_it():
+    cfg = DpConfig(noise_multiplier=1.0, delta=1e-5, max_epsilon=7.0)
+    acc = PrivacyAccountant(cfg)
+    acc.check_next()
+    assert acc.step() == pytest.approx(4.377, abs=1e-3)
+    acc.check_next()
+    assert acc.step() < 7.0
+    with pytest.raises(PrivacyBudgetExhausted, match=r"round 3 would reach epsilon 8.38"):
+        acc.check_next()
+    state = acc.state_dict()
+    fresh = PrivacyAccountant(cfg)
+    fresh.load_state_dict(state)
+    assert fresh.epsilon() == acc.epsilon()
+
+
+SPEC = LoraSpec(rank=1, alpha=1.0, target_modules=("m",))
+SENT = {"m": LoraFactors(a=torch.zeros(1, 2), b=torch.zeros(2, 1), alpha=1.0)}
+
+
+def _update(cid: str, values: list[float]) -> LoraUpdate:
+    a = torch.tensor([values[:2]], dtype=torch.float32)  # (1, 2)
+    b = torch.tensor([[values[2]], [values[3]]], dtype=torch.float32)  # (2, 1)
+    return LoraUpdate(Header("r", 1, "f", "h", 10, cid), {"m": LoraFactors(a, b, 1.0)})
+
+
+def _clients(n: int) -> list[ClientInfo]:
+    return [ClientInfo(Header("r", 0, "f", "", 10, str(i)), "cpu") for i in range(n)]
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "ffa"])
+def test_lora_release_is_the_clipped_mean_plus_calibrated_noise(strategy):
+    ctx = StrategyContext(initial=SENT, spec=SPEC, seed=3)
+    inner = FedAvg(FedAvg.Config(), ctx) if strategy == "fedavg" else FfaLora(FfaLora.Config(), ctx)
+    cfg = DpConfig(noise_multiplier=2.0, clip_norm=1.0)
+    dp = DpAggregation(inner, cfg, clients_per_round=4, num_clients=8, seed=3)
+    dp.configure_train(1, _clients(3))  # 3 of the expected 4 answered: divide by 4 anyway
+    ups = [_update("0", [3, 4, 0, 0]), _update("1", [0, 0, 0.3, 0.4]), _update("2", [0, 0, 0, 1])]
+    if strategy == "ffa":  # FFA trains B only: A came back as it was sent
+        ups = [_update(u.header.client_id, [0, 0, *_flat(u)[2:]]) for u in ups]
+    got = dp.aggregate_train(1, ups)
+    trained = 4 if strategy == "fedavg" else 2
+    noise = gaussian(trained, 2.0 * 1.0 / 4, 3, 1, False)
+    clipped = [[0.6, 0.8, 0, 0], [0, 0, 0.3, 0.4], [0, 0, 0, 1]]
+    if strategy == "ffa":
+        clipped = [[0, 0, 0, 0], [0, 0, 0.3, 0.4], [0, 0, 0, 1]]
+    want = np.sum(clipped, axis=0) / 4
+    want[4 - trained :] += noise
+    assert _flat(got.adapter) == pytest.approx(want.tolist(), abs=1e-6)
+    assert got.metrics["dp_epsilon"] == pytest.approx(_gdp_epsilon(1 / 2.0, 1e-5), rel=1e-4)
+    assert got.metrics["dp_noise_std"] == 0.5
+
+
+def _flat(x) -> list[float]:
+    f = x.factors["m"] if isinstance(x, LoraUpdate) else x["m"]
+    return [*f.a.reshape(-1).tolist(), *f.b.reshape(-1).tolist()]
+
+
+def test_zeroth_order_release_clips_each_client_and_adds_noise_on_every_direction():
+    ctx = StrategyContext(initial=SENT, spec=SPEC, seed=0)
+    inner = FedAvg(FedAvg.Config(), ctx)  # only the transform is checked here
+    dp = DpAggregation(
+        inner, DpConfig(noise_multiplier=1.0, clip_norm=1.0), 2, 4, seed=0, zo=True, zo_shape=(1, 8)
+    )
+    ups = [
+        ZoUpdate(Header("r", 1, "f", "h", 50, "0"), np.array([1, 1], np.uint16),
+                 np.array([3.0, 1.0], np.float32)),
+        ZoUpdate(Header("r", 1, "f", "h", 5, "1"), np.array([2], np.uint16),
+                 np.array([0.5], np.float32)),
+    ]  # fmt: skip
+    out = dp._zo(1, ups)
+    assert [u.header.num_examples for u in out] == [1, 1]  # equal weights
+    assert out[0].scalars[:2].tolist() == pytest.approx([0.75, 0.25])  # (3+1) -> norm 1
+    assert out[1].scalars.tolist() == [0.5]
+    assert out[0].seeds[2:].tolist() == list(range(8))  # noise on every direction
+    noise = gaussian(8, 1.0 * 1.0 / 2, 0, 1, False)
+    assert out[0].scalars[2:].tolist() == pytest.approx((noise * 2).tolist(), rel=1e-6)
+
+
+def test_secure_noise_has_the_right_spread():
+    x = gaussian(200_000, 2.0, 0, 1, secure=True)
+    assert abs(x.mean()) < 0.03 and x.std() == pytest.approx(2.0, rel=0.02)
+    assert not np.array_equal(x[:10], gaussian(10, 2.0, 0, 1, secure=True))
+
+
+def test_dp_run_reports_epsilon_every_round_and_stops_at_the_budget(tiny_config, tmp_path, cache):
+    eps2 = PrivacyAccountant(DpConfig(noise_multiplier=1.0)).epsilon(2)
+    cfg = tiny_config(
+        "federation.rounds=4",
+        "strategy.name=ffa",
+        "dp.noise_multiplier=1.0",
+        "dp.clip_norm=0.5",
+        f"dp.max_epsilon={eps2 + 0.01}",
+    )
+    summary = simulate(cfg, tmp_path, quiet=True, cache=cache)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert rows[2]["dp_epsilon"] == pytest.approx(eps2)
+    assert summary["rounds"] == 2 and "round 3 would reach epsilon" in summary["stopped"]
+    assert summary["dp_epsilon"] == pytest.approx(eps2)
+
+
+def test_dp_refuses_combinations_that_break_it(tiny_config):
+    from fedpeft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="robust.rule must be 'mean'"):
+        tiny_config("dp.noise_multiplier=1", "robust.rule=median")
+    with pytest.raises(ConfigError, match="dp.clip_norm must be > 0"):
+        tiny_config("dp.noise_multiplier=1", "dp.clip_norm=0")
