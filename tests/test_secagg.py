@@ -1,0 +1,237 @@
+"""Secure aggregation: exact sums under dropouts at every stage, aborts, replays, primitives."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fedpeft.errors import ProtocolError
+from fedpeft.secagg import shamir
+from fedpeft.secagg.client import SecAggAbort, SecAggClient
+from fedpeft.secagg.crypto import expand_mask
+from fedpeft.secagg.params import Encoding, default_degree, harary_graph
+from fedpeft.secagg.server import SecAggServer
+from fedpeft.secagg.session import run_session
+
+CLIP = 1.0
+
+
+def _vectors(n: int, dim: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.uniform(-0.5, 0.5, dim) for _ in range(n)]
+
+
+def _direct(clients: Mapping[int, SecAggClient], drop: Mapping[str, set[int]]):
+    """A transport that calls the clients; ``drop[stage]`` never answer from that stage on."""
+    gone: set[int] = set()
+
+    def send(stage: str, requests: Mapping[int, dict[str, Any]]) -> dict[int, Any]:
+        gone.update(drop.get(stage, set()))
+        out = {}
+        for cid, req in requests.items():
+            if cid in gone:
+                continue
+            try:
+                out[cid] = clients[cid].handle(req)
+            except SecAggAbort:
+                continue
+        return out
+
+    return send
+
+
+def _exact_error(vectors, survivors, got) -> float:
+    want = np.sum([vectors[i] for i in survivors], axis=0)
+    return float(np.abs(got - want).max())
+
+
+def _drop_set(graph: list[list[int]], t: int, size: int) -> set[int]:
+    """``size`` clients whose loss leaves every client ``t`` live neighbours (the protocol's
+    condition: at most ``k - t`` of any client's neighbours may drop)."""
+    n = len(graph)
+    for start in range(n):
+        for step in range(1, n):
+            drop = {(start + step * i) % n for i in range(size)}
+            if len(drop) == size and all(len(set(graph[c]) - drop) >= t for c in range(n)):
+                return drop
+    raise AssertionError("no drop set satisfies the threshold")
+
+
+@pytest.mark.parametrize(("n", "k", "t"), [(10, 0, 0), (10, 4, 2), (30, 0, 0), (30, 10, 5)])
+@pytest.mark.parametrize("stage", [None, "keys", "share", "mask", "unmask"])
+def test_sum_is_exact_with_30_percent_dropping_at_each_stage(n, k, t, stage):
+    """Dropping "at" a stage: the clients never answer that stage's request (nor later)."""
+    dim = 64
+    vectors = _vectors(n, dim)
+    server = SecAggServer(n, dim, CLIP, neighbours=k, threshold=t)
+    clients = {i: SecAggClient(v) for i, v in enumerate(vectors)}
+    drop = _drop_set(server.graph, server.t, math.ceil(0.3 * n)) if stage else set()
+    result = run_session(server, _direct(clients, {stage: drop} if stage else {}))
+    lost = drop if stage in ("keys", "share", "mask") else set()
+    assert result.survivors == sorted(set(range(n)) - lost)
+    step = 2 * CLIP / (2 ** Encoding(CLIP, n).bits - 1)
+    assert _exact_error(vectors, result.survivors, result.total) <= n * step
+    if stage:
+        assert result.dropped[stage] == sorted(drop)
+
+
+def test_fixed_point_sum_is_exact_in_integers():
+    """The unmasked integer sum equals the sum of the encodings, bit for bit."""
+    n, dim = 6, 33
+    vectors = _vectors(n, dim, 1)
+    enc = Encoding(CLIP, n)
+    server = SecAggServer(n, dim, CLIP)
+    clients = {i: SecAggClient(v) for i, v in enumerate(vectors)}
+    result = run_session(server, _direct(clients, {"mask": {2}}))
+    survivors = [0, 1, 3, 4, 5]
+    ints = np.sum([enc.encode(vectors[i]) for i in survivors], axis=0, dtype=np.uint64)
+    assert np.array_equal(result.total, enc.decode_sum(ints, len(survivors)))
+
+
+def test_too_many_dropouts_fail_cleanly_and_reveal_nothing():
+    n, dim = 10, 16
+    server = SecAggServer(n, dim, CLIP)  # complete graph, t = 5
+    clients = {i: SecAggClient(v) for i, v in enumerate(_vectors(n, dim))}
+    with pytest.raises(ProtocolError, match="cannot recover the"):
+        run_session(server, _direct(clients, {"unmask": set(range(6))}))
+
+
+def _session(n: int = 5, dim: int = 8):
+    server = SecAggServer(n, dim, CLIP)
+    clients = {i: SecAggClient(v) for i, v in enumerate(_vectors(n, dim))}
+    send = _direct(clients, {})
+    r1 = send("keys", server.keys_requests())
+    r2 = send("share", server.share_requests(r1))
+    r3 = send("mask", server.mask_requests(r2))
+    return server, clients, server.unmask_requests(r3)
+
+
+@pytest.mark.parametrize(
+    ("tamper", "reason"),
+    [
+        (lambda r: {**r, "dropped": [r["alive"][1]]}, "both alive and dropped"),
+        (lambda r: {**r, "alive": [*r["alive"], r["alive"][1]]}, "twice"),
+        (lambda r: {**r, "alive": r["alive"][1:], "dropped": [0]}, "this client as dropped"),
+        (lambda r: {**r, "dropped": [99]}, "does not hold"),
+        (lambda r: {**r, "alive": [0], "dropped": r["alive"][1:]}, "too many died"),
+    ],
+)
+def test_client_aborts_a_malicious_unmask_request(tamper, reason):
+    _, clients, requests = _session()
+    with pytest.raises(SecAggAbort, match=reason):
+        clients[0].handle(tamper(requests[0]))
+    with pytest.raises(SecAggAbort, match="aborted"):  # and answers nothing more
+        clients[0].handle(requests[0])
+
+
+def test_client_never_reveals_both_secrets_of_one_peer():
+    _, clients, requests = _session()
+    first = clients[0].handle(requests[0])  # honest: client 1 alive -> its self-mask share
+    assert 1 in first["ids"]
+    flipped = dict(requests[0])
+    flipped["alive"] = [a for a in requests[0]["alive"] if a != 1]
+    flipped["dropped"] = [1]  # now asks for client 1's masking key too
+    with pytest.raises(SecAggAbort, match="both kinds of secret of client 1"):
+        clients[0].handle(flipped)
+
+
+def test_replayed_and_out_of_order_requests_are_rejected():
+    server = SecAggServer(4, 8, CLIP)
+    clients = {i: SecAggClient(v) for i, v in enumerate(_vectors(4, 8))}
+    keys = server.keys_requests()
+    replies = {i: clients[i].handle(keys[i]) for i in range(4)}
+    share = server.share_requests(replies)
+    with pytest.raises(ProtocolError, match="out of order") as err:
+        clients[0].handle({**share[0], "stage": "mask"})
+    assert err.value.code == "replay"
+    with pytest.raises(ProtocolError, match="another session"):
+        clients[0].handle({**share[0], "session": b"\0" * 32})
+    with pytest.raises(ProtocolError, match="out of order"):
+        clients[0].handle(keys[0])  # stage 1 again
+    clients[0].handle(share[0])  # the genuine request still works after the refusals
+    # a share ciphertext from another session does not authenticate
+    other = SecAggServer(4, 8, CLIP)
+    oc = {i: SecAggClient(v) for i, v in enumerate(_vectors(4, 8))}
+    o1 = {i: oc[i].handle(r) for i, r in other.keys_requests().items()}
+    o2 = {i: oc[i].handle(r) for i, r in other.share_requests(o1).items()}
+    replies2 = {i: clients[i].handle(share[i]) for i in range(1, 4)}
+    replies2[0] = {"dst": o2[0]["dst"], "ct": o2[0]["ct"]}  # replayed from the other session
+    mask = server.mask_requests(replies2)
+    out = clients[1].handle(mask[1])
+    assert out["bad"] == [0]  # client 0's replayed share fails; 0 will count as dropped
+
+
+def test_a_client_sending_an_invalid_share_is_excluded_and_the_round_completes():
+    n, dim = 8, 16
+    vectors = _vectors(n, dim)
+    server = SecAggServer(n, dim, CLIP)
+    clients = {i: SecAggClient(v) for i, v in enumerate(vectors)}
+    send = _direct(clients, {})
+
+    def corrupting(stage, requests):
+        replies = send(stage, requests)
+        if stage == "share":  # client 3 garbles the share it sends to client 5
+            r = replies[3]
+            j = r["dst"].index(5)
+            r["ct"][j] = r["ct"][j][:-1] + bytes([r["ct"][j][-1] ^ 1])
+        return replies
+
+    result = run_session(server, corrupting)
+    assert 3 not in result.survivors and len(result.survivors) == n - 1
+    assert _exact_error(vectors, result.survivors, result.total) < 1e-9
+
+
+def test_server_ignores_replies_from_strangers_and_duplicates():
+    server = SecAggServer(4, 8, CLIP)
+    clients = {i: SecAggClient(v) for i, v in enumerate(_vectors(4, 8))}
+    replies = {i: clients[i].handle(r) for i, r in server.keys_requests().items()}
+    replies[7] = replies[0]  # not a participant
+    server.share_requests(replies)
+    assert server.ignored == 1
+
+
+def test_shamir_any_t_shares_recover_fewer_fail():
+    secret = bytes(range(32))
+    shares = shamir.split(secret, [1, 2, 3, 4, 5], 3)
+    for combo in itertools.combinations(shares.values(), 3):
+        assert shamir.combine(list(combo), 3) == secret
+    with pytest.raises(ProtocolError, match="need 3"):
+        shamir.combine(list(shares.values())[:2], 3)
+    two = list(shares.values())[:2]
+    with pytest.raises(ProtocolError, match="repeat a point"):
+        shamir.combine([two[0], two[0], two[1]], 3)
+
+
+def test_masks_are_full_entropy_keystreams():
+    a, b = expand_mask(b"\1" * 32, 100_000), expand_mask(b"\2" * 32, 100_000)
+    assert not np.array_equal(a[:8], b[:8])
+    # seeds equal in their 32-bit XOR fold give different masks (Flower #7522 folds to 32 bits)
+    s1 = b"\0" * 28 + b"\0\0\0\1"
+    s2 = b"\0\0\0\1" + b"\0" * 28
+    assert not np.array_equal(expand_mask(s1, 4), expand_mask(s2, 4))
+    top = (a >> np.uint64(56)).astype(np.int64)  # top byte: uniform over 0..255
+    counts = np.bincount(top, minlength=256)
+    chi2 = float(((counts - len(a) / 256) ** 2 / (len(a) / 256)).sum())
+    assert chi2 < 340  # 255 degrees of freedom: p > 0.0003
+    assert int(a.max()) > 2**64 - 2**50  # the top of Z_2^64 is reached
+
+
+def test_graph_is_regular_symmetric_and_degree_grows_slowly():
+    g = harary_graph(100, 14, b"s" * 32)
+    assert all(len(nb) == 14 for nb in g)
+    assert all(i in g[j] for i, nb in enumerate(g) for j in nb)
+    assert default_degree(10) == 9 and default_degree(100) == 16 and default_degree(1000) == 22
+
+
+def test_encoding_never_wraps_and_is_precise():
+    enc = Encoding(0.01, 1000)
+    assert 1000 * (2**enc.bits - 1) < 2**64
+    x = np.random.default_rng(0).uniform(-0.01, 0.01, 1000)
+    back = enc.decode_sum(enc.encode(x), 1)
+    assert np.abs(back - x).max() <= 0.01 / (2**enc.bits - 1) + 1e-15
+    assert math.isclose(enc.decode_sum(enc.encode(np.array([5.0])), 1)[0], 0.01)  # clipped
