@@ -235,3 +235,44 @@ def test_encoding_never_wraps_and_is_precise():
     back = enc.decode_sum(enc.encode(x), 1)
     assert np.abs(back - x).max() <= 0.01 / (2**enc.bits - 1) + 1e-15
     assert math.isclose(enc.decode_sum(enc.encode(np.array([5.0])), 1)[0], 0.01)  # clipped
+
+
+def _flower_app(vectors, fail_at: dict[int, str] | None = None):
+    from flwr.app import Context, Message
+    from flwr.clientapp import ClientApp
+
+    from fedpeft.secagg.flower import from_record, secagg_handler
+
+    handler = secagg_handler(lambda ctx: vectors[int(ctx.node_config["partition-id"])])
+    app = ClientApp()
+
+    @app.query("secagg")
+    def secagg(msg: Message, ctx: Context) -> Message:
+        pid = int(ctx.node_config["partition-id"])
+        if (fail_at or {}).get(pid) == from_record(msg.content)["stage"]:
+            raise RuntimeError("node went away")
+        return handler(msg, ctx)
+
+    return app
+
+
+def test_over_flower_messages_with_a_node_failing_mid_session():
+    from fedpeft.secagg.flower import grid_transport
+    from fedpeft.simulation.inprocess import InProcessGrid
+
+    n, dim = 6, 40
+    vectors = _vectors(n, dim, 5)
+    grid = InProcessGrid(
+        _flower_app(vectors, fail_at={4: "mask"}),
+        [{"partition-id": i} for i in range(n)],
+        serialize=True,  # every message encoded and decoded as on the wire
+    )
+    nodes = {
+        int(grid.context(node).node_config["partition-id"]): node for node in grid.get_node_ids()
+    }
+    counts: dict[str, int] = {}
+    server = SecAggServer(n, dim, CLIP)
+    result = run_session(server, grid_transport(grid, nodes, timeout=60, counts=counts))
+    assert result.survivors == [0, 1, 2, 3, 5] and result.dropped["mask"] == [4]
+    assert _exact_error(vectors, result.survivors, result.total) < 1e-9
+    assert counts["bytes_up"] > 8 * dim * 5  # at least the masked vectors came back

@@ -1,0 +1,94 @@
+"""Secure aggregation over Flower messages: ``query.secagg`` requests through any ``Grid``.
+
+Each stage's request and reply travel as one ``ConfigRecord`` (``fedpeft.secagg``) of ints,
+floats, strings, bytes and lists of them: nothing is pickled. :func:`grid_transport` sends a
+stage to the nodes of a session and returns the replies that arrived before the timeout (a
+node that errs or stays silent has dropped). :func:`secagg_handler` is the client side: it
+keeps one :class:`~fedpeft.secagg.client.SecAggClient` per session in the node's process and
+asks ``provider(context)`` for the vector to contribute when a session starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid
+
+from fedpeft._flwr import message_nbytes
+from fedpeft.errors import ProtocolError
+from fedpeft.secagg.client import SecAggClient
+from fedpeft.secagg.session import Send
+
+__all__ = ["MESSAGE_TYPE", "RECORD", "from_record", "grid_transport", "secagg_handler", "to_record"]
+
+MESSAGE_TYPE = "query.secagg"
+RECORD = "fedpeft.secagg"
+Provider = Callable[[Context], np.ndarray]
+
+
+def to_record(data: Mapping[str, Any]) -> RecordDict:
+    """A stage request or reply as a ``RecordDict``."""
+    return RecordDict({RECORD: ConfigRecord(dict(data))})
+
+
+def from_record(content: RecordDict) -> dict[str, Any]:
+    """The request or reply inside a ``RecordDict``; ``ProtocolError`` if there is none."""
+    rec = content.get(RECORD)
+    if not isinstance(rec, ConfigRecord):
+        raise ProtocolError(f"the message has no {RECORD!r} config record", "decode")
+    return dict(rec)
+
+
+def grid_transport(
+    grid: Grid, nodes: Mapping[int, int], timeout: float, counts: dict[str, int] | None = None
+) -> Send:
+    """A ``send`` for :func:`~fedpeft.secagg.session.run_session` over ``grid``.
+
+    ``nodes`` maps a participant index to its node id; ``counts`` (if given) accumulates
+    ``bytes_down`` / ``bytes_up`` of the framed messages.
+    """
+    by_node = {node: i for i, node in nodes.items()}
+
+    def send(stage: str, requests: Mapping[int, dict[str, Any]]) -> dict[int, Any]:
+        msgs = [
+            Message(to_record(req), nodes[i], MESSAGE_TYPE, group_id=stage)
+            for i, req in requests.items()
+        ]
+        if counts is not None:
+            counts["bytes_down"] = counts.get("bytes_down", 0) + sum(map(message_nbytes, msgs))
+        out: dict[int, Any] = {}
+        for reply in grid.send_and_receive(msgs, timeout=timeout):
+            i = by_node.get(reply.metadata.src_node_id)
+            if i is None or i in out or reply.has_error():
+                continue
+            if counts is not None:
+                counts["bytes_up"] = counts.get("bytes_up", 0) + message_nbytes(reply)
+            try:
+                out[i] = from_record(reply.content)
+            except ProtocolError:
+                continue
+        return out
+
+    return send
+
+
+def secagg_handler(provider: Provider) -> Callable[[Message, Context], Message]:
+    """A ClientApp query handler for ``query.secagg`` contributing ``provider(context)``."""
+    current: dict[int, tuple[bytes, SecAggClient]] = {}  # node -> its session (one at a time)
+
+    def handle(msg: Message, context: Context) -> Message:
+        req = from_record(msg.content)
+        session = req.get("session")
+        if not isinstance(session, bytes):
+            raise ProtocolError("secagg request without a session id", "decode")
+        held = current.get(context.node_id)
+        if held is None or held[0] != session:
+            if req.get("stage") != "keys":
+                raise ProtocolError("secagg request for an unknown session", "replay")
+            held = current[context.node_id] = (session, SecAggClient(provider(context)))
+        return Message(to_record(held[1].handle(req)), reply_to=msg)
+
+    return handle
