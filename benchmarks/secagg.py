@@ -28,8 +28,8 @@ import numpy as np
 
 from fedpeft._flwr import records_to_bytes
 from fedpeft.secagg.client import SecAggClient
-from fedpeft.secagg.params import default_degree
 from fedpeft.secagg.flower import to_record
+from fedpeft.secagg.params import default_degree
 from fedpeft.secagg.server import SecAggServer
 from fedpeft.secagg.session import run_session
 

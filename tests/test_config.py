@@ -79,7 +79,7 @@ def test_all_problems_in_one_error():
     assert len(problems) == 5
     text = str(err.value)
     assert "did you mean 'rounds'" in text
-    assert "valid keys at the top level: compress, data, devices, eval, federation" in text
+    assert "valid keys at the top level: attack, compress, data, devices, dp, eval" in text
     assert "unknown strategy 'nope'; registered: fedavg" in text
 
 

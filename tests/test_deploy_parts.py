@@ -125,6 +125,9 @@ def test_app_project_carries_the_scenario(tiny_config, tmp_path):
     assert project["tool"]["flwr"]["app"]["components"]["clientapp"].endswith(":client_app")
     assert run["out"] == str(tmp_path / "out") and run["overrides"] == "federation.rounds=3"
     assert load_config(None, text=run["scenario"]) == cfg
+    assert run["resume"] is False
+    again = tomllib.loads(app_project(text, tmp_path / "out", resume=True))
+    assert again["tool"]["flwr"]["app"]["config"]["resume"] is True
     conn = tomllib.loads(flwr_config("10.0.0.1:9092", tmp_path / "ca.crt"))["superlink"]
     assert conn["default"] == "fedpeft" and conn["fedpeft"]["address"] == "10.0.0.1:9092"
 

@@ -39,6 +39,7 @@ def test_checkpoint_round_trips_every_kind_of_value(tmp_path):
         "ints": {1: "one", (2, "x"): [None, True, False]},
         "tuple": (1, (2.5, "s")),
         "np_scalar": np.int64(7),
+        "blob": b"\x00\xffmask",
         "nested": {"a": {"b": [torch.ones(1)]}},
     }
     path = tmp_path / CHECKPOINT
@@ -53,6 +54,7 @@ def test_checkpoint_round_trips_every_kind_of_value(tmp_path):
     assert math.copysign(1, f[3]) == -1
     assert back["ints"] == {1: "one", (2, "x"): [None, True, False]}
     assert back["tuple"] == (1, (2.5, "s")) and back["np_scalar"] == 7
+    assert back["blob"] == b"\x00\xffmask"
     assert torch.equal(back["nested"]["a"]["b"][0], torch.ones(1))
     assert not path.with_name(CHECKPOINT + ".tmp").exists()
 

@@ -110,13 +110,16 @@ def test_does_not_mutate_inputs(name, make_update):
         assert _equal(u.factors, v.factors)
 
 
-def test_state_dict_round_trip(name, make_update):
+def test_state_dict_round_trip(name, make_update, tmp_path):
+    """Through the coordinator's checkpoint file, as a resumed run restores it."""
+    from fedpeft.server.checkpoint import load_checkpoint, save_checkpoint
+
     ups = _updates(make_update)
     first = _build(name, ups[0].factors)
     first.aggregate_train(1, ups)
-    state = first.state_dict()
+    save_checkpoint(tmp_path / "state.safetensors", first.state_dict())
     resumed = _build(name, make_update(seed=99).factors)
-    resumed.load_state_dict(copy.deepcopy(state))
+    resumed.load_state_dict(load_checkpoint(tmp_path / "state.safetensors"))
     nxt = _updates(make_update, 3)
     a = first.aggregate_train(2, nxt)
     b = resumed.aggregate_train(2, nxt)

@@ -4,7 +4,7 @@ A checkpoint is one safetensors file. Its tensors are every tensor and numpy arr
 state; its metadata ``state`` entry is the rest of the state as JSON, where each tensor is a
 reference to its entry. Nothing is pickled, so a checkpoint from elsewhere cannot run code.
 Python types that JSON would blur are kept exactly: tuples, dicts with non-string keys, numpy
-arrays (restored as numpy, with their dtype) and floats (``repr`` round-trips; NaN and
+arrays (restored as numpy, with their dtype), bytes and floats (``repr`` round-trips; NaN and
 infinities included).
 
 :func:`save_checkpoint` writes ``<path>.tmp``, flushes it to disk, renames it over ``path``
@@ -14,6 +14,7 @@ new one, never a half-written file.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import os
@@ -66,6 +67,8 @@ class _Encoder:
             return value
         if isinstance(value, float):
             return {"float": repr(value)}
+        if isinstance(value, bytes):
+            return {"bytes": base64.b64encode(value).decode("ascii")}
         if isinstance(value, tuple):
             return {"tuple": [self.encode(v) for v in value]}
         if isinstance(value, list):
@@ -74,7 +77,7 @@ class _Encoder:
             return {"dict": [[self.encode(k), self.encode(v)] for k, v in value.items()]}
         raise CheckpointError(
             f"cannot checkpoint a {type(value).__name__} ({value!r:.80}); state_dict() must "
-            "hold only tensors, numpy arrays, numbers, strings, None, lists, tuples and dicts"
+            "hold only tensors, numpy arrays, numbers, strings, bytes, None, lists, tuples, dicts"
         )
 
 
@@ -92,6 +95,8 @@ def _decode(value: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
         return tensors[body].numpy().copy()
     if kind == "float":
         return float(body)
+    if kind == "bytes":
+        return base64.b64decode(body, validate=True)
     if kind == "tuple":
         return tuple(_decode(v, tensors) for v in body)
     if kind == "dict":
@@ -149,14 +154,13 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             meta = fh.metadata() or {}
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
         tree = json.loads(meta["fedpeft"])
-    except (OSError, KeyError, ValueError, SafetensorError) as err:
+        if not isinstance(tree, dict) or tree.get("format") != FORMAT:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} is not in format {FORMAT}, the one this fedpeft reads"
+            )
+        state = _decode(tree["state"], tensors)
+    except (OSError, KeyError, ValueError, TypeError, SafetensorError) as err:
         raise CheckpointError(f"checkpoint {str(path)!r} is unreadable: {err}") from err
-    if tree.get("format") != FORMAT:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} has format {tree.get('format')!r}, this fedpeft reads "
-            f"{FORMAT}"
-        )
-    state = _decode(tree["state"], tensors)
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {str(path)!r} holds no state")
     return state
