@@ -26,6 +26,7 @@ __all__ = [
     "RanksConfig",
     "RobustConfig",
     "RunConfig",
+    "SecAggConfig",
     "SimulationConfig",
     "StrategyConfig",
     "TrainConfig",
@@ -614,6 +615,34 @@ class DpConfig:
 
 
 @dataclass(frozen=True)
+class SecAggConfig:
+    """``[secagg]``: secure aggregation of the round's updates (docs/secure-aggregation.md)."""
+
+    enabled: bool = _help(
+        "clients keep their change and the coordinator learns only the sum (fedavg and ffa: "
+        "the factors' change; fedkseed and ferret: the scalars per direction)",
+        False,
+    )
+    clip: float = _help("each contributed value is clipped to [-clip, clip] (fixed point)", 100.0)
+    neighbours: int = _help(
+        "neighbours per client (0: all up to 17 clients, else 2 ceil(log2 n) + 2)", 0
+    )
+    threshold: int = _help("shares that recover a secret (0: a majority of the neighbours)", 0)
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        _check(p, self.clip > 0, f"secagg.clip must be > 0, got {self.clip}")
+        _check(p, self.neighbours >= 0, "secagg.neighbours must be >= 0")
+        _check(p, self.threshold >= 0, "secagg.threshold must be >= 0")
+        _check(
+            p,
+            self.neighbours == 0 or self.threshold <= self.neighbours,
+            "secagg.threshold must be <= secagg.neighbours",
+        )
+        _raise(p)
+
+
+@dataclass(frozen=True)
 class SimulationConfig:
     """``[simulation]``: how virtual clients are run."""
 
@@ -661,4 +690,5 @@ class RunConfig:
     robust: RobustConfig = field(default_factory=RobustConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     dp: DpConfig = field(default_factory=DpConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)

@@ -246,6 +246,9 @@ def load_config(
     return cfg
 
 
+SECAGG_STRATEGIES = ("fedavg", "ffa", "fedkseed", "ferret")
+
+
 def _cross_section_problems(cfg: RunConfig, zo: bool) -> list[str]:
     """Combinations of sections that cannot work together."""
     p = []
@@ -265,6 +268,20 @@ def _cross_section_problems(cfg: RunConfig, zo: bool) -> list[str]:
             f"robust.rule = {cfg.robust.rule!r} combines LoRA updates; seed/scalar strategies "
             "take 'mean' or 'trimmed_mean' (per seed)"
         )
+    if cfg.secagg.enabled:
+        if cfg.strategy.name not in SECAGG_STRATEGIES:
+            p.append(
+                f"secagg works with strategies {SECAGG_STRATEGIES} (one shape for all clients, "
+                f"a plain sum), not {cfg.strategy.name!r}"
+            )
+        if cfg.robust.active:
+            p.append("robust rules need individual updates; they cannot run with secagg")
+        if cfg.dp.active:
+            p.append("dp with secagg needs noise added by the clients, which is not built yet")
+        if cfg.compress.up != "none":
+            p.append("secagg sends fixed-point vectors; set compress.up = none")
+        if cfg.ranks.mode != "uniform":
+            p.append("secagg sums one shape for all clients; set ranks.mode = uniform")
     if cfg.dp.active and cfg.federation.centralized:
         p.append("dp protects clients; it has no meaning in centralized mode")
     return p

@@ -45,7 +45,7 @@ from fedpeft.wire_adapter import (
     records_nbytes,
 )
 from fedpeft.wire_prune import PRUNE, PrunePlan, decode_keep, decode_plan, encode_keep, encode_plan
-from fedpeft.wire_types import Adapter, LoraFactors, LoraSpec, get_field, get_record
+from fedpeft.wire_types import Adapter, LoraFactors, LoraSpec, get_field, get_flag, get_record
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -133,6 +133,7 @@ class TrainInstruction:
     reg_lambda: float = 0.0  # HetLoRA rank self-pruning: weight of the tail-norm penalty
     reg_gamma: float = 1.0  # HetLoRA: the tail is ranks [floor(gamma r), r)
     prune: PrunePlan | None = None  # FedSpine: structured pruning; adapter cut to prune.keep
+    secure: bool = False  # keep the change for secure aggregation; reply with no tensors
 
     def __post_init__(self) -> None:
         if self.parts not in PARTS:
@@ -309,6 +310,7 @@ def encode_instruction(ins: TrainInstruction, shared: SharedRecords | None = Non
             "parts": ins.parts,
             "reg_lambda": float(ins.reg_lambda),
             "reg_gamma": float(ins.reg_gamma),
+            "secure": ins.secure,
         }
     )
     content[TRAIN] = ConfigRecord(dataclasses.asdict(ins.train))
@@ -356,6 +358,7 @@ def decode_instruction(content: RecordDict) -> TrainInstruction:
         reg_lambda=get_field(lora, "reg_lambda", float, LORA),
         reg_gamma=get_field(lora, "reg_gamma", float, LORA),
         prune=decode_plan(content),
+        secure=get_flag(lora, "secure", LORA),
     )
 
 

@@ -14,7 +14,7 @@ from flwr.app import RecordDict
 
 from fedpeft.errors import ProtocolError
 
-__all__ = ["Adapter", "LoraFactors", "LoraSpec", "get_field", "get_record"]
+__all__ = ["Adapter", "LoraFactors", "LoraSpec", "get_field", "get_flag", "get_record"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +93,11 @@ def get_field(rec: Mapping[str, Any], key: str, tp: type[Any], where: str) -> An
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise ProtocolError(f"{where}.{key} must be {tp.__name__}, got {value!r}")
     return value
+
+
+def get_flag(rec: Mapping[str, Any], key: str, where: str) -> bool:
+    """An optional bool field (``False`` when absent: older senders did not write it)."""
+    return bool(get_field(rec, key, bool, where)) if key in rec else False
 
 
 def get_record(content: RecordDict, name: str, tp: type[Any]) -> Any:

@@ -43,7 +43,7 @@ from fedpeft.wire import (
     _decode_train,
     _encode_header,
 )
-from fedpeft.wire_types import get_field, get_record
+from fedpeft.wire_types import get_field, get_flag, get_record
 
 __all__ = [
     "ZoInstruction",
@@ -141,6 +141,7 @@ class ZoInstruction:
     seed: int
     probs: np.ndarray | None = None  # FedKSeed-Pro seed sampling probabilities, (K,)
     mode: str = "zo"
+    secure: bool = False  # keep the scalars for secure aggregation; reply with no pairs
 
     @property
     def message_type(self) -> str:
@@ -238,7 +239,7 @@ def encode_zo_instruction(ins: ZoInstruction) -> RecordDict:
         "values": _bytes(sync.values),
         "values_dtype": str(sync.values.dtype),
     }
-    zo = {**_spec_record(ins.spec), "seed": ins.seed, "mode": ins.mode}
+    zo = {**_spec_record(ins.spec), "seed": ins.seed, "mode": ins.mode, "secure": ins.secure}
     if ins.probs is not None:
         zo["probs"] = _bytes(ins.probs.astype(np.float32))
     return RecordDict(
@@ -291,6 +292,7 @@ def decode_zo_instruction(content: RecordDict) -> ZoInstruction:
         seed=get_field(zo, "seed", int, ZO),
         probs=probs,
         mode=get_field(zo, "mode", str, ZO),
+        secure=get_flag(zo, "secure", ZO),
     )
 
 

@@ -214,5 +214,5 @@ def test_the_deployed_client_app_forwards_every_message_type_fedpeft_handles(tin
     assert (
         set(client_app._registered_funcs)
         == handled
-        == {"query.info", "train.lora", "train.zo", "evaluate.lora"}
+        == {"query.info", "train.lora", "train.zo", "query.secagg", "evaluate.lora"}
     )

@@ -8,20 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+from fedpeft.changes import flat_change, with_change
 from fedpeft.config import RobustConfig
 from fedpeft.errors import AggregationError, ConfigError
 from fedpeft.simulation.attacks import alie_z, attackers, flip_labels
 from fedpeft.simulation.runner import simulate
 from fedpeft.strategies.base import StrategyContext
 from fedpeft.strategies.fedavg import FedAvg
-from fedpeft.strategies.robust import (
-    RobustAggregation,
-    flat_change,
-    krum_scores,
-    median,
-    trimmed_mean,
-    with_change,
-)
+from fedpeft.strategies.robust import RobustAggregation, krum_scores, median, trimmed_mean
 from fedpeft.wire import ClientInfo, Header, LoraFactors, LoraSpec, LoraUpdate
 from fedpeft.wire_zo import ZoUpdate
 

@@ -74,7 +74,7 @@ def test_sum_is_exact_with_30_percent_dropping_at_each_stage(n, k, t, stage):
     result = run_session(server, _direct(clients, {stage: drop} if stage else {}))
     lost = drop if stage in ("keys", "share", "mask") else set()
     assert result.survivors == sorted(set(range(n)) - lost)
-    step = 2 * CLIP / (2 ** Encoding(CLIP, n).bits - 1)
+    step = CLIP / Encoding(CLIP, n).half
     assert _exact_error(vectors, result.survivors, result.total) <= n * step
     if stage:
         assert result.dropped[stage] == sorted(drop)
@@ -230,10 +230,12 @@ def test_graph_is_regular_symmetric_and_degree_grows_slowly():
 
 def test_encoding_never_wraps_and_is_precise():
     enc = Encoding(0.01, 1000)
-    assert 1000 * (2**enc.bits - 1) < 2**64
+    assert 1000 * (2**enc.bits - 1) < 2**63
     x = np.random.default_rng(0).uniform(-0.01, 0.01, 1000)
     back = enc.decode_sum(enc.encode(x), 1)
-    assert np.abs(back - x).max() <= 0.01 / (2**enc.bits - 1) + 1e-15
+    assert np.abs(back - x).max() <= 0.01 / (2 * enc.half) + 1e-15
+    zeros = np.sum([enc.encode(np.zeros(5)) for _ in range(7)], axis=0, dtype=np.uint64)
+    assert enc.decode_sum(zeros, 7).tolist() == [0.0] * 5  # exactly: nothing moves
     assert math.isclose(enc.decode_sum(enc.encode(np.array([5.0])), 1)[0], 0.01)  # clipped
 
 

@@ -27,6 +27,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedpeft.cache import PROCESS_CACHE, ProcessCache
+from fedpeft.client.secure import keep_lora, keep_zo, secagg_query
 from fedpeft.client.trainer import ClientData, make_trainer
 from fedpeft.client.zo_trainer import fit_zo
 from fedpeft.codecs import ErrorFeedback
@@ -51,6 +52,7 @@ from fedpeft.wire import (
     encode_update,
 )
 from fedpeft.wire_zo import decode_zo_instruction, encode_zo_update
+from fedpeft.zo.runtime import get_runtime
 
 __all__ = [
     "NODE_OVERRIDES",
@@ -202,7 +204,8 @@ def make_client_app(cfg: RunConfig | None = None, cache: ProcessCache = PROCESS_
     Returns
     -------
     ClientApp
-        With ``query.info``, ``train.lora`` and ``evaluate.lora`` handlers.
+        With ``query.info``, ``train.lora``, ``train.zo``, ``query.secagg`` and
+        ``evaluate.lora`` handlers.
     """
     app = ClientApp()
 
@@ -236,6 +239,9 @@ def make_client_app(cfg: RunConfig | None = None, cache: ProcessCache = PROCESS_
         run, handle, ins = _decode(cfg, context, cache, msg)
         data = client_data(run, handle, partition_id(context), cache, own_data(context))
         update = make_trainer(ins.train.trainer).fit(handle, ins, data)
+        if ins.secure:
+            kept = keep_lora(cache, context.node_id, update, ins)
+            return Message(encode_update(kept), reply_to=msg)
         feedback = None
         if ins.up_codec.sparse and ins.compress.error_feedback:
             key = f"error-feedback:{ins.header.run_id}:{data.client_id}"
@@ -249,7 +255,13 @@ def make_client_app(cfg: RunConfig | None = None, cache: ProcessCache = PROCESS_
         ins = decode_zo_instruction(msg.content)
         _check_fingerprint(ins.header.model_fingerprint, handle)
         data = client_data(run, handle, partition_id(context), cache, own_data(context))
-        return Message(encode_zo_update(fit_zo(handle, ins, data, cache)), reply_to=msg)
+        update = fit_zo(handle, ins, data, cache)
+        if ins.secure:
+            blocks = get_runtime(handle, ins.spec, cache).num_blocks
+            update = keep_zo(cache, context.node_id, update, blocks, ins.spec.num_seeds)
+        return Message(encode_zo_update(update), reply_to=msg)
+
+    app.query("secagg")(secagg_query(cache))
 
     @app.evaluate("lora")
     def evaluate(msg: Message, context: Context) -> Message:

@@ -153,6 +153,12 @@ def _forward(msg: Message, context: Context) -> Message:
 
 
 # Every message type the fedpeft ClientApp handles goes to the same forwarder.
-FORWARDED = (("query", "info"), ("train", "lora"), ("train", "zo"), ("evaluate", "lora"))
+FORWARDED = (
+    ("query", "info"),
+    ("train", "lora"),
+    ("train", "zo"),
+    ("query", "secagg"),
+    ("evaluate", "lora"),
+)
 for _category, _action in FORWARDED:
     getattr(client_app, _category)(_action)(_forward)

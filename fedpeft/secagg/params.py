@@ -9,10 +9,10 @@ its cost grows with ``k``, not ``n``. A secret is recovered from any ``t`` of it
 be abandoned, and a server colluding with fewer than ``t`` of them learns nothing of it.
 
 Fixed point: a value ``x`` is clipped to ``[-c, c]`` and encoded as
-``round((x + c) / (2c) * (2^b - 1))`` in ``Z_2^64``; the sum of ``n`` encodings decodes as
-``sum * 2c / (2^b - 1) - n c``. No sum may wrap: ``n (2^b - 1) < 2^64``, so
-``b = min(52, 63 - ceil(log2 n))`` bits (52: more would be below float64 precision). The
-rounding error per value is at most ``c / (2^b - 1)``.
+``round(x * H / c) + H`` in ``Z_2^64`` with ``H = 2^(b-1) - 1`` (so in ``[0, 2^b - 2]``); the
+sum of ``n`` encodings decodes as ``(sum - n H) * c / H``, exactly 0 when every value was 0.
+No sum may wrap: ``n (2^b - 1) < 2^63``, so ``b = min(52, 62 - ceil(log2 n))`` bits (52: more
+would be below float64 precision). The rounding error per value is at most ``c / (2 H)``.
 """
 
 from __future__ import annotations
@@ -72,18 +72,24 @@ class Encoding:
     @property
     def bits(self) -> int:
         """Bits per encoded value."""
-        return min(52, 63 - math.ceil(math.log2(max(self.n, 2))))
+        return min(52, 62 - math.ceil(math.log2(max(self.n, 2))))
+
+    @property
+    def half(self) -> int:
+        """``H``: the code of 0."""
+        return int(2 ** (self.bits - 1) - 1)
 
     @property
     def scale(self) -> float:
         """Encoded units per value unit."""
-        return float(2**self.bits - 1) / (2 * self.clip)
+        return self.half / self.clip
 
     def encode(self, x: np.ndarray) -> np.ndarray:
         """``x`` (float) clipped and encoded as ``uint64``."""
         v = np.clip(np.asarray(x, np.float64), -self.clip, self.clip)
-        return np.rint((v + self.clip) * self.scale).astype(np.uint64)
+        return (np.rint(v * self.scale).astype(np.int64) + self.half).astype(np.uint64)
 
     def decode_sum(self, total: np.ndarray, count: int) -> np.ndarray:
         """The float sum of ``count`` encoded values whose ``uint64`` sum is ``total``."""
-        return total.astype(np.float64) / self.scale - count * self.clip
+        centred = total.astype(np.int64) - np.int64(count * self.half)  # exact integers
+        return centred.astype(np.float64) / self.scale

@@ -48,6 +48,7 @@ from fedpeft.server.checkpoint import (
 )
 from fedpeft.server.exchange import Exchange, Instruction, exchange
 from fedpeft.server.fedeval import federated_eval
+from fedpeft.server.secure_round import secure_aggregate
 from fedpeft.server.validate import MAX_NUM_EXAMPLES, Limits, cap_weights
 from fedpeft.simulation.devices import DeviceProfile, assign_profiles, simulated_times
 from fedpeft.strategies.base import AggregateResult, LoraPlan, Strategy, ZoPlan
@@ -245,13 +246,17 @@ class Coordinator:
             if not isinstance(plan, (ZoPlan, LoraPlan)):
                 raise RoundError(server_round, f"strategy planned a {type(plan).__name__}")
             header = self._header(server_round, cid, plan.spec.config_hash())
+            secure = self.cfg.secagg.enabled
             if isinstance(plan, ZoPlan):
-                out[cid] = ZoInstruction(header, plan.spec, train, plan.sync, seed, plan.probs)
+                out[cid] = ZoInstruction(
+                    header, plan.spec, train, plan.sync, seed, plan.probs, secure=secure
+                )
             else:
                 out[cid] = TrainInstruction(
                     header, plan.spec, train, plan.adapter, seed,
                     parts=plan.parts, base=plan.base, compress=self.cfg.compress,
                     reg_lambda=plan.reg_lambda, reg_gamma=plan.reg_gamma, prune=plan.prune,
+                    secure=secure,
                 )  # fmt: skip
         return out
 
@@ -291,11 +296,17 @@ class Coordinator:
                 f"{self.cfg.federation.min_clients}. {reasons}",
             )
         got.updates, capped = cap_weights(got.updates, self.cfg.validation.max_weight_ratio)
+        if self.cfg.secagg.enabled:
+            secure_aggregate(
+                self.grid, self.cfg, instructions, nodes, got, server_round, self.zo_blocks
+            )
         self.current = self.strategy.aggregate_train(server_round, got.updates)
-        self.examples_behind_global = sum(u.header.num_examples for u in got.updates)
+        contributed = got.contributors or got.updates
+        self.examples_behind_global = sum(u.header.num_examples for u in contributed)
         self.server_round = server_round
         row = self._row(server_round, got, len(instructions))
         row["weights_capped"] = capped
+        row.update(got.metrics)
         row["attempts"] = attempt
         row.update(sim)
         row.update({k: float(v) for k, v in self.current.metrics.items()})
@@ -336,7 +347,7 @@ class Coordinator:
         }
 
     def _row(self, server_round: int, got: Exchange, asked: int) -> dict[str, Any]:
-        updates, counts = got.updates, got.counts
+        updates, counts = got.contributors or got.updates, got.counts
         losses = [
             (u.header.num_examples, u.metrics["train_loss"])
             for u in updates

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from flwr.app import Message, RecordDict
@@ -20,7 +20,13 @@ from flwr.serverapp import Grid
 
 from fedpeft._flwr import message_nbytes
 from fedpeft.errors import ProtocolError
-from fedpeft.server.validate import Limits, reply_limit, validate_update, validate_zo_update
+from fedpeft.server.validate import (
+    Limits,
+    reply_limit,
+    validate_secure_reply,
+    validate_update,
+    validate_zo_update,
+)
 from fedpeft.wire import (
     LoraUpdate,
     SharedRecords,
@@ -55,6 +61,8 @@ class Exchange:
     )
     client_bytes_down: dict[str, int] = field(default_factory=dict)
     client_bytes_up: dict[str, int] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)  # added to the round's row
+    contributors: list[Any] = field(default_factory=list)  # secure aggregation: who is summed
 
     def fail(self, cid: str, code: str, reason: str) -> None:
         """Record that ``cid`` contributes nothing this round, and why."""
@@ -86,8 +94,15 @@ def _decode(reply: Message, ins: Instruction, limits: Limits, nbytes: int) -> tu
         )
     if isinstance(ins, ZoInstruction):
         zo = decode_zo_update(reply.content)
+        if ins.secure:
+            validate_secure_reply(zo, ins, limits)
+            return zo, 0
         validate_zo_update(zo, ins, limits)
         return zo, zo.payload_nbytes
+    if ins.secure:  # the factors travel only inside the secure sum; keep what was sent
+        update = decode_update(reply.content)
+        validate_secure_reply(update, ins, limits)
+        return replace(update, factors=dict(ins.adapter)), 0
     update = decode_update(reply.content, reference=ins.adapter)
     validate_update(update, ins, limits)
     return update, update_payload(reply.content)

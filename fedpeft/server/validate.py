@@ -35,6 +35,7 @@ __all__ = [
     "Limits",
     "cap_weights",
     "reply_limit",
+    "validate_secure_reply",
     "validate_update",
     "validate_zo_update",
 ]
@@ -279,6 +280,37 @@ def validate_zo_update(update: ZoUpdate, ins: ZoInstruction, limits: Limits = Li
     pairs = update.blocks.astype(np.int64) * spec.num_seeds + update.seeds.astype(np.int64)
     if len(np.unique(pairs)) != len(pairs):
         raise ProtocolError("ferret upload repeats a (block, seed) pair", "seed_range")
+
+
+def validate_secure_reply(
+    update: LoraUpdate | ZoUpdate, ins: TrainInstruction | ZoInstruction, limits: Limits = Limits()
+) -> None:
+    """A reply to a ``secure`` instruction: the header only, no tensors and no pairs.
+
+    Its values reach the coordinator only as part of the secure sum, so only the header
+    (run, round, fingerprint, adapter hash, client, num_examples) and, for seed/scalar
+    training, the synced version can be checked here.
+    """
+    if isinstance(ins, ZoInstruction) and isinstance(update, ZoUpdate):
+        _check_header(
+            update.header, ins.header, ins.spec.config_hash(), "zo spec", limits.max_examples
+        )
+        if update.synced_version != ins.sync.to_version:
+            raise ProtocolError(
+                f"client synced to version {update.synced_version}, expected {ins.sync.to_version}",
+                "replay",
+            )
+        if len(update.seeds) or len(update.scalars):
+            raise ProtocolError("a secure-aggregation reply must carry no pairs", "structure")
+        return
+    if isinstance(ins, TrainInstruction) and isinstance(update, LoraUpdate):
+        _check_header(
+            update.header, ins.header, ins.lora.config_hash(), "lora spec", limits.max_examples
+        )
+        if update.factors:
+            raise ProtocolError("a secure-aggregation reply must carry no tensors", "structure")
+        return
+    raise ProtocolError("reply kind does not match the instruction", "decode")
 
 
 def cap_weights(updates: Sequence[Any], ratio: float) -> tuple[list[Any], int]:

@@ -36,10 +36,10 @@ import torch
 from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 
+from fedpeft.changes import flat_change, with_change
 from fedpeft.config import AttackConfig, RunConfig
 from fedpeft.errors import ConfigError
 from fedpeft.seeding import np_rng, torch_generator
-from fedpeft.strategies.robust import flat_change, with_change
 from fedpeft.wire import (
     HEADER,
     decode_client_info,

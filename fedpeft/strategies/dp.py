@@ -35,12 +35,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedpeft.changes import flat_change, with_change
 from fedpeft.config import DpConfig
 from fedpeft.errors import AggregationError
 from fedpeft.privacy import PrivacyAccountant
 from fedpeft.seeding import np_rng
 from fedpeft.strategies.base import AggregateResult, LoraPlan, Strategy
-from fedpeft.strategies.robust import flat_change, with_change
 from fedpeft.wire import Adapter, ClientInfo, LoraUpdate
 from fedpeft.wire_zo import ZoUpdate
 

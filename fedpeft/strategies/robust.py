@@ -37,45 +37,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedpeft.changes import flat_change, with_change
 from fedpeft.config import RobustConfig
 from fedpeft.errors import AggregationError, ConfigError
 from fedpeft.strategies.base import AggregateResult, LoraPlan, Strategy
-from fedpeft.wire import Adapter, ClientInfo, LoraFactors, LoraUpdate
+from fedpeft.wire import Adapter, ClientInfo, LoraUpdate
 from fedpeft.wire_zo import ZoUpdate
 
-__all__ = [
-    "RobustAggregation",
-    "flat_change",
-    "krum_scores",
-    "median",
-    "trimmed_mean",
-    "with_change",
-]
+__all__ = ["RobustAggregation", "krum_scores", "median", "trimmed_mean"]
 
 LORA_ONLY = ("median", "krum", "multikrum")
-
-
-def flat_change(factors: Mapping[str, LoraFactors], sent: Adapter) -> torch.Tensor:
-    """``(A - A_0, B - B_0)`` over ``sorted(sent)``, flat float64 (``sent``: the ``_0``)."""
-    parts = []
-    for m in sorted(sent):
-        f, g = factors[m], sent[m]
-        parts += [(f.a.double() - g.a.double()).reshape(-1)]  # (r * in,)
-        parts += [(f.b.double() - g.b.double()).reshape(-1)]  # (out * r,)
-    return torch.cat(parts)
-
-
-def with_change(update: LoraUpdate, sent: Adapter, change: torch.Tensor) -> LoraUpdate:
-    """``update`` with factors ``sent + change`` (``change`` as :func:`flat_change` lays it)."""
-    out, at = {}, 0
-    for m in sorted(sent):
-        f, g = update.factors[m], sent[m]
-        na, nb = g.a.numel(), g.b.numel()
-        a = g.a.double() + change[at : at + na].reshape(g.a.shape)  # (r, in)
-        b = g.b.double() + change[at + na : at + na + nb].reshape(g.b.shape)  # (out, r)
-        at += na + nb
-        out[m] = LoraFactors(a=a.to(f.a.dtype), b=b.to(f.b.dtype), alpha=f.alpha)
-    return replace(update, factors=out)
 
 
 def median(stack: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,76 @@
+"""The client's half of secure aggregation inside a training round.
+
+When an instruction says ``secure``, the client trains as usual but keeps its contribution in
+its process (:func:`keep_lora`: the change to the factors it was sent, flattened;
+:func:`keep_zo`: its scalars summed per (block, seed) direction, dense) and replies with the
+header and metrics only. The coordinator then runs a secure-aggregation session
+(``query.secagg``) among the clients that trained; :func:`secagg_query` answers it with the
+kept vector. One vector per node is kept; the next round's replaces it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+import numpy as np
+from flwr.app import Context, Message
+
+from fedpeft.cache import ProcessCache
+from fedpeft.changes import flat_change
+from fedpeft.errors import ProtocolError
+from fedpeft.secagg.flower import secagg_handler
+from fedpeft.wire import LoraUpdate, TrainInstruction
+from fedpeft.wire_zo import ZoUpdate
+
+__all__ = ["keep_lora", "keep_zo", "secagg_query"]
+
+PENDING = "secagg:pending"
+
+
+def _pending(cache: ProcessCache) -> dict[int, np.ndarray]:
+    return cache.get(PENDING, dict)
+
+
+def keep_lora(
+    cache: ProcessCache, node_id: int, update: LoraUpdate, ins: TrainInstruction
+) -> LoraUpdate:
+    """Keep ``update``'s change for the session; returns the reply (no tensors)."""
+    _pending(cache)[node_id] = flat_change(update.factors, ins.adapter).numpy()
+    return replace(update, factors={})
+
+
+def keep_zo(
+    cache: ProcessCache, node_id: int, update: ZoUpdate, num_blocks: int, num_seeds: int
+) -> ZoUpdate:
+    """Keep ``update``'s scalars as a dense (blocks x K) vector; returns the reply (no pairs)."""
+    dense = np.zeros((num_blocks, num_seeds))
+    blocks = (
+        update.blocks.astype(np.int64)
+        if len(update.blocks)
+        else np.zeros(len(update.seeds), np.int64)
+    )
+    np.add.at(dense, (blocks, update.seeds.astype(np.int64)), update.scalars.astype(np.float64))
+    _pending(cache)[node_id] = dense.reshape(-1)
+    return replace(
+        update,
+        seeds=update.seeds[:0],
+        scalars=update.scalars[:0],
+        blocks=update.blocks[:0],
+    )
+
+
+def secagg_query(cache: ProcessCache) -> Callable[[Message, Context], Message]:
+    """The ``query.secagg`` handler: contributes the vector this node kept."""
+
+    def provider(context: Context) -> np.ndarray:
+        vector = _pending(cache).pop(context.node_id, None)
+        if vector is None:
+            raise ProtocolError(
+                "secure aggregation asked for a contribution, but this node kept none "
+                "(it did not train this round, or restarted since)",
+                "client_error",
+            )
+        return vector
+
+    return secagg_handler(provider)

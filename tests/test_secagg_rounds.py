@@ -1,0 +1,148 @@
+"""Secure aggregation inside training rounds: same model as in the clear, dropouts, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+from safetensors import safe_open
+
+from fedpeft.client.app import make_client_app
+from fedpeft.errors import ConfigError
+from fedpeft.secagg.flower import from_record
+from fedpeft.server.app import run_server
+from fedpeft.server.results import RunReporter
+from fedpeft.simulation.inprocess import InProcessGrid
+from fedpeft.simulation.runner import simulate
+
+# 4 clients of 24 examples each: equal weights, and one may drop (4 - 1 >= threshold 2)
+EQUAL = ("federation.num_clients=4", "data.max_examples_per_client=24")
+
+
+def _rows(run) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _tensors(path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt") as fh:
+        return {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+
+
+@pytest.mark.parametrize("strategy", ["ffa", "fedavg"])
+def test_secure_rounds_give_the_model_of_the_clear_rounds(tiny_config, tmp_path, cache, strategy):
+    """Every client holds 24 examples, so the unweighted secure mean is FedAvg's mean."""
+    clear = tiny_config(*EQUAL, f"strategy.name={strategy}")
+    secure = tiny_config(*EQUAL, f"strategy.name={strategy}", "secagg.enabled=true")
+    simulate(clear, tmp_path / "clear", quiet=True, cache=cache)
+    simulate(secure, tmp_path / "secure", quiet=True, cache=cache)
+    a = _tensors(tmp_path / "clear" / "adapter" / "adapter_model.safetensors")
+    b = _tensors(tmp_path / "secure" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    if strategy == "ffa":  # the frozen A is exactly what was sent
+        assert all(torch.equal(a[k], b[k]) for k in a if "lora_A" in k)
+    clear_rows, rows = _rows(tmp_path / "clear"), _rows(tmp_path / "secure")
+    for c, s in zip(clear_rows, rows, strict=True):
+        assert s["eval_loss"] == pytest.approx(c["eval_loss"], abs=1e-6)
+    assert rows[1]["secagg_survivors"] == 4 and rows[1]["clients"] == 4
+    assert (
+        rows[1]["num_examples"] == 96 and rows[1]["payload_up"] == 0
+    )  # no tensor left a client in the clear
+    assert rows[1]["secagg_bytes_up"] > 0
+
+
+def test_secure_fedkseed_matches_the_clear_run(tmp_path, repo):
+    """Fresh process caches: a zeroth-order runtime reused across runs syncs in another order."""
+    from fedpeft.cache import ProcessCache
+    from fedpeft.configio import load_config
+
+    path = repo / "simulations" / "tiny_fedkseed.toml"
+    clear = load_config(path, ["federation.rounds=2", *EQUAL])
+    secure = load_config(path, ["federation.rounds=2", *EQUAL, "secagg.enabled=true"])
+    simulate(clear, tmp_path / "clear", quiet=True, cache=ProcessCache())
+    simulate(secure, tmp_path / "secure", quiet=True, cache=ProcessCache())
+    a = _tensors(tmp_path / "clear" / "zo_state.safetensors")["coeffs"]
+    b = _tensors(tmp_path / "secure" / "zo_state.safetensors")["coeffs"]
+    assert torch.allclose(a, b, rtol=1e-6, atol=0) and bool(a.abs().sum() > 0)
+    assert torch.equal(a == 0, b == 0)  # directions no client used stay exactly 0
+
+
+def _dropping(real: ClientApp, victim: int, stage: str) -> ClientApp:
+    app = ClientApp()
+
+    @app.query("info")
+    def info(msg: Message, ctx: Context) -> Message:
+        return real(msg, ctx)
+
+    @app.train("lora")
+    def train(msg: Message, ctx: Context) -> Message:
+        return real(msg, ctx)
+
+    @app.query("secagg")
+    def secagg(msg: Message, ctx: Context) -> Message:
+        mine = int(ctx.node_config["partition-id"]) == victim
+        if mine and from_record(msg.content)["stage"] == stage:
+            raise RuntimeError("the device lost power")
+        return real(msg, ctx)
+
+    return app
+
+
+@pytest.mark.parametrize("stage", ["keys", "share", "mask", "unmask"])
+def test_a_client_dropping_during_secure_aggregation_loses_only_its_update(
+    tiny_config, tmp_path, cache, stage
+):
+    cfg = tiny_config("federation.rounds=1", *EQUAL, "strategy.name=ffa", "secagg.enabled=true")
+    n = cfg.federation.num_clients
+    grid = InProcessGrid(
+        _dropping(make_client_app(cfg, cache), 1, stage), [{"partition-id": i} for i in range(n)]
+    )
+    run_server(grid, cfg, tmp_path, RunReporter(tmp_path, 1, quiet=True), cache)
+    row = _rows(tmp_path)[1]
+    if stage == "unmask":  # its vector is in the sum; only its shares are missing
+        assert row["secagg_survivors"] == 4 and row["failures"] == {}
+        return
+    assert row["secagg_survivors"] == 3 and row["client_ids"] == ["0", "2", "3"]
+    assert row["failures"]["1"].startswith("timeout: dropped out of secure aggregation")
+    # the same model as a clear round in which client 1 never answered
+    clear = tiny_config("federation.rounds=1", *EQUAL, "strategy.name=ffa")
+    grid2 = InProcessGrid(
+        _dropping(make_client_app(clear, cache), 1, "-"), [{"partition-id": i} for i in range(n)]
+    )
+
+    real_train = grid2.send_and_receive
+
+    def drop_train(messages, *, timeout=None):
+        msgs = list(messages)
+        replies = list(real_train(msgs, timeout=timeout))
+        if any(m.metadata.message_type == "train.lora" for m in msgs):
+            node1 = next(
+                nd
+                for nd in grid2.get_node_ids()
+                if grid2.context(nd).node_config["partition-id"] == 1
+            )
+            replies = [r for r in replies if r.metadata.src_node_id != node1]
+        return replies
+
+    grid2.send_and_receive = drop_train  # type: ignore[method-assign]
+    run_server(
+        grid2, clear, tmp_path / "clear", RunReporter(tmp_path / "clear", 1, quiet=True), cache
+    )
+    assert row["eval_loss"] == pytest.approx(_rows(tmp_path / "clear")[1]["eval_loss"], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("override", "reason"),
+    [
+        ("strategy.name=hetlora", "secagg works with strategies"),
+        ("robust.rule=median", "robust rules need individual updates"),
+        ("dp.noise_multiplier=1", "noise added by the clients"),
+        ("compress.up=int8", "compress.up = none"),
+    ],
+)
+def test_secagg_refuses_what_it_cannot_sum(tiny_config, override, reason):
+    with pytest.raises(ConfigError, match=reason):
+        tiny_config("secagg.enabled=true", override)
