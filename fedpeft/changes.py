@@ -14,7 +14,7 @@ import torch
 
 from fedpeft.wire import Adapter, LoraFactors, LoraUpdate
 
-__all__ = ["flat_change", "with_change"]
+__all__ = ["flat_change", "trained_mask", "with_change"]
 
 
 def flat_change(factors: Mapping[str, LoraFactors], sent: Adapter) -> torch.Tensor:
@@ -38,3 +38,14 @@ def with_change(update: LoraUpdate, sent: Adapter, change: torch.Tensor) -> Lora
         at += na + nb
         out[m] = LoraFactors(a=a.to(f.a.dtype), b=b.to(f.b.dtype), alpha=f.alpha)
     return replace(update, factors=out)
+
+
+def trained_mask(sent: Adapter, parts: str) -> torch.Tensor:
+    """Which coordinates of :func:`flat_change` a client trains (``parts``: AB, A or B)."""
+    return torch.cat(
+        [
+            torch.full((f.numel(),), part in parts, dtype=torch.bool)
+            for m in sorted(sent)
+            for part, f in (("A", sent[m].a), ("B", sent[m].b))
+        ]
+    )

@@ -276,8 +276,6 @@ def _cross_section_problems(cfg: RunConfig, zo: bool) -> list[str]:
             )
         if cfg.robust.active:
             p.append("robust rules need individual updates; they cannot run with secagg")
-        if cfg.dp.active:
-            p.append("dp with secagg needs noise added by the clients, which is not built yet")
         if cfg.compress.up != "none":
             p.append("secagg sends fixed-point vectors; set compress.up = none")
         if cfg.ranks.mode != "uniform":

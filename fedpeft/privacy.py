@@ -12,13 +12,17 @@ the exact epsilon of ``sqrt(T) / z``-GDP); the RDP accountant is an upper bound.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from fedpeft.config import DpConfig
 from fedpeft.errors import FedpeftError
+from fedpeft.seeding import np_rng
 
-__all__ = ["PrivacyAccountant", "PrivacyBudgetExhausted"]
+__all__ = ["PrivacyAccountant", "PrivacyBudgetExhausted", "clip_and_noise", "gaussian"]
 
 
 class PrivacyBudgetExhausted(FedpeftError):
@@ -54,17 +58,21 @@ class PrivacyAccountant:
         t = self.rounds if rounds is None else rounds
         if t == 0:
             return 0.0
-        if self.config.accountant == "rdp":
-            from dp_accounting.rdp import RdpAccountant
+        from dp_accounting.pld import PLDAccountant
+        from dp_accounting.rdp import RdpAccountant
 
-            acc: Any = RdpAccountant()
-        else:
-            from dp_accounting.pld import PLDAccountant
-
-            acc = PLDAccountant()
-        acc.compose(self._event(t))
-        eps = float(acc.get_epsilon(self.config.delta))
-        return eps if math.isfinite(eps) else math.inf
+        kinds = (
+            [RdpAccountant] if self.config.accountant == "rdp" else [PLDAccountant, RdpAccountant]
+        )
+        for kind in kinds:  # PLD cannot discretise tiny noise: RDP's bound still holds
+            try:
+                acc: Any = kind()
+                acc.compose(self._event(t))
+                eps = float(acc.get_epsilon(self.config.delta))
+            except (ValueError, OverflowError, MemoryError):
+                continue
+            return eps if math.isfinite(eps) else math.inf
+        return math.inf
 
     def check_next(self) -> None:
         """Raise :class:`PrivacyBudgetExhausted` if one more round would pass the budget."""
@@ -90,3 +98,29 @@ class PrivacyAccountant:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
         self.rounds = int(state["rounds"])
+
+
+def gaussian(n: int, std: float, seed: int, server_round: int, secure: bool) -> np.ndarray:
+    """``n`` draws of ``N(0, std^2)`` (float64), seeded or from ``os.urandom``."""
+    if secure:
+        # Box-Muller on uniforms made from the OS's cryptographic random bytes
+        u = np.frombuffer(os.urandom(16 * n), dtype="<u8").reshape(2, n)
+        u1 = (u[0] >> np.uint64(11)).astype(np.float64) * 2.0**-53 + 2.0**-54  # (0, 1)
+        u2 = (u[1] >> np.uint64(11)).astype(np.float64) * 2.0**-53
+        out: np.ndarray = std * np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
+        return out
+    return np_rng(seed, "dp-noise", server_round).normal(0.0, std, n)
+
+
+def clip_and_noise(
+    vector: np.ndarray, clip: float, std: float, mask: np.ndarray | None = None
+) -> np.ndarray:
+    """A client's DP contribution under secure aggregation: ``vector`` scaled to L2 norm at
+    most ``clip``, plus ``N(0, std^2)`` from ``os.urandom`` on the coordinates in ``mask``
+    (all when ``None``). The noise is the client's secret: the coordinator sees only sums."""
+    v = np.asarray(vector, np.float64) * (mask if mask is not None else 1.0)
+    v = v * min(1.0, clip / max(float(np.linalg.norm(v)), 1e-300))
+    if std > 0:
+        where = np.ones(v.shape, bool) if mask is None else mask.astype(bool)
+        v[where] += gaussian(int(where.sum()), std, 0, 0, secure=True)
+    return v

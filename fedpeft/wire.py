@@ -45,7 +45,15 @@ from fedpeft.wire_adapter import (
     records_nbytes,
 )
 from fedpeft.wire_prune import PRUNE, PrunePlan, decode_keep, decode_plan, encode_keep, encode_plan
-from fedpeft.wire_types import Adapter, LoraFactors, LoraSpec, get_field, get_flag, get_record
+from fedpeft.wire_types import (
+    Adapter,
+    LoraFactors,
+    LoraSpec,
+    get_field,
+    get_flag,
+    get_float,
+    get_record,
+)
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -134,6 +142,8 @@ class TrainInstruction:
     reg_gamma: float = 1.0  # HetLoRA: the tail is ranks [floor(gamma r), r)
     prune: PrunePlan | None = None  # FedSpine: structured pruning; adapter cut to prune.keep
     secure: bool = False  # keep the change for secure aggregation; reply with no tensors
+    dp_clip: float = 0.0  # secure + DP: clip the kept change to this L2 norm
+    dp_noise: float = 0.0  # secure + DP: std of the Gaussian noise this client adds
 
     def __post_init__(self) -> None:
         if self.parts not in PARTS:
@@ -311,6 +321,8 @@ def encode_instruction(ins: TrainInstruction, shared: SharedRecords | None = Non
             "reg_lambda": float(ins.reg_lambda),
             "reg_gamma": float(ins.reg_gamma),
             "secure": ins.secure,
+            "dp_clip": float(ins.dp_clip),
+            "dp_noise": float(ins.dp_noise),
         }
     )
     content[TRAIN] = ConfigRecord(dataclasses.asdict(ins.train))
@@ -359,6 +371,8 @@ def decode_instruction(content: RecordDict) -> TrainInstruction:
         reg_gamma=get_field(lora, "reg_gamma", float, LORA),
         prune=decode_plan(content),
         secure=get_flag(lora, "secure", LORA),
+        dp_clip=get_float(lora, "dp_clip", LORA),
+        dp_noise=get_float(lora, "dp_noise", LORA),
     )
 
 

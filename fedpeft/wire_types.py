@@ -14,7 +14,7 @@ from flwr.app import RecordDict
 
 from fedpeft.errors import ProtocolError
 
-__all__ = ["Adapter", "LoraFactors", "LoraSpec", "get_field", "get_flag", "get_record"]
+__all__ = ["Adapter", "LoraFactors", "LoraSpec", "get_field", "get_flag", "get_float", "get_record"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +98,16 @@ def get_field(rec: Mapping[str, Any], key: str, tp: type[Any], where: str) -> An
 def get_flag(rec: Mapping[str, Any], key: str, where: str) -> bool:
     """An optional bool field (``False`` when absent: older senders did not write it)."""
     return bool(get_field(rec, key, bool, where)) if key in rec else False
+
+
+def get_float(rec: Mapping[str, Any], key: str, where: str) -> float:
+    """An optional non-negative finite float field (0 when absent)."""
+    if key not in rec:
+        return 0.0
+    value = float(get_field(rec, key, float, where))
+    if not (value >= 0 and math.isfinite(value)):
+        raise ProtocolError(f"{where}.{key} must be a finite float >= 0, got {value!r}")
+    return value
 
 
 def get_record(content: RecordDict, name: str, tp: type[Any]) -> Any:

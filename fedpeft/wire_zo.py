@@ -43,7 +43,7 @@ from fedpeft.wire import (
     _decode_train,
     _encode_header,
 )
-from fedpeft.wire_types import get_field, get_flag, get_record
+from fedpeft.wire_types import get_field, get_flag, get_float, get_record
 
 __all__ = [
     "ZoInstruction",
@@ -142,6 +142,8 @@ class ZoInstruction:
     probs: np.ndarray | None = None  # FedKSeed-Pro seed sampling probabilities, (K,)
     mode: str = "zo"
     secure: bool = False  # keep the scalars for secure aggregation; reply with no pairs
+    dp_clip: float = 0.0  # secure + DP: clip the kept direction vector to this L2 norm
+    dp_noise: float = 0.0  # secure + DP: std of the Gaussian noise this client adds
 
     @property
     def message_type(self) -> str:
@@ -239,7 +241,10 @@ def encode_zo_instruction(ins: ZoInstruction) -> RecordDict:
         "values": _bytes(sync.values),
         "values_dtype": str(sync.values.dtype),
     }
-    zo = {**_spec_record(ins.spec), "seed": ins.seed, "mode": ins.mode, "secure": ins.secure}
+    zo = {
+        **_spec_record(ins.spec), "seed": ins.seed, "mode": ins.mode, "secure": ins.secure,
+        "dp_clip": float(ins.dp_clip), "dp_noise": float(ins.dp_noise),
+    }  # fmt: skip
     if ins.probs is not None:
         zo["probs"] = _bytes(ins.probs.astype(np.float32))
     return RecordDict(
@@ -293,6 +298,8 @@ def decode_zo_instruction(content: RecordDict) -> ZoInstruction:
         probs=probs,
         mode=get_field(zo, "mode", str, ZO),
         secure=get_flag(zo, "secure", ZO),
+        dp_clip=get_float(zo, "dp_clip", ZO),
+        dp_noise=get_float(zo, "dp_noise", ZO),
     )
 
 

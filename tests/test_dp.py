@@ -12,10 +12,10 @@ from scipy.optimize import brentq
 from scipy.stats import norm
 
 from fedpeft.config import DpConfig
-from fedpeft.privacy import PrivacyAccountant, PrivacyBudgetExhausted
+from fedpeft.privacy import PrivacyAccountant, PrivacyBudgetExhausted, gaussian
 from fedpeft.simulation.runner import simulate
 from fedpeft.strategies.base import StrategyContext
-from fedpeft.strategies.dp import DpAggregation, gaussian
+from fedpeft.strategies.dp import DpAggregation
 from fedpeft.strategies.fedavg import FedAvg
 from fedpeft.strategies.ffa import FfaLora
 from fedpeft.wire import ClientInfo, Header, LoraFactors, LoraSpec, LoraUpdate

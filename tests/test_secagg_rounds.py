@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import Context, Message
@@ -139,10 +140,39 @@ def test_a_client_dropping_during_secure_aggregation_loses_only_its_update(
     [
         ("strategy.name=hetlora", "secagg works with strategies"),
         ("robust.rule=median", "robust rules need individual updates"),
-        ("dp.noise_multiplier=1", "noise added by the clients"),
         ("compress.up=int8", "compress.up = none"),
     ],
 )
 def test_secagg_refuses_what_it_cannot_sum(tiny_config, override, reason):
     with pytest.raises(ConfigError, match=reason):
         tiny_config("secagg.enabled=true", override)
+
+
+def test_distributed_dp_under_secure_aggregation(tiny_config, tmp_path, cache):
+    """Clients clip and add their own noise; the released change equals central DP's clipped
+    mean, with noise of std z C sqrt(m / min_clients) / k per trained coordinate."""
+    from fedpeft.privacy import clip_and_noise
+
+    base = ("federation.rounds=1", *EQUAL, "strategy.name=ffa", "dp.clip_norm=0.05")
+    central = tiny_config(*base, "dp.noise_multiplier=1e-9")
+    quiet = tiny_config(*base, "dp.noise_multiplier=1e-9", "secagg.enabled=true")
+    loud = tiny_config(*base, "dp.noise_multiplier=1", "secagg.enabled=true")
+    for name, cfg in (("central", central), ("quiet", quiet), ("loud", loud)):
+        simulate(cfg, tmp_path / name, quiet=True, cache=cache)
+    start = tiny_config(*base, "federation.rounds=1")
+    a = _tensors(tmp_path / "central" / "adapter" / "adapter_model.safetensors")
+    b = _tensors(tmp_path / "quiet" / "adapter" / "adapter_model.safetensors")
+    c = _tensors(tmp_path / "loud" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)  # same clipped mean
+    assert all(torch.equal(a[k], c[k]) for k in a if "lora_A" in k)  # frozen A: no noise
+    noise = torch.cat([(c[k] - a[k]).reshape(-1) for k in a if "lora_B" in k])
+    m, k, fewest = 4, 4, start.federation.min_clients
+    unit = start.lora.alpha / start.lora.rank  # FFA keeps B at unit scale: s B (s = alpha / r)
+    want = unit * 1.0 * 0.05 * (m / fewest) ** 0.5 / k
+    assert float(noise.std()) == pytest.approx(want, rel=0.1)
+    assert abs(float(noise.mean())) < 3 * want / noise.numel() ** 0.5 + 1e-9
+    eps = [r.get("dp_epsilon") for r in _rows(tmp_path / "loud")]
+    assert eps[1] == pytest.approx(4.377, abs=1e-3)
+    # the client-side step alone: clipped to the norm, frozen coordinates untouched
+    v = clip_and_noise(np.array([3.0, 4.0, 9.0]), 1.0, 0.0, np.array([True, True, False]))
+    assert v.tolist() == pytest.approx([0.6, 0.8, 0.0])

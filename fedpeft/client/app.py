@@ -258,7 +258,7 @@ def make_client_app(cfg: RunConfig | None = None, cache: ProcessCache = PROCESS_
         update = fit_zo(handle, ins, data, cache)
         if ins.secure:
             blocks = get_runtime(handle, ins.spec, cache).num_blocks
-            update = keep_zo(cache, context.node_id, update, blocks, ins.spec.num_seeds)
+            update = keep_zo(cache, context.node_id, update, ins, blocks)
         return Message(encode_zo_update(update), reply_to=msg)
 
     app.query("secagg")(secagg_query(cache))

@@ -17,11 +17,12 @@ import numpy as np
 from flwr.app import Context, Message
 
 from fedpeft.cache import ProcessCache
-from fedpeft.changes import flat_change
+from fedpeft.changes import flat_change, trained_mask
 from fedpeft.errors import ProtocolError
+from fedpeft.privacy import clip_and_noise
 from fedpeft.secagg.flower import secagg_handler
 from fedpeft.wire import LoraUpdate, TrainInstruction
-from fedpeft.wire_zo import ZoUpdate
+from fedpeft.wire_zo import ZoInstruction, ZoUpdate
 
 __all__ = ["keep_lora", "keep_zo", "secagg_query"]
 
@@ -36,22 +37,29 @@ def keep_lora(
     cache: ProcessCache, node_id: int, update: LoraUpdate, ins: TrainInstruction
 ) -> LoraUpdate:
     """Keep ``update``'s change for the session; returns the reply (no tensors)."""
-    _pending(cache)[node_id] = flat_change(update.factors, ins.adapter).numpy()
+    vector = flat_change(update.factors, ins.adapter).numpy()
+    if ins.dp_clip > 0:
+        mask = trained_mask(ins.adapter, ins.parts).numpy()
+        vector = clip_and_noise(vector, ins.dp_clip, ins.dp_noise, mask)
+    _pending(cache)[node_id] = vector
     return replace(update, factors={})
 
 
 def keep_zo(
-    cache: ProcessCache, node_id: int, update: ZoUpdate, num_blocks: int, num_seeds: int
+    cache: ProcessCache, node_id: int, update: ZoUpdate, ins: ZoInstruction, num_blocks: int
 ) -> ZoUpdate:
     """Keep ``update``'s scalars as a dense (blocks x K) vector; returns the reply (no pairs)."""
-    dense = np.zeros((num_blocks, num_seeds))
+    dense = np.zeros((num_blocks, ins.spec.num_seeds))
     blocks = (
         update.blocks.astype(np.int64)
         if len(update.blocks)
         else np.zeros(len(update.seeds), np.int64)
     )
     np.add.at(dense, (blocks, update.seeds.astype(np.int64)), update.scalars.astype(np.float64))
-    _pending(cache)[node_id] = dense.reshape(-1)
+    vector = dense.reshape(-1)
+    if ins.dp_clip > 0:
+        vector = clip_and_noise(vector, ins.dp_clip, ins.dp_noise)
+    _pending(cache)[node_id] = vector
     return replace(
         update,
         seeds=update.seeds[:0],

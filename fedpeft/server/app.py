@@ -84,7 +84,10 @@ def run_server(
     if cfg.dp.active:
         shape = (ctx.zo_blocks, ctx.zo.num_seeds if ctx.zo is not None else 1)
         n = cfg.federation.num_clients
-        strategy = DpAggregation(strategy, cfg.dp, per_round, n, seed, zo=zo, zo_shape=shape)
+        strategy = DpAggregation(
+            strategy, cfg.dp, per_round, n, seed, zo=zo, zo_shape=shape,
+            distributed=cfg.secagg.enabled,
+        )  # fmt: skip
     evalset = EvalSet.build(cfg, held_out, handle.tokenizer)
     coordinator = Coordinator(
         cfg,

@@ -246,17 +246,21 @@ class Coordinator:
             if not isinstance(plan, (ZoPlan, LoraPlan)):
                 raise RoundError(server_round, f"strategy planned a {type(plan).__name__}")
             header = self._header(server_round, cid, plan.spec.config_hash())
-            secure = self.cfg.secagg.enabled
+            secure, clip, noise = self.cfg.secagg.enabled, 0.0, 0.0
+            if secure and self.cfg.dp.active:  # distributed DP: each client clips and adds
+                dp, fewest = self.cfg.dp, self.cfg.federation.min_clients
+                clip, noise = dp.clip_norm, dp.noise_multiplier * dp.clip_norm / math.sqrt(fewest)
             if isinstance(plan, ZoPlan):
                 out[cid] = ZoInstruction(
-                    header, plan.spec, train, plan.sync, seed, plan.probs, secure=secure
-                )
+                    header, plan.spec, train, plan.sync, seed, plan.probs, secure=secure,
+                    dp_clip=clip, dp_noise=noise,
+                )  # fmt: skip
             else:
                 out[cid] = TrainInstruction(
                     header, plan.spec, train, plan.adapter, seed,
                     parts=plan.parts, base=plan.base, compress=self.cfg.compress,
                     reg_lambda=plan.reg_lambda, reg_gamma=plan.reg_gamma, prune=plan.prune,
-                    secure=secure,
+                    secure=secure, dp_clip=clip, dp_noise=noise,
                 )  # fmt: skip
         return out
 
@@ -297,9 +301,11 @@ class Coordinator:
             )
         got.updates, capped = cap_weights(got.updates, self.cfg.validation.max_weight_ratio)
         if self.cfg.secagg.enabled:
+            fixed = clients_per_round(self.cfg, self.cfg.federation.num_clients)
             secure_aggregate(
-                self.grid, self.cfg, instructions, nodes, got, server_round, self.zo_blocks
-            )
+                self.grid, self.cfg, instructions, nodes, got, server_round, self.zo_blocks,
+                divisor=fixed if self.cfg.dp.active else None,
+            )  # fmt: skip
         self.current = self.strategy.aggregate_train(server_round, got.updates)
         contributed = got.contributors or got.updates
         self.examples_behind_global = sum(u.header.num_examples for u in contributed)

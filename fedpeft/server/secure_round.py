@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from flwr.serverapp import Grid
 
-from fedpeft.changes import with_change
+from fedpeft.changes import trained_mask, with_change
 from fedpeft.config import RunConfig
 from fedpeft.errors import AggregationError, ProtocolError, RoundError
 from fedpeft.secagg.flower import grid_transport
@@ -42,17 +42,6 @@ from fedpeft.wire_zo import ZoInstruction
 __all__ = ["secure_aggregate"]
 
 
-def _trained_mask(ins: TrainInstruction) -> torch.Tensor:
-    """Which coordinates of the flat change the instruction trains (``flat_change`` order)."""
-    return torch.cat(
-        [
-            torch.full((f.numel(),), part in ins.parts, dtype=torch.bool)
-            for m in sorted(ins.adapter)
-            for part, f in (("A", ins.adapter[m].a), ("B", ins.adapter[m].b))
-        ]
-    )
-
-
 def secure_aggregate(
     grid: Grid,
     cfg: RunConfig,
@@ -61,8 +50,13 @@ def secure_aggregate(
     got: Exchange,
     server_round: int,
     zo_blocks: int = 1,
+    divisor: int | None = None,
 ) -> None:
-    """Run the session and replace ``got.updates`` (see the module docstring)."""
+    """Run the session and replace ``got.updates`` (see the module docstring).
+
+    ``divisor``: the mean's denominator (default: the survivors; with DP the expected
+    clients per round, so the sensitivity stays ``C / k`` when clients drop).
+    """
     updates = sorted(got.updates, key=lambda u: u.header.client_id)
     if not updates:
         return
@@ -116,10 +110,12 @@ def secure_aggregate(
     )
     kept = [u for u in updates if u.header.client_id in survivors]
     got.contributors = kept
+    divisor = divisor or len(kept)
     if isinstance(first, ZoInstruction):
-        got.updates = _zo_updates(kept, result.total, zo_blocks, first.spec.num_seeds)
+        total = result.total * (len(kept) / divisor)  # the strategy divides by len(kept)
+        got.updates = _zo_updates(kept, total, zo_blocks, first.spec.num_seeds)
         return
-    change = torch.from_numpy(result.total / len(kept)) * _trained_mask(first)
+    change = torch.from_numpy(result.total / divisor) * trained_mask(first.adapter, first.parts)
     examples = sum(u.header.num_examples for u in kept)
     one = with_change(kept[0], first.adapter, change)
     got.updates = [replace(one, header=replace(one.header, num_examples=examples))]

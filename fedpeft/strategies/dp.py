@@ -27,7 +27,6 @@ low-order bits (Mironov, CCS 2012); that attack is not addressed here.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -35,28 +34,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedpeft.changes import flat_change, with_change
+from fedpeft.changes import flat_change, trained_mask, with_change
 from fedpeft.config import DpConfig
 from fedpeft.errors import AggregationError
-from fedpeft.privacy import PrivacyAccountant
-from fedpeft.seeding import np_rng
+from fedpeft.privacy import PrivacyAccountant, gaussian
 from fedpeft.strategies.base import AggregateResult, LoraPlan, Strategy
 from fedpeft.wire import Adapter, ClientInfo, LoraUpdate
 from fedpeft.wire_zo import ZoUpdate
 
-__all__ = ["DpAggregation", "gaussian"]
-
-
-def gaussian(n: int, std: float, seed: int, server_round: int, secure: bool) -> np.ndarray:
-    """``n`` draws of ``N(0, std^2)`` (float64), seeded or from ``os.urandom``."""
-    if secure:
-        # Box-Muller on uniforms made from the OS's cryptographic random bytes
-        u = np.frombuffer(os.urandom(16 * n), dtype="<u8").reshape(2, n)
-        u1 = (u[0] >> np.uint64(11)).astype(np.float64) * 2.0**-53 + 2.0**-54  # (0, 1)
-        u2 = (u[1] >> np.uint64(11)).astype(np.float64) * 2.0**-53
-        out: np.ndarray = std * np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
-        return out
-    return np_rng(seed, "dp-noise", server_round).normal(0.0, std, n)
+__all__ = ["DpAggregation"]
 
 
 class DpAggregation:
@@ -78,6 +64,11 @@ class DpAggregation:
         Whether ``inner`` is a seed/scalar strategy.
     zo_shape : tuple[int, int]
         Seed/scalar strategies: ``(blocks, K)``.
+    distributed : bool
+        Secure aggregation is on: every client clipped its own contribution and added
+        ``N(0, (z C)^2 / min_clients)`` before the secure sum, so the sum of at least
+        ``min_clients`` contributions carries at least ``N(0, (z C)^2)``; this wrapper only
+        accounts (and stops at the budget).
     """
 
     def __init__(
@@ -89,6 +80,7 @@ class DpAggregation:
         seed: int,
         zo: bool = False,
         zo_shape: tuple[int, int] = (1, 1),
+        distributed: bool = False,
     ) -> None:
         self.inner = inner
         self.config = config
@@ -96,6 +88,7 @@ class DpAggregation:
         self.seed = seed
         self.zo = zo
         self.zo_shape = zo_shape
+        self.distributed = distributed
         self.accountant = PrivacyAccountant(config, clients_per_round / num_clients)
         self._sent: dict[str, tuple[Adapter, str]] = {}
 
@@ -118,7 +111,12 @@ class DpAggregation:
         ordered = sorted(updates, key=lambda u: u.header.client_id)
         if not ordered:
             raise AggregationError("dp aggregation got no updates")
-        release = self._zo(server_round, ordered) if self.zo else self._lora(server_round, ordered)
+        if self.distributed:  # clipped and noised by the clients, summed securely
+            release = ordered
+        elif self.zo:
+            release = self._zo(server_round, ordered)
+        else:
+            release = self._lora(server_round, ordered)
         result = self.inner.aggregate_train(server_round, release)
         eps = self.accountant.step()
         metrics = {"dp_epsilon": eps, "dp_delta": self.config.delta, "dp_noise_std": self.std}
@@ -132,13 +130,7 @@ class DpAggregation:
                 "dp averages updates of clients that were all sent the same factors; this "
                 "strategy sends different ones (use fedavg or ffa)"
             )
-        mask = torch.cat(
-            [
-                torch.full((f.numel(),), part in parts, dtype=torch.bool)
-                for m in sorted(sent)
-                for part, f in (("A", sent[m].a), ("B", sent[m].b))
-            ]
-        )  # (d,) the trained coordinates, in flat_change's order
+        mask = trained_mask(sent, parts)  # (d,) the trained coordinates
         total = torch.zeros(mask.shape, dtype=torch.float64)
         for u in updates:
             d = flat_change(u.factors, sent) * mask  # (d,)
