@@ -568,7 +568,7 @@ class AttackConfig:
 
 @dataclass(frozen=True)
 class DpConfig:
-    """``[dp]``: client-level differential privacy at the coordinator (see docs/privacy.md)."""
+    """``[dp]``: client-level DP; noise by the coordinator, or the clients under secagg."""
 
     noise_multiplier: float = _help(
         "z: Gaussian noise std = z * clip_norm / (clients per round) on the mean change (0: no DP)",
