@@ -6,6 +6,8 @@ Verbs:
 - ``fedpeft simulate --resume DIR``: continue a run from its checkpoint (its last complete
   round), with the run folder's own ``config.toml``.
 - ``fedpeft validate --config X.toml [KEY=VALUE ...]``: check a scenario, print it resolved.
+- ``fedpeft report DIR [DIR ...] --out REPORT [--reference DIR]``: plots and a side-by-side
+  table (Markdown and HTML) of run folders; seeds of one scenario as mean ± spread.
 - ``fedpeft config-help``: every configuration key with its default and help text.
 - ``fedpeft strategies``: the registered strategies.
 - ``fedpeft data wordnet --src DIR --out FILE``: rebuild the WordNet task file.
@@ -64,6 +66,15 @@ def _parser() -> argparse.ArgumentParser:
         "--backend", choices=("inprocess", "ray"), default=None, help="override simulation.backend"
     )
     sim.add_argument("--quiet", action="store_true", help="no progress bar or final table")
+    sim.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also log every round's metrics as TensorBoard scalars in OUT/tensorboard",
+    )
+    rep = sub.add_parser("report", help="plots and a comparison table of finished runs")
+    rep.add_argument("runs", nargs="+", metavar="DIR", help="run folders (metrics.jsonl)")
+    rep.add_argument("--out", required=True, help="report folder (PNGs, summary.md, index.html)")
+    rep.add_argument("--reference", default=None, help="a centralized run to draw as a line")
     val = sub.add_parser("validate", help="check a scenario and print it fully resolved")
     _add_config_args(val)
     sub.add_parser("config-help", help="list every configuration key with default and help")
@@ -173,6 +184,13 @@ def _run(args: argparse.Namespace) -> int:
         return _keys(args)
     if args.verb == "client":
         return _client(args)
+    if args.verb == "report":
+        from fedpeft.report import write_report
+
+        files = write_report(args.runs, args.out, args.reference)
+        print((Path(args.out) / "summary.md").read_text(encoding="utf-8"), end="")
+        print(f"wrote {len(files)} files to {args.out} (open index.html)")
+        return 0
     if args.verb == "server":
         from fedpeft.deploy.server_role import ServerRole
 
@@ -201,7 +219,10 @@ def _run(args: argparse.Namespace) -> int:
     if resume and args.out not in (None, args.resume):
         raise ConfigError(f"--out {args.out} differs from --resume {args.resume}; give one")
     cfg = load_config(Path(out) / "config.toml" if resume else args.config, args.overrides)
-    simulate(cfg, out, backend=args.backend, quiet=args.quiet, resume=resume)
+    simulate(
+        cfg, out, backend=args.backend, quiet=args.quiet, resume=resume,
+        tensorboard=args.tensorboard,
+    )  # fmt: skip
     return 0
 
 

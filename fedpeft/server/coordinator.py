@@ -314,6 +314,7 @@ class Coordinator:
         row["weights_capped"] = capped
         row.update(got.metrics)
         row["attempts"] = attempt
+        row.update(_choices(instructions))
         row.update(sim)
         row.update({k: float(v) for k, v in self.current.metrics.items()})
         row.update(self._eval_row(server_round))
@@ -504,3 +505,16 @@ class Coordinator:
         for row in rows:  # the run's metrics so far, written again by whoever listens
             self._report(row)
         log.info("resumed after round %d from %s", self.server_round, self.checkpoint)
+
+
+def _choices(instructions: Mapping[str, Instruction]) -> dict[str, Any]:
+    """Per-client LoRA rank (when ranks differ or pruning is on) and pruning ratio."""
+    lora = {c: i for c, i in instructions.items() if isinstance(i, TrainInstruction)}
+    ranks = {c: i.lora.rank for c, i in sorted(lora.items())}
+    prune = {c: i.prune.ratio for c, i in sorted(lora.items()) if i.prune is not None}
+    out: dict[str, Any] = {}
+    if len(set(ranks.values())) > 1 or prune:
+        out["client_ranks"] = ranks
+    if prune:
+        out["client_prune"] = prune
+    return out

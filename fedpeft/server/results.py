@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from fedpeft.config import RunConfig
+from fedpeft.errors import FedpeftError
 from fedpeft.server.coordinator import RunResult
 
 __all__ = ["RunReporter", "format_summary", "summarize"]
@@ -116,10 +117,18 @@ class RunReporter:
         No progress bar and no table (CI and logs).
     stream : TextIO
         Where the bar and table go.
+    tensorboard : bool
+        Also write every numeric metric of a round as a TensorBoard scalar (step = round)
+        to ``out_dir/tensorboard`` (needs the ``tensorboard`` package).
     """
 
     def __init__(
-        self, out_dir: Path, rounds: int, quiet: bool = False, stream: TextIO = sys.stderr
+        self,
+        out_dir: Path,
+        rounds: int,
+        quiet: bool = False,
+        stream: TextIO = sys.stderr,
+        tensorboard: bool = False,
     ) -> None:
         from tqdm import tqdm
 
@@ -131,6 +140,17 @@ class RunReporter:
         self.stream = stream
         self._replies = 0
         self._started = False
+        self._latest = ""  # the last losses shown, kept while a round's replies come in
+        self.writer: Any = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise FedpeftError(
+                    "--tensorboard needs the tensorboard package: "
+                    "pip install 'fedpeft[tensorboard]'"
+                ) from err
+            self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
         self.bar = tqdm(
             total=rounds,
             desc="rounds",
@@ -145,22 +165,38 @@ class RunReporter:
         self._replies = 0
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(_clean(row), sort_keys=True) + "\n")
-        post = {k: f"{row[k]:.3f}" for k in ("train_loss", "eval_loss") if row.get(k) is not None}
-        self.bar.set_postfix(post)
+        if self.writer is not None:
+            self._scalars(row)
+        latest = [
+            f"{k} {row[k]:.3f}" for k in ("train_loss", "eval_loss") if row.get(k) is not None
+        ]
+        self._latest = ", ".join(latest) or self._latest
+        self.bar.set_postfix_str(self._latest)
         if row["round"] == 0:
             self._started = True
             return
         self.bar.update(1)
 
+    def _scalars(self, row: dict[str, Any]) -> None:
+        """Every finite number of ``row`` as a TensorBoard scalar at step ``round``."""
+        for key, value in sorted(row.items()):
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if number and key != "round" and math.isfinite(float(value)):
+                self.writer.add_scalar(key, float(value), int(row["round"]))
+        self.writer.flush()
+
     def on_reply(self, node_id: int, reply: object) -> None:
         """Show progress inside a round (the in-process grid calls this per reply)."""
         self._replies += 1
         where = "setup" if not self._started else f"round {self.bar.n + 1}"
-        self.bar.set_postfix_str(f"{where}: {self._replies} client replies")
+        progress = f"{where}: {self._replies} client replies"
+        self.bar.set_postfix_str(f"{self._latest} | {progress}" if self._latest else progress)
 
     def finish(self, summary: dict[str, Any], metric: str) -> None:
         """Write ``summary.json`` and print the table."""
         self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
         (self.out_dir / "summary.json").write_text(json.dumps(_clean(summary), indent=2) + "\n")
         if not self.quiet:
             print(format_summary(summary, metric), file=sys.stdout)

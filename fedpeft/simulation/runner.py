@@ -67,6 +67,7 @@ def simulate(
     quiet: bool = False,
     cache: ProcessCache = PROCESS_CACHE,
     resume: bool = False,
+    tensorboard: bool = False,
 ) -> dict[str, Any]:
     """Run a scenario to the end and return its summary.
 
@@ -84,6 +85,8 @@ def simulate(
         Where models and data are shared (in-process backend).
     resume : bool
         Continue the run in ``out_dir`` from its checkpoint (its last completed round).
+    tensorboard : bool
+        Also write every round's numeric metrics as TensorBoard scalars (``out_dir/tensorboard``).
 
     Returns
     -------
@@ -98,7 +101,7 @@ def simulate(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.toml").write_text(dump_toml(config_to_dict(cfg)), encoding="utf-8")
-    reporter = RunReporter(out, cfg.federation.rounds, quiet=quiet)
+    reporter = RunReporter(out, cfg.federation.rounds, quiet=quiet, tensorboard=tensorboard)
     outcome = Outcome()
     server_app = make_server_app(cfg, out, reporter, outcome, cache, resume)
     client_app = make_client_app(cfg, cache)

@@ -1,0 +1,139 @@
+"""``fedpeft report``: plots render headless with the right series; the table equals the files."""
+
+from __future__ import annotations
+
+import io
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from fedpeft.cli import main
+from fedpeft.errors import FedpeftError
+from fedpeft.report import group_runs, load_run, write_report
+from fedpeft.report.plots import plot_metric, plot_tradeoff
+from fedpeft.report.tables import summary_rows
+from fedpeft.server.results import RunReporter
+from fedpeft.simulation.runner import simulate
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, repo) -> dict[str, Path]:
+    """Two seeds of the tiny scenario and one heterogeneous-rank run (2 rounds each)."""
+    from fedpeft.cache import ProcessCache
+    from fedpeft.configio import load_config
+
+    base = tmp_path_factory.mktemp("runs")
+    cache = ProcessCache()
+    toml = repo / "simulations" / "tiny.toml"
+    small = ["federation.num_clients=3", "federation.rounds=2", "train.local_steps=2",
+             "eval.examples=8", "data.max_examples_per_client=24"]  # fmt: skip
+    out = {}
+    for name, extra in {
+        "seed0": ["federation.seed=0"],
+        "seed1": ["federation.seed=1"],
+        "hetero": ["strategy.name=hetlora", "ranks.mode=tiers", "ranks.tiers=[2,4]"],
+    }.items():
+        cfg = load_config(toml, [*small, *extra])
+        simulate(cfg, base / name, quiet=True, cache=cache, tensorboard=name == "seed0")
+        out[name] = base / name
+    return out
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_every_plot_renders_as_a_png(runs, tmp_path):
+    files = write_report([runs["seed0"], runs["seed1"], runs["hetero"]], tmp_path / "rep")
+    pngs = {n for n in files if n.endswith(".png")}
+    assert {"eval_loss.png", "bytes_vs_loss.png", "time_vs_loss.png"} <= pngs
+    assert any(n.startswith("participation-") for n in pngs)
+    assert any(n.startswith("ranks-2-hetero") for n in pngs)  # per-client rank choices
+    import matplotlib.image
+
+    for name in pngs:
+        data = files[name].read_bytes()
+        assert data.startswith(PNG), name
+        image = matplotlib.image.imread(files[name])
+        assert image.shape[0] > 100 and image.shape[1] > 100 and image.std() > 0  # not blank
+    html = files["index.html"].read_text()
+    assert "<table>" in html and all(n in html for n in pngs)
+
+
+def test_seeds_are_one_group_and_the_plotted_series_is_their_mean(runs, tmp_path):
+    groups = group_runs(
+        [load_run(runs["seed0"]), load_run(runs["seed1"]), load_run(runs["hetero"])]
+    )
+    assert [len(g.runs) for g in groups] == [2, 1]
+    fig = plot_metric(groups, "eval_loss", "eval loss", tmp_path / "loss.png")
+    line = fig.axes[0].lines[0]
+    a = [r["eval_loss"] for r in _rows(runs["seed0"])]
+    b = [r["eval_loss"] for r in _rows(runs["seed1"])]
+    assert list(line.get_xdata()) == [0, 1, 2]
+    assert list(line.get_ydata()) == pytest.approx([(x + y) / 2 for x, y in zip(a, b, strict=True)])
+    assert len(fig.axes[0].collections) >= 1  # the ± std band of the two seeds
+    fig = plot_tradeoff(groups[1:], "bytes", tmp_path / "bytes.png")
+    rows = _rows(runs["hetero"])
+    total, xs = 0.0, []
+    for r in rows:
+        total += r["bytes_up"] + r["bytes_down"]
+        xs.append(total / 1e6)
+    assert list(fig.axes[0].lines[0].get_xdata()) == pytest.approx(xs)
+
+
+def test_summary_table_numbers_equal_the_metrics_files(runs):
+    groups = group_runs([load_run(runs["seed0"]), load_run(runs["seed1"])])
+    (row,) = summary_rows(groups)
+    finals = [_rows(runs[s])[-1]["eval_loss"] for s in ("seed0", "seed1")]
+    assert row.values["eval_loss"] == pytest.approx(statistics.fmean(finals))
+    assert row.cells[3] == f"{statistics.fmean(finals):.4f} ± {statistics.stdev(finals):.4f}"
+    ups = [sum(r["bytes_up"] for r in _rows(runs[s])) / 1e6 for s in ("seed0", "seed1")]
+    assert row.values["mb_up"] == pytest.approx(statistics.fmean(ups))
+    assert row.cells[1] == "2" and row.cells[2] == "2"
+
+
+def test_report_cli_prints_the_table_and_a_reference_line(runs, tmp_path, capsys):
+    rc = main(["report", str(runs["seed0"]), "--reference", str(runs["hetero"]),
+               "--out", str(tmp_path / "rep")])  # fmt: skip
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "| run | seeds |" in text and "(reference)" in text
+    assert "index.html" in text
+
+
+def test_a_folder_without_metrics_is_a_clear_error(tmp_path):
+    with pytest.raises(FedpeftError, match="has no metrics.jsonl"):
+        load_run(tmp_path)
+
+
+def test_tensorboard_scalars_equal_the_metrics(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(runs["seed0"] / "tensorboard"))
+    acc.Reload()
+    events = acc.Scalars("eval_loss")
+    rows = _rows(runs["seed0"])
+    assert [e.step for e in events] == [r["round"] for r in rows]
+    assert [e.value for e in events] == pytest.approx([r["eval_loss"] for r in rows], rel=1e-6)
+
+
+def test_progress_bar_shows_eta_latest_loss_and_client_replies(tmp_path):
+    stream = io.StringIO()
+    rep = RunReporter(tmp_path, rounds=3, quiet=False, stream=stream)
+    rep.on_row({"round": 0, "eval_loss": 4.5, "train_loss": None})
+    rep.on_reply(1, None)
+    rep.on_row({"round": 1, "eval_loss": 3.25, "train_loss": 3.5})
+    rep.on_reply(1, None)
+    rep.on_reply(2, None)
+    rep.bar.refresh()
+    text = stream.getvalue()
+    assert "eval_loss 4.500 | round 1: 1 client replies" in text
+    assert "eval_loss 3.250 | round 2: 2 client replies" in text
+    assert "<" in text  # tqdm's elapsed<remaining (the ETA)
+    quiet = io.StringIO()
+    RunReporter(tmp_path / "q", rounds=3, quiet=True, stream=quiet).on_row({"round": 0})
+    assert quiet.getvalue() == ""
