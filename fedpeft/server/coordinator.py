@@ -48,6 +48,7 @@ from fedpeft.server.checkpoint import (
 )
 from fedpeft.server.exchange import Exchange, Instruction, exchange
 from fedpeft.server.fedeval import federated_eval
+from fedpeft.server.rows import client_choices, round_row
 from fedpeft.server.secure_round import secure_aggregate
 from fedpeft.server.validate import MAX_NUM_EXAMPLES, Limits, cap_weights
 from fedpeft.simulation.devices import DeviceProfile, assign_profiles, simulated_times
@@ -60,7 +61,6 @@ __all__ = ["Coordinator", "EvalFn", "RunResult", "clients_per_round"]
 log = logging.getLogger(__name__)
 
 EvalFn = Callable[[AggregateResult, bool], dict[str, float]]
-ZO_KEYS = ("sync_regens", "regens_per_step", "step_s", "forward_s")
 
 
 def clients_per_round(cfg: RunConfig, available: int) -> int:
@@ -310,11 +310,11 @@ class Coordinator:
         contributed = got.contributors or got.updates
         self.examples_behind_global = sum(u.header.num_examples for u in contributed)
         self.server_round = server_round
-        row = self._row(server_round, got, len(instructions))
+        row = round_row(server_round, got, len(instructions), self.examples_behind_global)
         row["weights_capped"] = capped
         row.update(got.metrics)
         row["attempts"] = attempt
-        row.update(_choices(instructions))
+        row.update(client_choices(instructions))
         row.update(sim)
         row.update({k: float(v) for k, v in self.current.metrics.items()})
         row.update(self._eval_row(server_round))
@@ -352,37 +352,6 @@ class Coordinator:
             "sim_wall_s": self.sim_wall_s,
             "sim_client_s": {c: round(t, 3) for c, t in times.items()},
         }
-
-    def _row(self, server_round: int, got: Exchange, asked: int) -> dict[str, Any]:
-        updates, counts = got.contributors or got.updates, got.counts
-        losses = [
-            (u.header.num_examples, u.metrics["train_loss"])
-            for u in updates
-            if "train_loss" in u.metrics
-        ]
-        total = sum(n for n, _ in losses)
-        row = {
-            "round": server_round,
-            "train_loss": sum(n * v for n, v in losses) / total if total else None,
-            "clients": len(updates),
-            "client_ids": sorted(u.header.client_id for u in updates),
-            "failures": dict(sorted(got.failures.items())),
-            "rejected": dict(sorted(got.rejected.items())),
-            "num_examples": self.examples_behind_global,
-            "bytes_up": counts["bytes_up"],
-            "bytes_down": counts["bytes_down"],
-            "bytes_up_per_client": counts["bytes_up"] / max(len(updates), 1),
-            "bytes_down_per_client": counts["bytes_down"] / max(asked, 1),
-            "payload_up": counts["payload_up"],
-            "payload_down": counts["payload_down"],
-            "train_s_max": max((u.metrics.get("train_s", 0.0) for u in updates), default=0.0),
-            "local_steps_max": max((u.metrics.get("steps", 0.0) for u in updates), default=0.0),
-        }
-        for key in ZO_KEYS:  # seed/scalar measurements reported by clients
-            values = [u.metrics[key] for u in updates if key in u.metrics]
-            if values:
-                row[f"{key}_max"] = max(values)
-        return row
 
     def _eval_row(self, server_round: int) -> dict[str, Any]:
         loss, metric = self._evaluate_now(server_round)
@@ -505,16 +474,3 @@ class Coordinator:
         for row in rows:  # the run's metrics so far, written again by whoever listens
             self._report(row)
         log.info("resumed after round %d from %s", self.server_round, self.checkpoint)
-
-
-def _choices(instructions: Mapping[str, Instruction]) -> dict[str, Any]:
-    """Per-client LoRA rank (when ranks differ or pruning is on) and pruning ratio."""
-    lora = {c: i for c, i in instructions.items() if isinstance(i, TrainInstruction)}
-    ranks = {c: i.lora.rank for c, i in sorted(lora.items())}
-    prune = {c: i.prune.ratio for c, i in sorted(lora.items()) if i.prune is not None}
-    out: dict[str, Any] = {}
-    if len(set(ranks.values())) > 1 or prune:
-        out["client_ranks"] = ranks
-    if prune:
-        out["client_prune"] = prune
-    return out
