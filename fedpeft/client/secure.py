@@ -1,7 +1,8 @@
 """The client's half of secure aggregation inside a training round.
 
 When an instruction says ``secure``, the client trains as usual but keeps its contribution in
-its process (:func:`keep_lora`: the change to the factors it was sent, flattened;
+its process (:func:`keep_lora`: the change to the factors it was sent, flattened, only the
+coordinates it trains;
 :func:`keep_zo`: its scalars summed per (block, seed) direction, dense) and replies with the
 header and metrics only. The coordinator then runs a secure-aggregation session
 (``query.secagg``) among the clients that trained; :func:`secagg_query` answers it with the
@@ -37,10 +38,10 @@ def keep_lora(
     cache: ProcessCache, node_id: int, update: LoraUpdate, ins: TrainInstruction
 ) -> LoraUpdate:
     """Keep ``update``'s change for the session; returns the reply (no tensors)."""
-    vector = flat_change(update.factors, ins.adapter).numpy()
+    mask = trained_mask(ins.adapter, ins.parts).numpy()
+    vector = flat_change(update.factors, ins.adapter).numpy()[mask]  # the trained coordinates
     if ins.dp_clip > 0:
-        mask = trained_mask(ins.adapter, ins.parts).numpy()
-        vector = clip_and_noise(vector, ins.dp_clip, ins.dp_noise, mask)
+        vector = clip_and_noise(vector, ins.dp_clip, ins.dp_noise)
     _pending(cache)[node_id] = vector
     return replace(update, factors={})
 

@@ -6,9 +6,10 @@ session (:mod:`fedpeft.secagg`) among the clients whose replies were valid and h
 strategy what the sum allows:
 
 - LoRA (fedavg, ffa; all clients were sent the same factors): ONE update, the sent factors
-  plus the clients' mean change, with the round's total ``num_examples``. Coordinates the
-  instruction froze (FFA-LoRA's ``A``) keep exactly their sent value. The mean is unweighted:
-  the coordinator never sees a client's change, so it cannot weight it.
+  plus the clients' mean change, with the round's total ``num_examples``. Only the trained
+  coordinates are summed (FFA-LoRA: ``B``); the frozen ones keep exactly their sent value.
+  The mean is unweighted: the coordinator never sees a client's change, so it cannot
+  weight it.
 - Seed/scalar (fedkseed, ferret): every survivor's update, all with weight 1 and no pairs,
   plus the summed scalars of every (block, seed) direction carried on the first one, so the
   strategy's per-direction ``sum_k g_k / m`` is the clients' mean and each client's synced
@@ -73,7 +74,8 @@ def secure_aggregate(
                     f"secure aggregation sums changes of clients sent the same factors; client "
                     f"{c} was sent others (use fedavg or ffa)"
                 )
-        dim = sum(f.a.numel() + f.b.numel() for f in sent.values())
+        trained = trained_mask(sent, first.parts)  # only these coordinates are summed
+        dim = int(trained.sum())
     sc, n = cfg.secagg, len(cids)
     if n < 2:
         raise RoundError(server_round, "secure aggregation needs at least 2 valid updates")
@@ -115,7 +117,8 @@ def secure_aggregate(
         total = result.total * (len(kept) / divisor)  # the strategy divides by len(kept)
         got.updates = _zo_updates(kept, total, zo_blocks, first.spec.num_seeds)
         return
-    change = torch.from_numpy(result.total / divisor) * trained_mask(first.adapter, first.parts)
+    change = torch.zeros(trained.shape, dtype=torch.float64)
+    change[trained] = torch.from_numpy(result.total / divisor)
     examples = sum(u.header.num_examples for u in kept)
     one = with_change(kept[0], first.adapter, change)
     got.updates = [replace(one, header=replace(one.header, num_examples=examples))]
