@@ -169,8 +169,8 @@ def test_distributed_dp_under_secure_aggregation(tiny_config, tmp_path, cache):
     m, k, fewest = 4, 4, start.federation.min_clients
     unit = start.lora.alpha / start.lora.rank  # FFA keeps B at unit scale: s B (s = alpha / r)
     want = unit * 1.0 * 0.05 * (m / fewest) ** 0.5 / k
-    assert float(noise.std()) == pytest.approx(want, rel=0.1)
-    assert abs(float(noise.mean())) < 3 * want / noise.numel() ** 0.5 + 1e-9
+    assert float(noise.std()) == pytest.approx(want, rel=0.15)  # 768 draws: sd of sd ~2.6 %
+    assert abs(float(noise.mean())) < 4.5 * want / noise.numel() ** 0.5  # 4.5 sigma: urandom
     eps = [r.get("dp_epsilon") for r in _rows(tmp_path / "loud")]
     assert eps[1] == pytest.approx(4.377, abs=1e-3)
     # the client-side step alone: clipped to the norm, frozen coordinates untouched
