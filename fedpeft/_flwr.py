@@ -18,8 +18,8 @@ below, this is the only file to fix.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TypeVar, cast
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar, cast
 from uuid import uuid4
 
 from flwr.app import Context, Message, RecordDict
@@ -31,6 +31,7 @@ from flwr.common.serde import (
 )
 from flwr.proto.message_pb2 import Context as ProtoContext  # pylint: disable=E0611
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # pylint: disable=E0611
+from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import (
     get_all_nested_objects,
     no_object_id_recompute,
@@ -46,6 +47,7 @@ R = TypeVar("R")
 
 __all__ = [
     "SERVER_NODE_ID",
+    "GridWrapper",
     "context_from_bytes",
     "context_to_bytes",
     "make_run",
@@ -156,3 +158,44 @@ def records_to_bytes(records: RecordDict) -> bytes:
 def records_from_bytes(data: bytes) -> RecordDict:
     """The ``RecordDict`` encoded by :func:`records_to_bytes` (protobuf parsing only)."""
     return _parsed(data, ProtoRecordDict(), recorddict_from_proto, "RecordDict")
+
+
+class GridWrapper(Grid):
+    """A ``Grid`` that hands every call to ``grid``; subclasses change what they need.
+
+    Checked against the abstract methods of ``flwr.serverapp.Grid`` in flwr 1.41.
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+
+    def set_run(self, run: Any) -> None:
+        """Delegated."""
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        """Delegated."""
+        return self.grid.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        """Delegated."""
+        return self.grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """Delegated."""
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Delegated."""
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Delegated."""
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Delegated."""
+        return self.grid.send_and_receive(messages, timeout=timeout)

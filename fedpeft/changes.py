@@ -1,20 +1,32 @@
-"""A LoRA update as its change to the factors it was sent, flattened, and back.
+"""An update as a flat vector, and back: what the aggregation wrappers work on.
 
 Robust aggregation, differential privacy, secure aggregation and the simulated attacks all
-work on ``d = (A - A_0, B - B_0)`` over the modules in sorted order, ``A`` before ``B``
-(``A_0``, ``B_0``: the factors the client was sent).
+work on a LoRA update as ``d = (A - A_0, B - B_0)`` over the modules in sorted order, ``A``
+before ``B`` (``A_0``, ``B_0``: the factors the client was sent), and on a seed/scalar upload
+as its scalars summed per (block, seed) direction, a dense ``blocks * K`` vector.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
+import numpy as np
 import torch
 
+from fedpeft.errors import AggregationError
 from fedpeft.wire import Adapter, LoraFactors, LoraUpdate
+from fedpeft.wire_zo import ZoUpdate, index_dtype
 
-__all__ = ["flat_change", "trained_mask", "with_change"]
+__all__ = [
+    "combined_update",
+    "direction_sums",
+    "flat_change",
+    "shared_sent",
+    "trained_mask",
+    "with_change",
+    "with_every_direction",
+]
 
 
 def flat_change(factors: Mapping[str, LoraFactors], sent: Adapter) -> torch.Tensor:
@@ -48,4 +60,55 @@ def trained_mask(sent: Adapter, parts: str) -> torch.Tensor:
             for m in sorted(sent)
             for part, f in (("A", sent[m].a), ("B", sent[m].b))
         ]
+    )
+
+
+def shared_sent(sent_of: Mapping[str, Adapter], cids: Sequence[str], refusal: str) -> Adapter:
+    """The factors all of ``cids`` were sent (the same object).
+
+    Raises
+    ------
+    AggregationError
+        ``refusal`` plus the first client that was sent other factors.
+    """
+    sent = sent_of[cids[0]]
+    for c in cids[1:]:
+        if sent_of.get(c) is not sent:
+            raise AggregationError(f"{refusal} (client {c} was sent other factors than {cids[0]})")
+    return sent
+
+
+def combined_update(
+    first: LoraUpdate, sent: Adapter, change: torch.Tensor, examples: int
+) -> LoraUpdate:
+    """One update standing for a round's: ``sent + change``, ``examples`` behind it."""
+    one = with_change(first, sent, change)
+    return replace(one, header=replace(first.header, num_examples=examples))
+
+
+def direction_sums(update: ZoUpdate, num_blocks: int, num_seeds: int) -> np.ndarray:
+    """The upload's scalars summed per (block, seed) direction, ``(blocks * K,)`` float64."""
+    dense = np.zeros((num_blocks, num_seeds))
+    blocks = (
+        update.blocks.astype(np.int64)
+        if len(update.blocks)
+        else np.zeros(len(update.seeds), np.int64)
+    )
+    np.add.at(dense, (blocks, update.seeds.astype(np.int64)), update.scalars.astype(np.float64))
+    return dense.reshape(-1)
+
+
+def with_every_direction(
+    update: ZoUpdate, values: np.ndarray, num_blocks: int, num_seeds: int
+) -> ZoUpdate:
+    """``update`` plus one pair per (block, seed) direction, carrying ``values[b * K + s]``."""
+    b, s = np.divmod(np.arange(num_blocks * num_seeds), num_seeds)
+    blocks = update.blocks
+    if num_blocks > 1 or len(update.blocks):  # block indices go with every pair or none
+        blocks = np.concatenate([update.blocks, b.astype(np.uint16)])
+    return replace(
+        update,
+        seeds=np.concatenate([update.seeds, s.astype(index_dtype(num_seeds))]),
+        scalars=np.concatenate([update.scalars, values]).astype(np.float32),
+        blocks=blocks,
     )

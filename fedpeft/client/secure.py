@@ -18,7 +18,7 @@ import numpy as np
 from flwr.app import Context, Message
 
 from fedpeft.cache import ProcessCache
-from fedpeft.changes import flat_change, trained_mask
+from fedpeft.changes import direction_sums, flat_change, trained_mask
 from fedpeft.errors import ProtocolError
 from fedpeft.privacy import clip_and_noise
 from fedpeft.secagg.flower import secagg_handler
@@ -50,14 +50,7 @@ def keep_zo(
     cache: ProcessCache, node_id: int, update: ZoUpdate, ins: ZoInstruction, num_blocks: int
 ) -> ZoUpdate:
     """Keep ``update``'s scalars as a dense (blocks x K) vector; returns the reply (no pairs)."""
-    dense = np.zeros((num_blocks, ins.spec.num_seeds))
-    blocks = (
-        update.blocks.astype(np.int64)
-        if len(update.blocks)
-        else np.zeros(len(update.seeds), np.int64)
-    )
-    np.add.at(dense, (blocks, update.seeds.astype(np.int64)), update.scalars.astype(np.float64))
-    vector = dense.reshape(-1)
+    vector = direction_sums(update, num_blocks, ins.spec.num_seeds)
     if ins.dp_clip > 0:
         vector = clip_and_noise(vector, ins.dp_clip, ins.dp_noise)
     _pending(cache)[node_id] = vector

@@ -25,11 +25,12 @@ import logging
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
+
+from fedpeft._flwr import GridWrapper
 
 __all__ = ["FORWARDED", "POLL_S", "PollingGrid", "client_app", "server_app"]
 
@@ -37,38 +38,12 @@ POLL_S = 0.1
 log = logging.getLogger(__name__)
 
 
-class PollingGrid(Grid):
+class PollingGrid(GridWrapper):
     """Any ``Grid``, with ``send_and_receive`` polling every ``poll_s`` seconds."""
 
     def __init__(self, grid: Grid, poll_s: float = POLL_S) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self._poll_s = poll_s
-
-    def set_run(self, run: Any) -> None:  # noqa: D102 (Grid's interface)
-        self._grid.set_run(run)
-
-    @property
-    def run(self) -> Any:  # noqa: D102
-        return self._grid.run
-
-    def create_message(  # noqa: D102
-        self,
-        content: Any,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
-        return self._grid.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
-        return self._grid.pull_messages(message_ids)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

@@ -134,10 +134,12 @@ def _grid(
         key=lambda c: (len(c), c),
     )
     rounds = [r for r in run.rows if r.get("round", 0) > 0]
-    grid = [
-        [value(r, c) if value(r, c) is not None else float("nan") for r in rounds] for c in clients
-    ]
-    return clients, grid  # type: ignore[return-value]
+    grid = [[_or_nan(value(r, c)) for r in rounds] for c in clients]
+    return clients, grid
+
+
+def _or_nan(v: float | None) -> float:
+    return float("nan") if v is None else v
 
 
 def plot_participation(run: Run, path: Path) -> Figure:

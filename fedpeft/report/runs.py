@@ -89,15 +89,6 @@ class RunGroup:
         """The final ``key`` of each run that has one."""
         return [v for v in (r.final(key) for r in self.runs) if v is not None]
 
-    def summary_values(self, key: str) -> list[float]:
-        """``summary.json``'s ``key`` of each run that has one."""
-        out = []
-        for r in self.runs:
-            v = r.summary.get(key)
-            if isinstance(v, (int, float)) and math.isfinite(float(v)):
-                out.append(float(v))
-        return out
-
 
 def mean_spread(values: Sequence[float]) -> tuple[float, float] | None:
     """Mean and sample standard deviation (0 for one value); ``None`` for none."""

@@ -420,11 +420,12 @@ class Coordinator:
     def _run_with_retries(self, server_round: int) -> dict[str, Any]:
         retries = self.cfg.validation.round_retries
         for attempt in range(retries + 1):
-            snapshot = copy.deepcopy(self.strategy.state_dict())
+            # a copy of the strategy's state only when a failed attempt may need it back
+            snapshot = copy.deepcopy(self.strategy.state_dict()) if attempt < retries else None
             try:
                 return self.run_round(server_round, self.clients, attempt + 1)
             except RoundError as err:
-                if attempt == retries:
+                if snapshot is None:
                     raise
                 log.warning("%s; running it again (%d of %d)", err, attempt + 1, retries)
                 self.strategy.load_state_dict(snapshot)

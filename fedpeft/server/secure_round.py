@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from flwr.serverapp import Grid
 
-from fedpeft.changes import trained_mask, with_change
+from fedpeft.changes import combined_update, shared_sent, trained_mask, with_every_direction
 from fedpeft.config import RunConfig
-from fedpeft.errors import AggregationError, ProtocolError, RoundError
+from fedpeft.errors import ProtocolError, RoundError
 from fedpeft.secagg.flower import grid_transport
 from fedpeft.secagg.server import SecAggServer
 from fedpeft.secagg.session import run_session
@@ -66,14 +66,11 @@ def secure_aggregate(
     if isinstance(first, ZoInstruction):
         dim = zo_blocks * first.spec.num_seeds
     else:
-        sent = first.adapter
-        for c in cids[1:]:
-            other = instructions[c]
-            if not isinstance(other, TrainInstruction) or other.adapter is not sent:
-                raise AggregationError(
-                    f"secure aggregation sums changes of clients sent the same factors; client "
-                    f"{c} was sent others (use fedavg or ffa)"
-                )
+        sent = shared_sent(
+            {c: i.adapter for c, i in instructions.items() if isinstance(i, TrainInstruction)},
+            cids,
+            "secure aggregation sums changes of clients sent the same factors (use fedavg or ffa)",
+        )
         trained = trained_mask(sent, first.parts)  # only these coordinates are summed
         dim = int(trained.sum())
     sc, n = cfg.secagg, len(cids)
@@ -120,18 +117,10 @@ def secure_aggregate(
     change = torch.zeros(trained.shape, dtype=torch.float64)
     change[trained] = torch.from_numpy(result.total / divisor)
     examples = sum(u.header.num_examples for u in kept)
-    one = with_change(kept[0], first.adapter, change)
-    got.updates = [replace(one, header=replace(one.header, num_examples=examples))]
+    got.updates = [combined_update(kept[0], sent, change, examples)]
 
 
 def _zo_updates(kept: list[Any], total: np.ndarray, blocks: int, num_seeds: int) -> list[Any]:
     out = [replace(u, header=replace(u.header, num_examples=1)) for u in kept]
-    b, s = np.divmod(np.arange(blocks * num_seeds), num_seeds)
-    carrier = out[0]
-    out[0] = replace(
-        carrier,
-        seeds=s.astype(np.uint32 if num_seeds > 65535 else np.uint16),
-        scalars=total.astype(np.float32),
-        blocks=b.astype(np.uint16) if blocks > 1 else carrier.blocks,
-    )
+    out[0] = with_every_direction(out[0], total, blocks, num_seeds)  # replies carry no pairs
     return out

@@ -101,6 +101,23 @@ def _check_header(got: Header, want: Header, adapter_hash: str, what: str, limit
         )
 
 
+def _check_lora_header(update: LoraUpdate, ins: TrainInstruction, limits: Limits) -> None:
+    spec = ins.lora
+    what = f"rank {spec.rank}, alpha {spec.alpha}"
+    _check_header(update.header, ins.header, spec.config_hash(), what, limits.max_examples)
+
+
+def _check_zo_header(update: ZoUpdate, ins: ZoInstruction, limits: Limits) -> None:
+    """The header, and that the client synced to the version it was sent (else a replay)."""
+    what = f"{ins.spec.algorithm} zo spec"
+    _check_header(update.header, ins.header, ins.spec.config_hash(), what, limits.max_examples)
+    if update.synced_version != ins.sync.to_version:
+        raise ProtocolError(
+            f"client synced to version {update.synced_version}, expected {ins.sync.to_version}",
+            "replay",
+        )
+
+
 def validate_update(update: LoraUpdate, ins: TrainInstruction, limits: Limits = Limits()) -> None:
     """Raise ``ProtocolError`` with the first problem found, or return ``None``.
 
@@ -113,13 +130,7 @@ def validate_update(update: LoraUpdate, ins: TrainInstruction, limits: Limits = 
     limits : Limits
         The run's bounds and this client's example count.
     """
-    _check_header(
-        update.header,
-        ins.header,
-        ins.lora.config_hash(),
-        f"rank {ins.lora.rank}, alpha {ins.lora.alpha}",
-        limits.max_examples,
-    )
+    _check_lora_header(update, ins, limits)
     if set(update.factors) != set(ins.adapter):
         missing = sorted(set(ins.adapter) - set(update.factors))[:3]
         extra = sorted(set(update.factors) - set(ins.adapter))[:3]
@@ -234,18 +245,7 @@ def validate_zo_update(update: ZoUpdate, ins: ZoInstruction, limits: Limits = Li
     range, each (block, seed) at most once).
     """
     spec, num_blocks = ins.spec, limits.zo_blocks
-    _check_header(
-        update.header,
-        ins.header,
-        spec.config_hash(),
-        f"{spec.algorithm} zo spec",
-        limits.max_examples,
-    )
-    if update.synced_version != ins.sync.to_version:
-        raise ProtocolError(
-            f"client synced to version {update.synced_version}, expected {ins.sync.to_version}",
-            "replay",
-        )
+    _check_zo_header(update, ins, limits)
     if len(update.seeds) and int(update.seeds.max()) >= spec.num_seeds:
         raise ProtocolError(
             f"seed index {int(update.seeds.max())} is outside the pool 0..{spec.num_seeds - 1}",
@@ -292,21 +292,12 @@ def validate_secure_reply(
     training, the synced version can be checked here.
     """
     if isinstance(ins, ZoInstruction) and isinstance(update, ZoUpdate):
-        _check_header(
-            update.header, ins.header, ins.spec.config_hash(), "zo spec", limits.max_examples
-        )
-        if update.synced_version != ins.sync.to_version:
-            raise ProtocolError(
-                f"client synced to version {update.synced_version}, expected {ins.sync.to_version}",
-                "replay",
-            )
+        _check_zo_header(update, ins, limits)
         if len(update.seeds) or len(update.scalars):
             raise ProtocolError("a secure-aggregation reply must carry no pairs", "structure")
         return
     if isinstance(ins, TrainInstruction) and isinstance(update, LoraUpdate):
-        _check_header(
-            update.header, ins.header, ins.lora.config_hash(), "lora spec", limits.max_examples
-        )
+        _check_lora_header(update, ins, limits)
         if update.factors:
             raise ProtocolError("a secure-aggregation reply must carry no tensors", "structure")
         return

@@ -36,6 +36,7 @@ import torch
 from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 
+from fedpeft._flwr import GridWrapper
 from fedpeft.changes import flat_change, with_change
 from fedpeft.config import AttackConfig, RunConfig
 from fedpeft.errors import ConfigError
@@ -75,7 +76,7 @@ def alie_z(n: int, f: int) -> float:
     return NormalDist().inv_cdf(min(max((n - s) / n, 1e-6), 1 - 1e-6))
 
 
-class AttackGrid(Grid):
+class AttackGrid(GridWrapper):
     """A ``Grid`` whose attacker clients' replies are poisoned (see the module docstring).
 
     Parameters
@@ -89,38 +90,12 @@ class AttackGrid(Grid):
     def __init__(self, grid: Grid, cfg: RunConfig) -> None:
         if cfg.attack.kind not in ("none", "label_flip") and cfg.compress.up != "none":
             raise ConfigError("attack simulation rewrites updates; it needs compress.up = none")
-        self.grid = grid
+        super().__init__(grid)
         self.cfg = cfg
         self.attack: AttackConfig = cfg.attack
         self.bad = attackers(cfg)
         self.client_of: dict[int, str] = {}
         self.round = 0
-
-    # the rest of Grid's interface, delegated
-    def set_run(self, run: Any) -> None:
-        """Delegated."""
-        self.grid.set_run(run)
-
-    @property
-    def run(self) -> Any:
-        """Delegated."""
-        return self.grid.run
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:
-        """Delegated."""
-        return self.grid.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:
-        """Delegated."""
-        return self.grid.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Delegated."""
-        return self.grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Delegated."""
-        return self.grid.pull_messages(message_ids)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

@@ -34,7 +34,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedpeft.changes import flat_change, trained_mask, with_change
+from fedpeft.changes import (
+    combined_update,
+    direction_sums,
+    flat_change,
+    shared_sent,
+    trained_mask,
+    with_every_direction,
+)
 from fedpeft.config import DpConfig
 from fedpeft.errors import AggregationError
 from fedpeft.privacy import PrivacyAccountant, gaussian
@@ -124,12 +131,13 @@ class DpAggregation:
 
     def _lora(self, server_round: int, updates: list[LoraUpdate]) -> list[LoraUpdate]:
         first = updates[0]
-        sent, parts = self._sent[first.header.client_id]
-        if any(self._sent[u.header.client_id][0] is not sent for u in updates[1:]):
-            raise AggregationError(
-                "dp averages updates of clients that were all sent the same factors; this "
-                "strategy sends different ones (use fedavg or ffa)"
-            )
+        sent = shared_sent(
+            {c: a for c, (a, _) in self._sent.items()},
+            [u.header.client_id for u in updates],
+            "dp averages updates of clients that were all sent the same factors; this strategy "
+            "sends different ones (use fedavg or ffa)",
+        )
+        parts = self._sent[first.header.client_id][1]
         mask = trained_mask(sent, parts)  # (d,) the trained coordinates
         total = torch.zeros(mask.shape, dtype=torch.float64)
         for u in updates:
@@ -141,17 +149,14 @@ class DpAggregation:
         release = total / self.k
         release[mask] += torch.from_numpy(noise)
         examples = sum(u.header.num_examples for u in updates)
-        one = with_change(first, sent, release)
-        return [replace(one, header=replace(first.header, num_examples=examples))]
+        return [combined_update(first, sent, release, examples)]
 
     def _zo(self, server_round: int, updates: list[ZoUpdate]) -> list[ZoUpdate]:
         blocks, num_seeds = self.zo_shape
         m, out = len(updates), []
         for u in updates:
             g = u.scalars.astype(np.float64)
-            b = u.blocks.astype(np.int64) if len(u.blocks) else np.zeros(len(g), np.int64)
-            dense = np.zeros((blocks, num_seeds))
-            np.add.at(dense, (b, u.seeds.astype(np.int64)), g)  # (blocks, K)
+            dense = direction_sums(u, blocks, num_seeds)  # (blocks * K,)
             scale = min(1.0, self.config.clip_norm / max(float(np.linalg.norm(dense)), 1e-300))
             # the strategy weights each update 1/m; (m / k) makes that 1/k
             out.append(
@@ -164,15 +169,7 @@ class DpAggregation:
         noise = gaussian(
             blocks * num_seeds, self.std, self.seed, server_round, self.config.secure_noise
         )
-        carrier = out[0]
-        all_b, all_s = np.divmod(np.arange(blocks * num_seeds), num_seeds)
-        extra_b = all_b.astype(np.uint16) if blocks > 1 else np.zeros(0, np.uint16)
-        out[0] = replace(
-            carrier,
-            seeds=np.concatenate([carrier.seeds, all_s.astype(carrier.seeds.dtype)]),
-            scalars=np.concatenate([carrier.scalars, (noise * m).astype(np.float32)]),
-            blocks=np.concatenate([carrier.blocks, extra_b]) if blocks > 1 else carrier.blocks,
-        )
+        out[0] = with_every_direction(out[0], noise * m, blocks, num_seeds)
         return out
 
     def state_dict(self) -> dict[str, Any]:

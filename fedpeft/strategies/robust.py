@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedpeft.changes import flat_change, with_change
+from fedpeft.changes import combined_update, flat_change, shared_sent, with_change
 from fedpeft.config import RobustConfig
 from fedpeft.errors import AggregationError, ConfigError
 from fedpeft.strategies.base import AggregateResult, LoraPlan, Strategy
@@ -162,18 +162,16 @@ class RobustAggregation:
             metrics["robust_kept"] = float(len(chosen))
             return [updates[i] for i in chosen], metrics
         if cfg.rule in ("median", "trimmed_mean"):
-            sent = self._sent[updates[0].header.client_id]
-            if any(self._sent[u.header.client_id] is not sent for u in updates[1:]):
-                raise AggregationError(
-                    f"robust.rule = {cfg.rule!r} combines updates of clients that were all sent "
-                    "the same factors; this strategy sends different ones (use krum/multikrum "
-                    "or clip_norm)"
-                )
+            sent = shared_sent(
+                self._sent,
+                [u.header.client_id for u in updates],
+                f"robust.rule = {cfg.rule!r} combines updates of clients that were all sent the "
+                "same factors; this strategy sends different ones (use krum/multikrum or "
+                "clip_norm)",
+            )
             combined = median(d) if cfg.rule == "median" else trimmed_mean(d, cfg.trim_fraction)
             total = sum(u.header.num_examples for u in updates)
-            first = updates[0]
-            one = self._rebuild(first, combined)
-            return [replace(one, header=replace(first.header, num_examples=total))], metrics
+            return [combined_update(updates[0], sent, combined, total)], metrics
         return updates, metrics
 
     # ------------------------------------------------------------------ seed/scalar
