@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
@@ -13,6 +13,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+
+from flwr.app import Context, Message  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
 
 from fedpeft.cache import ProcessCache  # noqa: E402
 from fedpeft.config import ModelConfig, RunConfig  # noqa: E402
@@ -126,3 +129,28 @@ def make_update() -> Callable[..., LoraUpdate]:
         return LoraUpdate(header=header, factors=factors, metrics={"train_loss": 1.0})
 
     return make
+
+
+Handler = Callable[[Message, Context], Message]
+
+
+def _wrap_app(real: ClientApp, overrides: Mapping[str, Handler]) -> ClientApp:
+    """A ClientApp answering every fedpeft message type like ``real``, except ``overrides``
+    (message type, e.g. ``"train.lora"`` -> handler)."""
+    from fedpeft.deploy.apps import FORWARDED
+
+    app = ClientApp()
+    for category, action in FORWARDED:
+        kind = f"{category}.{action}"
+
+        def forward(msg: Message, ctx: Context) -> Message:
+            return real(msg, ctx)
+
+        getattr(app, category)(action)(overrides.get(kind, forward))
+    return app
+
+
+@pytest.fixture
+def wrap_app() -> Callable[[ClientApp, Mapping[str, Handler]], ClientApp]:
+    """``wrap_app(real, {"train.lora": handler})``: ``real`` with some handlers replaced."""
+    return _wrap_app

@@ -18,26 +18,14 @@ from fedpeft.simulation.inprocess import InProcessGrid
 from fedpeft.wire import HEADER, TENSORS
 
 
-def _wrapping(real: ClientApp, train_fn) -> ClientApp:
-    """A ClientApp that answers queries like ``real`` and trains through ``train_fn``."""
-    app = ClientApp()
-
-    @app.query("info")
-    def info(msg: Message, ctx: Context) -> Message:
-        return real(msg, ctx)
-
-    app.train("lora")(train_fn)
-    return app
-
-
-def _corrupting(real: ClientApp, corrupt, victims: set[int]) -> ClientApp:
+def _corrupting(wrap, real: ClientApp, corrupt, victims: set[int]) -> ClientApp:
     def train(msg: Message, ctx: Context) -> Message:
         reply = real(msg, ctx)
         if int(ctx.node_config["partition-id"]) in victims:
             corrupt(reply.content)
         return reply
 
-    return _wrapping(real, train)
+    return wrap(real, {"train.lora": train})
 
 
 def _run(cfg, tmp_path, app, cache):
@@ -128,10 +116,10 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize(("corrupt", "code", "reason"), BAD_INPUTS)
 def test_bad_update_rejected_alone_with_its_code(
-    tiny_config, tmp_path, cache, corrupt, code, reason
+    tiny_config, tmp_path, cache, wrap_app, corrupt, code, reason
 ):
     cfg = tiny_config("federation.rounds=1", "federation.min_clients=2")
-    app = _corrupting(make_client_app(cfg, cache), corrupt, victims={1})
+    app = _corrupting(wrap_app, make_client_app(cfg, cache), corrupt, victims={1})
     summary, rows = _run(cfg, tmp_path, app, cache)
     row = rows[1]
     assert row["clients"] == 2 and row["client_ids"] == ["0", "2"]
@@ -177,7 +165,7 @@ def test_a_client_claiming_many_examples_cannot_capture_the_average(make_update)
     assert cap_weights(ups, 0.0) == (ups, 0)
 
 
-def test_client_exception_is_recorded_and_round_goes_on(tiny_config, tmp_path, cache):
+def test_client_exception_is_recorded_and_round_goes_on(tiny_config, tmp_path, cache, wrap_app):
     cfg = tiny_config("federation.rounds=1", "federation.min_clients=2")
     real = make_client_app(cfg, cache)
 
@@ -186,15 +174,15 @@ def test_client_exception_is_recorded_and_round_goes_on(tiny_config, tmp_path, c
             raise RuntimeError("GPU fell off the bus")
         return real(msg, ctx)
 
-    app = _wrapping(real, train)
+    app = wrap_app(real, {"train.lora": train})
     _, rows = _run(cfg, tmp_path, app, cache)
     assert rows[1]["clients"] == 2
     assert "GPU fell off the bus" in rows[1]["failures"]["0"]
 
 
-def test_round_fails_cleanly_without_enough_valid_updates(tiny_config, tmp_path, cache):
+def test_round_fails_cleanly_without_enough_valid_updates(tiny_config, tmp_path, cache, wrap_app):
     cfg = tiny_config("federation.rounds=2", "federation.min_clients=2")
-    app = _corrupting(make_client_app(cfg, cache), _poke(np.nan), victims={0, 1})
+    app = _corrupting(wrap_app, make_client_app(cfg, cache), _poke(np.nan), victims={0, 1})
     with pytest.raises(
         RoundError, match=r"round 1 failed: 1 valid updates, need federation.min_clients=2"
     ):

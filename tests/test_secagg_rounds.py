@@ -71,35 +71,25 @@ def test_secure_fedkseed_matches_the_clear_run(tmp_path, repo):
     assert torch.equal(a == 0, b == 0)  # directions no client used stay exactly 0
 
 
-def _dropping(real: ClientApp, victim: int, stage: str) -> ClientApp:
-    app = ClientApp()
-
-    @app.query("info")
-    def info(msg: Message, ctx: Context) -> Message:
-        return real(msg, ctx)
-
-    @app.train("lora")
-    def train(msg: Message, ctx: Context) -> Message:
-        return real(msg, ctx)
-
-    @app.query("secagg")
+def _dropping(wrap, real: ClientApp, victim: int, stage: str) -> ClientApp:
     def secagg(msg: Message, ctx: Context) -> Message:
         mine = int(ctx.node_config["partition-id"]) == victim
         if mine and from_record(msg.content)["stage"] == stage:
             raise RuntimeError("the device lost power")
         return real(msg, ctx)
 
-    return app
+    return wrap(real, {"query.secagg": secagg})
 
 
 @pytest.mark.parametrize("stage", ["keys", "share", "mask", "unmask"])
 def test_a_client_dropping_during_secure_aggregation_loses_only_its_update(
-    tiny_config, tmp_path, cache, stage
+    tiny_config, tmp_path, cache, wrap_app, stage
 ):
     cfg = tiny_config("federation.rounds=1", *EQUAL, "strategy.name=ffa", "secagg.enabled=true")
     n = cfg.federation.num_clients
     grid = InProcessGrid(
-        _dropping(make_client_app(cfg, cache), 1, stage), [{"partition-id": i} for i in range(n)]
+        _dropping(wrap_app, make_client_app(cfg, cache), 1, stage),
+        [{"partition-id": i} for i in range(n)],
     )
     run_server(grid, cfg, tmp_path, RunReporter(tmp_path, 1, quiet=True), cache)
     row = _rows(tmp_path)[1]
@@ -111,7 +101,8 @@ def test_a_client_dropping_during_secure_aggregation_loses_only_its_update(
     # the same model as a clear round in which client 1 never answered
     clear = tiny_config("federation.rounds=1", *EQUAL, "strategy.name=ffa")
     grid2 = InProcessGrid(
-        _dropping(make_client_app(clear, cache), 1, "-"), [{"partition-id": i} for i in range(n)]
+        _dropping(wrap_app, make_client_app(clear, cache), 1, "-"),
+        [{"partition-id": i} for i in range(n)],
     )
 
     real_train = grid2.send_and_receive

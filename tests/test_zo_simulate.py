@@ -82,21 +82,14 @@ def test_float16_scalars_halve_the_scalar_bytes(tmp_path):
     assert row["payload_up"] / row["clients"] == 10 * (2 + 2)
 
 
-def _corrupting(real: ClientApp, corrupt) -> ClientApp:
-    app = ClientApp()
-
-    @app.query("info")
-    def info(msg: Message, ctx: Context) -> Message:
-        return real(msg, ctx)
-
-    @app.train("zo")
+def _corrupting(wrap, real: ClientApp, corrupt) -> ClientApp:
     def train(msg: Message, ctx: Context) -> Message:
         reply = real(msg, ctx)
         if ctx.node_config["partition-id"] == 1:
             corrupt(reply.content[ZO_DATA])
         return reply
 
-    return app
+    return wrap(real, {"train.zo": train})
 
 
 def _bad_seed(rec) -> None:
@@ -136,11 +129,11 @@ def _extra_pairs(rec) -> None:
         (_extra_pairs, "structure", "11 pairs .* expected 10 pairs"),
     ],
 )
-def test_bad_zo_upload_rejected_alone(tmp_path, cache, corrupt, code, reason):
+def test_bad_zo_upload_rejected_alone(tmp_path, cache, wrap_app, corrupt, code, reason):
     cfg = _cfg(
         "tiny_fedkseed.toml", "zo.local_steps=10", "federation.rounds=1", "federation.min_clients=2"
     )
-    app = _corrupting(make_client_app(cfg, cache), corrupt)
+    app = _corrupting(wrap_app, make_client_app(cfg, cache), corrupt)
     grid = InProcessGrid(app, [{"partition-id": i} for i in range(3)])
     run_server(grid, cfg, tmp_path, RunReporter(tmp_path, 1, quiet=True), cache)
     row = _rows(tmp_path)[1]
