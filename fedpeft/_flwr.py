@@ -11,6 +11,8 @@ below, this is the only file to fix.
 - ``flwr.supercore.task_identity.TaskIdentity``: a ``Message`` constructor reads the run id
   and node id from this process-wide identity; the in-process grid must set it.
 - ``flwr.supercore.run.Run``: what ``Grid.run`` returns.
+- ``flwr.common.constant.ErrorCode``: the codes of the error replies Flower's runtime makes
+  itself (a node without heartbeat, an expired message), so they are named as such.
 - ``flwr.common.serde``: Flower's own protobuf encoding of a ``Context`` and a ``RecordDict``,
   which the deployed node's per-message ClientApp uses to hand a message to the node's
   long-lived model worker (no pickle).
@@ -23,6 +25,7 @@ from typing import Any, TypeVar, cast
 from uuid import uuid4
 
 from flwr.app import Context, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.common.serde import (
     context_from_proto,
     context_to_proto,
@@ -47,6 +50,7 @@ R = TypeVar("R")
 
 __all__ = [
     "SERVER_NODE_ID",
+    "UNAVAILABLE_CODES",
     "GridWrapper",
     "context_from_bytes",
     "context_to_bytes",
@@ -61,6 +65,11 @@ __all__ = [
 ]
 
 SERVER_NODE_ID = 1  # Flower's SUPERLINK_NODE_ID
+#: Error replies the runtime makes when a node or message is gone: no heartbeat from the
+#: node within its patience, the instruction or its reply expired, or its objects never came.
+UNAVAILABLE_CODES = frozenset(
+    {ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE}
+)
 
 
 def message_nbytes(message: Message) -> int:

@@ -199,6 +199,12 @@ class FederationConfig:
         False,
     )
     round_timeout_s: float = _help("seconds to wait for replies in a round", 3600.0)
+    probe_timeout_s: float = _help(
+        "a client that timed out or was unavailable is asked a cheap question before it is "
+        "sent a round's work again, and left out of that round if it does not answer within "
+        "this many seconds (at most round_timeout_s)",
+        60.0,
+    )
     connect_timeout_s: float = _help(
         "seconds to wait at the start for num_clients nodes to connect; after it the run "
         "goes on with those connected if they are at least min_clients",
@@ -230,6 +236,7 @@ class FederationConfig:
         )
         _check(p, self.dirichlet_alpha > 0, "federation.dirichlet_alpha must be > 0")
         _check(p, self.round_timeout_s > 0, "federation.round_timeout_s must be > 0")
+        _check(p, self.probe_timeout_s > 0, "federation.probe_timeout_s must be > 0")
         _check(p, self.connect_timeout_s >= 0, "federation.connect_timeout_s must be >= 0")
         _raise(p)
 

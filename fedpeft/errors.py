@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 __all__ = [
+    "MAX_REASON",
     "REJECT_CODES",
     "AggregationError",
     "ConfigError",
@@ -18,7 +19,19 @@ __all__ = [
     "ProtocolError",
     "RoundError",
     "StrategyError",
+    "clip",
 ]
+
+#: Longest reason text kept from a client (rows, checkpoints, logs): what a client sends must
+#: not grow what the coordinator writes.
+MAX_REASON = 1024
+
+
+def clip(text: str, limit: int = MAX_REASON) -> str:
+    """``text`` cut to ``limit`` characters, saying how long it was."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... [{len(text)} characters, cut to {limit}]"
 
 
 class FedpeftError(Exception):
@@ -63,6 +76,8 @@ REJECT_CODES: dict[str, str] = {
     "seed_range": "a zeroth-order seed or block index outside the pool, or a repeated pair",
     "client_error": "the client answered with an error",
     "timeout": "no reply before the round timeout",
+    "unavailable": "the node is offline (Flower: no heartbeat) or did not answer a probe after "
+    "an earlier timeout",
     "deadline": "the simulated device missed devices.deadline_s",
 }
 
@@ -76,11 +91,14 @@ class ProtocolError(FedpeftError, ValueError):
         What is wrong with the message, naming the offending field and value.
     code : str
         One of :data:`REJECT_CODES` (``decode`` unless the check knows better).
+
+    The reason is kept to :data:`MAX_REASON` characters: it often quotes what a client sent.
     """
 
     def __init__(self, reason: str, code: str = "decode") -> None:
         if code not in REJECT_CODES:
             raise ValueError(f"unknown rejection code {code!r}; known: {sorted(REJECT_CODES)}")
+        reason = clip(reason)
         self.reason = reason
         self.code = code
         super().__init__(reason)

@@ -70,11 +70,13 @@ __all__ = [
     "decode_client_info",
     "decode_eval_report",
     "decode_instruction",
+    "decode_refusal",
     "decode_update",
     "encode_client_info",
     "encode_eval_report",
     "encode_instruction",
     "encode_query",
+    "encode_refusal",
     "encode_update",
     "instruction_payload",
     "records_nbytes",
@@ -100,6 +102,7 @@ KIND_LORA_UPDATE: Final = "lora_update"
 KIND_CLIENT_INFO: Final = "client_info"
 KIND_EVAL_REPORT: Final = "eval_report"
 KIND_QUERY: Final = "query"
+KIND_REFUSAL: Final = "refusal"
 
 
 @dataclass(frozen=True, slots=True)
@@ -461,6 +464,27 @@ def encode_query(run_id: str) -> RecordDict:
     return RecordDict(
         {HEADER: ConfigRecord({"protocol": PROTOCOL_VERSION, "kind": KIND_QUERY, "run_id": run_id})}
     )
+
+
+def encode_refusal(run_id: str, reason: str) -> RecordDict:
+    """The coordinator's ``query.refused`` message: this node is left out of the run, and why."""
+    return RecordDict(
+        {
+            HEADER: ConfigRecord(
+                {"protocol": PROTOCOL_VERSION, "kind": KIND_REFUSAL, "run_id": run_id}
+            ),
+            INFO: ConfigRecord({"reason": reason}),
+        }
+    )
+
+
+def decode_refusal(content: RecordDict) -> tuple[str, str]:
+    """``(run_id, reason)`` of a ``query.refused`` message."""
+    rec = get_record(content, HEADER, ConfigRecord)
+    if get_field(rec, "kind", str, HEADER) != KIND_REFUSAL:
+        raise ProtocolError(f"expected a {KIND_REFUSAL!r} message")
+    reason = get_field(get_record(content, INFO, ConfigRecord), "reason", str, INFO)
+    return get_field(rec, "run_id", str, HEADER), reason
 
 
 def encode_eval_report(report: EvalReport) -> RecordDict:

@@ -214,5 +214,12 @@ def test_the_deployed_client_app_forwards_every_message_type_fedpeft_handles(tin
     assert (
         set(client_app._registered_funcs)
         == handled
-        == {"query.info", "train.lora", "train.zo", "query.secagg", "evaluate.lora"}
+        == {
+            "query.info",
+            "query.refused",
+            "train.lora",
+            "train.zo",
+            "query.secagg",
+            "evaluate.lora",
+        }
     )

@@ -8,6 +8,8 @@ Handlers (Flower routes ``<category>.<action>`` message types to them):
   :class:`~fedpeft.wire.LoraUpdate`.
 - ``train.zo``: decode a :class:`~fedpeft.wire_zo.ZoInstruction`, sync the seed/scalar state,
   train (FedKSeed or Ferret), reply with a :class:`~fedpeft.wire_zo.ZoUpdate`.
+- ``query.refused``: the coordinator left this node out of the run (wrong client id, a
+  client id another node holds, another base model); the reason is logged on the node.
 - ``evaluate.lora``: evaluate the instruction's adapter on this client's share of the
   held-out split, reply with an :class:`~fedpeft.wire.EvalReport` (federated evaluation).
 
@@ -20,10 +22,11 @@ and the in-process grid both do this), which the coordinator records as that cli
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict
 from typing import Any
 
-from flwr.app import Context, Message
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpeft.cache import PROCESS_CACHE, ProcessCache
@@ -47,6 +50,7 @@ from fedpeft.wire import (
     Header,
     TrainInstruction,
     decode_instruction,
+    decode_refusal,
     encode_client_info,
     encode_eval_report,
     encode_update,
@@ -64,6 +68,8 @@ __all__ = [
     "own_data",
     "partition_id",
 ]
+
+log = logging.getLogger(__name__)
 
 
 def partition_id(context: Context) -> int:
@@ -262,6 +268,15 @@ def make_client_app(cfg: RunConfig | None = None, cache: ProcessCache = PROCESS_
         return Message(encode_zo_update(update), reply_to=msg)
 
     app.query("secagg")(secagg_query(cache))
+
+    @app.query("refused")
+    def refused(msg: Message, context: Context) -> Message:
+        run_id, reason = decode_refusal(msg.content)
+        log.warning(
+            "fedpeft: the coordinator of run %s left this node (partition-id %s) out: %s",
+            run_id, context.node_config.get("partition-id"), reason,
+        )  # fmt: skip
+        return Message(RecordDict(), reply_to=msg)
 
     @app.evaluate("lora")
     def evaluate(msg: Message, context: Context) -> Message:

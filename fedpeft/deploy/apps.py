@@ -87,8 +87,8 @@ def _coordinate(grid: Grid, context: Context) -> None:
     out = Path(str(run["out"]))
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.toml").write_text(dump_toml(config_to_dict(cfg)), encoding="utf-8")
-    reporter = RunReporter(out, cfg.federation.rounds, quiet=True)
     resume = bool(run.get("resume", False))
+    reporter = RunReporter(out, cfg.federation.rounds, quiet=True, resume=resume)
     summary = run_server(PollingGrid(grid), cfg, out, reporter, resume=resume)
     log.warning(
         "fedpeft: run finished; eval loss %s -> %s; results in %s",
@@ -133,6 +133,7 @@ FORWARDED = (
     ("train", "lora"),
     ("train", "zo"),
     ("query", "secagg"),
+    ("query", "refused"),
     ("evaluate", "lora"),
 )
 for _category, _action in FORWARDED:

@@ -47,7 +47,7 @@ from fedpeft._flwr import (
     set_task_identity,
 )
 from fedpeft.cache import PROCESS_CACHE, ProcessCache
-from fedpeft.errors import ConfigError, ProtocolError
+from fedpeft.errors import ConfigError, ProtocolError, clip
 
 __all__ = ["ModelWorker", "WorkerReply", "call_worker", "read_frame", "write_frame"]
 
@@ -150,6 +150,7 @@ class _Handler(socketserver.BaseRequestHandler):
             error = f"{type(ex).__name__}: {ex}"
             if not isinstance(ex, ValueError):
                 error += "\n" + traceback.format_exc(limit=-3)
+            log.warning("model worker: %s failed: %s", header.get("type"), clip(error))
         write_frame(
             self.request,
             {"v": VERSION, "error": error},

@@ -25,7 +25,7 @@ from fedpeft.data.clients import get_task
 from fedpeft.evaluation import EvalSet, Evaluator
 from fedpeft.models import get_model
 from fedpeft.server.checkpoint import CHECKPOINT
-from fedpeft.server.coordinator import Coordinator, clients_per_round
+from fedpeft.server.coordinator import Coordinator, clients_per_round, new_run_id
 from fedpeft.server.results import RunReporter, summarize
 from fedpeft.server.start import initial_global, save_global
 from fedpeft.simulation.attacks import AttackGrid
@@ -95,7 +95,7 @@ def run_server(
         strategy,
         initial,
         fingerprint=handle.fingerprint,
-        run_id=config_hash(cfg),
+        run_id=new_run_id(config_hash(cfg)),
         evaluate=Evaluator(cfg, handle, evalset, cache).global_model,
         on_row=reporter.on_row,
         zo_blocks=ctx.zo_blocks,

@@ -124,11 +124,15 @@ def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
     tree = json.dumps({"format": FORMAT, "state": enc.encode(state)}, allow_nan=True)
     data = save(enc.tensors, metadata={"fedpeft": tree})
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves the previous checkpoint, no debris
+        raise
     _fsync_dir(path.parent)
 
 

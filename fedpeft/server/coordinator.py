@@ -25,18 +25,17 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Message
 from flwr.serverapp import Grid
 
-from fedpeft._flwr import message_nbytes
 from fedpeft.config import RunConfig, TrainConfig
-from fedpeft.errors import ProtocolError, RoundError
+from fedpeft.errors import RoundError
 from fedpeft.privacy import PrivacyBudgetExhausted
 from fedpeft.seeding import derive_seed, np_rng
 from fedpeft.server.checkpoint import (
@@ -46,21 +45,34 @@ from fedpeft.server.checkpoint import (
     result_state,
     save_checkpoint,
 )
+from fedpeft.server.discovery import Roster
 from fedpeft.server.exchange import Exchange, Instruction, exchange
 from fedpeft.server.fedeval import federated_eval
 from fedpeft.server.rows import client_choices, round_row
 from fedpeft.server.secure_round import secure_aggregate
-from fedpeft.server.validate import MAX_NUM_EXAMPLES, Limits, cap_weights
+from fedpeft.server.validate import Limits, cap_weights
 from fedpeft.simulation.devices import DeviceProfile, assign_profiles, simulated_times
 from fedpeft.strategies.base import AggregateResult, LoraPlan, Strategy, ZoPlan
-from fedpeft.wire import ClientInfo, Header, TrainInstruction, decode_client_info, encode_query
+from fedpeft.wire import ClientInfo, Header, TrainInstruction
 from fedpeft.wire_zo import ZoInstruction
 
-__all__ = ["Coordinator", "EvalFn", "RunResult", "clients_per_round"]
+__all__ = ["Coordinator", "EvalFn", "RunResult", "clients_per_round", "new_run_id", "scenario_of"]
 
 log = logging.getLogger(__name__)
 
 EvalFn = Callable[[AggregateResult, bool], dict[str, float]]
+SILENT = ("timeout:", "unavailable:")  # failures after which a client is probed first
+
+
+def new_run_id(scenario: str) -> str:
+    """``<scenario>-<16 random hex digits>``: two runs of one scenario never share an id, so
+    a reply from an earlier run is a ``replay``; a resumed run keeps its id."""
+    return f"{scenario}-{secrets.token_hex(8)}"
+
+
+def scenario_of(run_id: str) -> str:
+    """The scenario part of a run id (:func:`new_run_id`)."""
+    return run_id.split("-", 1)[0]
 
 
 def clients_per_round(cfg: RunConfig, available: int) -> int:
@@ -79,6 +91,7 @@ class RunResult:
     setup_bytes: dict[str, int] = field(default_factory=dict)
     wall_s: float = 0.0
     stopped: str | None = None  # why the run ended before its last round
+    discovery: dict[str, Any] = field(default_factory=dict)  # Roster.report() of this run
 
 
 class Coordinator:
@@ -139,71 +152,64 @@ class Coordinator:
         self.examples_behind_global = 0
         self.rows: list[dict[str, Any]] = []
         self.clients: list[ClientInfo] = []
+        self.roster = Roster((), run_id, fingerprint)
+        self.suspects: set[str] = set()  # timed out or unavailable; probed before trusted again
         self.profiles: dict[str, DeviceProfile] = {}
         self.sim_wall_s = 0.0
 
     # ------------------------------------------------------------------ discovery
-    def connected_nodes(self) -> list[int]:
-        """Node ids, once all expected nodes are connected or ``connect_timeout_s`` has passed.
+    def discover(self) -> tuple[list[ClientInfo], dict[str, int]]:
+        """Ask each node who it is until every expected client id has joined or
+        ``connect_timeout_s`` has passed; returns the admitted clients and setup bytes.
 
         Nodes register asynchronously (Ray's engine starts its virtual nodes in another
-        thread, SuperNodes connect when they are started), so asking once at start can
-        see none or some of them.
+        thread, SuperNodes connect when they are started), so the grid is asked again until
+        the roster is complete. Who joined, who is missing and who was refused (and why) is
+        in :attr:`roster`.
         """
         fed = self.cfg.federation
+        self.roster = Roster(tuple(str(i) for i in range(fed.nodes)), self.run_id, self.fingerprint)
         deadline = time.monotonic() + fed.connect_timeout_s
         while True:
-            nodes = sorted(self.grid.get_node_ids())
-            if len(nodes) >= fed.nodes or time.monotonic() >= deadline:
+            connected = set(self.grid.get_node_ids())
+            self.roster.ask(self.grid, connected, connected, fed.round_timeout_s)
+            if self.roster.complete or time.monotonic() >= deadline:
                 break
             time.sleep(0.2)
-        if len(nodes) < min(fed.min_clients, fed.nodes):
+        infos = self.roster.infos()
+        if len(infos) < min(fed.min_clients, fed.nodes):
+            gone = self.roster.report()
             raise RoundError(
                 0,
-                f"{len(nodes)} nodes connected within federation.connect_timeout_s = "
-                f"{fed.connect_timeout_s:g} s; federation.min_clients is {fed.min_clients} "
-                f"(expected {fed.nodes} nodes)",
+                f"{len(infos)} of {fed.nodes} expected clients joined within "
+                f"federation.connect_timeout_s = {fed.connect_timeout_s:g} s, "
+                f"federation.min_clients is {fed.min_clients}; missing: {gone['missing']}; "
+                f"refused nodes: {gone['refused']}",
             )
-        return nodes
+        setup = {"setup_bytes_down": self.roster.bytes_down, "setup_bytes_up": self.roster.bytes_up}
+        return infos, setup
 
-    def discover(self) -> tuple[list[ClientInfo], dict[str, int]]:
-        """Ask every node who it is (``query.info``); returns infos and setup bytes."""
-        query = encode_query(self.run_id)
-        msgs = [Message(query, node, "query.info") for node in self.connected_nodes()]
-        down = sum(message_nbytes(m) for m in msgs)
-        timeout = self.cfg.federation.round_timeout_s
-        replies = list(self.grid.send_and_receive(msgs, timeout=timeout))
-        infos, up, problems = [], 0, []
-        for reply in replies:
-            up += message_nbytes(reply)
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                problems.append(f"node {node}: {reply.error.reason}")
-                continue
-            try:
-                info = decode_client_info(reply.content, node_id=node)
-            except ProtocolError as err:
-                problems.append(f"node {node}: {err.reason}")
-                continue
-            if not 1 <= info.num_examples <= MAX_NUM_EXAMPLES:
-                problems.append(
-                    f"node {node} (client {info.client_id}) reports {info.num_examples} "
-                    f"examples, expected 1..{MAX_NUM_EXAMPLES}"
-                )
-                continue
-            if info.header.model_fingerprint != self.fingerprint:
-                problems.append(
-                    f"node {node} (client {info.client_id}) has base model "
-                    f"{info.header.model_fingerprint}, the coordinator {self.fingerprint}"
-                )
-                continue
-            infos.append(info)
-        if len(infos) < self.cfg.federation.min_clients:
-            raise RoundError(
-                0, f"only {len(infos)} usable clients answered; " + "; ".join(problems)
-            )
-        infos.sort(key=lambda c: c.client_id)
-        return infos, {"setup_bytes_down": down, "setup_bytes_up": up}
+    def _rejoin(self) -> None:
+        """Before a round: ask nodes that connected since (a restarted node has a new id),
+        so a client whose node came back takes part again."""
+        connected = set(self.grid.get_node_ids())
+        if connected - self.roster.asked:
+            before = {c.client_id: c.node_id for c in self.clients}
+            timeout = self.cfg.federation.round_timeout_s
+            if self.roster.ask(self.grid, connected, connected, timeout):
+                self.clients = self.roster.infos()
+                back = {c.client_id for c in self.clients if before.get(c.client_id) != c.node_id}
+                self.suspects -= back
+
+    def _probe(self, cids: set[str]) -> tuple[dict[str, str], int]:
+        """Clients that timed out or were unavailable are asked a cheap question (within
+        ``federation.probe_timeout_s``) before they are sent a round's instruction again, so
+        a hung node costs one probe timeout per round, not a round timeout."""
+        fed = self.cfg.federation
+        timeout = min(fed.probe_timeout_s, fed.round_timeout_s)
+        why, nbytes = self.roster.probe(self.grid, cids & self.suspects, timeout)
+        self.suspects -= cids - set(why)
+        return {c: f"{r} after it failed to answer before" for c, r in why.items()}, nbytes
 
     # ------------------------------------------------------------------ one round
     def sample(self, server_round: int, clients: Sequence[ClientInfo]) -> list[ClientInfo]:
@@ -290,7 +296,14 @@ class Coordinator:
             for c in sampled
         }
         timeout = self.cfg.federation.round_timeout_s
-        got = exchange(self.grid, instructions, nodes, server_round, timeout, limits)
+        gone, probe_bytes = self._probe(set(instructions))
+        asked = {c: i for c, i in instructions.items() if c not in gone}
+        got = exchange(self.grid, asked, nodes, server_round, timeout, limits)
+        for cid, reason in sorted(gone.items()):
+            got.fail(cid, "unavailable", reason)
+        if probe_bytes:
+            got.metrics["probe_bytes"] = probe_bytes
+        self.suspects |= {c for c, r in got.failures.items() if r.startswith(SILENT)}
         sim = self._simulate_devices(got)
         if len(got.updates) < self.cfg.federation.min_clients:
             reasons = "; ".join(f"client {c}: {r}" for c, r in sorted(got.failures.items()))
@@ -319,7 +332,6 @@ class Coordinator:
         row.update({k: float(v) for k, v in self.current.metrics.items()})
         row.update(self._eval_row(server_round))
         row["wall_s"] = time.perf_counter() - t0
-        self._report(row)
         return row
 
     def _simulate_devices(self, got: Exchange) -> dict[str, Any]:
@@ -371,14 +383,23 @@ class Coordinator:
         return out
 
     def _report(self, row: dict[str, Any]) -> None:
+        """Keep ``row``, checkpoint, then tell listeners: a row written to ``metrics.jsonl``
+        is never ahead of the checkpoint (a full disk fails the save first)."""
         self.rows.append(row)
+        self._save()
         if self.on_row is not None:
             self.on_row(row)
 
     # ------------------------------------------------------------------ the run
     def run(self) -> RunResult:
-        """Discover clients, evaluate the start (round 0), run every round."""
+        """Discover clients, evaluate the start (round 0), run every round.
+
+        Resuming, the checkpoint's rows are written again (and its run id adopted) before
+        waiting for the nodes, so ``metrics.jsonl`` holds them while the nodes come back.
+        """
         t0 = time.perf_counter()
+        if self.resume:
+            self._restore()
         self.clients, setup = self.discover()
         devices = self.cfg.devices
         self.profiles = assign_profiles(
@@ -391,33 +412,32 @@ class Coordinator:
             "bytes_up": 0,
             "bytes_down": 0,
         }
-        if self.resume:
-            self._restore()
-        else:
+        if not self.resume:
+            start["discovery"] = self.roster.report()
             start.update(self._eval_row(0))
             start["wall_s"] = time.perf_counter() - t0
             self._report(start)
-            self._save()
         stopped = None
         for server_round in range(self.server_round + 1, self.cfg.federation.rounds + 1):
             try:
-                self._run_with_retries(server_round)
+                self._report(self._run_with_retries(server_round))
             except PrivacyBudgetExhausted as err:
                 stopped = str(err)
                 log.warning("fedpeft: %s", err)
                 break
-            self._save()
         return RunResult(
             rows=self.rows,
             model=self.current,
             clients=self.clients,
             setup_bytes=setup,
+            discovery=self.roster.report(),
             wall_s=time.perf_counter() - t0,
             stopped=stopped,
         )
 
     # ------------------------------------------------------------------ state
     def _run_with_retries(self, server_round: int) -> dict[str, Any]:
+        self._rejoin()
         retries = self.cfg.validation.round_retries
         for attempt in range(retries + 1):
             # a copy of the strategy's state only when a failed attempt may need it back
@@ -451,11 +471,13 @@ class Coordinator:
         CheckpointError
             If the state is from a run with another scenario (another ``run_id``).
         """
-        if state["run_id"] != self.run_id:
+        saved = str(state["run_id"])
+        if scenario_of(saved) != scenario_of(self.run_id):
             raise CheckpointError(
-                f"the checkpoint is from run {state['run_id']!r}, this scenario is run "
-                f"{self.run_id!r}: resume with the run folder's own config.toml"
+                f"the checkpoint is from scenario {scenario_of(saved)!r}, this scenario is "
+                f"{scenario_of(self.run_id)!r}: resume with the run folder's own config.toml"
             )
+        self.run_id = saved  # the same run goes on: replies from other runs stay replays
         self.server_round = int(state["round"])
         self.examples_behind_global = int(state["examples_behind_global"])
         self.sim_wall_s = float(state["sim_wall_s"])
@@ -471,7 +493,7 @@ class Coordinator:
         if self.checkpoint is None:
             raise CheckpointError("resume needs a checkpoint path")
         self.load_state_dict(load_checkpoint(self.checkpoint))
-        rows, self.rows = self.rows, []
-        for row in rows:  # the run's metrics so far, written again by whoever listens
-            self._report(row)
+        for row in self.rows:  # the run's metrics so far, written again by whoever listens
+            if self.on_row is not None:
+                self.on_row(row)
         log.info("resumed after round %d from %s", self.server_round, self.checkpoint)

@@ -18,8 +18,8 @@ from typing import Any
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedpeft._flwr import message_nbytes
-from fedpeft.errors import ProtocolError
+from fedpeft._flwr import UNAVAILABLE_CODES, message_nbytes
+from fedpeft.errors import ProtocolError, clip
 from fedpeft.server.validate import (
     Limits,
     reply_limit,
@@ -38,7 +38,7 @@ from fedpeft.wire import (
 )
 from fedpeft.wire_zo import ZoInstruction, ZoUpdate, decode_zo_update, encode_zo_instruction
 
-__all__ = ["Exchange", "Instruction", "Update", "exchange"]
+__all__ = ["Exchange", "Instruction", "Update", "check_error", "exchange"]
 
 Instruction = TrainInstruction | ZoInstruction
 Update = LoraUpdate | ZoUpdate
@@ -66,7 +66,7 @@ class Exchange:
 
     def fail(self, cid: str, code: str, reason: str) -> None:
         """Record that ``cid`` contributes nothing this round, and why."""
-        self.failures[cid] = f"{code}: {reason}"
+        self.failures[cid] = clip(f"{code}: {reason}")
         self.rejected[code] += 1
 
 
@@ -82,16 +82,24 @@ def _payload_down(ins: Instruction, content: RecordDict) -> int:
     return instruction_payload(content)
 
 
+def check_error(reply: Message) -> None:
+    """Raise the :class:`ProtocolError` an error reply stands for (``unavailable`` when the
+    runtime made it because the node or the message is gone, else ``client_error``)."""
+    if not reply.has_error():
+        return
+    code = "unavailable" if reply.error.code in UNAVAILABLE_CODES else "client_error"
+    raise ProtocolError(str(reply.error.reason), code)
+
+
 def _decode(reply: Message, ins: Instruction, limits: Limits, nbytes: int) -> tuple[Update, int]:
-    if reply.has_error():
-        raise ProtocolError(str(reply.error.reason), "client_error")
     limit = reply_limit(ins, limits)
-    if nbytes > limit:
+    if nbytes > limit:  # error replies too: their text is as much the client's as an update
         raise ProtocolError(
             f"reply is {nbytes} bytes, the limit for this instruction is {limit} "
             "(validation.max_reply_mb)",
             "payload_size",
         )
+    check_error(reply)
     if isinstance(ins, ZoInstruction):
         zo = decode_zo_update(reply.content)
         if ins.secure:
@@ -136,14 +144,16 @@ def exchange(
     out.counts["payload_down"] = sum(
         _payload_down(ins, m.content) for ins, m in zip(instructions.values(), msgs, strict=True)
     )
-    by_node = {nodes[cid]: cid for cid in instructions}
     replies = list(grid.send_and_receive(msgs, timeout=timeout))
+    # a reply belongs to the instruction it answers; the runtime's own error replies (node
+    # unavailable, message expired) come from the SuperLink, not from the node
+    by_message = {m.metadata.message_id: cid for cid, m in zip(instructions, msgs, strict=True)}
     del msgs, shared
     replies.reverse()
     answered: set[str] = set()
     while replies:  # pop as we decode: a reply's bytes are freed once it is decoded
         reply = replies.pop()
-        cid = by_node.get(reply.metadata.src_node_id)
+        cid = by_message.get(reply.metadata.reply_to_message_id)
         if cid is None:
             continue  # not asked this round
         if cid in answered:

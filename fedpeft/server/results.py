@@ -44,6 +44,7 @@ def summarize(cfg: RunConfig, result: RunResult, adapter_dir: str) -> dict[str, 
         "model": cfg.model.name,
         "strategy": cfg.strategy.name,
         "num_clients": len(result.clients),
+        "discovery": result.discovery,
         "rounds": len(trained),
         "before": pick(evaluated[0] if evaluated else None),
         "after": pick(evaluated[-1] if evaluated else None),
@@ -120,6 +121,9 @@ class RunReporter:
     tensorboard : bool
         Also write every numeric metric of a round as a TensorBoard scalar (step = round)
         to ``out_dir/tensorboard`` (needs the ``tensorboard`` package).
+    resume : bool
+        The run continues from a checkpoint: ``metrics.jsonl`` keeps its rows until the
+        run writes them again (it does so before waiting for clients).
     """
 
     def __init__(
@@ -129,13 +133,16 @@ class RunReporter:
         quiet: bool = False,
         stream: TextIO = sys.stderr,
         tensorboard: bool = False,
+        resume: bool = False,
     ) -> None:
         from tqdm import tqdm
 
         self.out_dir = out_dir
         out_dir.mkdir(parents=True, exist_ok=True)
         self.path = out_dir / "metrics.jsonl"
-        self.path.write_text("")
+        self._fresh = not resume  # resuming, the old rows stay until the run writes its own
+        if self._fresh:
+            self.path.write_text("")
         self.quiet = quiet
         self.stream = stream
         self._replies = 0
@@ -163,8 +170,9 @@ class RunReporter:
     def on_row(self, row: dict[str, Any]) -> None:
         """Append a round's metrics and advance the bar."""
         self._replies = 0
-        with self.path.open("a", encoding="utf-8") as fh:
+        with self.path.open("a" if self._fresh else "w", encoding="utf-8") as fh:
             fh.write(json.dumps(_clean(row), sort_keys=True) + "\n")
+        self._fresh = True
         if self.writer is not None:
             self._scalars(row)
         latest = [

@@ -101,7 +101,9 @@ def simulate(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.toml").write_text(dump_toml(config_to_dict(cfg)), encoding="utf-8")
-    reporter = RunReporter(out, cfg.federation.rounds, quiet=quiet, tensorboard=tensorboard)
+    reporter = RunReporter(
+        out, cfg.federation.rounds, quiet=quiet, tensorboard=tensorboard, resume=resume
+    )
     outcome = Outcome()
     server_app = make_server_app(cfg, out, reporter, outcome, cache, resume)
     client_app = make_client_app(cfg, cache)
