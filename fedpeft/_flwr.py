@@ -13,6 +13,13 @@ below, this is the only file to fix.
 - ``flwr.supercore.run.Run``: what ``Grid.run`` returns.
 - ``flwr.common.constant.ErrorCode``: the codes of the error replies Flower's runtime makes
   itself (a node without heartbeat, an expired message), so they are named as such.
+- ``flwr.cli.build.build_fab_from_disk``, ``flwr.proto.fab_pb2.GetFabResponse`` and
+  ``flwr.supercore.primitives.asymmetric_ed25519.create_message_to_sign``: how ``flwr run``
+  builds an app bundle (deterministically), how a node fetches it, and what a node verifies
+  an app signature against, so fedpeft signs exactly what a node checks
+  (:mod:`fedpeft.deploy.signing`).
+- ``flwr.superlink.grid.http_grid.HttpGrid`` and ``flwr.supercore.inflatable``'s pull
+  helpers: :func:`pull_bounded` pulls a reply object by object and stops at a size limit.
 - ``flwr.common.serde``: Flower's own protobuf encoding of a ``Context`` and a ``RecordDict``,
   which the deployed node's per-message ClientApp uses to hand a message to the node's
   long-lived model worker (no pickle).
@@ -20,11 +27,14 @@ below, this is the only file to fix.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any, TypeVar, cast
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, Protocol, TypeVar, cast, runtime_checkable
 from uuid import uuid4
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.common.serde import (
     context_from_proto,
@@ -32,6 +42,7 @@ from flwr.common.serde import (
     recorddict_from_proto,
     recorddict_to_proto,
 )
+from flwr.proto.fab_pb2 import GetFabResponse  # pylint: disable=E0611
 from flwr.proto.message_pb2 import Context as ProtoContext  # pylint: disable=E0611
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # pylint: disable=E0611
 from flwr.serverapp import Grid
@@ -40,6 +51,7 @@ from flwr.supercore.inflatable.inflatable_object import (
     no_object_id_recompute,
 )
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+from flwr.supercore.primitives.asymmetric_ed25519 import create_message_to_sign
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -49,16 +61,22 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 __all__ = [
+    "REPLY_TOO_LARGE",
     "SERVER_NODE_ID",
     "UNAVAILABLE_CODES",
+    "GetFabResponse",
     "GridWrapper",
+    "build_fab",
     "context_from_bytes",
     "context_to_bytes",
+    "fab_signing_message",
     "make_run",
     "message_nbytes",
+    "pull_bounded",
     "records_from_bytes",
     "records_to_bytes",
     "roundtrip",
+    "send_bounded",
     "serialize",
     "set_message_id",
     "set_task_identity",
@@ -129,6 +147,18 @@ def set_task_identity(run_id: int, node_id: int) -> None:
     TaskIdentity.task_id = 1
     TaskIdentity.run_id = run_id
     TaskIdentity.node_id = node_id
+
+
+def build_fab(app: Path) -> bytes:
+    """The Flower app bundle ``flwr run APP`` builds and submits (same bytes: fixed dates)."""
+    from flwr.cli.build import build_fab_from_disk  # the CLI's module: imported only here
+
+    return bytes(build_fab_from_disk(app))
+
+
+def fab_signing_message(fab_digest: bytes, signed_at: int) -> bytes:
+    """What an app signature signs, as a Flower node verifies it."""
+    return bytes(create_message_to_sign(fab_digest, signed_at))
 
 
 def make_run(run_id: int) -> Run:
@@ -208,3 +238,115 @@ class GridWrapper(Grid):
     ) -> Iterable[Message]:
         """Delegated."""
         return self.grid.send_and_receive(messages, timeout=timeout)
+
+
+# ---------------------------------------------------------------------- bounded pull
+@runtime_checkable
+class ReplyLimits(Protocol):
+    """A ``Grid`` that stops pulling a reply once it passes a byte limit (the deployed
+    runtime's polling grid, :class:`fedpeft.deploy.apps.PollingGrid`)."""
+
+    def limit_replies(self, limits: Mapping[int, int]) -> None:
+        """Byte limits, per destination node, for the replies of the next exchange."""
+
+
+def send_bounded(
+    grid: Grid, messages: list[Message], limits: Mapping[int, int], timeout: float | None
+) -> list[Message]:
+    """``grid.send_and_receive``, announcing each destination node's reply limit in bytes
+    where the grid can enforce it before a reply is pulled whole."""
+    if isinstance(grid, ReplyLimits):
+        grid.limit_replies(limits)
+    return list(grid.send_and_receive(messages, timeout=timeout))
+
+
+#: Error code of a reply fedpeft stopped pulling because it passed its size limit (not one of
+#: Flower's ``ErrorCode`` values, which stop at 8 in flwr 1.41).
+REPLY_TOO_LARGE = 1001
+
+
+class _TooLarge(Exception):
+    def __init__(self, nbytes: int) -> None:
+        super().__init__(nbytes)
+        self.nbytes = nbytes
+
+
+class _Budget:
+    """Pulls one reply's objects (``fetch``), counting their bytes; past ``limit``, stops."""
+
+    def __init__(self, fetch: Callable[[str], bytes], limit: int | None) -> None:
+        self.fetch = fetch
+        self.limit = limit
+        self.pulled = 0
+        self._lock = threading.Lock()  # Flower pulls a reply's objects from several threads
+
+    def __call__(self, object_id: str) -> bytes:
+        data = self.fetch(object_id)
+        with self._lock:
+            self.pulled += len(data)
+            if self.limit is not None and self.pulled > self.limit:
+                raise _TooLarge(self.pulled)
+        return data
+
+
+def pull_bounded(
+    grid: Grid, message_ids: Iterable[str], limits: Mapping[str, int]
+) -> list[Message]:
+    """``grid.pull_messages``, except that on the deployed runtime a reply whose objects pass
+    ``limits[reply_to_message_id]`` bytes is not pulled further: it becomes an error reply
+    (code :data:`REPLY_TOO_LARGE`) and the SuperLink is told it was received, so it drops it.
+
+    Flower's ``HttpGrid.pull_messages`` (flwr 1.41) pulls every object of a reply before the
+    caller sees any byte of it, so a node could make the coordinator hold whatever it pushes.
+    This is that method's loop with a byte count around each object pull. Other grids (the
+    in-process grid, Ray's) hold replies in memory already and are pulled as they are.
+    """
+    from flwr.app.message import make_message
+    from flwr.app.metadata import Metadata
+    from flwr.proto.message_pb2 import (  # pylint: disable=E0611
+        ConfirmMessageReceivedRequest,
+    )
+    from flwr.proto.runtime_pb2 import PullAppMessagesRequest  # pylint: disable=E0611
+    from flwr.supercore.inflatable.inflatable_object import iterate_object_tree
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import make_pull_object_fn_protobuf
+    from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, pull_objects
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    ids = list(message_ids)
+    if not isinstance(grid, HttpGrid):
+        return list(grid.pull_messages(ids))
+    client, node, run_id = grid._runtime_client, grid.node, grid.run.run_id  # noqa: SLF001
+    res = client.PullMessages(PullAppMessagesRequest(message_ids=ids))
+    out: list[Message] = []
+    for proto, tree in zip(res.messages_list, res.message_object_trees, strict=True):
+        msg_id, reply_to = proto.metadata.message_id, proto.metadata.reply_to_message_id
+        limit = limits.get(reply_to)
+        budget = _Budget(make_pull_object_fn_protobuf(client.PullObject, node, run_id), limit)
+        error: Error | None = None
+        try:
+            objects = [t.object_id for t in iterate_object_tree(tree)]
+            contents = pull_objects(objects, pull_object_fn=budget)
+        except _TooLarge as big:
+            error = Error(
+                code=REPLY_TOO_LARGE,
+                reason=f"reply is larger than {limit} bytes: pulling stopped after "
+                f"{big.nbytes} bytes (validation.max_reply_mb)",
+            )
+        except ObjectPullError as err:
+            error = Error(code=ErrorCode.MESSAGE_UNAVAILABLE, reason=f"reply objects: {err}")
+        if error is not None:
+            meta = Metadata(
+                run_id=run_id, message_id="", src_node_id=proto.metadata.src_node_id,
+                dst_node_id=node.node_id, reply_to_message_id=reply_to, group_id="",
+                created_at=time.time(), ttl=0, message_type=proto.metadata.message_type,
+            )  # fmt: skip
+            out.append(make_message(metadata=meta, error=error))
+        else:
+            message = cast(Message, inflate_object_from_contents(msg_id, contents))
+            message.metadata.__dict__["_message_id"] = msg_id
+            out.append(message)
+        # received (or refused): either way the SuperLink may drop its copy
+        client.ConfirmMessageReceived(
+            ConfirmMessageReceivedRequest(node=node, run_id=run_id, message_object_id=msg_id)
+        )
+    return out

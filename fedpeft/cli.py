@@ -11,11 +11,14 @@ Verbs:
 - ``fedpeft config-help``: every configuration key with its default and help text.
 - ``fedpeft strategies``: the registered strategies.
 - ``fedpeft data wordnet --src DIR --out FILE``: rebuild the WordNet task file.
-- ``fedpeft keys --out DIR [--host H ...] [--nodes N]``: CA, SuperLink certificate, node keys.
-- ``fedpeft server --config X.toml --out DIR --keys DIR [--host H] [--port P]``: coordinator
-  (TLS SuperLink with node authentication, keys registered, the scenario run on it).
-- ``fedpeft client --superlink H:P --ca ca.crt --key nodes/nodeN [--partition-id I ...]``:
-  edge node (SuperNode plus the long-lived model worker).
+- ``fedpeft keys --out DIR [--host H ...] [--nodes N | --add NAME ...]``: CA, coordinator
+  certificate, operator app-signing key, one folder per node.
+- ``fedpeft link --keys DIR [--host H] [--port P]``: the coordinator's long-lived half: a
+  SuperLink on 127.0.0.1 behind a mutual-TLS, Fleet-only front.
+- ``fedpeft server --config X.toml --out DIR --keys DIR [--host H] [--port P]``: one deployed
+  run (link started, node keys registered, the app signed and submitted, results written).
+- ``fedpeft client --superlink H:P --creds nodes/NAME [--partition-id I ...]``: edge node
+  (SuperNode, the long-lived model worker and the mutual-TLS tunnel; restarts by itself).
 
 Exit codes: 0 success, 2 configuration or usage error, 1 any other fedpeft error.
 """
@@ -43,6 +46,18 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
         nargs="*",
         metavar="KEY=VALUE",
         help="dotted overrides, e.g. rounds=2 lora.rank=4",
+    )
+
+
+def _add_link_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keys", required=True, help="the folder `fedpeft keys` wrote")
+    p.add_argument("--host", default="127.0.0.1", help="address nodes connect to (0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=9092, help="port nodes connect to (the front)")
+    p.add_argument(
+        "--control-port",
+        type=int,
+        default=None,
+        help="the SuperLink's port on 127.0.0.1 (default: --port + 1)",
     )
 
 
@@ -87,7 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     wn.add_argument("--out", default="simulations/data/wordnet.jsonl.gz", help="output .jsonl.gz")
     keys = sub.add_parser(
-        "keys", help="create a CA, the SuperLink TLS certificate and SuperNode auth keys"
+        "keys",
+        help="create a CA, the coordinator's TLS certificate, the operator's app-signing key "
+        "and one credentials folder per node",
     )
     keys.add_argument("--out", required=True, help="folder for ca.crt, server.pem, nodes/...")
     keys.add_argument(
@@ -97,23 +114,41 @@ def _parser() -> argparse.ArgumentParser:
         help="host name or IP the SuperLink is reached by (repeat; 127.0.0.1 and localhost are "
         "always added)",
     )
-    keys.add_argument("--nodes", type=int, default=2, help="SuperNode key pairs: node0, node1, ...")
+    keys.add_argument("--nodes", type=int, default=2, help="node folders: node0, node1, ...")
+    keys.add_argument(
+        "--add",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="add a node folder to existing credentials (repeat); nothing else is touched",
+    )
     keys.add_argument("--days", type=int, default=365, help="certificate validity in days")
     keys.add_argument("--force", action="store_true", help="replace existing credential files")
+    link = sub.add_parser(
+        "link",
+        help="coordinator service: a SuperLink on 127.0.0.1 behind a mutual-TLS front that "
+        "serves nodes the Fleet API only",
+    )
+    _add_link_args(link)
+    link.add_argument("--state", default="fedpeft-link", help="superlink.log and flwr/ go here")
+    link.add_argument(
+        "--database", default=None, help="SuperLink database file (survives restarts)"
+    )
+    link.add_argument(
+        "--max-request-mb", type=float, default=64.0, help="largest request the front forwards"
+    )
     srv = sub.add_parser(
-        "server", help="coordinator: start a TLS SuperLink with node auth and run a scenario on it"
+        "server", help="coordinator: run a scenario on real nodes (link, keys, signed app)"
     )
     _add_config_args(srv)
-    srv.add_argument("--out", required=True, help="run folder (results, app/, superlink.log)")
-    srv.add_argument("--keys", required=True, help="the folder `fedpeft keys` wrote")
-    srv.add_argument("--host", default="127.0.0.1", help="SuperLink address to listen on")
-    srv.add_argument("--port", type=int, default=9092, help="SuperLink port")
-    srv.add_argument("--keep", action="store_true", help="leave the SuperLink running afterwards")
+    srv.add_argument("--out", required=True, help="run folder (results, app/, link.log)")
+    _add_link_args(srv)
+    srv.add_argument("--keep", action="store_true", help="leave the link running afterwards")
     srv.add_argument(
         "--attach",
         action="store_true",
-        help="submit to the SuperLink already running at --host:--port (no start, no key "
-        "registration, no stop)",
+        help="submit to the link already running on this machine (--port, --control-port): "
+        "no start, no key registration, no stop",
     )
     srv.add_argument(
         "--resume",
@@ -121,11 +156,14 @@ def _parser() -> argparse.ArgumentParser:
         help="continue the run in --out from its checkpoint (same --config and overrides)",
     )
     cli = sub.add_parser(
-        "client", help="edge node: a SuperNode with TLS and node auth plus the model worker"
+        "client",
+        help="edge node: a SuperNode (node auth, signed apps only) behind a mutual-TLS tunnel, "
+        "plus the model worker; reconnects by itself",
     )
-    cli.add_argument("--superlink", required=True, help="the SuperLink's HOST:PORT")
-    cli.add_argument("--ca", required=True, help="CA certificate (ca.crt from `fedpeft keys`)")
-    cli.add_argument("--key", required=True, help="this node's private key (nodes/nodeN)")
+    cli.add_argument("--superlink", required=True, help="the coordinator's HOST:PORT")
+    cli.add_argument(
+        "--creds", required=True, help="this node's folder from `fedpeft keys` (nodes/NAME)"
+    )
     cli.add_argument("--state-dir", default="fedpeft-node", help="worker socket and node files")
     cli.add_argument("--runtime-port", type=int, default=9094, help="SuperNode's local API port")
     cli.add_argument("--partition-id", type=int, default=None, help="this node's data share")
@@ -196,9 +234,18 @@ def _run(args: argparse.Namespace) -> int:
 
         role = ServerRole(
             Path(args.config), args.overrides, Path(args.out), Path(args.keys),
-            args.host, args.port, args.keep, args.attach, args.resume,
+            args.host, args.port, args.control_port, args.keep, args.attach, args.resume,
         )  # fmt: skip
         return role.run()
+    if args.verb == "link":
+        from fedpeft.deploy.link import LinkRole
+
+        if args.max_request_mb <= 0:
+            raise ConfigError(f"--max-request-mb must be > 0, got {args.max_request_mb}")
+        return LinkRole(
+            Path(args.keys), Path(args.state), args.host, args.port, args.control_port,
+            Path(args.database) if args.database else None, int(args.max_request_mb * 2**20),
+        ).run()  # fmt: skip
     from fedpeft.configio import config_to_dict, dump_toml, load_config
 
     if args.verb == "validate":
@@ -227,20 +274,26 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from fedpeft.deploy.credentials import write_credentials
+    from fedpeft.deploy.credentials import add_nodes, write_credentials
 
     if args.nodes < 0:
         raise ConfigError(f"--nodes must be >= 0, got {args.nodes}")
-    # loopback always: the coordinator's own flwr CLI reaches the SuperLink through it
-    hosts = list(dict.fromkeys([*(args.host or []), "127.0.0.1", "localhost"]))
-    creds = write_credentials(
-        args.out, hosts, [f"node{i}" for i in range(args.nodes)], args.days, args.force
-    )
-    print(f"CA certificate      {creds.ca_cert}   (give to every SuperNode and flwr CLI)")
-    print(f"CA key              {creds.ca_key}   (keep offline)")
-    print(f"SuperLink cert/key  {creds.server_cert}, {creds.server_key}   for {', '.join(hosts)}")
-    for name, (private, public) in creds.node_keys.items():
-        print(f"{name:<19} {private} (private), {public} (register with flwr supernode register)")
+    if args.add:
+        creds = add_nodes(args.out, args.add, args.days)
+    else:
+        # loopback always: the coordinator's own flwr CLI reaches the SuperLink through it
+        hosts = list(dict.fromkeys([*(args.host or []), "127.0.0.1", "localhost"]))
+        creds = write_credentials(
+            args.out, hosts, [f"node{i}" for i in range(args.nodes)], args.days, args.force
+        )
+        print(f"CA certificate      {creds.ca_cert}")
+        print(f"CA key              {creds.ca_key}   (signs node certificates; keep it safe)")
+        print(
+            f"coordinator TLS     {creds.server_cert}, {creds.server_key}   for {', '.join(hosts)}"
+        )
+        print(f"operator app key    {creds.operator_key}   (signs every run's app; keep it safe)")
+    for name, files in creds.nodes.items():
+        print(f"{name:<19} {files.folder}/   (copy this folder to the node: --creds)")
     return 0
 
 
@@ -259,8 +312,7 @@ def _client(args: argparse.Namespace) -> int:
     }
     role = ClientRole(
         superlink=args.superlink,
-        ca_cert=Path(args.ca).resolve(),
-        auth_key=Path(args.key).resolve(),
+        creds=Path(args.creds),
         state_dir=Path(args.state_dir),
         node_config={k: v for k, v in flags.items() if v is not None},
         runtime_port=args.runtime_port,

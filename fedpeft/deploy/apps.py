@@ -21,49 +21,96 @@ process for every message.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedpeft._flwr import GridWrapper
+from fedpeft._flwr import GridWrapper, pull_bounded
 
-__all__ = ["FORWARDED", "POLL_S", "PollingGrid", "client_app", "server_app"]
+__all__ = ["FORWARDED", "OUTCOME", "POLL_S", "PollingGrid", "client_app", "server_app"]
 
 POLL_S = 0.1
+MAX_POLL_S = 1.0  # idle polling backs off to this: the SuperLink serves nodes too
+DEFAULT_REPLY_LIMIT = 16_000_000  # replies nobody announced a limit for are small
 log = logging.getLogger(__name__)
 
 
 class PollingGrid(GridWrapper):
-    """Any ``Grid``, with ``send_and_receive`` polling every ``poll_s`` seconds."""
+    """Any ``Grid``, with ``send_and_receive`` polling every ``poll_s`` seconds (backing off to
+    ``max_poll_s`` while nothing comes) and replies bounded in bytes.
 
-    def __init__(self, grid: Grid, poll_s: float = POLL_S) -> None:
+    A reply pulled past its destination node's limit (:meth:`limit_replies`, else
+    ``default_limit``) is not pulled further (:func:`fedpeft._flwr.pull_bounded`): the
+    coordinator's memory does not grow with what a node pushes.
+    """
+
+    def __init__(
+        self,
+        grid: Grid,
+        poll_s: float = POLL_S,
+        max_poll_s: float = MAX_POLL_S,
+        default_limit: int = DEFAULT_REPLY_LIMIT,
+    ) -> None:
         super().__init__(grid)
         self._poll_s = poll_s
+        self._max_poll_s = max_poll_s
+        self._default_limit = default_limit
+        self._limits: dict[int, int] = {}
+
+    def limit_replies(self, limits: Mapping[int, int]) -> None:
+        """Byte limits, per destination node, for the replies of the next exchange."""
+        self._limits = dict(limits)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         """Push, then pull until every reply is in or ``timeout`` seconds have passed."""
-        waiting = set(self.push_messages(messages))
+        sent = list(messages)
+        by_node, self._limits = self._limits, {}
+        ids = list(self.push_messages(sent))
+        limits = {
+            mid: by_node.get(m.metadata.dst_node_id, self._default_limit)
+            for mid, m in zip(ids, sent, strict=True)
+            if mid
+        }
+        waiting = set(limits)
         end = time.monotonic() + (timeout if timeout is not None else 0.0)
         replies: list[Message] = []
+        delay = self._poll_s
         while waiting:
-            got = list(self.pull_messages(waiting))
+            got = pull_bounded(self.grid, waiting, limits)
             replies += got
             waiting -= {m.metadata.reply_to_message_id for m in got}
             if not waiting or (timeout is not None and time.monotonic() >= end):
                 break
-            time.sleep(self._poll_s)
+            delay = self._poll_s if got else min(delay * 1.5, self._max_poll_s)
+            time.sleep(delay)
         return replies
 
 
 # ---------------------------------------------------------------------------------- server
 server_app = ServerApp()
+OUTCOME = "outcome.json"  # why the coordinator stopped early, for `fedpeft server`
+
+
+def _write_outcome(out: Path, err: BaseException) -> None:
+    from fedpeft.errors import clip
+
+    if isinstance(err, KeyboardInterrupt):  # Flower interrupts a task its SuperLink dropped
+        why = (
+            "the SuperLink stopped this run's coordinator (its task heartbeat was not "
+            "accepted: the run was stopped, or the SuperLink lost or restarted it)"
+        )
+    else:
+        why = f"{type(err).__name__}: {err}"
+    text = json.dumps({"error": clip(why, 4096), "time": time.time()})
+    (out / OUTCOME).write_text(text + "\n", encoding="utf-8")
 
 
 @server_app.main()
@@ -89,7 +136,12 @@ def _coordinate(grid: Grid, context: Context) -> None:
     (out / "config.toml").write_text(dump_toml(config_to_dict(cfg)), encoding="utf-8")
     resume = bool(run.get("resume", False))
     reporter = RunReporter(out, cfg.federation.rounds, quiet=True, resume=resume)
-    summary = run_server(PollingGrid(grid), cfg, out, reporter, resume=resume)
+    (out / OUTCOME).unlink(missing_ok=True)
+    try:
+        summary = run_server(PollingGrid(grid), cfg, out, reporter, resume=resume)
+    except BaseException as err:  # written for `fedpeft server`, which reports why
+        _write_outcome(out, err)
+        raise
     log.warning(
         "fedpeft: run finished; eval loss %s -> %s; results in %s",
         summary["before"].get("eval_loss"),

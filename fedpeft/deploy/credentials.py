@@ -1,15 +1,25 @@
-"""TLS certificates and SuperNode authentication keys for a Flower deployment.
+"""TLS certificates, node credentials and the operator's app-signing key for a deployment.
 
 Everything comes from ``cryptography``'s vetted primitives; nothing here invents a scheme:
 
 - a certificate authority: RSA-3072 key, self-signed X.509 certificate (``CA:TRUE``,
-  path length 0), which SuperNodes and the ``flwr`` CLI trust (``--root-certificates``);
-- the SuperLink's certificate: RSA-3072 key, signed by the CA, ``serverAuth``, with every
-  host name and IP address it is reached by in its subjectAltName (gRPC checks it);
-- one key pair per SuperNode: ECDSA on NIST P-384 in OpenSSH format, the kind Flower 1.41's
-  node authentication takes (the operator registers the public key with
-  ``flwr supernode register``; the node signs each request with the private key, passed as
-  ``--auth-supernode-private-key``).
+  path length 0), which the nodes, the coordinator's front and the ``flwr`` CLI trust;
+- the coordinator's certificate: RSA-3072 key, signed by the CA, ``serverAuth``, with every
+  host name and IP address it is reached by in its subjectAltName (clients check it);
+- the operator's app-signing key: Ed25519 in OpenSSH format (``operator.key``), the kind
+  Flower 1.41's app verification takes; ``fedpeft server`` signs every app it submits with
+  it, and every node trusts only it (``--trusted-entities``);
+- per node, one folder ``nodes/<name>/`` to copy to that node, holding all it needs:
+
+  - ``ca.crt``: the CA certificate;
+  - ``node.key`` / ``node.key.pub``: its SuperNode authentication key pair, ECDSA on NIST
+    P-384 in OpenSSH format (the coordinator registers the public key; the node signs each
+    Fleet request with the private key);
+  - ``tls.pem``: its TLS client key (ECDSA P-256) and certificate (``clientAuth``, CA-signed,
+    common name = the node's name): the coordinator's front accepts only connections that
+    present one (mutual TLS);
+  - ``trusted-entities.yaml``: the operator's public app-signing key, for the SuperNode's
+    ``--trusted-entities``.
 
 Private keys are written with mode 0600 and never overwrite an existing file unless asked.
 """
@@ -25,12 +35,23 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedpeft.errors import ConfigError
 
-__all__ = ["Credentials", "make_ca", "make_node_key", "make_server_cert", "write_credentials"]
+__all__ = [
+    "Credentials",
+    "NodeFiles",
+    "add_nodes",
+    "make_ca",
+    "make_client_cert",
+    "make_node_key",
+    "make_operator_key",
+    "make_server_cert",
+    "write_credentials",
+    "write_loopback_tls",
+]
 
 RSA_BITS = 3072
 
@@ -126,6 +147,91 @@ def make_server_cert(
     return key, cert
 
 
+def make_client_cert(
+    ca_key: rsa.RSAPrivateKey, ca_cert: x509.Certificate, name: str, days: int = 365
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A node's TLS client key (ECDSA P-256) and certificate (``clientAuth``, CN = ``name``)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    start, end = _validity(days)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(name))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def write_loopback_tls(folder: Path, days: int = 3650) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a 127.0.0.1 certificate it signs (ECDSA P-256), for TLS between two
+    processes of one machine (a node's SuperNode and its tunnel): ``(ca.crt, cert, key)``.
+
+    Made anew each time a node starts; the CA's key is never written.
+    """
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    start, end = _validity(days)
+    name = _name("fedpeft loopback CA")
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("127.0.0.1"))
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_san(["127.0.0.1", "localhost"]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = (folder / "ca.crt", folder / "server.pem", folder / "server.key")
+    _write(paths[0], ca_cert.public_bytes(serialization.Encoding.PEM), private=False)
+    _write(paths[1], cert.public_bytes(serialization.Encoding.PEM), private=False)
+    _write(paths[2], _pem_key(key), private=True)
+    return paths
+
+
+def make_operator_key() -> tuple[bytes, bytes]:
+    """The operator's app-signing key pair (Ed25519): (private, public), OpenSSH format."""
+    key = ed25519.Ed25519PrivateKey.generate()
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    return private, public + b"\n"
+
+
 def make_node_key() -> tuple[bytes, bytes]:
     """A SuperNode key pair: (private key, public key), both in OpenSSH format."""
     key = ec.generate_private_key(ec.SECP384R1())
@@ -141,6 +247,51 @@ def make_node_key() -> tuple[bytes, bytes]:
 
 
 @dataclass(frozen=True)
+class NodeFiles:
+    """The files of one node's folder (``nodes/<name>/``, see the module docstring)."""
+
+    folder: Path
+
+    @property
+    def name(self) -> str:
+        """The node's name (its folder's)."""
+        return self.folder.name
+
+    @property
+    def ca_cert(self) -> Path:
+        """The CA certificate."""
+        return self.folder / "ca.crt"
+
+    @property
+    def auth_key(self) -> Path:
+        """SuperNode authentication private key (OpenSSH)."""
+        return self.folder / "node.key"
+
+    @property
+    def auth_pub(self) -> Path:
+        """SuperNode authentication public key (registered at the coordinator)."""
+        return self.folder / "node.key.pub"
+
+    @property
+    def tls(self) -> Path:
+        """TLS client key and certificate, one PEM file."""
+        return self.folder / "tls.pem"
+
+    @property
+    def trusted(self) -> Path:
+        """``--trusted-entities`` file: the operator's public app-signing key."""
+        return self.folder / "trusted-entities.yaml"
+
+    def paths(self) -> list[Path]:
+        """Every file of the folder."""
+        return [self.ca_cert, self.auth_key, self.auth_pub, self.tls, self.trusted]
+
+    def missing(self) -> list[str]:
+        """Files the folder lacks."""
+        return [str(p) for p in self.paths() if not p.is_file()]
+
+
+@dataclass(frozen=True)
 class Credentials:
     """Where :func:`write_credentials` put everything."""
 
@@ -148,7 +299,23 @@ class Credentials:
     ca_key: Path
     server_cert: Path
     server_key: Path
-    node_keys: dict[str, tuple[Path, Path]]  # node name -> (private, public)
+    operator_key: Path
+    operator_pub: Path
+    nodes: dict[str, NodeFiles]
+
+    @classmethod
+    def at(cls, root: str | Path, nodes: Sequence[str] = ()) -> Credentials:
+        """The layout under ``root`` (``nodes``: these node folders)."""
+        root = Path(root)
+        return cls(
+            ca_cert=root / "ca.crt",
+            ca_key=root / "ca.key",
+            server_cert=root / "server.pem",
+            server_key=root / "server.key",
+            operator_key=root / "operator.key",
+            operator_pub=root / "operator.pub",
+            nodes={n: NodeFiles(root / "nodes" / n) for n in nodes},
+        )
 
 
 def _write(path: Path, data: bytes, private: bool) -> None:
@@ -160,12 +327,34 @@ def _write(path: Path, data: bytes, private: bool) -> None:
     os.chmod(path, mode)
 
 
-def _pem_key(key: rsa.RSAPrivateKey) -> bytes:
+def _pem_key(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
+
+
+def _check_names(nodes: Sequence[str]) -> None:
+    bad = [n for n in nodes if not n or "/" in n or n.startswith(".")]
+    if bad or len(set(nodes)) != len(nodes):
+        raise ConfigError(f"node names must be distinct, non-empty file names, got {list(nodes)}")
+
+
+def _write_node(
+    files: NodeFiles, ca_key: rsa.RSAPrivateKey, ca_cert: x509.Certificate, operator_pub: bytes,
+    days: int,
+) -> None:  # fmt: skip
+    from fedpeft.deploy.signing import trusted_entities
+
+    private, public = make_node_key()
+    tls_key, tls_cert = make_client_cert(ca_key, ca_cert, files.name, days)
+    _write(files.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), private=False)
+    _write(files.auth_key, private, private=True)
+    _write(files.auth_pub, public, private=False)
+    pem = _pem_key(tls_key) + tls_cert.public_bytes(serialization.Encoding.PEM)
+    _write(files.tls, pem, private=True)
+    _write(files.trusted, trusted_entities(operator_pub).encode(), private=False)
 
 
 def write_credentials(
@@ -175,10 +364,8 @@ def write_credentials(
     days: int = 365,
     force: bool = False,
 ) -> Credentials:
-    """Create a CA, the SuperLink certificate for ``hosts`` and a key pair per node in ``out``.
-
-    Files: ``ca.crt``, ``ca.key``, ``server.pem``, ``server.key``, ``nodes/<name>`` and
-    ``nodes/<name>.pub``. Private keys get mode 0600.
+    """Create a CA, the coordinator certificate for ``hosts``, the operator's app-signing key
+    and one folder per node in ``out`` (see the module docstring). Private keys get mode 0600.
 
     Raises
     ------
@@ -186,19 +373,11 @@ def write_credentials(
         If a file exists already (pass ``force`` to replace them), a node name is unusable,
         or no host is given.
     """
-    root = Path(out)
-    bad = [n for n in nodes if not n or "/" in n or n.startswith(".")]
-    if bad or len(set(nodes)) != len(nodes):
-        raise ConfigError(f"node names must be distinct, non-empty file names, got {list(nodes)}")
-    creds = Credentials(
-        ca_cert=root / "ca.crt",
-        ca_key=root / "ca.key",
-        server_cert=root / "server.pem",
-        server_key=root / "server.key",
-        node_keys={n: (root / "nodes" / n, root / "nodes" / f"{n}.pub") for n in nodes},
-    )
-    paths = [creds.ca_cert, creds.ca_key, creds.server_cert, creds.server_key]
-    paths += [p for pair in creds.node_keys.values() for p in pair]
+    _check_names(nodes)
+    creds = Credentials.at(out, nodes)
+    paths = [creds.ca_cert, creds.ca_key, creds.server_cert, creds.server_key,
+             creds.operator_key, creds.operator_pub]  # fmt: skip
+    paths += [p for files in creds.nodes.values() for p in files.paths()]
     existing = [str(p) for p in paths if p.exists()]
     if existing and not force:
         raise ConfigError(
@@ -207,12 +386,39 @@ def write_credentials(
         )
     ca_key, ca_cert = make_ca(days=days)
     server_key, server_cert = make_server_cert(ca_key, ca_cert, hosts, days)
+    operator_private, operator_public = make_operator_key()
     _write(creds.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), private=False)
     _write(creds.ca_key, _pem_key(ca_key), private=True)
     _write(creds.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), private=False)
     _write(creds.server_key, _pem_key(server_key), private=True)
-    for private_path, public_path in creds.node_keys.values():
-        private, public = make_node_key()
-        _write(private_path, private, private=True)
-        _write(public_path, public, private=False)
+    _write(creds.operator_key, operator_private, private=True)
+    _write(creds.operator_pub, operator_public, private=False)
+    for files in creds.nodes.values():
+        _write_node(files, ca_key, ca_cert, operator_public, days)
+    return creds
+
+
+def add_nodes(out: str | Path, nodes: Sequence[str], days: int = 365) -> Credentials:
+    """Add node folders to the credentials in ``out`` (signed by its CA, trusting its
+    operator key); an existing node folder is never replaced.
+
+    Raises
+    ------
+    ConfigError
+        If ``out`` lacks the CA or operator key, or a node folder exists already.
+    """
+    _check_names(nodes)
+    creds = Credentials.at(out, nodes)
+    missing = [str(p) for p in (creds.ca_cert, creds.ca_key, creds.operator_pub) if not p.is_file()]
+    if missing:
+        raise ConfigError(f"missing {missing}: create the credentials with `fedpeft keys` first")
+    taken = [f.name for f in creds.nodes.values() if f.folder.exists()]
+    if taken:
+        raise ConfigError(f"node folders {taken} exist already in {Path(out) / 'nodes'}")
+    ca_cert = x509.load_pem_x509_certificate(creds.ca_cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(creds.ca_key.read_bytes(), password=None)
+    if not isinstance(ca_key, rsa.RSAPrivateKey):
+        raise ConfigError(f"{creds.ca_key} is not the RSA CA key `fedpeft keys` writes")
+    for files in creds.nodes.values():
+        _write_node(files, ca_key, ca_cert, creds.operator_pub.read_bytes(), days)
     return creds

@@ -2,6 +2,12 @@
 
 Flower's SuperLink and SuperNode each start a SuperExec child, which starts a process per
 task. Every child here gets its own process group, so stopping it stops its whole tree.
+
+A child started with ``die_with_parent`` is sent SIGTERM by the kernel when the process that
+started it dies, however it dies (SIGKILL included): it is run through
+:mod:`fedpeft.deploy.guard`, which sets Linux's parent-death signal and then execs the
+command (a ``preexec_fn`` would do the same, but is unsafe in a process with threads). On
+other systems the child is started the same way without that guarantee.
 """
 
 from __future__ import annotations
@@ -51,9 +57,16 @@ def flower_env(
 
 
 def start(
-    cmd: Sequence[str], env: Mapping[str, str], log: IO[bytes] | None = None
+    cmd: Sequence[str],
+    env: Mapping[str, str],
+    log: IO[bytes] | None = None,
+    die_with_parent: bool = False,
 ) -> subprocess.Popen[bytes]:
-    """Start ``cmd`` in a new process group (output to ``log``, or inherited)."""
+    """Start ``cmd`` in a new process group (output to ``log``, or inherited); with
+    ``die_with_parent`` it gets SIGTERM when this process dies (Linux)."""
+    if die_with_parent:
+        guard = [sys.executable, "-m", "fedpeft.deploy.guard", str(os.getpid())]
+        cmd = [*guard, *cmd]
     return subprocess.Popen(
         list(cmd),
         env=dict(env),

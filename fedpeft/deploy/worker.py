@@ -261,10 +261,16 @@ class ModelWorker:
         assert self._server is not None
         self._server.serve_forever(poll_interval=0.2)
 
-    def shutdown(self) -> None:
-        """Stop serving (from another thread) and remove the socket."""
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Stop serving (from another thread) and remove the socket.
+
+        Waits at most ``timeout_s`` for a request in progress: a hung ClientApp does not
+        keep the node from stopping (the serving thread is a daemon).
+        """
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+            server, self._server = self._server, None
+            done = threading.Thread(target=server.shutdown, daemon=True)
+            done.start()
+            done.join(timeout_s)
+            server.server_close()
         self.path.unlink(missing_ok=True)

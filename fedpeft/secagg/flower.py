@@ -17,12 +17,20 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedpeft._flwr import message_nbytes
+from fedpeft._flwr import message_nbytes, send_bounded
 from fedpeft.errors import ProtocolError
 from fedpeft.secagg.client import SecAggClient
 from fedpeft.secagg.session import Send
 
-__all__ = ["MESSAGE_TYPE", "RECORD", "from_record", "grid_transport", "secagg_handler", "to_record"]
+__all__ = [
+    "MESSAGE_TYPE",
+    "RECORD",
+    "from_record",
+    "grid_transport",
+    "reply_limit",
+    "secagg_handler",
+    "to_record",
+]
 
 MESSAGE_TYPE = "query.secagg"
 RECORD = "fedpeft.secagg"
@@ -42,13 +50,24 @@ def from_record(content: RecordDict) -> dict[str, Any]:
     return dict(rec)
 
 
+def reply_limit(dim: int, participants: int) -> int:
+    """Largest stage reply accepted, in bytes: a masked vector (8 bytes per coordinate in
+    Z_2^64) plus a few kB of keys and shares per participant, plus 1 MB."""
+    return 1_000_000 + 8 * dim + 4096 * participants
+
+
 def grid_transport(
-    grid: Grid, nodes: Mapping[int, int], timeout: float, counts: dict[str, int] | None = None
+    grid: Grid,
+    nodes: Mapping[int, int],
+    timeout: float,
+    counts: dict[str, int] | None = None,
+    limit: int | None = None,
 ) -> Send:
     """A ``send`` for :func:`~fedpeft.secagg.session.run_session` over ``grid``.
 
     ``nodes`` maps a participant index to its node id; ``counts`` (if given) accumulates
-    ``bytes_down`` / ``bytes_up`` of the framed messages.
+    ``bytes_down`` / ``bytes_up`` of the framed messages; ``limit`` (bytes) bounds each reply
+    where the grid can stop pulling it (see :func:`reply_limit`).
     """
     by_node = {node: i for i, node in nodes.items()}
 
@@ -60,7 +79,8 @@ def grid_transport(
         if counts is not None:
             counts["bytes_down"] = counts.get("bytes_down", 0) + sum(map(message_nbytes, msgs))
         out: dict[int, Any] = {}
-        for reply in grid.send_and_receive(msgs, timeout=timeout):
+        bounds = dict.fromkeys(by_node, limit) if limit is not None else {}
+        for reply in send_bounded(grid, msgs, bounds, timeout):
             i = by_node.get(reply.metadata.src_node_id)
             if i is None or i in out or reply.has_error():
                 continue

@@ -29,7 +29,7 @@ from typing import Any
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from fedpeft._flwr import message_nbytes
+from fedpeft._flwr import message_nbytes, send_bounded
 from fedpeft.errors import ProtocolError, clip
 from fedpeft.server.exchange import check_error
 from fedpeft.server.validate import MAX_NUM_EXAMPLES
@@ -40,6 +40,7 @@ __all__ = ["MAX_PROPERTIES", "NOTICE_TIMEOUT_S", "Roster"]
 log = logging.getLogger(__name__)
 
 MAX_PROPERTIES = 32  # a node advertises a few capabilities, not a payload
+MAX_INFO_BYTES = 1_000_000  # an answer to a query is a few hundred bytes
 NOTICE_TIMEOUT_S = 10.0  # how long a refusal notice may take to be acknowledged
 
 
@@ -109,7 +110,7 @@ class Roster:
         query = encode_query(self.run_id)
         msgs = [Message(query, node, "query.info") for node in new]
         self.bytes_down += sum(message_nbytes(m) for m in msgs)
-        replies = list(grid.send_and_receive(msgs, timeout=timeout))
+        replies = send_bounded(grid, msgs, dict.fromkeys(new, MAX_INFO_BYTES), timeout)
         by_message = {m.metadata.message_id: node for node, m in zip(new, msgs, strict=True)}
         answered: set[int] = set()
         notices: dict[int, str] = {}
@@ -196,7 +197,8 @@ class Roster:
         if not msgs:
             return {}, 0
         nbytes = sum(message_nbytes(m) for m in msgs.values())
-        replies = list(grid.send_and_receive(list(msgs.values()), timeout=timeout))
+        bounds = {m.metadata.dst_node_id: MAX_INFO_BYTES for m in msgs.values()}
+        replies = send_bounded(grid, list(msgs.values()), bounds, timeout)
         by_message = {m.metadata.message_id: cid for cid, m in msgs.items()}
         why = {cid: f"no answer to a probe within {timeout:g} s" for cid in msgs}
         for reply in replies:
@@ -221,7 +223,8 @@ class Roster:
             for node, reason in sorted(notices.items())
         ]
         self.bytes_down += sum(message_nbytes(m) for m in msgs)
-        for reply in grid.send_and_receive(msgs, timeout=NOTICE_TIMEOUT_S):
+        bounds = dict.fromkeys(notices, MAX_INFO_BYTES)
+        for reply in send_bounded(grid, msgs, bounds, NOTICE_TIMEOUT_S):
             self.bytes_up += message_nbytes(reply)
 
 

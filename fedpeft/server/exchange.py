@@ -18,7 +18,7 @@ from typing import Any
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedpeft._flwr import UNAVAILABLE_CODES, message_nbytes
+from fedpeft._flwr import REPLY_TOO_LARGE, UNAVAILABLE_CODES, message_nbytes, send_bounded
 from fedpeft.errors import ProtocolError, clip
 from fedpeft.server.validate import (
     Limits,
@@ -88,6 +88,8 @@ def check_error(reply: Message) -> None:
     if not reply.has_error():
         return
     code = "unavailable" if reply.error.code in UNAVAILABLE_CODES else "client_error"
+    if reply.error.code == REPLY_TOO_LARGE:
+        code = "payload_size"
     raise ProtocolError(str(reply.error.reason), code)
 
 
@@ -144,7 +146,11 @@ def exchange(
     out.counts["payload_down"] = sum(
         _payload_down(ins, m.content) for ins, m in zip(instructions.values(), msgs, strict=True)
     )
-    replies = list(grid.send_and_receive(msgs, timeout=timeout))
+    bounds = {
+        nodes[cid]: reply_limit(ins, (limits or {}).get(cid, Limits()))
+        for cid, ins in instructions.items()
+    }
+    replies = send_bounded(grid, msgs, bounds, timeout)
     # a reply belongs to the instruction it answers; the runtime's own error replies (node
     # unavailable, message expired) come from the SuperLink, not from the node
     by_message = {m.metadata.message_id: cid for cid, m in zip(instructions, msgs, strict=True)}

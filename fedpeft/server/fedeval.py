@@ -12,9 +12,9 @@ from typing import Any
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from fedpeft._flwr import message_nbytes
+from fedpeft._flwr import message_nbytes, send_bounded
 from fedpeft.config import TrainConfig
-from fedpeft.errors import ProtocolError
+from fedpeft.errors import ProtocolError, clip
 from fedpeft.wire import (
     Adapter,
     ClientInfo,
@@ -28,6 +28,8 @@ from fedpeft.wire import (
 )
 
 __all__ = ["federated_eval"]
+
+REPORT_LIMIT = 1_000_000  # an evaluation report is a header and a few numbers
 
 
 def _report(reply: Message, run_id: str, server_round: int, cid: str) -> EvalReport:
@@ -88,14 +90,14 @@ def federated_eval(
         ins = TrainInstruction(h, spec, train, adapter, seed=0, with_metric=metric)
         msgs.append(Message(encode_instruction(ins, shared), c.node_id, f"evaluate.{ins.mode}"))
         asked[c.node_id] = c.client_id
-    replies = list(grid.send_and_receive(msgs, timeout=timeout))
+    replies = send_bounded(grid, msgs, dict.fromkeys(asked, REPORT_LIMIT), timeout)
     reports, failures = [], {}
     for reply in replies:
         cid = asked.get(reply.metadata.src_node_id, "?")
         try:
             reports.append(_report(reply, header.run_id, header.server_round, cid))
         except ProtocolError as err:
-            failures[cid] = err.reason
+            failures[cid] = clip(err.reason)
     return {
         "fed_eval_bytes_down": sum(message_nbytes(m) for m in msgs),
         "fed_eval_bytes_up": sum(message_nbytes(r) for r in replies),

@@ -33,7 +33,7 @@ from flwr.serverapp import Grid
 from fedpeft.changes import combined_update, shared_sent, trained_mask, with_every_direction
 from fedpeft.config import RunConfig
 from fedpeft.errors import ProtocolError, RoundError
-from fedpeft.secagg.flower import grid_transport
+from fedpeft.secagg.flower import grid_transport, reply_limit
 from fedpeft.secagg.server import SecAggServer
 from fedpeft.secagg.session import run_session
 from fedpeft.server.exchange import Exchange, Instruction
@@ -86,8 +86,9 @@ def secure_aggregate(
             min_survivors=cfg.federation.min_clients,
         )  # fmt: skip
         send = grid_transport(
-            grid, {i: nodes[c] for i, c in enumerate(cids)}, cfg.federation.round_timeout_s, counts
-        )
+            grid, {i: nodes[c] for i, c in enumerate(cids)}, cfg.federation.round_timeout_s,
+            counts, limit=reply_limit(dim, n),
+        )  # fmt: skip
         result = run_session(server, send)
     except ProtocolError as err:
         raise RoundError(server_round, f"secure aggregation failed: {err.reason}") from err
