@@ -3,10 +3,10 @@
 For each case it runs, side by side in one invocation:
 
 - the in-process simulation of the scenario (``fedpeft simulate``'s engine), and
-- the same scenario deployed: ``fedpeft server`` (TLS SuperLink with node authentication,
-  left running with ``--keep``) and two ``fedpeft client`` nodes, each reaching the SuperLink
-  through its own byte-counting TCP relay, so every byte a node sends or receives on the
-  wire (TLS records, HTTP, Flower's protobuf objects, polling) is counted.
+- the same scenario deployed: ``fedpeft server`` (its link: a SuperLink on 127.0.0.1 behind
+  the mutual-TLS front, left running with ``--keep``) and two ``fedpeft client`` nodes, each
+  reaching the front through its own byte-counting TCP relay, so every byte a node sends or
+  receives on the wire (TLS records, HTTP, Flower's protobuf objects, polling) is counted.
 
 After the run it keeps the nodes connected and idle for ``--idle`` seconds to measure the
 polling traffic alone. Round times come from a second deployed run without the relays (the
@@ -36,6 +36,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import statistics
@@ -115,9 +116,14 @@ class Relay:
 
 
 def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port below the kernel's ephemeral range, so no process binding port 0 (a node's
+    tunnel) can take it between now and its use."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    while True:
+        candidate = random.randrange(10_000, low)
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.bind(("127.0.0.1", candidate))
+            return candidate
 
 
 def _cli(args: list[str], log: Path) -> subprocess.Popen[bytes]:
@@ -165,7 +171,7 @@ def deployed(
         for i in range(2):
             to = relays[i].port if relay else port
             args = ["client", "--superlink", f"127.0.0.1:{to}",
-                    "--ca", str(keys / "ca.crt"), "--key", str(keys / "nodes" / f"node{i}"),
+                    "--creds", str(keys / "nodes" / f"node{i}"),
                     "--state-dir", str(tmp / f"n{i}"), "--runtime-port", str(_port()),
                     "--partition-id", str(i), "--num-partitions", "2", "--device", "cpu",
                     "--threads", str(threads)]  # fmt: skip
@@ -175,7 +181,7 @@ def deployed(
             raise RuntimeError((tmp / "server.log").read_text()[-3000:])
         run_s = time.perf_counter() - t0
         body = (tmp / "server.log").read_text()
-        link_pid = int(body.split("SuperLink left running (pid ")[1].split(")")[0])
+        link_pid = int(body.split("left running, pid ")[1].split(";")[0])
         at_end = [r.counts() for r in relays]
         time.sleep(idle_s if relay else 0)
         idle = [

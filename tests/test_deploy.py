@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -49,12 +50,23 @@ NODES = {
     "fp16": (0, ["--dtype", "float16"]),  # another base model: its fingerprint differs
 }
 ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
+USED: set[int] = set()
 
 
 def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port below the kernel's ephemeral range: the processes of this test bind port 0
+    too (each node's tunnel), and a port handed out here must not be taken by one of them."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    while True:
+        candidate = random.randrange(10_000, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", candidate))
+            except OSError:
+                continue
+            if candidate not in USED:
+                USED.add(candidate)
+                return candidate
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen[bytes]:

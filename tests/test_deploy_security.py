@@ -31,6 +31,7 @@ from fedpeft.deploy.proxy import FLEET_ROUTES, FleetProxy, ProxyServer, ServerTL
 from fedpeft.deploy.signing import AppSignatures, attach_signature, trusted_entities
 from fedpeft.errors import ProtocolError
 from fedpeft.server.exchange import check_error
+from fedpeft.testing import RecordedRuntime, http_grid_on
 
 
 @pytest.fixture(scope="module")
@@ -201,66 +202,20 @@ def test_a_signed_app_is_verified_by_flowers_own_node_check(creds, tmp_path):
 
 
 # ------------------------------------------------------------------------ bounded pull
-class FakeRuntime:
-    """Serves one reply as a SuperLink's Runtime API would: the message without content,
-    its object tree, and each object's bytes on request (Flower's own encoding)."""
-
-    def __init__(self, reply: Message) -> None:
-        from flwr.app.message import remove_content_from_message
-        from flwr.common.serde import message_to_proto
-        from flwr.supercore.inflatable.inflatable_object import (
-            get_all_nested_objects,
-            get_object_tree,
-        )
-
-        self.objects = {i: o.deflate() for i, o in get_all_nested_objects(reply).items()}
-        self.tree = get_object_tree(reply)
-        self.proto = message_to_proto(remove_content_from_message(reply))
-        self.pulled = 0
-        self.confirmed: list[str] = []
-
-    def PullMessages(self, request):  # noqa: N802 (Flower's method names)
-        from flwr.proto.runtime_pb2 import PullAppMessagesResponse
-
-        return PullAppMessagesResponse(messages_list=[self.proto], message_object_trees=[self.tree])
-
-    def PullObject(self, request):  # noqa: N802
-        from flwr.proto.message_pb2 import PullObjectResponse
-
-        data = self.objects[request.object_id]
-        self.pulled += len(data)
-        return PullObjectResponse(object_found=True, object_available=True, object_content=data)
-
-    def ConfirmMessageReceived(self, request):  # noqa: N802
-        self.confirmed.append(request.message_object_id)
-
-
-def _grid_with(reply: Message):
-    from flwr.proto.node_pb2 import Node
-    from flwr.superlink.grid.http_grid import HttpGrid
-
-    from fedpeft._flwr import make_run
-
-    grid = HttpGrid.__new__(HttpGrid)  # Flower's deployed grid, connected to a fake runtime
-    grid._client = FakeRuntime(reply)  # noqa: SLF001  (what its _runtime_client returns)
-    grid.node = Node(node_id=1)
-    grid._run = make_run(7)  # noqa: SLF001
-    return grid
-
-
 def _reply(nbytes: int) -> tuple[Message, Message]:
     set_task_identity(7, 1)
     ins = Message(RecordDict(), 5, "train.lora")
     ins.metadata.__dict__["_message_id"] = ins.object_id
-    big = ArrayRecord({"x": Array(np.ones(nbytes // 4, np.float32))})
+    # distinct values: Flower stores identical chunks once (content-addressed)
+    big = ArrayRecord({"x": Array(np.arange(nbytes // 4, dtype=np.float32))})
     return ins, Message(RecordDict({"u": big}), reply_to=ins)
 
 
 def test_a_reply_is_not_pulled_past_its_limit(tmp_path):
-    ins, reply = _reply(40_000_000)  # eight 5 MiB objects
+    ins, reply = _reply(40_000_000)  # eight distinct 5 MiB objects
     reply.metadata.__dict__["_message_id"] = reply.object_id
-    grid = _grid_with(reply)
-    runtime = grid._runtime_client  # noqa: SLF001
+    runtime = RecordedRuntime(reply)
+    grid = http_grid_on(runtime)
     [got] = pull_bounded(grid, [reply.object_id], {ins.metadata.message_id: 6_000_000})
     assert got.has_error() and got.error.code == REPLY_TOO_LARGE
     assert got.metadata.reply_to_message_id == ins.metadata.message_id
@@ -271,7 +226,8 @@ def test_a_reply_is_not_pulled_past_its_limit(tmp_path):
     assert runtime.pulled < 40_000_000 // 2
     assert runtime.confirmed == [reply.object_id]  # the SuperLink may drop it
     # within its limit the same reply arrives whole and equal
-    [whole] = pull_bounded(_grid_with(reply), [reply.object_id], {ins.metadata.message_id: 10**9})
+    grid = http_grid_on(RecordedRuntime(reply))
+    [whole] = pull_bounded(grid, [reply.object_id], {ins.metadata.message_id: 10**9})
     assert not whole.has_error()
     assert np.array_equal(whole.content["u"]["x"].numpy(), reply.content["u"]["x"].numpy())
 

@@ -30,6 +30,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -158,6 +159,14 @@ class ClientRole:
             )
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {self.threads}")
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", self.runtime_port))
+            except OSError as err:
+                raise ConfigError(
+                    f"--runtime-port {self.runtime_port} is taken on this machine ({err}); "
+                    "give each node on one machine its own"
+                ) from None
         return files
 
     def run(self) -> int:
