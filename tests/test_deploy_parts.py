@@ -7,6 +7,7 @@ import socket
 import stat
 import struct
 import threading
+from pathlib import Path
 
 import pytest
 import tomllib
@@ -223,3 +224,29 @@ def test_the_deployed_client_app_forwards_every_message_type_fedpeft_handles(tin
             "evaluate.lora",
         }
     )
+
+
+def test_the_operator_is_told_why_a_run_ended(tmp_path, monkeypatch):
+    import subprocess
+
+    from fedpeft.deploy.apps import _write_outcome
+    from fedpeft.deploy.server_role import ServerRole
+
+    role = ServerRole(Path("x.toml"), [], tmp_path, tmp_path)
+    runs = {"runs": [
+        {"run-id": "11", "fab-hash": "ab12", "status": "finished:completed", "status-details": "",
+         "pending-at": "2026-12-01 10:00:00"},
+        {"run-id": "12", "fab-hash": "ab12", "status": "finished:stopped",
+         "status-details": "stopped by request", "pending-at": "2026-12-02 10:00:00"},
+        {"run-id": "13", "fab-hash": "ffff", "status": "running", "status-details": "",
+         "pending-at": "2026-12-03 10:00:00"},
+    ]}  # fmt: skip
+    answer = subprocess.CompletedProcess([], 0, json.dumps(runs), "")
+    monkeypatch.setattr(role, "_flwr", lambda args, env: answer)
+    why = role.why(tmp_path, {}, "ab12cd34")  # the latest run of this app, not another app's
+    assert why.startswith("Flower records run 12 as 'finished:stopped' (stopped by request)")
+    _write_outcome(tmp_path, KeyboardInterrupt())  # what Flower raises in a dropped task
+    assert "task heartbeat was not accepted" in role.why(tmp_path, {}, "ab12cd34")
+    _write_outcome(tmp_path, RuntimeError("x" * 10_000))
+    assert role.why(tmp_path, {}, "ab12cd34").startswith("RuntimeError: xxx")
+    assert len(role.why(tmp_path, {}, "ab12cd34")) < 4200  # cut: a client's text may be in it

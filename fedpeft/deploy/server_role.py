@@ -153,7 +153,7 @@ class ServerRole:
         print(f"fedpeft server: app {path.stem[:12]} signed with {creds.operator_key}", flush=True)
         return path.stem
 
-    def submit(self, out: Path, env: dict[str, str]) -> int:
+    def submit(self, out: Path, env: dict[str, str], fab_hash: str = "") -> int:
         """``flwr run OUT/app fedpeft --stream``; returns 0 only with results in ``out``."""
         t0 = time.perf_counter()
         submit = [flower_command("flwr"), "run", str(out / "app"), CONNECTION, "--stream"]
@@ -162,11 +162,13 @@ class ServerRole:
         if rc == 0 and (out / "summary.json").exists():
             print(f"fedpeft server: run done in {time.perf_counter() - t0:.1f} s; results in {out}")
             return 0
-        print(f"fedpeft server: the run ended without results: {self.why(out, env)}", flush=True)
+        why = self.why(out, env, fab_hash)
+        print(f"fedpeft server: the run ended without results: {why}", flush=True)
         return rc or 1
 
-    def why(self, out: Path, env: dict[str, str]) -> str:
-        """Why the run ended early: the coordinator's own error, else Flower's record."""
+    def why(self, out: Path, env: dict[str, str], fab_hash: str) -> str:
+        """Why the run ended early: the coordinator's own error, else Flower's record of the
+        latest run of this app (``fab_hash``)."""
         try:
             return str(json.loads((out / OUTCOME).read_text(encoding="utf-8"))["error"])
         except (OSError, ValueError, KeyError, TypeError):
@@ -174,7 +176,8 @@ class ServerRole:
         proc = self._flwr(["ls", CONNECTION, "--format", "json"], env)
         try:
             runs = json.loads(proc.stdout)["runs"]
-            run = max(runs, key=lambda r: str(r.get("created-at", "")))
+            ours = [r for r in runs if r["fab-hash"] and fab_hash.startswith(r["fab-hash"])]
+            run = max(ours, key=lambda r: str(r["pending-at"]))
         except (ValueError, KeyError, TypeError):
             return clip(f"no record of the run on the SuperLink: {proc.stdout}{proc.stderr}")
         return clip(
@@ -214,8 +217,8 @@ class ServerRole:
             wait_port(local, self.port, 60.0, link)
             if link is not None:
                 self.register(pubs, env)
-            self.sign(out / "app", creds)
-            rc = self.submit(out, env)
+            fab_hash = self.sign(out / "app", creds)
+            rc = self.submit(out, env, fab_hash)
         except BaseException:
             if link is not None:
                 stop(link)
