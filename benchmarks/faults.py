@@ -17,7 +17,7 @@ Cases (``--cases``; all by default):
   SuperLink is gone), then one ``fedpeft client`` SIGKILLed (seconds until its SuperNode is
   gone);
 - ``hung``: deployed, ``federation.round_timeout_s = 30``, ``probe_timeout_s = 5``: one node
-  is frozen (SIGSTOP) from round 2 to round 4 of 5, then thawed: each round's wall time and
+  is frozen (SIGSTOP) from round 2 to round 4 of 8, then thawed: each round's wall time and
   what the row says about that node.
 
     .venv/bin/python benchmarks/faults.py [--cases errors pull restart orphans hung]
@@ -170,12 +170,12 @@ class Deployment:
         text = path.read_text() if path.exists() else ""
         return [json.loads(x) for x in text.splitlines()]
 
-    def wait_rows(self, n: int, timeout: float = 600) -> float:
-        """Seconds until ``metrics.jsonl`` has ``n`` rows."""
+    def wait_rows(self, n: int, server: subprocess.Popen[bytes], timeout: float = 600) -> float:
+        """Seconds until ``metrics.jsonl`` has ``n`` rows (``server`` must keep running)."""
         t0 = time.monotonic()
         while len(self.rows()) < n:
-            if time.monotonic() - t0 > timeout:
-                raise RuntimeError(f"{n} rows not reached in {timeout} s")
+            if time.monotonic() - t0 > timeout or server.poll() is not None:
+                raise RuntimeError(f"{n} rows not reached: {self.tmp} (server {server.poll()})")
             time.sleep(0.1)
         return time.monotonic() - t0
 
@@ -220,7 +220,7 @@ def case_restart(tmp: Path) -> dict[str, Any]:
         server = dep.server()
         _wait_text(tmp / "server.log", "flwr run", server, 180)
         dep.start_nodes()
-        dep.wait_rows(2)  # round 1 checkpointed and written
+        dep.wait_rows(2, server)  # round 1 checkpointed and written
         for p in psutil.process_iter(["cmdline"]):
             line = " ".join(p.info["cmdline"] or [])
             if f"127.0.0.1:{dep.control}" in line or f"--control-port {dep.control}" in line:
@@ -230,7 +230,7 @@ def case_restart(tmp: Path) -> dict[str, Any]:
         done = len(dep.rows())
         t0 = time.monotonic()
         resumed = dep.server("--resume", log="resume")
-        back = dep.wait_rows(done + 1)
+        back = dep.wait_rows(done + 1, resumed)
         rc = resumed.wait(600)
         total = time.monotonic() - t0
         sim = tmp / "sim"
@@ -252,13 +252,15 @@ def case_orphans(tmp: Path) -> dict[str, Any]:
         server = dep.server()
         _wait_text(tmp / "server.log", "flwr run", server, 180)
         dep.start_nodes()
-        dep.wait_rows(2)
+        dep.wait_rows(2, server)
         links = _pids(f"--port {dep.control}")  # the SuperLink (127.0.0.1 only)
         server.send_signal(signal.SIGKILL)  # the process only, not its group
         link_s = _gone_after(links)
         node = dep.nodes[0]
         supernodes = [c.pid for c in psutil.Process(node.pid).children()
                       if "supernode" in " ".join(c.cmdline())]  # fmt: skip
+        if not supernodes:
+            raise RuntimeError(f"no SuperNode under {psutil.Process(node.pid).children()}")
         node.send_signal(signal.SIGKILL)
         node_s = _gone_after(supernodes)
     finally:
@@ -267,19 +269,20 @@ def case_orphans(tmp: Path) -> dict[str, Any]:
 
 
 def case_hung(tmp: Path) -> dict[str, Any]:
-    timeouts = ["federation.round_timeout_s=30", "federation.probe_timeout_s=5"]
-    dep = Deployment(tmp, [*TINY, "federation.rounds=5", "federation.connect_timeout_s=300",
+    timeouts = ["federation.round_timeout_s=30", "federation.probe_timeout_s=5",
+                "federation.min_clients=1"]  # fmt: skip
+    dep = Deployment(tmp, [*TINY, "federation.rounds=8", "federation.connect_timeout_s=300",
                            *timeouts])  # fmt: skip
     try:
         server = dep.server()
         _wait_text(tmp / "server.log", "flwr run", server, 180)
         dep.start_nodes()
-        dep.wait_rows(2)  # round 1 done
+        dep.wait_rows(2, server)  # round 1 done
         frozen = [dep.nodes[1].pid, *(c.pid for c in psutil.Process(dep.nodes[1].pid).children())]
         groups = {os.getpgid(p) for p in frozen}
         for g in groups:
             os.killpg(g, signal.SIGSTOP)
-        dep.wait_rows(5)  # rounds 2, 3, 4
+        dep.wait_rows(5, server)  # rounds 2, 3, 4
         for g in groups:
             os.killpg(g, signal.SIGCONT)
         rc = server.wait(600)

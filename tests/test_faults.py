@@ -24,7 +24,7 @@ from fedpeft.errors import MAX_REASON, RoundError
 from fedpeft.server import checkpoint as checkpoint_module
 from fedpeft.server.app import run_server
 from fedpeft.server.checkpoint import CHECKPOINT, load_checkpoint
-from fedpeft.server.results import RunReporter
+from fedpeft.server.results import RunReporter, format_summary
 from fedpeft.simulation.inprocess import FIRST_NODE_ID, InProcessGrid
 from fedpeft.wire import HEADER, decode_refusal
 
@@ -178,6 +178,8 @@ def test_discovery_lists_every_node_it_left_out_with_the_reason(
     assert "client id '9' is not one of the scenario's 0..2" in refused[str(ids[5])]
     assert _rows(tmp_path)[0]["discovery"] == found
     assert summary["num_clients"] == 2
+    table = format_summary(summary, cfg.data.metric)
+    assert "clients joined" in table and "2 of 3  (missing 2; 4 node(s) refused" in table
     # the coordinator tells the nodes it decided to refuse; the failing one knows already
     assert sorted(n for n, _ in told) == [ids[2], ids[4], ids[5]]
     assert all(reason == refused[str(n)] for n, reason in told)

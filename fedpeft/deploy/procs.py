@@ -76,7 +76,7 @@ def start(
     )
 
 
-def stop(proc: subprocess.Popen[bytes], grace_s: float = 15.0) -> int:
+def stop(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> int:
     """SIGTERM the process group, SIGKILL it after ``grace_s``; returns the exit code."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):

@@ -267,7 +267,7 @@ class ProxyServer:
                 tls_args |= {"ssl_ca_certs": str(tls.client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
         config = uvicorn.Config(
             app, lifespan="on", log_level="warning", access_log=False, ws="none",
-            timeout_keep_alive=30, **tls_args,
+            timeout_keep_alive=30, timeout_graceful_shutdown=2, **tls_args,
         )  # fmt: skip
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(

@@ -177,6 +177,8 @@ class Coordinator:
                 break
             time.sleep(0.2)
         infos = self.roster.infos()
+        for cid, why in self.roster.missing().items():
+            log.warning("fedpeft: client %s did not join: %s", cid, why)
         if len(infos) < min(fed.min_clients, fed.nodes):
             gone = self.roster.report()
             raise RoundError(

@@ -162,10 +162,10 @@ class Roster:
                 f"client {cid}: reports {info.num_examples} examples, expected "
                 f"1..{MAX_NUM_EXAMPLES}"
             )
-        if len(info.properties) > MAX_PROPERTIES:
+        if len(info.properties) > MAX_PROPERTIES or any(len(k) > 64 for k in info.properties):
             raise _Refused(
                 f"client {cid}: advertises {len(info.properties)} properties, at most "
-                f"{MAX_PROPERTIES}"
+                f"{MAX_PROPERTIES} with names of at most 64 characters"
             )
         holder = self.clients.get(cid)
         if holder is not None and holder.node_id != node and holder.node_id in connected:

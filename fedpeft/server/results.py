@@ -92,11 +92,22 @@ def format_summary(s: dict[str, Any], metric: str) -> str:
         f"  {'bytes up / client-round':28}{_fmt_bytes(s['bytes_up_per_client_round']):>20}"
         f"  (tensors {_fmt_bytes(s['payload_up_per_client_round'])})",
         f"  {'bytes down / client-round':28}{_fmt_bytes(s['bytes_down_per_client_round']):>20}",
+        *_joined(s.get("discovery") or {}),
         f"  {'client failures':28}{s['failures']:>20}",
         f"  {'wall time':28}{s['wall_s']:>18.1f} s",
         f"  {'adapter (peft format)':28}  {s['adapter']}",
     ]
     return "\n".join(lines)
+
+
+def _joined(found: dict[str, Any]) -> list[str]:
+    """A line on who joined, when some expected client did not or a node was refused."""
+    if not found or (not found.get("missing") and not found.get("refused")):
+        return []
+    text = f"{len(found['joined'])} of {found['expected']}"
+    extra = [f"missing {', '.join(found['missing'])}"] if found.get("missing") else []
+    extra += [f"{len(found['refused'])} node(s) refused"] if found.get("refused") else []
+    return [f"  {'clients joined':28}{text:>20}  ({'; '.join(extra)}: see summary.json)"]
 
 
 def _clean(row: dict[str, Any]) -> dict[str, Any]:
