@@ -155,6 +155,14 @@ class Deployment:
         self.procs.append(proc)
         return proc
 
+    def begin(self, rows: int) -> subprocess.Popen[bytes]:
+        """Start the server, then the nodes; return the server once ``rows`` rows exist."""
+        server = self.server()
+        _wait_text(self.tmp / "server.log", "flwr run", server, 180)
+        self.start_nodes()
+        self.wait_rows(rows, server)
+        return server
+
     def start_nodes(self) -> None:
         for i in range(2):
             self.nodes.append(_cli([
@@ -217,10 +225,7 @@ def case_restart(tmp: Path) -> dict[str, Any]:
 
     dep = Deployment(tmp, [*TINY, "federation.rounds=4", "federation.connect_timeout_s=300"])
     try:
-        server = dep.server()
-        _wait_text(tmp / "server.log", "flwr run", server, 180)
-        dep.start_nodes()
-        dep.wait_rows(2, server)  # round 1 checkpointed and written
+        server = dep.begin(2)  # round 1 checkpointed and written
         for p in psutil.process_iter(["cmdline"]):
             line = " ".join(p.info["cmdline"] or [])
             if f"127.0.0.1:{dep.control}" in line or f"--control-port {dep.control}" in line:
@@ -249,10 +254,7 @@ def case_restart(tmp: Path) -> dict[str, Any]:
 def case_orphans(tmp: Path) -> dict[str, Any]:
     dep = Deployment(tmp, [*TINY, "federation.rounds=20", "federation.connect_timeout_s=300"])
     try:
-        server = dep.server()
-        _wait_text(tmp / "server.log", "flwr run", server, 180)
-        dep.start_nodes()
-        dep.wait_rows(2, server)
+        server = dep.begin(2)
         links = _pids(f"--port {dep.control}")  # the SuperLink (127.0.0.1 only)
         server.send_signal(signal.SIGKILL)  # the process only, not its group
         link_s = _gone_after(links)
@@ -274,10 +276,7 @@ def case_hung(tmp: Path) -> dict[str, Any]:
     dep = Deployment(tmp, [*TINY, "federation.rounds=8", "federation.connect_timeout_s=300",
                            *timeouts])  # fmt: skip
     try:
-        server = dep.server()
-        _wait_text(tmp / "server.log", "flwr run", server, 180)
-        dep.start_nodes()
-        dep.wait_rows(2, server)  # round 1 done
+        server = dep.begin(2)  # round 1 done
         frozen = [dep.nodes[1].pid, *(c.pid for c in psutil.Process(dep.nodes[1].pid).children())]
         groups = {os.getpgid(p) for p in frozen}
         for g in groups:

@@ -150,7 +150,7 @@ class ClientRole:
     max_backoff_s: float = MAX_BACKOFF_S
 
     def _files(self) -> NodeFiles:
-        files = NodeFiles(self.creds.resolve())
+        files = NodeFiles.at(self.creds.resolve())
         missing = files.missing()
         if missing:
             raise ConfigError(

@@ -72,39 +72,61 @@ def _validity(days: int) -> tuple[datetime.datetime, datetime.datetime]:
     return now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
 
 
+CaKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+_CA_USAGE = x509.KeyUsage(
+    digital_signature=True, content_commitment=False, key_encipherment=False,
+    data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+    encipher_only=False, decipher_only=False,
+)  # fmt: skip
+
+
+def _issue(
+    subject: str,
+    public: rsa.RSAPublicKey | ec.EllipticCurvePublicKey,
+    issuer: tuple[CaKey, x509.Name] | None,
+    signer: CaKey,
+    days: int,
+    usage: x509.ExtendedKeyUsage | None = None,
+    hosts: Sequence[str] = (),
+) -> x509.Certificate:
+    """A certificate for ``public``: a CA's own when ``issuer`` is ``None`` (self-signed by
+    ``signer``), else a leaf ``issuer`` signs, with ``usage`` and ``hosts`` (subjectAltName)."""
+    start, end = _validity(days)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(_name(subject) if issuer is None else issuer[1])
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(
+            x509.BasicConstraints(ca=issuer is None, path_length=0 if issuer is None else None),
+            critical=True,
+        )  # fmt: skip
+    )
+    if issuer is None:
+        builder = builder.add_extension(_CA_USAGE, critical=True).add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(public), critical=False
+        )
+    else:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer[0].public_key()),
+            critical=False,
+        )
+    if usage is not None:
+        builder = builder.add_extension(usage, critical=False)
+    if hosts:
+        builder = builder.add_extension(_san(hosts), critical=False)
+    return builder.sign(signer, hashes.SHA256())
+
+
 def make_ca(
     common_name: str = "fedpeft CA", days: int = 365
 ) -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
     """A new certificate authority: its private key and self-signed certificate."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=RSA_BITS)
-    start, end = _validity(days)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common_name))
-        .issuer_name(_name(common_name))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )  # fmt: skip
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
+    return key, _issue(common_name, key.public_key(), None, key, days)
 
 
 def _san(hosts: Sequence[str]) -> x509.SubjectAlternativeName:
@@ -117,34 +139,22 @@ def _san(hosts: Sequence[str]) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName(names)
 
 
+_SERVER_AUTH = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH])
+_CLIENT_AUTH = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])
+
+
 def make_server_cert(
     ca_key: rsa.RSAPrivateKey,
     ca_cert: x509.Certificate,
     hosts: Sequence[str],
     days: int = 365,
 ) -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
-    """The SuperLink's key and certificate for ``hosts`` (names and IP addresses), CA-signed."""
+    """The coordinator's key and certificate for ``hosts`` (names and IP addresses), CA-signed."""
     if not hosts:
         raise ConfigError("the server certificate needs at least one host name or IP address")
     key = rsa.generate_private_key(public_exponent=65537, key_size=RSA_BITS)
-    start, end = _validity(days)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(hosts[0]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_san(hosts), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    return key, cert
+    issuer = (ca_key, ca_cert.subject)
+    return key, _issue(hosts[0], key.public_key(), issuer, ca_key, days, _SERVER_AUTH, hosts)
 
 
 def make_client_cert(
@@ -152,23 +162,8 @@ def make_client_cert(
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """A node's TLS client key (ECDSA P-256) and certificate (``clientAuth``, CN = ``name``)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    start, end = _validity(days)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(name))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    return key, cert
+    issuer = (ca_key, ca_cert.subject)
+    return key, _issue(name, key.public_key(), issuer, ca_key, days, _CLIENT_AUTH)
 
 
 def write_loopback_tls(folder: Path, days: int = 3650) -> tuple[Path, Path, Path]:
@@ -178,39 +173,11 @@ def write_loopback_tls(folder: Path, days: int = 3650) -> tuple[Path, Path, Path
     Made anew each time a node starts; the CA's key is never written.
     """
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    start, end = _validity(days)
-    name = _name("fedpeft loopback CA")
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
+    ca_cert = _issue("fedpeft loopback CA", ca_key.public_key(), None, ca_key, days)
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name("127.0.0.1"))
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_san(["127.0.0.1", "localhost"]), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
+    issuer = (ca_key, ca_cert.subject)
+    loopback = ["127.0.0.1", "localhost"]
+    cert = _issue("127.0.0.1", key.public_key(), issuer, ca_key, days, _SERVER_AUTH, loopback)
     paths = (folder / "ca.crt", folder / "server.pem", folder / "server.key")
     _write(paths[0], ca_cert.public_bytes(serialization.Encoding.PEM), private=False)
     _write(paths[1], cert.public_bytes(serialization.Encoding.PEM), private=False)
@@ -218,9 +185,8 @@ def write_loopback_tls(folder: Path, days: int = 3650) -> tuple[Path, Path, Path
     return paths
 
 
-def make_operator_key() -> tuple[bytes, bytes]:
-    """The operator's app-signing key pair (Ed25519): (private, public), OpenSSH format."""
-    key = ed25519.Ed25519PrivateKey.generate()
+def _openssh(key: ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey) -> tuple[bytes, bytes]:
+    """(private key, public key line) in OpenSSH format."""
     private = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.OpenSSH,
@@ -230,20 +196,16 @@ def make_operator_key() -> tuple[bytes, bytes]:
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
     )
     return private, public + b"\n"
+
+
+def make_operator_key() -> tuple[bytes, bytes]:
+    """The operator's app-signing key pair (Ed25519): (private, public), OpenSSH format."""
+    return _openssh(ed25519.Ed25519PrivateKey.generate())
 
 
 def make_node_key() -> tuple[bytes, bytes]:
-    """A SuperNode key pair: (private key, public key), both in OpenSSH format."""
-    key = ec.generate_private_key(ec.SECP384R1())
-    private = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.OpenSSH,
-        serialization.NoEncryption(),
-    )
-    public = key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    )
-    return private, public + b"\n"
+    """A SuperNode key pair (ECDSA P-384): (private, public), OpenSSH format."""
+    return _openssh(ec.generate_private_key(ec.SECP384R1()))
 
 
 @dataclass(frozen=True)
@@ -251,36 +213,22 @@ class NodeFiles:
     """The files of one node's folder (``nodes/<name>/``, see the module docstring)."""
 
     folder: Path
+    ca_cert: Path  # the CA certificate
+    auth_key: Path  # SuperNode authentication private key (OpenSSH)
+    auth_pub: Path  # its public key, registered at the coordinator
+    tls: Path  # TLS client key and certificate, one PEM file
+    trusted: Path  # --trusted-entities: the operator's public app-signing key
+
+    @classmethod
+    def at(cls, folder: Path) -> NodeFiles:
+        """The files of the node folder ``folder``."""
+        names = ("ca.crt", "node.key", "node.key.pub", "tls.pem", "trusted-entities.yaml")
+        return cls(folder, *(folder / n for n in names))
 
     @property
     def name(self) -> str:
         """The node's name (its folder's)."""
         return self.folder.name
-
-    @property
-    def ca_cert(self) -> Path:
-        """The CA certificate."""
-        return self.folder / "ca.crt"
-
-    @property
-    def auth_key(self) -> Path:
-        """SuperNode authentication private key (OpenSSH)."""
-        return self.folder / "node.key"
-
-    @property
-    def auth_pub(self) -> Path:
-        """SuperNode authentication public key (registered at the coordinator)."""
-        return self.folder / "node.key.pub"
-
-    @property
-    def tls(self) -> Path:
-        """TLS client key and certificate, one PEM file."""
-        return self.folder / "tls.pem"
-
-    @property
-    def trusted(self) -> Path:
-        """``--trusted-entities`` file: the operator's public app-signing key."""
-        return self.folder / "trusted-entities.yaml"
 
     def paths(self) -> list[Path]:
         """Every file of the folder."""
@@ -314,7 +262,7 @@ class Credentials:
             server_key=root / "server.key",
             operator_key=root / "operator.key",
             operator_pub=root / "operator.pub",
-            nodes={n: NodeFiles(root / "nodes" / n) for n in nodes},
+            nodes={n: NodeFiles.at(root / "nodes" / n) for n in nodes},
         )
 
 
@@ -327,7 +275,7 @@ def _write(path: Path, data: bytes, private: bool) -> None:
     os.chmod(path, mode)
 
 
-def _pem_key(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> bytes:
+def _pem_key(key: CaKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
