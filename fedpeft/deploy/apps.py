@@ -8,7 +8,9 @@ every node, exactly as ``fedpeft simulate`` would run it.
 
 - ``server_app``: the fedpeft coordinator (:func:`fedpeft.server.app.run_server`) on the
   SuperLink's grid, wrapped in :class:`PollingGrid` (Flower's ``HttpGrid`` sleeps 3 s between
-  pulls; fedpeft polls every 0.1 s).
+  pulls; fedpeft polls every 0.1 s, backing off to 1 s while nothing comes, and stops pulling a
+  reply past its size limit). If the coordinator fails, the reason goes to ``OUT/outcome.json``
+  for ``fedpeft server`` to print.
 - ``client_app``: forwards every message to the node's long-lived model worker
   (:mod:`fedpeft.deploy.worker`, socket path in the node config key ``worker``), so the base
   model loads once per node. Without ``worker`` it runs the fedpeft ClientApp in its own

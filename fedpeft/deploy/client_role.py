@@ -236,6 +236,8 @@ class ClientRole:
             print("+", " ".join(cmd), flush=True)
             node = start(cmd, flower_env(state / "flwr"), die_with_parent=True)
             current[:] = [node.pid]
+            if stopping.is_set():  # a stop request came while it was starting
+                stop(node)
             rc = node.wait()
             stop(node)  # its children, if any are left
             current.clear()
