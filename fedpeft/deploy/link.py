@@ -33,10 +33,15 @@ from fedpeft.deploy.proxy import MAX_BODY, FleetProxy, ProxyServer, ServerTLS, c
 from fedpeft.deploy.signing import AppSignatures, attach_signature
 from fedpeft.errors import ConfigError, ProtocolError
 
-__all__ = ["CONNECTION", "LinkRole", "flwr_config"]
+__all__ = ["CONNECTION", "LinkRole", "control_port", "flwr_config"]
 
 CONNECTION = "fedpeft"
 log = logging.getLogger(__name__)
+
+
+def control_port(port: int, given: int | None) -> int:
+    """The SuperLink's port on 127.0.0.1: ``given``, or the front's ``port`` + 1."""
+    return given if given is not None else port + 1
 
 
 def flwr_config(address: str, ca_cert: Path) -> str:
@@ -85,7 +90,7 @@ class LinkRole:
     @property
     def internal(self) -> int:
         """The SuperLink's port on 127.0.0.1."""
-        return self.control_port if self.control_port is not None else self.port + 1
+        return control_port(self.port, self.control_port)
 
     def _creds(self) -> Credentials:
         creds = Credentials.at(self.keys)

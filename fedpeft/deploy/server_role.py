@@ -38,7 +38,7 @@ from fedpeft._flwr import build_fab
 from fedpeft.configio import config_to_dict, dump_toml, load_config
 from fedpeft.deploy.apps import OUTCOME
 from fedpeft.deploy.credentials import Credentials
-from fedpeft.deploy.link import CONNECTION, flwr_config
+from fedpeft.deploy.link import CONNECTION, control_port, flwr_config
 from fedpeft.deploy.procs import flower_command, flower_env, start, stop, wait_port
 from fedpeft.deploy.signing import AppSignatures, load_operator_key
 from fedpeft.errors import ConfigError, FedpeftError, clip
@@ -120,7 +120,7 @@ class ServerRole:
     @property
     def internal(self) -> int:
         """The SuperLink's port on 127.0.0.1."""
-        return self.control_port if self.control_port is not None else self.port + 1
+        return control_port(self.port, self.control_port)
 
     def _pubs(self, creds: Credentials) -> list[Path]:
         missing = [str(p) for p in (creds.ca_cert, creds.operator_key) if not p.is_file()]

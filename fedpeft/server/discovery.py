@@ -22,9 +22,9 @@ joined, missing and refused, each with its reason — goes into the first metric
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from flwr.app import Message
 from flwr.serverapp import Grid
@@ -38,6 +38,7 @@ from fedpeft.wire import ClientInfo, decode_client_info, encode_query, encode_re
 __all__ = ["MAX_PROPERTIES", "NOTICE_TIMEOUT_S", "Roster"]
 
 log = logging.getLogger(__name__)
+K = TypeVar("K", int, str)
 
 MAX_PROPERTIES = 32  # a node advertises a few capabilities, not a payload
 MAX_INFO_BYTES = 1_000_000  # an answer to a query is a few hundred bytes
@@ -107,18 +108,14 @@ class Roster:
         if not new:
             return 0
         self.asked.update(new)
-        query = encode_query(self.run_id)
-        msgs = [Message(query, node, "query.info") for node in new]
-        self.bytes_down += sum(message_nbytes(m) for m in msgs)
-        replies = send_bounded(grid, msgs, dict.fromkeys(new, MAX_INFO_BYTES), timeout)
-        by_message = {m.metadata.message_id: node for node, m in zip(new, msgs, strict=True)}
+        replies, down, up = self._query(grid, {node: node for node in new}, timeout)
+        self.bytes_down += down
+        self.bytes_up += up
         answered: set[int] = set()
         notices: dict[int, str] = {}
         joined = 0
-        for reply in replies:  # in arrival order: the first node to claim an id keeps it
-            self.bytes_up += message_nbytes(reply)
-            node = by_message.get(reply.metadata.reply_to_message_id, -1)
-            if node < 0 or node in answered:
+        for node, reply in replies:  # in arrival order: the first node to claim an id keeps it
+            if node in answered:
                 continue
             answered.add(node)
             try:
@@ -140,8 +137,7 @@ class Roster:
 
     def _admit(self, reply: Message, node: int, connected: set[int]) -> None:
         try:
-            check_error(reply)
-            info = decode_client_info(reply.content, node_id=node)
+            info = _client_info(reply, node)
         except ProtocolError as err:
             why = f"its answer was refused ({err.code}): {err.reason}"
             raise _Refused(why, tell=False) from None
@@ -190,31 +186,35 @@ class Roster:
         Returns the client ids that did not answer as themselves, each with why, and the
         bytes the probes cost (both ways).
         """
-        msgs = {
-            cid: Message(encode_query(self.run_id), self.clients[cid].node_id, "query.info")
-            for cid in sorted(cids)
-        }
-        if not msgs:
+        targets = {cid: self.clients[cid].node_id for cid in sorted(cids)}
+        if not targets:
             return {}, 0
-        nbytes = sum(message_nbytes(m) for m in msgs.values())
-        bounds = {m.metadata.dst_node_id: MAX_INFO_BYTES for m in msgs.values()}
-        replies = send_bounded(grid, list(msgs.values()), bounds, timeout)
-        by_message = {m.metadata.message_id: cid for cid, m in msgs.items()}
-        why = {cid: f"no answer to a probe within {timeout:g} s" for cid in msgs}
-        for reply in replies:
-            nbytes += message_nbytes(reply)
-            cid = by_message.get(reply.metadata.reply_to_message_id)
-            if cid is None:
-                continue
+        replies, down, up = self._query(grid, targets, timeout)
+        why = {cid: f"no answer to a probe within {timeout:g} s" for cid in targets}
+        for cid, reply in replies:
             try:
-                check_error(reply)
-                info = decode_client_info(reply.content, node_id=reply.metadata.src_node_id)
+                info = _client_info(reply, targets[cid])
             except ProtocolError as err:
                 why[cid] = f"its answer to a probe was refused ({err.code}): {err.reason}"
                 continue
             if info.client_id == cid:
-                del why[cid]
-        return why, nbytes
+                why.pop(cid, None)
+        return why, down + up
+
+    def _query(
+        self, grid: Grid, targets: Mapping[K, int], timeout: float
+    ) -> tuple[list[tuple[K, Message]], int, int]:
+        """Send ``query.info`` to each target's node; the replies that answer one, in arrival
+        order and keyed like ``targets``, and the bytes down and up."""
+        keys = list(targets)
+        msgs = [Message(encode_query(self.run_id), targets[k], "query.info") for k in keys]
+        bounds = dict.fromkeys(targets.values(), MAX_INFO_BYTES)
+        replies = send_bounded(grid, msgs, bounds, timeout)
+        by_message = {m.metadata.message_id: k for k, m in zip(keys, msgs, strict=True)}
+        answers = [(by_message[r.metadata.reply_to_message_id], r) for r in replies
+                   if r.metadata.reply_to_message_id in by_message]  # fmt: skip
+        down = sum(message_nbytes(m) for m in msgs)
+        return answers, down, sum(message_nbytes(r) for r in replies)
 
     def _tell(self, grid: Grid, notices: dict[int, str]) -> None:
         """Tell refused nodes why (their logs show it); a node that does not listen is fine."""
@@ -233,6 +233,12 @@ class _Refused(Exception):
         super().__init__(reason)
         self.reason = clip(reason)
         self.tell = tell
+
+
+def _client_info(reply: Message, node: int) -> ClientInfo:
+    """The ``ClientInfo`` a reply carries (``ProtocolError`` for an error reply or bad bytes)."""
+    check_error(reply)
+    return decode_client_info(reply.content, node_id=node)
 
 
 def _span(ids: tuple[str, ...]) -> str:

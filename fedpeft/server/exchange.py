@@ -146,10 +146,8 @@ def exchange(
     out.counts["payload_down"] = sum(
         _payload_down(ins, m.content) for ins, m in zip(instructions.values(), msgs, strict=True)
     )
-    bounds = {
-        nodes[cid]: reply_limit(ins, (limits or {}).get(cid, Limits()))
-        for cid, ins in instructions.items()
-    }
+    held = {cid: (limits or {}).get(cid, Limits()) for cid in instructions}
+    bounds = {nodes[cid]: reply_limit(ins, held[cid]) for cid, ins in instructions.items()}
     replies = send_bounded(grid, msgs, bounds, timeout)
     # a reply belongs to the instruction it answers; the runtime's own error replies (node
     # unavailable, message expired) come from the SuperLink, not from the node
@@ -169,8 +167,7 @@ def exchange(
         out.client_bytes_up[cid] = message_nbytes(reply)
         out.counts["bytes_up"] += out.client_bytes_up[cid]
         try:
-            limit = (limits or {}).get(cid, Limits())
-            update, payload = _decode(reply, instructions[cid], limit, out.client_bytes_up[cid])
+            update, payload = _decode(reply, instructions[cid], held[cid], out.client_bytes_up[cid])
         except ProtocolError as err:
             out.fail(cid, err.code, err.reason)
             continue
