@@ -134,6 +134,76 @@ def test_secure_noise_has_the_right_spread():
     assert not np.array_equal(x[:10], gaussian(10, 2.0, 0, 1, secure=True))
 
 
+@pytest.mark.parametrize("secure", [False, True])
+def test_noise_has_the_requested_spread(secure):
+    """Empirical mean and std of 200k draws against the requested N(0, 1.7^2)."""
+    x = gaussian(200_000, 1.7, 5, 2, secure=secure)
+    assert x.dtype == np.float64 and x.shape == (200_000,)
+    assert abs(float(x.mean())) < 0.02 and float(x.std()) == pytest.approx(1.7, rel=0.01)
+
+
+WIDE = 4000  # coordinates per factor, so the release's empirical std is tight
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_lora_release_noise_std_is_z_times_clip_over_k(secure):
+    """Clients that changed nothing: the release is the noise alone, std z C / k = 0.375."""
+    sent = {"m": LoraFactors(a=torch.zeros(1, WIDE), b=torch.zeros(WIDE, 1), alpha=1.0)}
+    ctx = StrategyContext(initial=sent, spec=SPEC, seed=1)
+    cfg = DpConfig(noise_multiplier=1.5, clip_norm=2.0, secure_noise=secure)
+    dp = DpAggregation(FedAvg(FedAvg.Config(), ctx), cfg, clients_per_round=8, num_clients=8,
+                       seed=1)  # fmt: skip
+    dp.configure_train(1, _clients(2))
+    ups = [LoraUpdate(Header("r", 1, "f", "h", 10, str(i)), sent) for i in range(2)]
+    got = np.array(_flat(dp.aggregate_train(1, ups).adapter))
+    assert float(got.std()) == pytest.approx(1.5 * 2.0 / 8, rel=0.03)
+    assert abs(float(got.mean())) < 0.02
+
+
+def test_zeroth_order_noise_std_is_z_times_clip_over_k():
+    ctx = StrategyContext(initial=SENT, spec=SPEC, seed=0)
+    dp = DpAggregation(
+        FedAvg(FedAvg.Config(), ctx), DpConfig(noise_multiplier=0.5, clip_norm=4.0), 4, 4,
+        seed=7, zo=True, zo_shape=(2, WIDE),
+    )  # fmt: skip
+    ups = [
+        ZoUpdate(Header("r", 1, "f", "h", 5, str(i)), np.array([i], np.uint16),
+                 np.array([0.0], np.float32))
+        for i in range(3)
+    ]  # fmt: skip
+    out = dp._zo(1, ups)
+    noise = out[0].scalars[1:].astype(np.float64) / 3  # the strategy weights each update 1/m
+    assert len(noise) == 2 * WIDE
+    assert float(noise.std()) == pytest.approx(0.5 * 4.0 / 4, rel=0.03)
+
+
+def test_accountant_is_restored_with_the_strategy_state():
+    """After 2 rounds, save, load into a fresh wrapper: round 3 reports epsilon of 3 rounds
+    (sqrt(3)/z-GDP), and a budget that allows only 2 rounds stops round 3."""
+    z = 2.0
+
+    def wrapper(max_epsilon: float = 0.0) -> DpAggregation:
+        ctx = StrategyContext(initial=SENT, spec=SPEC, seed=3)
+        cfg = DpConfig(noise_multiplier=z, clip_norm=1.0, max_epsilon=max_epsilon)
+        return DpAggregation(FedAvg(FedAvg.Config(), ctx), cfg, 2, 2, seed=3)
+
+    dp = wrapper()
+    for rnd in (1, 2):
+        dp.configure_train(rnd, _clients(2))
+        dp.aggregate_train(rnd, [_update("0", [1, 0, 0, 0]), _update("1", [0, 1, 0, 0])])
+    state = dp.state_dict()
+    fresh = wrapper()
+    fresh.load_state_dict(state)
+    fresh.configure_train(3, _clients(2))
+    got = fresh.aggregate_train(3, [_update("0", [1, 0, 0, 0]), _update("1", [0, 1, 0, 0])])
+    two, three = (_gdp_epsilon(math.sqrt(t) / z, 1e-5) for t in (2, 3))
+    assert got.metrics["dp_epsilon"] == pytest.approx(three, rel=1e-4)
+    budget = wrapper(max_epsilon=(two + three) / 2)
+    budget.load_state_dict(state)
+    with pytest.raises(PrivacyBudgetExhausted, match="round 3 would reach"):
+        budget.configure_train(3, _clients(2))
+
+
 def test_dp_run_reports_epsilon_every_round_and_stops_at_the_budget(tiny_config, tmp_path, cache):
     eps2 = PrivacyAccountant(DpConfig(noise_multiplier=1.0)).epsilon(2)
     cfg = tiny_config(

@@ -9,7 +9,7 @@ import torch
 
 from fedpeft.strategies.base import StrategyContext
 from fedpeft.strategies.fedavg import FedAvg
-from fedpeft.wire import LoraFactors, LoraSpec
+from fedpeft.wire import Header, LoraFactors, LoraSpec, LoraUpdate
 
 
 def _strategy(initial, weighted=True):
@@ -90,3 +90,19 @@ def test_result_keeps_the_clients_dtype(make_update, dtype):
     ups = [make_update(client=str(i), seed=i, dtype=dtype) for i in range(2)]
     res = _strategy(ups[0].factors).aggregate_train(1, ups)
     assert res.adapter["m.q_proj"].a.dtype == dtype
+
+
+def test_weights_follow_their_clients_whatever_the_reply_order():
+    """Hand-computed: A = (1 * 2 + 3 * 6) / 4 = 5 and B = (1 * -1 + 3 * 3) / 4 = 2."""
+    spec = LoraSpec(rank=1, alpha=1.0, target_modules=("q_proj",))
+    sent = {"m": LoraFactors(a=torch.zeros(1, 2), b=torch.zeros(2, 1), alpha=1.0)}
+
+    def up(cid: str, n: int, a: float, b: float) -> LoraUpdate:
+        f = LoraFactors(a=torch.full((1, 2), a), b=torch.full((2, 1), b), alpha=1.0)
+        return LoraUpdate(Header("r", 1, "f", "h", n, cid), {"m": f})
+
+    ups = [up("b", 3, 6.0, 3.0), up("a", 1, 2.0, -1.0)]  # replies not in id order
+    for order in (ups, ups[::-1]):
+        res = FedAvg(FedAvg.Config(), StrategyContext(sent, spec, 0)).aggregate_train(1, order)
+        assert res.adapter["m"].a.tolist() == [[5.0, 5.0]]
+        assert res.adapter["m"].b.tolist() == [[2.0], [2.0]]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fedpeft.lora import init_factors
-from fedpeft.rank_ops import dense_delta, product_norm, stack, svd_from_stacks
+from fedpeft.rank_ops import dense_delta, product_norm, stack, svd_from_stacks, unit_scale
 from fedpeft.ranks import TierRanks
 from fedpeft.strategies.base import StrategyContext
 from fedpeft.strategies.registry import build_strategy
@@ -53,16 +53,23 @@ def _random(rank, seed, a=None, b=None):
     return out
 
 
+def _product(f):
+    """``(alpha / r) B A`` in float64, written out here (not rank_ops' unit_scale)."""
+    r = f.a.shape[0]
+    return (f.alpha / r) * (f.b.double() @ f.a.double())  # (out, r) @ (r, in)
+
+
 def _ideal(updates, module):
-    weights = [u.header.num_examples / sum(EXAMPLES) for u in updates]
-    return dense_delta([u.factors[module] for u in updates], weights)
+    """The naive reference ``sum_k p_k (alpha_k / r_k) B_k A_k``."""
+    total = sum(u.header.num_examples for u in updates)
+    return sum(u.header.num_examples / total * _product(u.factors[module]) for u in updates)
 
 
-def _rel_error(result, updates):
+def _rel_error(result, updates, before=None):
     errs = []
     for m in SHAPES:
-        ideal = _ideal(updates, m)
-        got = result.adapter[m].delta().double()
+        ideal = _ideal(updates, m) + (0 if before is None else before[m])
+        got = _product(result.adapter[m])
         errs.append(float((got - ideal).norm() / ideal.norm()))
     return max(errs)
 
@@ -83,12 +90,58 @@ def test_flora_is_exact_for_mixed_ranks():
     assert res.spec.rank == sum(RANKS)
 
 
+def test_flora_global_after_two_rounds_is_the_sum_of_both_rounds():
+    """Round 2's global = round 1's product + round 2's clients' product (the stack is kept),
+    and round 2's clients were sent round 1's stack as the base to merge."""
+    strat, ups1, res1 = _run_round("flora", lambda c, p: _random(p.spec.rank, int(c)))
+    before = {m: _product(res1.adapter[m]) for m in SHAPES}
+    plans = strat.configure_train(2, _clients())
+    for p in plans.values():
+        assert p.base is not None
+        for m in SHAPES:
+            assert torch.allclose(_product(p.base[m]), before[m], rtol=1e-6, atol=1e-6)
+    ups2 = [_update(c, _random(plans[c].spec.rank, 20 + int(c)), 2) for c in IDS]
+    res2 = strat.aggregate_train(2, ups2)
+    assert _rel_error(res2, ups2, before) <= 1e-6
+    assert res2.spec.rank == 2 * sum(RANKS)
+
+
+def test_unit_scale_folds_alpha_over_rank_into_b():
+    f = LoraFactors(a=torch.ones(4, 3), b=torch.full((2, 4), 0.5), alpha=8.0)  # scale 2
+    a, b = unit_scale(f)
+    assert a.dtype == b.dtype == torch.float64
+    assert torch.equal(a, torch.ones(4, 3, dtype=torch.float64))
+    assert torch.equal(b, torch.ones(2, 4, dtype=torch.float64))
+    g = LoraFactors(a=torch.ones(1, 3), b=torch.ones(2, 1), alpha=3.0)  # scale 3: sBA = 3
+    # f: s B A = 2 * (4 * 0.5) = 4 per entry
+    assert torch.equal(dense_delta([f, g], [0.5, 0.25]), torch.full((2, 3), 0.5 * 4 + 0.25 * 3))
+
+
 def test_ffa_is_exact_with_the_shared_frozen_a():
     # clients train B only; A is the plan's slice of the shared A_0
     _, ups, res = _run_round("ffa", lambda c, p: _random(p.spec.rank, int(c), a=p.adapter))
     assert _rel_error(res, ups) <= 1e-6
     for m in SHAPES:  # A_0 did not move
         assert torch.equal(res.adapter[m].a[:2], ups[0].factors[m].a)
+
+
+def test_one_factor_strategies_ask_for_one_factor():
+    """FFA-LoRA trains B on a frozen shared A in every round; RoLoRA alternates B, A, B."""
+    ffa = build_strategy("ffa", {}, _ctx())
+    for rnd in (1, 2, 3):
+        assert {p.parts for p in ffa.configure_train(rnd, _clients()).values()} == {"B"}
+    rolora = build_strategy("rolora", {}, _ctx())
+    got = []
+    for rnd in (1, 2, 3):
+        plans = rolora.configure_train(rnd, _clients())
+        (parts,) = {p.parts for p in plans.values()}
+        got.append(parts)
+        ups = []
+        for c in IDS:
+            frozen = {("a" if parts == "B" else "b"): plans[c].adapter}
+            ups.append(_update(c, _random(plans[c].spec.rank, int(c), **frozen), rnd))
+        rolora.aggregate_train(rnd, ups)
+    assert got == ["B", "A", "B"]
 
 
 def test_rolora_is_exact_in_both_kinds_of_round():

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,8 @@ from fedpeft.server.checkpoint import (
     save_checkpoint,
 )
 from fedpeft.simulation.runner import simulate
+from fedpeft.strategies.fedavg import FedAvg
+from fedpeft.strategies.registry import register_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = {"wall_s", "eval_s", "train_s_max", "sim_client_s", "step_s_max", "forward_s_max"}
@@ -83,15 +88,35 @@ def test_a_crash_while_writing_leaves_the_previous_checkpoint(tmp_path, monkeypa
     assert load_checkpoint(path) == {"round": 1}
 
 
-def _cli(*args: str) -> subprocess.Popen[bytes]:
+WAIT_S = 1800  # bounded, and generous: a busy 2-core machine may be 5x slower
+
+
+@contextlib.contextmanager
+def _cli(*args: str) -> Iterator[subprocess.Popen[bytes]]:
+    """``fedpeft simulate`` in its own process group, killed with its children on the way out
+    (a timed-out or failed test leaves nothing running)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen(
-        [sys.executable, "-m", "fedpeft.cli", "simulate", "--quiet", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    with tempfile.TemporaryFile() as log:  # a file, not a pipe: a full pipe would block it
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fedpeft.cli", "simulate", "--quiet", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        proc.log = log  # type: ignore[attr-defined]
+        try:
+            yield proc
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _output(proc: subprocess.Popen[bytes]) -> str:
+    proc.log.seek(0)  # type: ignore[attr-defined]
+    return proc.log.read().decode(errors="replace")[-3000:]  # type: ignore[attr-defined]
 
 
 def _rows(run: Path) -> list[dict[str, object]]:
@@ -114,22 +139,19 @@ def _checkpointed_round(run: Path) -> int:
 def test_sigkill_mid_run_then_resume_gives_the_bit_identical_adapter(tmp_path):
     scenario = ("--config", "simulations/tiny.toml", "rounds=5", "eval.examples=8")
     clean, crashed = tmp_path / "clean", tmp_path / "crashed"
-    ref = _cli(*scenario, "--out", str(clean))
-    assert ref.wait(timeout=300) == 0, ref.stdout.read().decode() if ref.stdout else ""
-
-    victim = _cli(*scenario, "--out", str(crashed))
-    deadline = time.monotonic() + 300
-    while _checkpointed_round(crashed) < 2 and victim.poll() is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    victim.send_signal(signal.SIGKILL)  # no chance to clean up: as if the machine died
-    assert victim.wait(timeout=30) == -signal.SIGKILL
+    with _cli(*scenario, "--out", str(clean)) as ref:
+        assert ref.wait(timeout=WAIT_S) == 0, _output(ref)
+    with _cli(*scenario, "--out", str(crashed)) as victim:
+        deadline = time.monotonic() + WAIT_S
+        while _checkpointed_round(crashed) < 2 and victim.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        victim.send_signal(signal.SIGKILL)  # no chance to clean up: as if the machine died
+        assert victim.wait(timeout=60) == -signal.SIGKILL
     done = _checkpointed_round(crashed)
     assert 2 <= done < 5 and not (crashed / "summary.json").exists()
-
-    resumed = _cli("--resume", str(crashed))
-    out = resumed.stdout.read().decode() if resumed.stdout else ""
-    assert resumed.wait(timeout=300) == 0, out
+    with _cli("--resume", str(crashed)) as resumed:
+        assert resumed.wait(timeout=WAIT_S) == 0, _output(resumed)
     a = _tensors(clean / "adapter" / "adapter_model.safetensors")
     b = _tensors(crashed / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -195,6 +217,55 @@ def test_round_retries_rerun_a_failed_round_with_the_strategy_state_restored(
     assert again["after"] == clean["after"]
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("attempts") for r in rows] == [None, 1, 2]
+
+
+class _CountingFedAvg:
+    """FedAvg whose state counts its configure_train calls (a stateful plan step, like a
+    bandit's or a sampler's), so a retry that kept a failed attempt's state shows up."""
+
+    Config = FedAvg.Config
+
+    def __init__(self, config, ctx) -> None:
+        self.inner, self.configured = FedAvg(config, ctx), 0
+
+    def configure_train(self, server_round, clients):
+        self.configured += 1
+        return self.inner.configure_train(server_round, clients)
+
+    def aggregate_train(self, server_round, updates):
+        return self.inner.aggregate_train(server_round, updates)
+
+    def state_dict(self):
+        return {"inner": self.inner.state_dict(), "configured": self.configured}
+
+    def load_state_dict(self, state):
+        self.inner.load_state_dict(state["inner"])
+        self.configured = int(state["configured"])
+
+
+def test_a_retried_round_starts_from_the_state_before_the_failed_attempt(
+    tiny_config, tmp_path, cache, monkeypatch
+):
+    from fedpeft.server import coordinator
+
+    register_strategy("test-counting", _CountingFedAvg)
+    cfg = tiny_config(
+        "strategy.name=test-counting", "federation.rounds=2", "validation.round_retries=2"
+    )
+    real, calls = coordinator.exchange, []
+
+    def flaky(grid, instructions, nodes, server_round, *args, **kwargs):
+        got = real(grid, instructions, nodes, server_round, *args, **kwargs)
+        calls.append(server_round)
+        if server_round == 2 and calls.count(2) < 3:
+            got.updates = []  # two failed attempts, the third succeeds
+        return got
+
+    monkeypatch.setattr(coordinator, "exchange", flaky)
+    simulate(cfg, tmp_path, quiet=True, cache=cache)
+    assert calls == [1, 2, 2, 2]
+    # one configure_train per round that counted: the failed attempts were undone
+    assert load_checkpoint(tmp_path / CHECKPOINT)["strategy"]["configured"] == 2
 
 
 def test_zeroth_order_resume_with_fresh_clients_does_a_full_sync(tmp_path, monkeypatch):

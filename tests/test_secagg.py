@@ -207,6 +207,75 @@ def test_shamir_any_t_shares_recover_fewer_fail():
         shamir.combine([two[0], two[0], two[1]], 3)
 
 
+def _lagrange_at(points, x, prime):
+    """The polynomial through ``points`` evaluated at ``x`` (written here, not shamir's)."""
+    total = 0
+    for i, (xi, yi) in enumerate(points):
+        term = yi
+        for j, (xj, _) in enumerate(points):
+            if i != j:
+                term = term * (x - xj) * pow(xi - xj, -1, prime) % prime
+        total = (total + term) % prime
+    return total
+
+
+@pytest.mark.parametrize("t", [2, 3, 5])
+def test_shamir_polynomial_has_degree_t_minus_1_so_t_minus_1_shares_reveal_nothing(t):
+    """t shares fix the polynomial; with t - 1 shares the secret is not determined: the
+    degree-(t - 2) curve through them misses it, and so does every other share's value."""
+    secret = bytes(range(1, 33))
+    xs = list(range(1, t + 3))
+    shares = shamir.split(secret, xs, t)
+    points = [(x, int.from_bytes(shares[x][4:], "big")) for x in xs]
+    p = shamir.PRIME
+    assert _lagrange_at(points[:t], 0, p) == int.from_bytes(secret, "big")
+    for x, y in points[t:]:  # every further share lies on the curve through the first t
+        assert _lagrange_at(points[:t], x, p) == y
+    # through t - 1 shares: a lower-degree curve that does not pass through the others
+    assert _lagrange_at(points[: t - 1], 0, p) != int.from_bytes(secret, "big")
+    assert _lagrange_at(points[: t - 1], points[t - 1][0], p) != points[t - 1][1]
+
+
+def _share(x: int, y: int) -> bytes:
+    """A share in the wire layout, written here: x as 4 big-endian bytes, y as 66."""
+    return x.to_bytes(4, "big") + y.to_bytes(66, "big")
+
+
+def test_shamir_share_layout_and_threshold_one():
+    secret = bytes(range(100, 132))
+    shares = shamir.split(secret, [3, 9], 1)  # threshold 1: every share is the secret itself
+    assert shares == {3: _share(3, int.from_bytes(secret, "big")),
+                      9: _share(9, int.from_bytes(secret, "big"))}  # fmt: skip
+    assert shamir.combine([shares[9]], 1) == secret
+
+
+def test_shamir_refuses_bad_input_with_a_reason():
+    with pytest.raises(ValueError, match="secrets are 32 bytes, got 31"):
+        shamir.split(bytes(31), [1, 2], 2)
+    for xs, t in (([1, 2], 3), ([1, 2], 0), ([1, 1], 2), ([0, 1], 2)):
+        with pytest.raises(ValueError, match="need distinct points >= 1 and 1 <= threshold"):
+            shamir.split(bytes(32), xs, t)
+    good = shamir.split(bytes(32), [1, 2], 2)
+    with pytest.raises(ProtocolError, match="a share is 69 bytes, expected 70"):
+        shamir.combine([good[1][:-1], good[2]], 2)
+    with pytest.raises(ProtocolError, match="outside the field"):
+        shamir.combine([_share(1, shamir.PRIME), good[2]], 2)
+    with pytest.raises(ProtocolError, match="outside the field"):
+        shamir.combine([_share(0, 5), good[2]], 2)
+
+
+@pytest.mark.parametrize("value", [2**256, 2**256 + 12345, 2**287])
+def test_shamir_shares_of_a_value_too_large_for_a_secret_are_refused(value):
+    """Shares that interpolate to a value of more than 32 bytes (built here on a line through
+    it) belong to no secret."""
+    slope = 7
+    shares = [_share(x, (value + slope * x) % shamir.PRIME) for x in (1, 2)]
+    with pytest.raises(ProtocolError, match="do not belong to one secret"):
+        shamir.combine(shares, 2)
+    top = [_share(x, (2**256 - 1 + slope * x) % shamir.PRIME) for x in (1, 2)]
+    assert shamir.combine(top, 2) == b"\xff" * 32  # the largest secret is accepted
+
+
 def test_masks_are_full_entropy_keystreams():
     a, b = expand_mask(b"\1" * 32, 100_000), expand_mask(b"\2" * 32, 100_000)
     assert not np.array_equal(a[:8], b[:8])

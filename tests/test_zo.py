@@ -82,6 +82,36 @@ def test_in_place_float32_drift_is_rounding_only():
     assert 0 < drift <= bound
 
 
+def test_fedkseed_scalar_is_the_directional_derivative_along_its_direction():
+    """One step on one full batch: the scalar g must match autograd's grad . z (the central
+    difference's limit), and the step must be theta -= lr * g * z with z in {-1, +1}."""
+    handle = _handle()
+    spec = dataclasses.replace(SPEC, local_steps=1, eps=1e-3, lr=1e-3)
+    rt = ZoRuntime(handle, spec)
+    batch_of, n = _batches(handle)
+    before = _params(rt)
+    model = handle.base_model
+    was = [p.requires_grad for p in rt.params]
+    for p in rt.params:
+        p.requires_grad_(True)
+        p.grad = None
+    model.eval()
+    model(**batch_of(list(range(n)))).loss.backward()  # the whole batch, as the step sees it
+    grads = [p.grad.detach().double().clone() for p in rt.params]
+    for p, w in zip(rt.params, was, strict=True):
+        p.grad = None
+        p.requires_grad_(w)
+    res = fedkseed_local(rt, spec, batch_of, n, n, seed=4, restore=False)
+    (g,) = res.scalars.tolist()
+    assert abs(g) > 1e-3  # a real step, not a zero-gradient corner
+    directional = 0.0
+    for b, a, grad in zip(before, _params(rt), grads, strict=True):
+        z = (a.double() - b.double()) / (-spec.lr * g)  # (numel,) should be +-1
+        assert torch.allclose(z.abs(), torch.ones_like(z), atol=1e-2)
+        directional += float((grad * z.round()).sum())
+    assert g == pytest.approx(directional, rel=0.02)
+
+
 @pytest.mark.parametrize(("keep_z", "per_step"), [(False, 3), (True, 1)])
 def test_regenerations_per_step(keep_z, per_step):
     handle = _handle()
