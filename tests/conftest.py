@@ -16,16 +16,82 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 
 from flwr.app import Context, Message  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
-from fedpeft.cache import ProcessCache  # noqa: E402
+from fedpeft.cache import PROCESS_CACHE, ProcessCache  # noqa: E402
 from fedpeft.config import ModelConfig, RunConfig  # noqa: E402
 from fedpeft.configio import load_config  # noqa: E402
 from fedpeft.lora import ModelHandle  # noqa: E402
 from fedpeft.models import load_model  # noqa: E402
 from fedpeft.wire import Header, LoraFactors, LoraUpdate  # noqa: E402
 
+# Property tests are CPU-bound: on a busy machine hypothesis' 200 ms deadline per example
+# fails tests that are merely slow. Their size is bounded by max_examples instead.
+settings.register_profile("fedpeft", deadline=None)
+settings.load_profile("fedpeft")
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_TOML = REPO / "simulations" / "tiny.toml"
+
+
+SIMULATING = {"tiny_config", "cache"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under ``FEDPEFT_MUTATION=1`` (benchmarks/mutation.py) keep the unit tests only: a test
+    that runs a simulation, Ray or a deployment costs minutes per surviving mutant."""
+    if os.environ.get("FEDPEFT_MUTATION") != "1":
+        return
+    keep, drop = [], []
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        slow = (
+            names & SIMULATING
+            or item.get_closest_marker("ray")
+            or item.get_closest_marker("deploy")
+        )
+        (drop if slow else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+@pytest.fixture(autouse=True)
+def _fresh_process_cache():
+    """Every test starts with an empty process cache, so no test sees a model or runtime that
+    an earlier one built or changed (a full-model seed/scalar run moves the cached weights)."""
+    yield
+    PROCESS_CACHE.clear()
+
+
+_HANDED_OUT: set[int] = set()
+
+
+def _free_port() -> int:
+    """A port free now, below the kernel's ephemeral range (processes that bind port 0 never
+    get it) and not handed out before in this session."""
+    import random
+    import socket
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    while True:
+        candidate = random.randrange(10_000, low)
+        if candidate in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", candidate))
+            except OSError:
+                continue
+        _HANDED_OUT.add(candidate)
+        return candidate
+
+
+@pytest.fixture(scope="session")
+def free_port() -> Callable[[], int]:
+    """``free_port()``: a port for a server a test starts in another process. The server binds
+    it later, so the caller retries with another port if that bind fails."""
+    return _free_port
 
 
 @pytest.fixture(scope="session")

@@ -17,9 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -50,23 +48,9 @@ NODES = {
     "fp16": (0, ["--dtype", "float16"]),  # another base model: its fingerprint differs
 }
 ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
-USED: set[int] = set()
-
-
-def _port() -> int:
-    """A free port below the kernel's ephemeral range: the processes of this test bind port 0
-    too (each node's tunnel), and a port handed out here must not be taken by one of them."""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    while True:
-        candidate = random.randrange(10_000, low)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", candidate))
-            except OSError:
-                continue
-            if candidate not in USED:
-                USED.add(candidate)
-                return candidate
+# every wait on a process is bounded, and generous: the story takes ~4.5 min on an idle
+# 2-core machine and must hold with both cores busy
+WAIT_S = 900
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
@@ -149,11 +133,11 @@ def main(grid, context):
 
 
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory) -> dict:  # noqa: PLR0915 (one story, told in order)
+def federation(tmp_path_factory, free_port) -> dict:  # noqa: PLR0915 (one story, told in order)
     tmp = tmp_path_factory.mktemp("dep")
     keys = tmp / "keys"
     write_credentials(keys, ["127.0.0.1"], list(NODES), 1, False)
-    port, control = _port(), _port()
+    port, control = free_port(), free_port()
     lora = tmp / "lora"
     res: dict = {"tmp": tmp, "keys": keys, "lora": lora, "zo": tmp / "zo"}
     server_args = ["server", "--config", "simulations/tiny.toml", "--out", str(lora),
@@ -166,7 +150,7 @@ def federation(tmp_path_factory) -> dict:  # noqa: PLR0915 (one story, told in o
     try:
         server = _start(server_args, tmp / "server.log")
         procs.append(server)
-        _wait_for(tmp / "server.log", "flwr run", server, 180)  # link up, keys registered
+        _wait_for(tmp / "server.log", "flwr run", server, WAIT_S)  # link up, keys registered
         # a node with a valid certificate whose key the coordinator never registers
         add_nodes(keys, ["unregistered"], days=1)
         (keys / "nodes" / "unregistered").rename(tmp / "unregistered-creds")
@@ -175,12 +159,12 @@ def federation(tmp_path_factory) -> dict:  # noqa: PLR0915 (one story, told in o
             creds = keys / "nodes" / name if name in NODES else tmp / "unregistered-creds"
             procs.append(_start([
                 "client", "--superlink", f"127.0.0.1:{port}", "--creds", str(creds),
-                "--state-dir", str(tmp / name), "--runtime-port", str(_port()),
+                "--state-dir", str(tmp / name), "--runtime-port", str(free_port()),
                 "--partition-id", str(pid), "--num-partitions", "2", "--device", "cpu", *extra,
             ], tmp / f"{name}.log"))  # fmt: skip
         res["nodes"] = dict(zip(clients, procs[1:], strict=True))
         # --- the whole coordinator dies (SIGKILL: no cleanup) after a checkpoint
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + WAIT_S
         while _checkpointed(lora) < 1:
             assert server.poll() is None and time.monotonic() < deadline, (
                 tmp / "server.log"
@@ -195,7 +179,7 @@ def federation(tmp_path_factory) -> dict:  # noqa: PLR0915 (one story, told in o
         # --- and is started again with --resume; the nodes are left as they are
         resumed = _start([*server_args, "--resume"], tmp / "resume.log")
         procs.append(resumed)
-        res["lora_rc"] = resumed.wait(timeout=600)
+        res["lora_rc"] = resumed.wait(timeout=2 * WAIT_S)
         res["alive_after_resume"] = [n for n, p in res["nodes"].items() if p.poll() is None]
         log = (tmp / "resume.log").read_text()
         if "left running, pid " in log:
@@ -211,7 +195,7 @@ def federation(tmp_path_factory) -> dict:  # noqa: PLR0915 (one story, told in o
         text = app_project(scenario, unsigned, "federation.connect_timeout_s=15")
         (unsigned / "app" / "pyproject.toml").write_text(text)
         res["unsigned"] = _flwr(lora / "flwr", "run", str(unsigned / "app"), "fedpeft",
-                                "--stream", timeout=300)  # fmt: skip
+                                "--stream", timeout=WAIT_S)  # fmt: skip
         # --- a run that cannot start (a third client nobody runs): the operator is told why
         failing = _start(["server", "--attach", "--config", "simulations/tiny.toml",
                           "--out", str(tmp / "failing"), "--keys", str(keys), "--port", str(port),
@@ -219,13 +203,13 @@ def federation(tmp_path_factory) -> dict:  # noqa: PLR0915 (one story, told in o
                           "federation.min_clients=3", "federation.connect_timeout_s=5"],
                          tmp / "failing.log")  # fmt: skip
         procs.append(failing)
-        res["failing_rc"] = failing.wait(timeout=300)
+        res["failing_rc"] = failing.wait(timeout=WAIT_S)
         # --- a zeroth-order run on the same link
         attach = _start(["server", "--attach", "--config", "simulations/tiny_fedkseed.toml",
                          "--out", str(tmp / "zo"), "--keys", str(keys), "--port", str(port),
                          "--control-port", str(control), *ZO], tmp / "attach.log")  # fmt: skip
         procs.append(attach)
-        res["zo_rc"] = attach.wait(timeout=300)
+        res["zo_rc"] = attach.wait(timeout=WAIT_S)
         res["workers"] = {n: json.loads((tmp / n / "worker.json").read_text()) for n in clients}
         res["control_listeners"] = [
             c.laddr.ip for c in psutil.net_connections("tcp")
