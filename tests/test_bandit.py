@@ -59,11 +59,16 @@ def test_state_round_trip_continues_identically(kind):
 
 
 def test_devices_learn_independently():
+    """A new device explores every arm once, whatever another device learned (arm 3), and its
+    plays leave the other device's choices unchanged."""
     bandit = make_bandit("sw-ucb", ARMS, seed=0, **KINDS["sw-ucb"])
-    _play(bandit, "fast", 200, seed=1)
+    alone = make_bandit("sw-ucb", ARMS, seed=0, **KINDS["sw-ucb"])
+    late = _play(bandit, "fast", 200, seed=1)[-50:]
+    assert late.count(3) > 25  # it learned the best arm
+    _play(alone, "fast", 200, seed=1)
     assert "slow" not in bandit.state_dict()["history"]
-    first = [bandit.select("slow")]
-    assert first[0] in range(len(ARMS))
+    assert sorted(_play(bandit, "slow", len(ARMS), seed=2, means=np.zeros(6))) == [0, 1, 2, 3, 4, 5]
+    assert _play(bandit, "fast", 20, seed=3) == _play(alone, "fast", 20, seed=3)
 
 
 def test_bad_input_is_rejected():

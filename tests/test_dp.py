@@ -12,7 +12,7 @@ from scipy.optimize import brentq
 from scipy.stats import norm
 
 from fedpeft.config import DpConfig
-from fedpeft.privacy import PrivacyAccountant, PrivacyBudgetExhausted, gaussian
+from fedpeft.privacy import PrivacyAccountant, PrivacyBudgetExhausted, clip_and_noise, gaussian
 from fedpeft.simulation.runner import simulate
 from fedpeft.strategies.base import StrategyContext
 from fedpeft.strategies.dp import DpAggregation
@@ -79,27 +79,46 @@ def _clients(n: int) -> list[ClientInfo]:
     return [ClientInfo(Header("r", 0, "f", "", 10, str(i)), "cpu") for i in range(n)]
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "ffa"])
-def test_lora_release_is_the_clipped_mean_plus_calibrated_noise(strategy):
-    ctx = StrategyContext(initial=SENT, spec=SPEC, seed=3)
+def _dp(strategy: str, z: float, seed: int = 3) -> DpAggregation:
+    ctx = StrategyContext(initial=SENT, spec=SPEC, seed=seed)
     inner = FedAvg(FedAvg.Config(), ctx) if strategy == "fedavg" else FfaLora(FfaLora.Config(), ctx)
-    cfg = DpConfig(noise_multiplier=2.0, clip_norm=1.0)
-    dp = DpAggregation(inner, cfg, clients_per_round=4, num_clients=8, seed=3)
-    dp.configure_train(1, _clients(3))  # 3 of the expected 4 answered: divide by 4 anyway
+    cfg = DpConfig(noise_multiplier=z, clip_norm=1.0)
+    return DpAggregation(inner, cfg, clients_per_round=4, num_clients=8, seed=seed)
+
+
+def _lora_round(dp: DpAggregation, strategy: str, rnd: int = 1) -> list[float]:
+    dp.configure_train(rnd, _clients(3))  # 3 of the expected 4 answered: divide by 4 anyway
     ups = [_update("0", [3, 4, 0, 0]), _update("1", [0, 0, 0.3, 0.4]), _update("2", [0, 0, 0, 1])]
     if strategy == "ffa":  # FFA trains B only: A came back as it was sent
         ups = [_update(u.header.client_id, [0, 0, *_flat(u)[2:]]) for u in ups]
-    got = dp.aggregate_train(1, ups)
-    trained = 4 if strategy == "fedavg" else 2
-    noise = gaussian(trained, 2.0 * 1.0 / 4, 3, 1, False)
-    clipped = [[0.6, 0.8, 0, 0], [0, 0, 0.3, 0.4], [0, 0, 0, 1]]
-    if strategy == "ffa":
-        clipped = [[0, 0, 0, 0], [0, 0, 0.3, 0.4], [0, 0, 0, 1]]
-    want = np.sum(clipped, axis=0) / 4
-    want[4 - trained :] += noise
-    assert _flat(got.adapter) == pytest.approx(want.tolist(), abs=1e-6)
+    return _flat(dp.aggregate_train(rnd, ups).adapter)
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "ffa"])
+def test_lora_release_is_the_clipped_mean_over_the_expected_clients(strategy):
+    """Without noise (z = 0) the release is exactly sum_k clip(d_k) / k, by hand."""
+    got = _lora_round(_dp(strategy, 0.0), strategy)
+    if strategy == "fedavg":  # [3, 4] has norm 5 -> [0.6, 0.8]; the others have norm <= 1
+        want = [0.6 / 4, 0.8 / 4, 0.3 / 4, (0.4 + 1) / 4]
+    else:
+        want = [0, 0, 0.3 / 4, (0.4 + 1) / 4]
+    assert got == pytest.approx(want, abs=1e-7)
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "ffa"])
+def test_lora_release_noise_lands_on_the_trained_coordinates_only_and_is_seeded(strategy):
+    clean = _lora_round(_dp(strategy, 0.0), strategy)
+    noisy = _lora_round(_dp(strategy, 2.0), strategy)
+    noise = [n - c for n, c in zip(noisy, clean, strict=True)]
+    trained = range(4) if strategy == "fedavg" else range(2, 4)  # FFA: A gets no noise
+    assert all((abs(x) > 1e-9) == (i in trained) for i, x in enumerate(noise))
+    assert _lora_round(_dp(strategy, 2.0), strategy) == noisy  # same seed and round
+    assert _lora_round(_dp(strategy, 2.0, seed=4), strategy) != noisy
+    dp = _dp(strategy, 2.0)
+    dp.configure_train(1, _clients(1))
+    got = dp.aggregate_train(1, [_update("0", [0, 0, 0, 0])])
     assert got.metrics["dp_epsilon"] == pytest.approx(_gdp_epsilon(1 / 2.0, 1e-5), rel=1e-4)
-    assert got.metrics["dp_noise_std"] == 0.5
+    assert got.metrics["dp_noise_std"] == 0.5  # z C / k = 2 * 1 / 4
 
 
 def _flat(x) -> list[float]:
@@ -124,8 +143,25 @@ def test_zeroth_order_release_clips_each_client_and_adds_noise_on_every_directio
     assert out[0].scalars[:2].tolist() == pytest.approx([0.75, 0.25])  # (3+1) -> norm 1
     assert out[1].scalars.tolist() == [0.5]
     assert out[0].seeds[2:].tolist() == list(range(8))  # noise on every direction
-    noise = gaussian(8, 1.0 * 1.0 / 2, 0, 1, False)
-    assert out[0].scalars[2:].tolist() == pytest.approx((noise * 2).tolist(), rel=1e-6)
+    noise = out[0].scalars[2:].astype(np.float64) / 2  # the strategy weights each update 1/m
+    assert np.count_nonzero(noise) == 8  # noise on every direction of the pool
+    again = dp._zo(1, ups)[0].scalars[2:]
+    assert np.array_equal(again, out[0].scalars[2:])  # seeded by (run seed, round)
+    assert not np.array_equal(dp._zo(2, ups)[0].scalars[2:], again)
+
+
+def test_a_clients_secure_contribution_is_clipped_masked_and_noised():
+    v = np.array([3.0, 4.0, 12.0])
+    assert clip_and_noise(v, 26.0, 0.0).tolist() == [3.0, 4.0, 12.0]  # norm 13 <= 26: kept
+    assert clip_and_noise(v, 6.5, 0.0) == pytest.approx([1.5, 2.0, 6.0])  # halved to norm 6.5
+    mask = np.array([1.0, 1.0, 0.0])  # the frozen coordinate is dropped before clipping
+    assert clip_and_noise(v, 1.0, 0.0, mask) == pytest.approx([0.6, 0.8, 0.0])
+    big = np.zeros(100_000)
+    half = (np.arange(100_000) % 2).astype(np.float64)
+    noisy = clip_and_noise(big, 1.0, 0.3, half)
+    assert not noisy[half == 0].any()  # no noise off the mask
+    assert float(noisy[half == 1].std()) == pytest.approx(0.3, rel=0.02)
+    assert abs(float(noisy[half == 1].mean())) < 0.01
 
 
 def test_secure_noise_has_the_right_spread():

@@ -106,6 +106,39 @@ def test_flora_global_after_two_rounds_is_the_sum_of_both_rounds():
     assert res2.spec.rank == 2 * sum(RANKS)
 
 
+def _truncated(f, rank):
+    """The first ``rank`` components of a factor pair as a product, written out here."""
+    return (f.alpha / f.a.shape[0]) * (f.b.double()[:, :rank] @ f.a.double()[:rank])
+
+
+def _best_rank(dense, rank):
+    """Eckart-Young: the best rank-``rank`` approximation, from a dense SVD."""
+    u, s, vh = torch.linalg.svd(dense, full_matrices=False)
+    return u[:, :rank] @ torch.diag(s[:rank]) @ vh[:rank]
+
+
+@pytest.mark.parametrize("name", ["ffa", "hetlora", "flexlora", "rolora"])
+def test_second_round_plans_carry_the_first_rounds_global(name):
+    """Round 2 sends each client the round-1 global at its rank: a slice of it (FFA, HetLoRA,
+    RoLoRA) or its best rank-r approximation (FlexLoRA), each product computed here."""
+    one_factor = name in ("ffa", "rolora")
+
+    def train(c, p):
+        return _random(p.spec.rank, int(c), a=p.adapter if one_factor else None)
+
+    strat, _, res = _run_round(name, train)
+    plans = strat.configure_train(2, _clients())
+    for c in IDS:
+        r = plans[c].spec.rank
+        for m in SHAPES:
+            if name == "flexlora":
+                want = _best_rank(_product(res.adapter[m]), r)
+            else:
+                want = _truncated(res.adapter[m], r)
+            got = _product(plans[c].adapter[m])
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (name, c, m)
+
+
 def test_unit_scale_folds_alpha_over_rank_into_b():
     f = LoraFactors(a=torch.ones(4, 3), b=torch.full((2, 4), 0.5), alpha=8.0)  # scale 2
     a, b = unit_scale(f)

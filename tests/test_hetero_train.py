@@ -204,3 +204,31 @@ def test_ray_runs_mixed_ranks_and_codecs_like_in_process(tiny_config, tmp_path, 
     keys = ("eval_loss", "train_loss", "payload_up", "payload_down", "flora_global_rank")
     ip, ray = _rows(tmp_path / "inprocess"), _rows(tmp_path / "ray")
     assert [{k: r.get(k) for k in keys} for r in ip] == [{k: r.get(k) for k in keys} for r in ray]
+
+
+def _tensor_bytes(content) -> int:
+    return sum(a.numpy().nbytes for a in content["fedpeft.tensors"].values())
+
+
+@pytest.mark.parametrize("codec", ["fp16", "int8"])
+def test_compressed_download_decodes_within_its_bound_and_shrinks_the_tensors(codec, make_update):
+    """compress.down: the client loads the instruction's adapter within the codec's error
+    (fp16: relative 2^-11; int8: half a step of max|row| / 127 per rank component)."""
+    sent = make_update(rank=4, seed=3)
+    plain = encode_instruction(_instruction(sent.factors))
+    content = encode_instruction(_instruction(sent.factors, compress=CompressConfig(down=codec)))
+    back = decode_instruction(content).adapter
+    numel = sum(f.a.numel() + f.b.numel() for f in sent.factors.values())
+    assert _tensor_bytes(plain) == 4 * numel
+    for m, f in sent.factors.items():
+        for got, want in ((back[m].a, f.a), (back[m].b.T, f.b.T)):  # rows = rank components
+            if codec == "fp16":
+                assert torch.all((got - want).abs() <= want.abs() * 2**-11 + 2**-25)
+            else:
+                bound = want.abs().amax(dim=1, keepdim=True) / 254 + 1e-7
+                assert torch.all((got - want).abs() <= bound)
+                assert not torch.equal(got, want)  # it really was quantized
+    if codec == "fp16":
+        assert _tensor_bytes(content) == 2 * numel
+    else:  # one int8 per value, one float32 scale per rank component of each factor
+        assert _tensor_bytes(content) == numel + 4 * 4 * 2 * len(sent.factors)

@@ -24,11 +24,16 @@ from fedpeft.server.checkpoint import (
     CHECKPOINT,
     CheckpointError,
     load_checkpoint,
+    result_from_state,
+    result_state,
     save_checkpoint,
 )
 from fedpeft.simulation.runner import simulate
+from fedpeft.strategies.base import AggregateResult, ZoGlobal
 from fedpeft.strategies.fedavg import FedAvg
 from fedpeft.strategies.registry import register_strategy
+from fedpeft.wire import LoraFactors, LoraSpec
+from fedpeft.wire_zo import ZoSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = {"wall_s", "eval_s", "train_s_max", "sim_client_s", "step_s_max", "forward_s_max"}
@@ -62,6 +67,32 @@ def test_checkpoint_round_trips_every_kind_of_value(tmp_path):
     assert back["blob"] == b"\x00\xffmask"
     assert torch.equal(back["nested"]["a"]["b"][0], torch.ones(1))
     assert not path.with_name(CHECKPOINT + ".tmp").exists()
+
+
+@pytest.mark.parametrize("kind", ["lora", "zo-full", "zo-lora"])
+def test_a_global_model_survives_the_checkpoint_file_exactly(kind, tmp_path):
+    """result_state -> safetensors file -> result_from_state gives the same global model."""
+    spec = LoraSpec(rank=2, alpha=3.0, target_modules=("q_proj",), dropout=0.1)
+    if kind == "lora":
+        g = torch.Generator().manual_seed(0)
+        adapter = {"m.q_proj": LoraFactors(torch.randn(2, 5, generator=g),
+                                           torch.randn(4, 2, generator=g), 3.0)}  # fmt: skip
+        result = AggregateResult(adapter=adapter, spec=spec, metrics={"x": 1.5})
+    else:
+        zspec = ZoSpec(algorithm="ferret", target=kind[3:], num_seeds=8, pool_seed=3,
+                       lora=spec if kind == "zo-lora" else None)  # fmt: skip
+        coeffs = np.arange(16, dtype=np.float32).reshape(2, 8) / 7
+        result = AggregateResult(zo=ZoGlobal(zspec, 4, coeffs), metrics={"y": 2.0})
+    save_checkpoint(tmp_path / CHECKPOINT, {"current": result_state(result)})
+    back = result_from_state(load_checkpoint(tmp_path / CHECKPOINT)["current"])
+    assert back.metrics == result.metrics
+    if kind == "lora":
+        assert back.spec == spec and back.zo is None
+        f, h = back.adapter["m.q_proj"], result.adapter["m.q_proj"]
+        assert torch.equal(f.a, h.a) and torch.equal(f.b, h.b) and f.alpha == 3.0
+    else:
+        assert back.adapter is None and back.zo.spec == result.zo.spec and back.zo.version == 4
+        assert np.array_equal(back.zo.coeffs, coeffs) and back.zo.coeffs.dtype == np.float32
 
 
 def test_checkpoint_refuses_what_it_cannot_restore_and_reports_bad_files(tmp_path):

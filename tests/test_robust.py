@@ -178,3 +178,34 @@ def test_inflated_examples_are_capped(tiny_config, tmp_path, cache):
     simulate(cfg, tmp_path, quiet=True, cache=cache)
     row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[1])
     assert row["weights_capped"] == 1 and row["rejected"] == {}
+
+
+def _adapter(run) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+def test_sign_flip_and_scale_attacks_change_every_update_by_their_factor(
+    tiny_config, tmp_path, cache
+):
+    """Every client attacks for one FedIT round: scale 0 sends back what it was sent (the
+    global stays the initial adapter), and a sign flip mirrors the clean global about it:
+    clean + flipped = 2 x initial, for A and for B (which starts at 0)."""
+    base = ("federation.rounds=1", "attack.fraction=0.9")  # round(0.9 * 3) = all 3
+    runs = {
+        "clean": (),
+        "zero": ("attack.kind=scale", "attack.scale=0"),
+        "flip": ("attack.kind=sign_flip", "attack.scale=1"),
+    }
+    for name, extra in runs.items():
+        cfg = tiny_config(*base, *extra)
+        assert name == "clean" or attackers(cfg) == {"0", "1", "2"}
+        simulate(cfg, tmp_path / name, quiet=True, cache=cache)
+    clean, zero, flip = (_adapter(tmp_path / n) for n in runs)
+    assert clean.keys() == zero.keys() == flip.keys()
+    for k in clean:
+        if "lora_B" in k:
+            assert not bool(zero[k].any())  # B_0 = 0 and nobody moved it
+        assert torch.allclose(clean[k] + flip[k], 2 * zero[k], atol=1e-6), k
+        assert not torch.allclose(clean[k], zero[k]), k  # the clean round did move it

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import pytest
 
-from fedpeft.errors import ProtocolError
+from fedpeft.errors import ConfigError, ProtocolError
 from fedpeft.secagg import shamir
 from fedpeft.secagg.client import SecAggAbort, SecAggClient
 from fedpeft.secagg.crypto import expand_mask
-from fedpeft.secagg.params import Encoding, default_degree, harary_graph
+from fedpeft.secagg.params import Encoding, default_degree, default_threshold, harary_graph
 from fedpeft.secagg.server import SecAggServer
 from fedpeft.secagg.session import run_session
 
@@ -295,6 +296,57 @@ def test_graph_is_regular_symmetric_and_degree_grows_slowly():
     assert all(len(nb) == 14 for nb in g)
     assert all(i in g[j] for i, nb in enumerate(g) for j in nb)
     assert default_degree(10) == 9 and default_degree(100) == 16 and default_degree(1000) == 22
+
+
+@pytest.mark.parametrize(
+    ("n", "want"),
+    [(2, 1), (17, 16), (18, 12), (32, 12), (33, 14), (1000, 22), (2**16, 34)],
+)
+def test_default_degree_is_everyone_up_to_17_then_2_ceil_log2_plus_2(n, want):
+    assert default_degree(n) == want  # 18: 2 * 5 + 2; 33: 2 * 6 + 2; 2^16: 2 * 16 + 2
+
+
+@pytest.mark.parametrize(("k", "want"), [(1, 1), (2, 2), (3, 2), (14, 8), (15, 8)])
+def test_default_threshold_is_a_strict_majority(k, want):
+    assert default_threshold(k) == want
+
+
+def test_harary_graph_edges_and_bad_degrees():
+    full = harary_graph(4, 3, b"x" * 32)  # k = n - 1: everyone, in order, no shuffle
+    assert full == [[1, 2, 3], [0, 2, 3], [0, 1, 3], [0, 1, 2]]
+    ring = harary_graph(7, 2, b"x" * 32)  # a 2-regular ring: one cycle through all 7
+    assert all(len(nb) == 2 for nb in ring)
+    seen, prev, node = [0], None, 0
+    while True:
+        nxt = next(j for j in ring[node] if j != prev)
+        if nxt == 0:
+            break
+        seen.append(nxt)
+        prev, node = node, nxt
+    assert sorted(seen) == list(range(7))
+    odd = harary_graph(8, 3, b"x" * 32)  # odd k: one more on each side, degree k + 1
+    assert all(len(nb) == 4 for nb in odd)
+    assert harary_graph(9, 4, b"a" * 32) == harary_graph(9, 4, b"a" * 32)
+    assert harary_graph(9, 4, b"a" * 32) != harary_graph(9, 4, b"b" * 32)  # seeded shuffle
+    for n, k in ((5, 0), (5, 5)):
+        with pytest.raises(ConfigError, match=f"needs 1 <= neighbours <= n - 1 = 4, got {k}"):
+            harary_graph(n, k, b"x" * 32)
+    assert harary_graph(2, 1, b"x" * 32) == [[1], [0]]
+
+
+def test_encoding_bits_and_bounds():
+    assert Encoding(1.0, 1).bits == 52 and Encoding(1.0, 2**10).bits == 52
+    assert Encoding(1.0, 2**11).bits == 51 and Encoding(1.0, 2**20 - 1).bits == 42
+    enc = Encoding(2.0, 4)
+    assert enc.half == 2**51 - 1 and enc.scale == (2**51 - 1) / 2.0
+    assert enc.encode(np.array([0.0, 2.0, -2.0, 7.0])).tolist() == [
+        2**51 - 1, 2 * (2**51 - 1), 0, 2 * (2**51 - 1)]  # fmt: skip
+    for clip, n, what in ((0.0, 4, "clip range must be > 0"), (math.inf, 4, "clip range"),
+                          (1.0, 0, "1..2^20 clients, got 0"),
+                          (1.0, 2**20, "1..2^20 clients, got 1048576")):  # fmt: skip
+        with pytest.raises(ConfigError, match=re.escape(what)):
+            Encoding(clip, n)
+    Encoding(1.0, 2**20 - 1)
 
 
 def test_encoding_never_wraps_and_is_precise():

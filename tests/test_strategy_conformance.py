@@ -132,7 +132,12 @@ def test_rejects_mismatched_ranks(name, make_update):
     ups = [make_update(client="0", rank=4), make_update(client="1", rank=2, seed=1)]
     strat = _build(name, ups[0].factors)
     if getattr(resolve(name), "supports_heterogeneous_ranks", False):
-        strat.aggregate_train(1, ups)
+        got = strat.aggregate_train(1, ups).adapter
+        assert set(got) == set(ups[0].factors)
+        for m, f in got.items():  # the layer's shape is kept, whatever rank comes back
+            assert f.a.shape[1] == 10 and f.b.shape[0] == 12 and f.a.shape[0] == f.b.shape[1]
+            assert bool(torch.isfinite(f.a).all() and torch.isfinite(f.b).all())
+            assert float(f.delta().norm()) > 0, m
     else:
         with pytest.raises(AggregationError, match="client 1"):
             strat.aggregate_train(1, ups)

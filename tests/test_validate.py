@@ -14,7 +14,14 @@ import torch
 
 from fedpeft.config import TrainConfig, ValidationConfig
 from fedpeft.errors import ProtocolError
-from fedpeft.server.validate import Limits, cap_weights, validate_update, validate_zo_update
+from fedpeft.server.validate import (
+    Limits,
+    cap_weights,
+    reply_limit,
+    validate_secure_reply,
+    validate_update,
+    validate_zo_update,
+)
 from fedpeft.wire import Header, LoraFactors, LoraSpec, LoraUpdate, TrainInstruction
 from fedpeft.wire_zo import ZoInstruction, ZoSpec, ZoSync, ZoUpdate
 
@@ -123,3 +130,242 @@ def test_weights_are_capped_at_a_multiple_of_the_median():
     ]
     out, capped = cap_weights(ups, 2.0)  # median 25 -> cap 50
     assert [u.header.num_examples for u in out] == [10, 20, 30, 50] and capped == 1
+
+
+def _with_header(update, **fields):
+    return dataclasses.replace(update, header=dataclasses.replace(update.header, **fields))
+
+
+LORA_HASH = SPEC.config_hash()
+HEADER_CASES = [
+    ({"run_id": "other"}, "replay", "update is for run 'other' round 3, this is run 'run' round 3"),
+    ({"server_round": 2}, "replay", "update is for run 'run' round 2, this is run 'run' round 3"),
+    ({"model_fingerprint": "zz"}, "header", "header model_fingerprint is 'zz', expected 'fp'"),
+    ({"client_id": "c9"}, "header", "header client_id is 'c9', expected 'c1'"),
+    (
+        {"adapter_hash": "zz"},
+        "header",
+        f"header adapter_hash is 'zz', expected '{LORA_HASH}' (rank 2, alpha 4.0)",
+    ),
+    (
+        {"num_examples": 0},
+        "num_examples",
+        "num_examples is 0, expected 1..20 (what the client reported at discovery)",
+    ),  # fmt: skip
+    ({"num_examples": 21}, "num_examples", "num_examples is 21, expected 1..20"),
+]
+
+
+@pytest.mark.parametrize(("fields", "code", "message"), HEADER_CASES)
+def test_each_header_field_is_checked_with_its_code_and_message(fields, code, message):
+    limits = Limits(max_examples=20)
+    up = _update(*_ones())
+    for n in (1, 20):  # the bounds themselves are allowed
+        validate_update(_with_header(up, num_examples=n), _instruction(), limits)
+    with pytest.raises(ProtocolError) as err:
+        validate_update(_with_header(up, **fields), _instruction(), limits)
+    assert err.value.code == code and str(err.value).startswith(message)
+
+
+def test_num_examples_is_capped_at_a_billion_whatever_discovery_said():
+    limits = Limits(max_examples=10**12)
+    up = _update(*_ones())
+    validate_update(_with_header(up, num_examples=10**9), _instruction(), limits)
+    with pytest.raises(
+        ProtocolError, match=r"num_examples is 1000000001, expected 1\.\.1000000000"
+    ):
+        validate_update(_with_header(up, num_examples=10**9 + 1), _instruction(), limits)
+
+
+def _one(update, factors) -> LoraUpdate:
+    return dataclasses.replace(update, factors=factors)
+
+
+STRUCTURE_CASES = [
+    (
+        {"m.k_proj": LoraFactors(torch.zeros(2, 3), torch.zeros(4, 2), 4.0)},
+        "adapter modules differ from the instruction: missing ['m.q_proj'], extra ['m.k_proj']",
+    ),
+    (
+        {"m.q_proj": LoraFactors(torch.zeros(3, 3), torch.zeros(4, 3), 4.0)},
+        "m.q_proj: got A(3, 3) B(4, 3), expected A(2, 3) B(4, 2) (rank 2)",
+    ),
+    (
+        {"m.q_proj": LoraFactors(torch.zeros(2, 5), torch.zeros(4, 2), 4.0)},
+        "m.q_proj: got A(2, 5) B(4, 2), expected A(2, 3) B(4, 2) (rank 2)",
+    ),
+    (
+        {"m.q_proj": LoraFactors(torch.zeros(2, 3), torch.zeros(6, 2), 4.0)},
+        "m.q_proj: got A(2, 3) B(6, 2), expected A(2, 3) B(4, 2) (rank 2)",
+    ),
+    (
+        {"m.q_proj": LoraFactors(torch.zeros(2, 3), torch.zeros(4, 2), 2.0)},
+        "m.q_proj: alpha 2.0, expected 4.0",
+    ),  # fmt: skip
+]
+
+
+@pytest.mark.parametrize(("factors", "message"), STRUCTURE_CASES)
+def test_structure_is_checked_module_by_module(factors, message):
+    with pytest.raises(ProtocolError) as err:
+        validate_update(_one(_update(*_ones()), factors), _instruction())
+    assert err.value.code == "structure" and str(err.value) == message
+
+
+@pytest.mark.parametrize("part", ["A", "B"])
+def test_integer_factors_are_a_dtype_error_naming_the_factor(part):
+    a, b = _ones()
+    if part == "A":
+        a = a.to(torch.int32)
+    else:
+        b = b.to(torch.int32)
+    with pytest.raises(ProtocolError) as err:
+        validate_update(_update(a, b), _instruction())
+    assert err.value.code == "dtype"
+    assert str(err.value) == f"m.q_proj::{part} has dtype torch.int32, expected a floating dtype"
+
+
+def test_messages_of_nonfinite_frozen_and_norm():
+    a, b = _ones()
+    b[0, 0] = float("nan")
+    with pytest.raises(ProtocolError, match=r"^m\.q_proj::B contains NaN or infinite values$"):
+        validate_update(_update(a, b), _instruction())
+    a, b = _ones()
+    with pytest.raises(ProtocolError, match=r"^m\.q_proj::A changed, but the instruction trains "
+                                            r"only B$"):  # fmt: skip
+        validate_update(_update(a, b), _instruction("B"))
+    norm = (
+        r"^update changes the factors by L2 norm 1\.414, above validation\.max_update_norm = 1\.4$"
+    )
+    with pytest.raises(ProtocolError, match=norm):
+        validate_update(
+            _update(a, b), _instruction(), Limits(ValidationConfig(max_update_norm=1.4))
+        )
+    validate_update(_update(a, b), _instruction(), Limits(ValidationConfig(max_update_norm=0)))
+
+
+@pytest.mark.parametrize(("sent_rank", "want_norm"), [(3, 2.0**0.5), (1, 14.0**0.5)])
+def test_the_norm_is_measured_against_the_sent_factors_at_the_update_rank(sent_rank, want_norm):
+    """Sent factors of another rank are cut or zero-padded to the update's rank 2 first.
+
+    Sent: A = 1 (rank x 3), B = 1 (4 x rank); update: A = 1.5, B = 1.25 (rank 2, all entries).
+    Rank 3 sent -> compared with its first 2 components: 6 * 0.25 + 8 * 0.0625 = 2.
+    Rank 1 sent -> component 2 compared with 0: 3 * 0.25 + 3 * 2.25 + 4 * 0.0625 + 4 * 1.5625
+    = 14.
+    """
+    sent = {"m.q_proj": LoraFactors(torch.ones(sent_rank, 3), torch.ones(4, sent_rank), 4.0)}
+    ins = dataclasses.replace(_instruction(), adapter=sent)
+    up = _update(torch.full((2, 3), 1.5), torch.full((4, 2), 1.25))
+    above = Limits(ValidationConfig(max_update_norm=want_norm * 1.0001))
+    below = Limits(ValidationConfig(max_update_norm=want_norm * 0.9999))
+    validate_update(up, ins, above)
+    with pytest.raises(ProtocolError, match="L2 norm"):
+        validate_update(up, ins, below)
+
+
+ZO_CASES = [
+    (lambda u: _with_header(u, run_id="old"), "replay", "update is for run 'old'"),
+    (lambda u: _with_header(u, model_fingerprint="x"), "header", "header model_fingerprint"),
+    (lambda u: _with_header(u, adapter_hash="x"), "header", "(fedkseed zo spec)"),
+    (
+        lambda u: dataclasses.replace(u, seeds=np.array([0, 8, 3], np.uint16)),
+        "seed_range",
+        "seed index 8 is outside the pool 0..7",
+    ),  # fmt: skip
+    (
+        lambda u: dataclasses.replace(u, seeds=u.seeds[:2], scalars=u.scalars[:2]),
+        "structure",
+        "fedkseed upload has 2 pairs and 0 block indices, expected 3 pairs and none",
+    ),  # fmt: skip
+    (
+        lambda u: dataclasses.replace(u, blocks=np.zeros(3, np.uint16)),
+        "structure",
+        "fedkseed upload has 3 pairs and 3 block indices, expected 3 pairs and none",
+    ),  # fmt: skip
+    (
+        lambda u: dataclasses.replace(u, synced_version=4),
+        "replay",
+        "client synced to version 4, expected 5",
+    ),  # fmt: skip
+]
+
+
+@pytest.mark.parametrize(("change", "code", "message"), ZO_CASES)
+def test_seed_scalar_checks_with_their_codes_and_messages(change, code, message):
+    validate_zo_update(_zo_update(5), _zo_instruction(5))
+    with pytest.raises(ProtocolError) as err:
+        validate_zo_update(change(_zo_update(5)), _zo_instruction(5))
+    assert err.value.code == code and message in str(err.value)
+
+
+def _ferret(blocks, seeds) -> tuple[ZoUpdate, ZoInstruction]:
+    spec = dataclasses.replace(ZO_SPEC, algorithm="ferret")
+    ins = dataclasses.replace(_zo_instruction(1), spec=spec)
+    up = ZoUpdate(
+        header=_header(spec.config_hash()),
+        seeds=np.array(seeds, np.uint16),
+        scalars=np.ones(len(seeds), np.float32),
+        blocks=np.array(blocks, np.uint16),
+        synced_version=1,
+    )
+    return up, ins
+
+
+def test_ferret_upload_checks():
+    limits = Limits(zo_blocks=3)
+    validate_zo_update(*_ferret([0, 2, 2], [7, 0, 1]), limits)
+    cases = [
+        (([0, 3], [1, 1]), "seed_range", "block index 3 outside 0..2"),
+        (([0, 1], [1]), "structure", "ferret upload has 2 blocks for 1 seeds"),
+        (([1, 2, 1], [5, 5, 5]), "seed_range", "ferret upload repeats a (block, seed) pair"),
+    ]
+    for (blocks, seeds), code, message in cases:
+        up, ins = _ferret(blocks, seeds)
+        if len(blocks) != len(seeds):
+            up = dataclasses.replace(up, scalars=np.ones(len(seeds), np.float32))
+        with pytest.raises(ProtocolError) as err:
+            validate_zo_update(up, ins, limits)
+        assert err.value.code == code and str(err.value) == message
+
+
+def test_secure_replies_carry_a_header_only():
+    ins, lora_ins = _zo_instruction(2), _instruction()
+    empty_zo = dataclasses.replace(_zo_update(2), seeds=np.zeros(0, np.uint16),
+                                   scalars=np.zeros(0, np.float32))  # fmt: skip
+    validate_secure_reply(empty_zo, ins)
+    with pytest.raises(ProtocolError, match="must carry no pairs") as err:
+        validate_secure_reply(_zo_update(2), ins)
+    assert err.value.code == "structure"
+    with pytest.raises(ProtocolError, match="client synced to version 1"):
+        validate_secure_reply(dataclasses.replace(empty_zo, synced_version=1), ins)
+    empty_lora = dataclasses.replace(_update(*_ones()), factors={})
+    validate_secure_reply(empty_lora, lora_ins)
+    with pytest.raises(ProtocolError, match="must carry no tensors") as err:
+        validate_secure_reply(_update(*_ones()), lora_ins)
+    assert err.value.code == "structure"
+    with pytest.raises(ProtocolError, match="adapter_hash"):
+        validate_secure_reply(_with_header(empty_lora, adapter_hash="x"), lora_ins)
+    with pytest.raises(ProtocolError, match="reply kind does not match") as err:
+        validate_secure_reply(empty_zo, lora_ins)
+    assert err.value.code == "decode"
+
+
+def test_reply_limits_by_hand():
+    # LoRA: 1 MB + 8 bytes per sent value (6 + 8 values)
+    assert reply_limit(_instruction(), Limits()) == 1_000_000 + 8 * 14
+    # seed/scalar: 1 MB + 16 bytes per possible pair (K * blocks + local_steps)
+    assert reply_limit(_zo_instruction(1), Limits(zo_blocks=4)) == 1_000_000 + 16 * (8 * 4 + 3)
+    assert reply_limit(_zo_instruction(1), Limits(zo_blocks=0)) == 1_000_000 + 16 * (8 + 3)
+    fixed = Limits(ValidationConfig(max_reply_mb=2.5))
+    assert reply_limit(_instruction(), fixed) == reply_limit(_zo_instruction(1), fixed) == 2_500_000
+
+
+def test_weight_cap_edges():
+    ups = [_with_header(_update(*_ones()), num_examples=n) for n in (3, 5, 7)]
+    same, capped = cap_weights(ups, 0.0)  # ratio 0: off
+    assert [u.header.num_examples for u in same] == [3, 5, 7] and capped == 0
+    assert cap_weights([], 2.0) == ([], 0)
+    tiny, capped = cap_weights(ups, 0.1)  # floor(0.5) = 0 -> the cap is at least 1
+    assert [u.header.num_examples for u in tiny] == [1, 1, 1] and capped == 3
+    exact, capped = cap_weights(ups, 1.4)  # cap floor(7.0) = 7: nobody above it
+    assert [u.header.num_examples for u in exact] == [3, 5, 7] and capped == 0

@@ -79,7 +79,7 @@ def test_in_place_float32_drift_is_rounding_only():
         f"float32 in place, 20 perturb/restore cycles: max |drift| = {drift:.2e}",
         f"(bound {bound:.2e})",
     )
-    assert 0 < drift <= bound
+    assert drift <= bound  # an exact implementation (drift 0) passes too
 
 
 def test_fedkseed_scalar_is_the_directional_derivative_along_its_direction():

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+from safetensors import safe_open
 
+from fedpeft.cache import ProcessCache
 from fedpeft.client.app import make_client_app
 from fedpeft.configio import load_config
 from fedpeft.server.app import run_server
@@ -179,3 +181,47 @@ def test_fedkseed_on_ray_uses_full_syncs(tmp_path):
     # full syncs every round (a virtual client may land on another worker): every non-zero
     # coefficient, as (uint16 seed, float32 value) pairs, to every client
     assert rows[2]["payload_down"] == 3 * int(rows[1]["zo_changed_seeds"]) * 6
+
+
+def test_full_sync_gives_the_incremental_runs_model_and_costs_every_coefficient(tmp_path):
+    """zo.sync = full sends every nonzero coefficient as (uint16 seed, float32 value) to every
+    client each round; the model is the incremental run's (to float32 rounding: a rebuild
+    sums the directions in another order)."""
+    base = ("zo.local_steps=10", "federation.rounds=3")
+    for name, extra in (("incremental", ()), ("full", ("zo.sync=full",))):
+        simulate(_cfg("tiny_fedkseed.toml", *base, *extra), tmp_path / name, quiet=True,
+                 cache=ProcessCache())  # fmt: skip
+    inc, full = _rows(tmp_path / "incremental"), _rows(tmp_path / "full")
+    for a, b in zip(inc[1:], full[1:], strict=True):
+        assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-5)
+        assert a["zo_changed_seeds"] == b["zo_changed_seeds"]
+    changed = [int(r["zo_changed_seeds"]) for r in full[1:]]
+    # round 2: everything the clients lack changed in round 1, so both send the same
+    assert inc[2]["payload_down"] == full[2]["payload_down"] == 3 * changed[0] * 6
+    # round 3: incremental sends round 2's changes, full every nonzero coefficient, which
+    # are the union of rounds 1 and 2's changes
+    assert inc[3]["payload_down"] == 3 * changed[1] * 6
+    nonzero = full[3]["payload_down"] / 18
+    assert nonzero == int(nonzero) and max(changed[:2]) <= nonzero <= sum(changed[:2])
+    assert inc[3]["payload_down"] < full[3]["payload_down"]
+
+
+def test_gaussian_directions_and_master_copies_train_end_to_end(tmp_path, cache):
+    cfg = _cfg("tiny_fedkseed.toml", "zo.dist=gaussian", "zo.master=always", "zo.lr=1e-3",
+               "zo.local_steps=20")  # fmt: skip
+    summary = simulate(cfg, tmp_path, quiet=True, cache=cache)
+    assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
+    with safe_open(str(tmp_path / "zo_state.safetensors"), "pt") as fh:
+        spec = json.loads(fh.metadata()["spec"])
+    assert spec["dist"] == "gaussian" and spec["master"] == "always"
+
+
+def test_ferret_uploads_the_configured_number_of_directions(tmp_path, cache):
+    """Ferret with zo.directions = 64 (default: 256): about 64 (uint16 block, uint16 seed,
+    float32 value) triples per client; allocation gives every block at least one, so a few
+    more when some blocks' share rounds to zero."""
+    cfg = _cfg("tiny_ferret.toml", "zo.directions=64", "federation.rounds=1")
+    simulate(cfg, tmp_path, quiet=True, cache=cache)
+    row = _rows(tmp_path)[1]
+    pairs = row["payload_up"] / (2 + 2 + 4)
+    assert pairs == int(pairs) and row["clients"] * 64 <= pairs <= row["clients"] * 72
