@@ -257,6 +257,48 @@ def test_dp_run_reports_epsilon_every_round_and_stops_at_the_budget(tiny_config,
     assert summary["dp_epsilon"] == pytest.approx(eps2)
 
 
+def test_seed_scalar_dp_accounts_every_round_across_a_retry_and_a_resume(
+    repo, tmp_path, monkeypatch
+):
+    """FedKSeed under DP (z = 2): round t reports the exact epsilon of sqrt(t)/z-GDP. Round 2
+    fails once and is retried (not counted twice); round 3 fails for good, the run is resumed
+    from its checkpoint and round 3 still reports sqrt(3)/z: the accountant came back."""
+    from fedpeft.cache import ProcessCache
+    from fedpeft.configio import load_config
+    from fedpeft.errors import RoundError
+    from fedpeft.server import coordinator
+
+    cfg = load_config(
+        repo / "simulations" / "tiny_fedkseed.toml",
+        ["federation.rounds=3", "federation.num_clients=3", "data.max_examples_per_client=40",
+         "eval.examples=16", "zo.local_steps=10", "dp.noise_multiplier=2", "dp.clip_norm=1",
+         "validation.round_retries=1"],
+    )  # fmt: skip
+    real, calls = coordinator.exchange, []
+
+    def flaky(grid, instructions, nodes, server_round, *args, **kwargs):
+        got = real(grid, instructions, nodes, server_round, *args, **kwargs)
+        calls.append(server_round)
+        if (server_round == 2 and calls.count(2) == 1) or server_round == 3:
+            got.updates = []
+        return got
+
+    monkeypatch.setattr(coordinator, "exchange", flaky)
+    with pytest.raises(RoundError, match="round 3 failed"):
+        simulate(cfg, tmp_path, quiet=True, cache=ProcessCache())
+    assert calls == [1, 2, 2, 3, 3]
+    monkeypatch.setattr(coordinator, "exchange", real)
+    simulate(cfg, tmp_path, quiet=True, cache=ProcessCache(), resume=True)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    for t in (1, 2, 3):
+        assert rows[t]["dp_epsilon"] == pytest.approx(
+            _gdp_epsilon(math.sqrt(t) / 2, 1e-5), rel=1e-4
+        )
+        assert rows[t]["dp_noise_std"] == pytest.approx(2 * 1 / 3)  # z C / k
+    assert rows[2]["attempts"] == 2
+
+
 def test_dp_refuses_combinations_that_break_it(tiny_config):
     from fedpeft.errors import ConfigError
 

@@ -99,3 +99,39 @@ def test_bad_options_are_listed_with_valid_keys():
     text = "\n".join(problems)
     assert "unknown key 'strategy.options.weightd'" in text and "valid keys" in text
     assert "weighted must be bool" in text
+
+
+def test_a_strategy_installed_as_an_entry_point_is_found_by_name(tmp_path, monkeypatch):
+    """A package that declares ``[project.entry-points."fedpeft.strategies"]`` is found by the
+    name it declares: here a distribution's metadata written to a folder on ``sys.path``, as
+    pip leaves it, pointing at a copy of the shipped median plug-in."""
+    import shutil
+    import sys
+
+    import torch
+
+    from fedpeft.wire import Header, LoraFactors, LoraUpdate
+
+    shutil.copy(PLUGIN_FILE, tmp_path / "ep_median_plugin.py")
+    info = tmp_path / "ep_median_plugin-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: ep-median-plugin\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(
+        "[fedpeft.strategies]\nep-median = ep_median_plugin:CoordinateMedian\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "ep_median_plugin", raising=False)
+    cls = resolve("ep-median")
+    assert cls.__name__ == "CoordinateMedian" and cls.__module__ == "ep_median_plugin"
+    spec = LoraSpec(1, 1.0, ("q_proj",))
+    sent = {"m": LoraFactors(torch.zeros(1, 2), torch.zeros(2, 1), 1.0)}
+    strat = build_strategy("ep-median", {}, StrategyContext(initial=sent, spec=spec, seed=0))
+    ups = [
+        LoraUpdate(Header("r", 1, "f", "h", 10, str(i)),
+                   {"m": LoraFactors(torch.full((1, 2), v), torch.full((2, 1), -v), 1.0)})
+        for i, v in enumerate((1.0, 5.0, 2.0))
+    ]  # fmt: skip
+    got = strat.aggregate_train(1, ups).adapter["m"]
+    assert got.a.tolist() == [[2.0, 2.0]] and got.b.tolist() == [[-2.0], [-2.0]]  # medians
+    with pytest.raises(StrategyError, match="unknown strategy 'ep-absent'"):
+        resolve("ep-absent")
