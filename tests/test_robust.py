@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -209,3 +210,83 @@ def test_sign_flip_and_scale_attacks_change_every_update_by_their_factor(
             assert not bool(zero[k].any())  # B_0 = 0 and nobody moved it
         assert torch.allclose(clean[k] + flip[k], 2 * zero[k], atol=1e-6), k
         assert not torch.allclose(clean[k], zero[k]), k  # the clean round did move it
+
+
+def test_alie_attacker_sends_the_honest_mean_minus_z_standard_deviations(
+    tiny_config, tmp_path, cache
+):
+    """A little is enough (Baruch et al. 2019) end to end: the attacker's change is
+    mean - z std of the honest clients' changes, coordinate by coordinate, with
+    z = Phi^-1((n - s) / n), s = floor(n / 2 + 1) - f (here n = 5, f = 1: z = Phi^-1(0.6))."""
+    from statistics import NormalDist
+
+    from fedpeft._flwr import GridWrapper
+    from fedpeft.client.app import make_client_app
+    from fedpeft.server.app import run_server
+    from fedpeft.server.results import RunReporter
+    from fedpeft.simulation.attacks import AttackGrid
+    from fedpeft.simulation.inprocess import InProcessGrid
+    from fedpeft.wire import decode_instruction, decode_update
+
+    sent, honest, replies = {}, {}, []
+
+    class Recorder(GridWrapper):
+        """Keeps each training reply as it left the client (before the attack rewrites it)."""
+
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            out = list(self.grid.send_and_receive(messages, timeout=timeout))
+            for m in messages:
+                if m.metadata.message_type == "train.lora":
+                    sent[m.metadata.dst_node_id] = decode_instruction(m.content).adapter
+            for r in out:
+                if not r.has_error() and r.metadata.message_type == "train.lora":
+                    honest[r.metadata.src_node_id] = decode_update(r.content).factors
+                    replies.append(r)
+            return out
+
+    cfg = tiny_config("federation.num_clients=5", "federation.rounds=1", "attack.kind=alie",
+                      "attack.fraction=0.2")  # fmt: skip
+    app = make_client_app(cfg, cache)
+    grid = AttackGrid(Recorder(InProcessGrid(app, [{"partition-id": i} for i in range(5)])), cfg)
+    run_server(grid, cfg, tmp_path, RunReporter(tmp_path, 1, quiet=True), cache)
+
+    def change(factors: dict, node: int) -> torch.Tensor:
+        ref = sent[node]
+        return torch.cat([torch.cat([(factors[m].a - ref[m].a).reshape(-1),
+                                     (factors[m].b - ref[m].b).reshape(-1)])
+                          for m in sorted(factors)]).double()  # fmt: skip
+
+    final = {r.metadata.src_node_id: decode_update(r.content).factors for r in replies}
+    poisoned = [n for n in final if not all(
+        torch.equal(final[n][m].a, honest[n][m].a) for m in final[n])]  # fmt: skip
+    assert len(poisoned) == 1
+    bad = poisoned[0]
+    others = torch.stack([change(honest[n], n) for n in honest if n != bad])  # (4, d)
+    z = NormalDist().inv_cdf((5 - (math.floor(5 / 2 + 1) - 1)) / 5)
+    assert z == pytest.approx(0.2533, abs=1e-4)
+    want = others.mean(0) - z * others.std(0)  # std with Bessel's correction, as ALIE's paper
+    assert torch.allclose(change(final[bad], bad), want, atol=1e-6)
+    assert not torch.allclose(change(honest[bad], bad), want, atol=1e-3)
+
+
+def test_label_flip_attackers_train_on_their_own_prompts_with_rotated_responses(tiny_config, cache):
+    """An attacker's records are its honest records, each with the next record's response
+    (the last with the first's); honest clients' records are untouched."""
+    from fedpeft.data.clients import client_records
+
+    clean = tiny_config("federation.num_clients=5")
+    attacked = tiny_config("federation.num_clients=5", "attack.kind=label_flip",
+                           "attack.fraction=0.4")  # fmt: skip
+    bad = attackers(attacked)
+    assert len(bad) == 2
+    for pid in range(5):
+        honest = client_records(clean, pid, cache)
+        got = client_records(attacked, pid, cache)
+        assert [r["prompt"] for r in got] == [r["prompt"] for r in honest]
+        responses = [r["response"] for r in honest]
+        if str(pid) in bad:
+            assert [r["response"] for r in got] == [*responses[1:], responses[0]]
+            assert len(set(responses)) > 1
+        else:
+            assert [r["response"] for r in got] == responses
