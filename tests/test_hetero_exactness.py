@@ -234,3 +234,55 @@ def test_inexact_strategies_print_their_error():
         errors[label] = _rel_error(res, ups)
     print("\nrelative error vs Delta W* (ranks 2/4/8/16):", errors)
     assert all(e > 0.1 for e in errors.values())  # cross terms: far from exact
+
+
+def test_flora_fresh_factors_are_seeded_by_run_and_round():
+    """Each round's fresh LoRA is the same for the same run seed and round (resume, Ray), and
+    differs between rounds and between run seeds."""
+
+    def plans(seed, rnd):
+        ctx = _ctx()
+        ctx = StrategyContext(initial=ctx.initial, spec=SPEC, seed=seed, ranks=ctx.ranks)
+        return build_strategy("flora", {}, ctx).configure_train(rnd, _clients())
+
+    def a_of(p):
+        return p["3"].adapter["m.q_proj"].a  # the rank-16 client's fresh A
+
+    assert torch.equal(a_of(plans(0, 1)), a_of(plans(0, 1)))
+    assert not torch.equal(a_of(plans(0, 1)), a_of(plans(0, 2)))
+    assert not torch.equal(a_of(plans(0, 1)), a_of(plans(1, 1)))
+    for p in plans(0, 2).values():  # fresh B = 0: each client starts from the merged base
+        assert all(not bool(f.b.any()) for f in p.adapter.values())
+
+
+def test_hetlora_norm_weights_padding_and_self_pruning_by_hand():
+    """Client 0 (rank 1, scale 2): s B A = 2 e1 e1^T, norm 2; client 1 (rank 2, scale 1):
+    s B A = 0.5 I, norm sqrt(0.5). Weights 2 / (2 + sqrt .5) and sqrt .5 / (2 + sqrt .5);
+    A and the scale-folded B are zero-padded to rank 2 and averaged with them."""
+    spec = LoraSpec(rank=2, alpha=2.0, target_modules=("q_proj",))
+    ctx = StrategyContext(
+        initial=init_factors({"m.q_proj": (2, 2)}, spec, seed=0), spec=spec, seed=0,
+        ranks=TierRanks(tiers=(1, 2), client_ids=("0", "1")),
+    )  # fmt: skip
+    strat = build_strategy("hetlora", {}, ctx)
+    clients = [ClientInfo(Header("r", 0, "fp", "", 10, c), "cpu") for c in ("0", "1")]
+    assert {c: p.spec.rank for c, p in strat.configure_train(1, clients).items()} == {
+        "0": 1, "1": 2}  # fmt: skip
+    one = LoraFactors(a=torch.tensor([[1.0, 0.0]]), b=torch.tensor([[1.0], [0.0]]), alpha=2.0)
+    two = LoraFactors(a=torch.eye(2), b=0.5 * torch.eye(2), alpha=2.0)
+    ups = [
+        LoraUpdate(Header("r", 1, "fp", "h", 10, "0"), {"m.q_proj": one}),
+        LoraUpdate(Header("r", 1, "fp", "h", 10, "1"), {"m.q_proj": two}, {"prune_rank": 0.0}),
+    ]
+    res = strat.aggregate_train(1, ups)
+    w0 = 2 / (2 + 0.5**0.5)
+    w1 = 1 - w0
+    g = res.adapter["m.q_proj"]
+    assert torch.allclose(g.a.double(), torch.tensor([[1.0, 0.0], [0.0, w1]], dtype=torch.float64))
+    want_b = torch.tensor([[2 * w0 + 0.5 * w1, 0.0], [0.0, 0.5 * w1]], dtype=torch.float64)
+    assert torch.allclose(g.b.double() * g.scale, want_b)
+    assert res.metrics == {"hetlora_clients": 2.0, "hetlora_pruned_clients": 1.0}
+    # client 1 asked to prune (to rank 0: at least 1 is kept) and trains at rank 1 from now on
+    assert {c: p.spec.rank for c, p in strat.configure_train(2, clients).items()} == {
+        "0": 1, "1": 1}  # fmt: skip
+    assert strat.state_dict()["pruned"] == {"1": 1}

@@ -155,3 +155,29 @@ def test_rejects_mismatched_modules(name, make_update):
 def test_rejects_empty_input(name, make_update):
     with pytest.raises(AggregationError):
         _build(name, make_update().factors).aggregate_train(1, [])
+
+
+# What each in-tree strategy reports after aggregating three rank-4 updates in round 1
+# (stacking strategies hold every client's components: rank 3 x 4; RoLoRA trains B first).
+METRICS = {
+    "fedavg": {"fedavg_clients": 3.0},
+    "ffa": {"ffa_clients": 3.0},
+    "flexlora": {"flexlora_clients": 3.0, "flexlora_global_rank": 12.0},
+    "flora": {"flora_clients": 3.0, "flora_global_rank": 12.0},
+    "hetlora": {"hetlora_clients": 3.0},
+    "rolora": {"rolora_clients": 3.0, "rolora_trained_b": 1.0},
+}
+
+
+@pytest.mark.parametrize("strategy", sorted(METRICS))
+def test_round_metrics_of_the_in_tree_strategies(strategy, make_update):
+    ups = _updates(make_update, 3)
+    strat = _build(strategy, ups[0].factors)
+    strat.configure_train(1, _clients(3))
+    assert dict(strat.aggregate_train(1, ups).metrics) == METRICS[strategy]
+
+
+@pytest.mark.parametrize("strategy", sorted(METRICS))
+def test_empty_input_names_the_strategy(strategy, make_update):
+    with pytest.raises(AggregationError, match=f"'{strategy}'"):
+        _build(strategy, make_update().factors).aggregate_train(1, [])
