@@ -103,9 +103,29 @@ def test_robust_rules_refuse_what_they_cannot_combine():
     )
     with pytest.raises(AggregationError, match="needs updates of the shapes that were sent"):
         agg.aggregate_train(1, [_update("0", HONEST[0]), bad])
+    bad_shape = str(err_of(agg, [_update("0", HONEST[0]), bad]))
+    assert bad_shape == (
+        "robust aggregation needs updates of the shapes that were sent; client 1 returned m at "
+        "A(2, 2) B(2, 2), sent A(1, 2) B(2, 1) (pruning or rank changes: use robust.rule = "
+        "'mean' with clip_norm = 0)"
+    )
+    stranger = LoraUpdate(Header("r", 1, "f", "h", 10, "9"), dict(bad.factors))
+    assert str(err_of(agg, [_update("0", HONEST[0]), stranger])) == (
+        "robust aggregation: client 9 sent other modules than the others, or was not planned "
+        "this round"
+    )
     inner = FedAvg(FedAvg.Config(), StrategyContext(initial=SENT, spec=SPEC, seed=0))
     with pytest.raises(ConfigError, match="seed/scalar strategies take"):
         RobustAggregation(inner, RobustConfig(rule="krum"), zo=True)
+    with pytest.raises(ConfigError, match=r"^robust.scalar_clip is for seed/scalar strategies; "
+                                          r"use clip_norm$"):  # fmt: skip
+        RobustAggregation(inner, RobustConfig(scalar_clip=1.0), zo=False)
+
+
+def err_of(agg, updates) -> AggregationError:
+    with pytest.raises(AggregationError) as err:
+        agg.aggregate_train(1, updates)
+    return err.value
 
 
 def _zo(cid: str, seeds: list[int], scalars: list[float]) -> ZoUpdate:
@@ -129,9 +149,14 @@ def test_zeroth_order_scalar_clip_and_per_seed_trimmed_mean():
     assert seven == pytest.approx([0.0, 0.0, 10 / 3, 5.0, 20 / 3])
     assert float(out[0].scalars[1]) == 5.0 and float(out[1].scalars[1]) == 5.0  # too few: kept
     assert metrics["robust_trimmed"] == 2
+    assert metrics == {"robust_trimmed": 2.0}
     clip = RobustAggregation(inner, RobustConfig(scalar_clip=2.0), zo=True)
     clipped, m = clip._zo(ups)
-    assert float(clipped[-1].scalars[0]) == 2.0 and m["robust_clipped"] == 5
+    # above 2: the 5.0 of seed 9 (twice), 3.0, 4.0 and 1000.0; the largest seen is 1000
+    assert [c.scalars.tolist() for c in clipped] == [[1.0, 2.0], [2.0, 2.0], [2.0], [2.0], [2.0]]
+    assert m == {"robust_clipped": 5.0, "robust_scalar_max": 1000.0}
+    negative = clip._zo([_zo("0", [1, 2], [-7.0, 0.5])])[0][0]
+    assert negative.scalars.tolist() == [-2.0, 0.5] and negative.scalars.dtype == np.float32
 
 
 def test_attack_helpers():
