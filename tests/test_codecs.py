@@ -119,3 +119,88 @@ def test_error_feedback_sum_of_sent_tracks_sum_of_true(name):
     assert float(fb.residual["k"].norm()) < 1.5 * residual_mid  # ... because it stays bounded
     assert plain > 2 * rel[-1]  # without feedback the dropped part is lost for good
     print(f"\n{name}: sent vs true after 60 rounds {rel[-1]:.3f} (no feedback: {plain:.3f})")
+
+
+# Hand-encoded payloads and the messages a malformed one gets (``where`` names the tensor).
+W = "client 3 m.q_proj::A"
+
+
+@pytest.mark.parametrize(
+    ("name", "fields", "shape", "message"),
+    [
+        ("fp16", {}, (1, 2), f"{W}: codec field 'v' is missing (got [])"),
+        ("fp16", {"v": np.zeros((1, 2), np.float32)}, (1, 2),
+         f"{W}: codec field 'v' is float32, expected <class 'numpy.float16'>"),
+        ("fp16", {"v": np.zeros((2, 1), np.float16)}, (1, 2),
+         f"{W}: fp16 values are (2, 1), expected (1, 2)"),
+        ("fp16", {"v": np.zeros((1, 2), np.float16)}, (-1, 2), f"{W}: negative shape (-1, 2)"),
+        ("fp16", {"v": np.zeros((1, 2), np.float16)}, (1, -2), f"{W}: negative shape (1, -2)"),
+        ("int8", {"q": np.zeros((1, 2), np.int8)}, (1, 2),
+         f"{W}: codec field 's' is missing (got ['q'])"),
+        ("int8", {"q": np.zeros((1, 2), np.int8), "s": np.zeros(2, np.float32)}, (1, 2),
+         f"{W}: int8 fields (1, 2)/(2,) do not fit (1, 2)"),
+        ("int8", {"q": np.zeros((2, 2), np.int8), "s": np.zeros(1, np.float32)}, (1, 2),
+         f"{W}: int8 fields (2, 2)/(1,) do not fit (1, 2)"),
+        ("topk", {"i": np.array([4], np.uint32), "v": np.ones(1, np.float32)}, (2, 2),
+         f"{W}: top-k indices/values do not fit 4 entries"),
+        ("topk", {"i": np.array([0, 1], np.uint32), "v": np.ones(1, np.float32)}, (2, 2),
+         f"{W}: top-k indices/values do not fit 4 entries"),
+        ("topk", {"i": np.zeros((1, 1), np.uint32), "v": np.ones((1, 1), np.float32)}, (2, 2),
+         f"{W}: top-k indices/values do not fit 4 entries"),
+        ("compeft", {"m": np.zeros(2, np.uint8), "g": np.zeros(0, np.uint8),
+                     "s": np.ones(1, np.float32)}, (2, 2),
+         f"{W}: compeft mask/scale do not fit 4 entries"),
+        ("compeft", {"m": np.zeros(1, np.uint8), "g": np.zeros(0, np.uint8),
+                     "s": np.ones(2, np.float32)}, (2, 2),
+         f"{W}: compeft mask/scale do not fit 4 entries"),
+        ("compeft", {"m": np.array([0b11000000], np.uint8), "g": np.zeros(2, np.uint8),
+                     "s": np.ones(1, np.float32)}, (2, 2),
+         f"{W}: compeft has 2 sign bytes for 2 kept entries"),
+        ("compeft", {"m": np.zeros(1, np.uint8), "s": np.ones(1, np.float32)}, (2, 2),
+         f"{W}: codec field 'g' is missing (got ['m', 's'])"),
+    ],
+)  # fmt: skip
+def test_malformed_payloads_name_the_tensor_and_the_problem(name, fields, shape, message):
+    with pytest.raises(ProtocolError) as err:
+        decode_tensor(fields, CodecSpec(name=name), shape, W)
+    assert str(err.value) == message
+
+
+def test_hand_encoded_payloads_decode_to_known_tensors():
+    x = torch.tensor([[1.0, -2.0], [0.0, 0.5]])
+    assert torch.equal(decode_tensor({"v": x.numpy().astype(np.float16)}, CodecSpec("fp16"),
+                                     (2, 2), W), x)  # fmt: skip
+    q = {"q": np.array([[127, -64], [0, 1]], np.int8), "s": np.array([0.5, 2.0], np.float32)}
+    assert decode_tensor(q, CodecSpec("int8"), (2, 2), W).tolist() == [[63.5, -32.0], [0.0, 2.0]]
+    top = {"i": np.array([3, 0], np.uint32), "v": np.array([7.0, -1.0], np.float32)}
+    assert decode_tensor(top, CodecSpec("topk"), (2, 2), W).tolist() == [[-1.0, 0.0], [0.0, 7.0]]
+    # entries 0 and 2 kept; signs 1 (+) and 0 (-); scale 0.25
+    comp = {"m": np.array([0b10100000], np.uint8), "g": np.array([0b10000000], np.uint8),
+            "s": np.array([0.25], np.float32)}  # fmt: skip
+    got = decode_tensor(comp, CodecSpec("compeft"), (2, 2), W)
+    assert got.tolist() == [[0.25, 0.0], [-0.25, 0.0]]
+    assert decode_tensor({"v": np.zeros((0, 3), np.float16)}, CodecSpec("fp16"), (0, 3),
+                         W).shape == (0, 3)  # fmt: skip
+
+
+def test_encoder_edges_by_hand():
+    # fp16 carries its largest finite value; int8 codes are in [-127, 127] with max|row| / 127
+    top = torch.tensor([[65504.0, -65504.0]])
+    assert encode_tensor(top, CodecSpec("fp16"))["v"].tolist() == [[65504.0, -65504.0]]
+    with pytest.raises(ProtocolError, match=r"^codecs take 2-D tensors, got shape \(3,\)$"):
+        encode_tensor(torch.zeros(3), CodecSpec("int8"))
+    enc = encode_tensor(torch.tensor([[254.0, -127.0, 0.0], [0.0, 0.0, 0.0]]), CodecSpec("int8"))
+    assert enc["q"].tolist() == [[127, -64, 0], [0, 0, 0]]  # -63.5 rounds to even: -64
+    assert enc["s"].tolist() == [2.0, 0.0] and enc["s"].dtype == np.float32
+    # top-k: ties broken by position (the earlier of the equal magnitudes wins), >= 1 kept
+    t = torch.tensor([[3.0, -3.0, 1.0, 3.0]])
+    got = encode_tensor(t, CodecSpec("topk", ratio=0.5))
+    assert got["i"].tolist() == [0, 1] and got["v"].tolist() == [3.0, -3.0]
+    assert encode_tensor(t, CodecSpec("topk", ratio=0.01))["i"].tolist() == [0]
+    # compeft: the kept entries' signs (zero counts as negative), alpha x population std
+    c = encode_tensor(torch.tensor([[2.0, 0.0, -2.0, 0.0]]), CodecSpec("compeft", 0.5, 3.0))
+    assert np.unpackbits(c["m"])[:4].tolist() == [1, 0, 1, 0]
+    assert np.unpackbits(c["g"])[:2].tolist() == [1, 0]
+    assert c["s"].tolist() == pytest.approx([3.0 * 2**0.5], rel=1e-7)  # std(2, 0, -2, 0) = sqrt 2
+    one = encode_tensor(torch.tensor([[5.0]]), CodecSpec("compeft", 1.0))
+    assert one["s"].tolist() == [0.0]  # a single entry has no spread
