@@ -11,8 +11,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fedpeft.errors import AggregationError
 from fedpeft.lora import init_factors
-from fedpeft.rank_ops import dense_delta, product_norm, stack, svd_from_stacks, unit_scale
+from fedpeft.rank_ops import (
+    dense_delta,
+    product_norm,
+    stack,
+    svd_from_stacks,
+    truncate,
+    unit_scale,
+)
 from fedpeft.ranks import TierRanks
 from fedpeft.strategies.base import StrategyContext
 from fedpeft.strategies.registry import build_strategy
@@ -286,3 +294,24 @@ def test_hetlora_norm_weights_padding_and_self_pruning_by_hand():
     assert {c: p.spec.rank for c, p in strat.configure_train(2, clients).items()} == {
         "0": 1, "1": 1}  # fmt: skip
     assert strat.state_dict()["pruned"] == {"1": 1}
+
+
+def test_rank_operation_edges_by_hand():
+    f = LoraFactors(torch.arange(6.0).reshape(3, 2), torch.arange(12.0).reshape(4, 3), 3.0)
+    same = truncate(f, 3)  # to its own rank: the same factors, scale 1
+    assert torch.equal(same.a, f.a) and torch.equal(same.b, f.b) and same.alpha == 3.0
+    two = truncate(f, 2)
+    assert two.a.tolist() == [[0.0, 1.0], [2.0, 3.0]] and two.alpha == 2.0
+    assert two.b.tolist() == [[0.0, 1.0], [3.0, 4.0], [6.0, 7.0], [9.0, 10.0]]
+    with pytest.raises(AggregationError, match="^cannot truncate rank 3 to a larger rank 4$"):
+        truncate(f, 4)
+    with pytest.raises(AggregationError, match="^no factors to combine$"):
+        dense_delta([], [])
+    with pytest.raises(ValueError, match="zip"):  # one weight per factor pair, no fewer
+        stack([f, f], [0.5])
+    with pytest.raises(ValueError, match="zip"):
+        dense_delta([f], [0.5, 0.5])
+    zero = LoraFactors(a=torch.zeros(2, 2), b=torch.zeros(4, 2), alpha=2.0)
+    assert product_norm(zero) == 0.0
+    a, b = stack([f, zero], [1.0, 1.0])  # ranks 3 + 2 stacked along the rank axis
+    assert a.shape == (5, 2) and b.shape == (4, 5)

@@ -146,3 +146,14 @@ def test_ferret_rejects_blocks_out_of_range():
     )
     with pytest.raises(AggregationError, match="block indices outside"):
         strat.aggregate_train(1, [bad])
+
+
+def test_pro_probabilities_by_hand():
+    """Means |g| = (0, 1, 2, 2) -> logits (0, .5, 1, 1) -> softmax; a seed seen once with
+    |g| = 1 has mean 1, a seed seen twice with sum 4 has mean 2. Shifted means give the same
+    probabilities (min-max normalisation)."""
+    p = pro_probabilities(np.array([0.0, 1.0, 4.0, 2.0]), np.array([0, 1, 2, 1]))
+    e = np.exp([0.0, 0.5, 1.0, 1.0])
+    assert p == pytest.approx(e / e.sum(), rel=1e-12)
+    shifted = pro_probabilities(np.array([3.0, 4.0, 10.0, 5.0]), np.array([1, 1, 2, 1]))
+    assert shifted == pytest.approx(p, rel=1e-12)  # means 3, 4, 5, 5
