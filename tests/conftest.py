@@ -34,21 +34,16 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_TOML = REPO / "simulations" / "tiny.toml"
 
 
-SIMULATING = {"tiny_config", "cache"}
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under ``FEDPEFT_MUTATION=1`` (benchmarks/mutation.py) keep the unit tests only: a test
-    that runs a simulation, Ray or a deployment costs minutes per surviving mutant."""
+    that runs a simulation (it takes ``tiny_config`` or is marked ``sim``), Ray or a
+    deployment costs minutes per surviving mutant."""
     if os.environ.get("FEDPEFT_MUTATION") != "1":
         return
     keep, drop = [], []
     for item in items:
-        names = set(getattr(item, "fixturenames", ()))
-        slow = (
-            names & SIMULATING
-            or item.get_closest_marker("ray")
-            or item.get_closest_marker("deploy")
+        slow = "tiny_config" in getattr(item, "fixturenames", ()) or any(
+            item.get_closest_marker(m) for m in ("sim", "ray", "deploy")
         )
         (drop if slow else keep).append(item)
     if drop:

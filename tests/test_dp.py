@@ -257,6 +257,7 @@ def test_dp_run_reports_epsilon_every_round_and_stops_at_the_budget(tiny_config,
     assert summary["dp_epsilon"] == pytest.approx(eps2)
 
 
+@pytest.mark.sim
 def test_seed_scalar_dp_accounts_every_round_across_a_retry_and_a_resume(
     repo, tmp_path, monkeypatch
 ):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -235,17 +236,27 @@ def test_validation_refuses_bad_pruned_updates(cache):
     up = PruneTrainer().fit(handle, ins, _data(handle))
     up = replace(up, header=replace(up.header, num_examples=24))
     layout = ins.prune.layout
-    with pytest.raises(ProtocolError, match="no kept structure"):
-        validate_update(replace(up, keep=None), ins)
+    validate_update(up, ins)
+
+    def refusal(update, instruction) -> tuple[str, str]:
+        with pytest.raises(ProtocolError) as err:
+            validate_update(update, instruction)
+        return err.value.code, str(err.value)
+
+    assert refusal(replace(up, keep=None), ins) == (
+        "structure",
+        "update carries no kept structure, but the instruction prunes",
+    )
     full = layout.encode(layout.full())
-    with pytest.raises(ProtocolError, match="A\\(|B\\("):
-        validate_update(replace(up, keep=full), ins)  # shapes no longer match the structure
+    code, message = refusal(replace(up, keep=full), ins)  # shapes no longer fit the structure
+    assert code == "structure" and re.search(r"A\(|B\(", message)
     later = _prune_instruction(handle, 0.5, keep=up.keep, steps=3, measure=False)
-    with pytest.raises(ProtocolError, match="restores groups"):
-        validate_update(replace(up, keep=full), later)
+    code, message = refusal(replace(up, keep=full), later)
+    assert code == "structure"
+    assert re.fullmatch(r"kept structure of layer \d+ restores groups pruned before", message)
     plain = replace(ins, prune=None)
-    with pytest.raises(ProtocolError, match="none was asked"):
-        validate_update(up, plain)
+    assert refusal(up, plain) == (
+        "structure", "update carries a pruned structure, but none was asked for")  # fmt: skip
     assert "probe_loss_start" not in up.metrics
 
 
