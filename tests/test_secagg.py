@@ -277,6 +277,55 @@ def test_shamir_shares_of_a_value_too_large_for_a_secret_are_refused(value):
     assert shamir.combine(top, 2) == b"\xff" * 32  # the largest secret is accepted
 
 
+def test_pair_key_is_hkdf_sha256_of_the_x25519_secret_and_binds_its_info():
+    """The reference is built here from the primitives: HKDF-SHA256 (no salt, 32 bytes) over
+    X25519(a, B); both ends agree; another info gives another key."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    from fedpeft.secagg.crypto import KeyPair, pair_key
+
+    a, b = KeyPair(), KeyPair()
+    shared = a.key.exchange(X25519PublicKey.from_public_bytes(b.public))
+    want = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"ctx").derive(shared)
+    assert pair_key(a, b.public, b"ctx") == want == pair_key(b, a.public, b"ctx")
+    assert pair_key(a, b.public, b"other") != want
+    with pytest.raises(ProtocolError) as err:
+        pair_key(a, b"\x01" * 31, b"ctx")
+    assert err.value.code == "structure" and str(err.value).startswith("bad X25519 public key: ")
+
+
+def test_decrypt_refuses_a_tampered_or_misbound_share():
+    from fedpeft.secagg.crypto import decrypt, encrypt
+
+    key = bytes(range(32))
+    blob = encrypt(key, b"share", b"aad")
+    assert len(blob) == 12 + 5 + 16 and decrypt(key, blob, b"aad") == b"share"
+    for bad in (blob[:-1] + bytes([blob[-1] ^ 1]), blob[:10]):
+        with pytest.raises(ProtocolError) as err:
+            decrypt(key, bad, b"aad")
+        assert (err.value.code, str(err.value)) == ("decode", "a share failed authentication")
+    with pytest.raises(ProtocolError, match="failed authentication"):
+        decrypt(key, blob, b"other aad")
+
+
+def test_encoding_is_computed_in_float64_whatever_the_input_dtype():
+    enc = Encoding(1.0, 3)
+    x32 = np.array([0.1, -0.7], np.float32)
+    assert enc.encode(x32).tolist() == enc.encode(x32.astype(np.float64)).tolist()
+    assert enc.encode(np.array([-5.0])).tolist() == [0]  # clipped at -clip: code 0
+    total = np.sum([enc.encode(np.array([0.25, -1.0])) for _ in range(3)], axis=0)
+    step = 1 / enc.scale  # one code: each of the 3 values is off by at most half of it
+    assert enc.decode_sum(total, 3) == pytest.approx([0.75, -3.0], abs=1.5 * step, rel=0)
+
+
+def test_harary_graph_of_even_degree_n_minus_2_is_not_complete():
+    g = harary_graph(6, 4, b"x" * 32)  # a ring with 2 on each side: each misses one node
+    assert all(len(nb) == 4 for nb in g)
+    assert all(i not in nb for i, nb in enumerate(g))
+
+
 def test_masks_are_full_entropy_keystreams():
     a, b = expand_mask(b"\1" * 32, 100_000), expand_mask(b"\2" * 32, 100_000)
     assert not np.array_equal(a[:8], b[:8])
