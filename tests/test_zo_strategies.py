@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -157,3 +158,63 @@ def test_pro_probabilities_by_hand():
     assert p == pytest.approx(e / e.sum(), rel=1e-12)
     shifted = pro_probabilities(np.array([3.0, 4.0, 10.0, 5.0]), np.array([1, 1, 2, 1]))
     assert shifted == pytest.approx(p, rel=1e-12)  # means 3, 4, 5, 5
+
+
+def _ferret(**options):
+    return build_strategy("ferret", options, _ctx("ferret"))
+
+
+def _pairs(client, n, blocks, seeds, scalars, version=0) -> ZoUpdate:
+    return ZoUpdate(
+        header=Header("r", 1, "fp", "h", n, client),
+        seeds=np.array(seeds, np.uint16),
+        scalars=np.array(scalars, np.float32),
+        blocks=np.array(blocks, np.uint16),
+        synced_version=version,
+    )
+
+
+def test_ferret_accumulates_weighted_clipped_scalars_by_hand():
+    """Client a (30 examples): (block 0, seed 1) = 2, (2, 5) = -8; client b (10): (0, 1) = 4.
+    Weighted: (0, 1) = .75 * 2 + .25 * 4 = 2.5, (2, 5) = .75 * -8 = -6; clip 3 first: (0, 1)
+    = .75 * 2 + .25 * 3 = 2.25, (2, 5) = .75 * -3; unweighted: halves; server_lr scales."""
+    ups = [_pairs("a", 30, [0, 2], [1, 5], [2.0, -8.0]), _pairs("b", 10, [0], [1], [4.0])]
+    cases = [
+        ({}, 2.5, -6.0),
+        ({"scalar_clip": 3.0}, 2.25, -2.25),
+        ({"weighted": False}, 3.0, -4.0),
+        ({"server_lr": 0.5}, 1.25, -3.0),
+    ]
+    for options, at_1, at_5 in cases:
+        res = _ferret(**options).aggregate_train(1, ups)
+        c = res.zo.coeffs
+        assert c[0, 1] == pytest.approx(at_1) and c[2, 5] == pytest.approx(at_5), options
+        assert (
+            np.count_nonzero(c) == 2 and res.zo.version == 1 and res.zo.spec.algorithm == "ferret"
+        )
+        assert res.metrics == {"zo_changed_entries": 2.0}
+
+
+def test_ferret_records_versions_and_forgets_them_when_it_plans():
+    strat = _ferret()
+    strat.aggregate_train(1, [_pairs("0", 1, [0], [1], [1.0], version=0)])
+    assert strat.state.client_versions == {"0": 0}
+    plans = strat.configure_train(2, _clients(1))
+    assert strat.state.client_versions == {}  # confirmed again by the next reply
+    sync = plans["0"].sync  # it confirmed version 0: an increment from there
+    assert (sync.from_version, sync.to_version, sync.full) == (0, 1, False)
+    full = build_strategy("ferret", {}, _ctx("ferret"))
+    full.spec = dataclasses.replace(full.spec, sync="full")
+    full.aggregate_train(1, [_pairs("0", 1, [0], [1], [1.0])])
+    full.state.client_versions["0"] = 1
+    assert full.configure_train(2, _clients(1))["0"].sync.full  # forced by zo.sync = full
+
+
+def test_ferret_names_the_block_range_it_refuses():
+    with pytest.raises(AggregationError, match=r"^client a sent block indices outside 0\.\.2$"):
+        _ferret().aggregate_train(1, [_pairs("a", 1, [3], [1], [1.0])])
+    with pytest.raises(AggregationError, match=r"^strategy 'ferret' got no updates to aggregate$"):
+        _ferret().aggregate_train(1, [])
+    no_zo = StrategyContext(initial={}, spec=LoraSpec(4, 8.0, ("q_proj",)), seed=0)
+    with pytest.raises(AggregationError, match=r"needs a zeroth-order spec \(\[zo\] section\)$"):
+        build_strategy("ferret", {}, no_zo)
