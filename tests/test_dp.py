@@ -12,6 +12,7 @@ from scipy.optimize import brentq
 from scipy.stats import norm
 
 from fedpeft.config import DpConfig
+from fedpeft.errors import AggregationError
 from fedpeft.privacy import PrivacyAccountant, PrivacyBudgetExhausted, clip_and_noise, gaussian
 from fedpeft.simulation.runner import simulate
 from fedpeft.strategies.base import StrategyContext
@@ -307,3 +308,48 @@ def test_dp_refuses_combinations_that_break_it(tiny_config):
         tiny_config("dp.noise_multiplier=1", "robust.rule=median")
     with pytest.raises(ConfigError, match="dp.clip_norm must be > 0"):
         tiny_config("dp.noise_multiplier=1", "dp.clip_norm=0")
+
+
+def test_dp_wrapper_edges_by_hand():
+    """Empty input, a strategy that sends clients different factors, the metrics it adds,
+    and the distributed mode (clients noised their own contributions: only accounting)."""
+    dp = _dp("fedavg", 1.0)
+    with pytest.raises(AggregationError, match="^dp aggregation got no updates$"):
+        dp.aggregate_train(1, [])
+    dp.configure_train(1, _clients(2))
+    dp._sent["1"] = ({k: v for k, v in SENT.items()}, "AB")  # another object: other factors
+    with pytest.raises(AggregationError, match=r"use fedavg or ffa\) \(client 1 was sent other"):
+        dp.aggregate_train(1, [_update("0", [0, 0, 0, 0]), _update("1", [0, 0, 0, 0])])
+    quiet = _dp("fedavg", 0.0)
+    quiet.configure_train(1, _clients(1))
+    got = quiet.aggregate_train(1, [_update("0", [0, 0, 0, 0])])
+    assert set(got.metrics) == {"fedavg_clients", "dp_epsilon", "dp_delta", "dp_noise_std"}
+    assert got.metrics["dp_delta"] == 1e-5 and got.metrics["dp_noise_std"] == 0.0
+    ctx = StrategyContext(initial=SENT, spec=SPEC, seed=3)
+    dist = DpAggregation(FedAvg(FedAvg.Config(), ctx), DpConfig(noise_multiplier=2.0), 2, 4, 3,
+                         distributed=True)  # fmt: skip
+    dist.configure_train(1, _clients(2))
+    summed = [_update("0", [1, 2, 3, 4])]  # what the secure sum handed over: used as it is
+    res = dist.aggregate_train(1, summed)
+    assert _flat(res.adapter) == [1.0, 2.0, 3.0, 4.0]
+    assert res.metrics["dp_epsilon"] == pytest.approx(_gdp_epsilon(1 / 2.0, 1e-5), rel=1e-4)
+    assert res.metrics["dp_noise_std"] == 2.0 * 1.0 / 2  # z C / k
+
+
+def test_zeroth_order_release_scales_by_m_over_k_and_sorts_clients():
+    """Three of k = 4 clients answered: each upload is clipped, then scaled by m / k = 3 / 4
+    (the strategy's 1 / m weight becomes 1 / k), in client-id order, with weight 1 each."""
+    ctx = StrategyContext(initial=SENT, spec=SPEC, seed=0)
+    dp = DpAggregation(FedAvg(FedAvg.Config(), ctx), DpConfig(noise_multiplier=0.0, clip_norm=10),
+                       4, 4, seed=0, zo=True, zo_shape=(1, 4))  # fmt: skip
+    ups = [
+        ZoUpdate(Header("r", 1, "f", "h", 9, c), np.array([i], np.uint16),
+                 np.array([float(i + 1)], np.float32))
+        for i, c in ((2, "c"), (0, "a"), (1, "b"))
+    ]  # fmt: skip
+    out = dp._zo(1, sorted(ups, key=lambda u: u.header.client_id))
+    assert [u.header.client_id for u in out] == ["a", "b", "c"]
+    assert [u.header.num_examples for u in out] == [1, 1, 1]
+    assert out[1].scalars.tolist() == [2.0 * 3 / 4] and out[2].scalars.tolist() == [3.0 * 3 / 4]
+    assert out[0].scalars[:1].tolist() == [1.0 * 3 / 4]
+    assert out[0].scalars[1:].tolist() == [0.0] * 4  # z = 0: the noise pairs carry zeros
