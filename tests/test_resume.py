@@ -106,6 +106,48 @@ def test_checkpoint_refuses_what_it_cannot_restore_and_reports_bad_files(tmp_pat
         load_checkpoint(bad)
 
 
+def _handmade(path: Path, tree: object, tensors: dict | None = None, key: str = "fedpeft") -> Path:
+    from safetensors.torch import save
+
+    meta = {key: json.dumps(tree)} if tree is not None else {}
+    path.write_bytes(save(tensors or {"t0": torch.zeros(1)}, metadata=meta))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("tree", "message"),
+    [
+        ({"format": 2, "state": {}}, "is not in format 1, the one this fedpeft reads"),
+        ([1, 2], "is not in format 1"),
+        ({"format": 1, "state": {"float": "1.0", "bytes": "AA=="}}, "malformed checkpoint entry"),
+        ({"format": 1, "state": {"zzz": 1}}, "unknown checkpoint entry kind 'zzz'"),
+        ({"format": 1, "state": [1, 2]}, "holds no state"),
+        ({"format": 1, "state": {"tensor": "t9"}}, "is unreadable: 't9'"),
+        ({"format": 1, "state": {"bytes": "not base64!"}}, "is unreadable"),
+        (None, "is unreadable: 'fedpeft'"),
+    ],
+)
+def test_a_damaged_checkpoint_is_refused_with_the_reason(tmp_path, tree, message):
+    path = _handmade(tmp_path / CHECKPOINT, tree)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    assert message in str(err.value) and str(path) in str(err.value)
+
+
+def test_a_handmade_checkpoint_decodes_to_known_values(tmp_path):
+    tree = {"format": 1, "state": {"dict": [
+        ["f", {"float": "0.5"}], ["b", {"bytes": "AP8="}], [["k", 1], {"tuple": [1, "x"]}],
+        ["t", {"tensor": "t0"}], ["n", {"ndarray": "t0"}], ["l", [None, True]],
+    ]}}  # fmt: skip
+    got = load_checkpoint(_handmade(tmp_path / CHECKPOINT, tree, {"t0": torch.tensor([1.5, 2.0])}))
+    assert got["f"] == 0.5 and got["b"] == b"\x00\xff" and got[("k", 1)] == (1, "x")
+    assert torch.equal(got["t"], torch.tensor([1.5, 2.0])) and got["l"] == [None, True]
+    assert isinstance(got["n"], np.ndarray) and got["n"].tolist() == [1.5, 2.0]
+    save_checkpoint(tmp_path / "again.safetensors", {"g": np.float64(0.1), "i": np.int32(3)})
+    back = load_checkpoint(tmp_path / "again.safetensors")
+    assert type(back["g"]) is float and back["g"] == 0.1 and type(back["i"]) is int
+
+
 def test_a_crash_while_writing_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / CHECKPOINT
     save_checkpoint(path, {"round": 1})

@@ -163,6 +163,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
                 f"checkpoint {str(path)!r} is not in format {FORMAT}, the one this fedpeft reads"
             )
         state = _decode(tree["state"], tensors)
+    except CheckpointError as err:
+        if str(path) in str(err):
+            raise
+        raise CheckpointError(f"checkpoint {str(path)!r} is unreadable: {err}") from err
     except (OSError, KeyError, ValueError, TypeError, SafetensorError) as err:
         raise CheckpointError(f"checkpoint {str(path)!r} is unreadable: {err}") from err
     if not isinstance(state, dict):
