@@ -218,3 +218,32 @@ def test_ferret_names_the_block_range_it_refuses():
     no_zo = StrategyContext(initial={}, spec=LoraSpec(4, 8.0, ("q_proj",)), seed=0)
     with pytest.raises(AggregationError, match=r"needs a zeroth-order spec \(\[zo\] section\)$"):
         build_strategy("ferret", {}, no_zo)
+
+
+@pytest.mark.parametrize("name", ["fedkseed", "fedkseed-pro"])
+def test_fedkseed_accumulates_lr_weight_clipped_scalar_by_hand(name):
+    """lr = 0.1 (the ctx's zo.lr). Client a (30 examples): seeds 3, 3, 7 with g = 1, 2, -500;
+    client b (10): seed 3 with g = 4. clip 100: seed 3 = 0.1 * (.75 * 3 + .25 * 4) = 0.325,
+    seed 7 = 0.1 * .75 * -100 = -7.5; Pro's statistics: |g| summed per seed and counted."""
+    ups = [
+        ZoUpdate(Header("r", 1, "fp", "h", 30, "a"), np.array([3, 3, 7], np.uint16),
+                 np.array([1.0, 2.0, -500.0], np.float32)),
+        ZoUpdate(Header("r", 1, "fp", "h", 10, "b"), np.array([3], np.uint16),
+                 np.array([4.0], np.float32)),
+    ]  # fmt: skip
+    for options, s3, s7 in (
+        ({}, 0.325, -7.5),
+        ({"scalar_clip": 1.0}, 0.1 * (0.75 * 2 + 0.25 * 1), -0.075),
+        ({"weighted": False}, 0.1 * (0.5 * 3 + 0.5 * 4), -5.0),
+    ):
+        strat = build_strategy(name, options, _ctx("fedkseed"))
+        res = strat.aggregate_train(1, ups)
+        assert res.zo.coeffs[0, 3] == pytest.approx(s3) and res.zo.coeffs[0, 7] == pytest.approx(s7)
+        assert np.count_nonzero(res.zo.coeffs) == 2 and res.metrics == {"zo_changed_seeds": 2.0}
+    state = strat.state_dict()
+    assert state["counts"][3] == 3 and state["counts"][7] == 1
+    assert state["abs_sum"][3] == 7.0 and state["abs_sum"][7] == 100.0
+    with pytest.raises(AggregationError, match="^client a sent block indices; fedkseed has one"):
+        strat.aggregate_train(2, [dataclasses.replace(ups[0], blocks=np.zeros(3, np.uint16))])
+    with pytest.raises(AggregationError, match="^strategy 'fedkseed' got no updates"):
+        strat.aggregate_train(2, [])
