@@ -106,3 +106,56 @@ def test_weights_follow_their_clients_whatever_the_reply_order():
         res = FedAvg(FedAvg.Config(), StrategyContext(sent, spec, 0)).aggregate_train(1, order)
         assert res.adapter["m"].a.tolist() == [[5.0, 5.0]]
         assert res.adapter["m"].b.tolist() == [[2.0], [2.0]]
+
+
+def _up(cid: str, n: int, rank: int = 1, alpha: float = 1.0, modules=("m",)) -> LoraUpdate:
+    f = LoraFactors(a=torch.ones(rank, 2), b=torch.ones(2, rank), alpha=alpha)
+    return LoraUpdate(Header("r", 1, "f", "h", n, cid), {m: f for m in modules})
+
+
+def test_fedavg_refusals_name_the_client_and_what_differs():
+    from fedpeft.errors import AggregationError
+
+    spec = LoraSpec(rank=1, alpha=1.0, target_modules=("q_proj",))
+    strat = FedAvg(FedAvg.Config(), StrategyContext(_up("x", 1).factors, spec, 0))
+    cases = [
+        ([_up("a", 1), _up("b", 1, modules=("m", "k"))],
+         "client b adapted other modules than client a (differing: ['k']); strategy 'fedavg' "
+         "needs the same"),
+        ([_up("a", 1), _up("b", 1, rank=2)],
+         "client b sent rank 2 (alpha 1.0) for 'm', client a rank 1 (alpha 1.0); strategy "
+         "'fedavg' needs equal ranks - use a heterogeneous-rank strategy"),
+        ([_up("a", 1), _up("b", 1, alpha=2.0)],
+         "client b sent rank 1 (alpha 2.0) for 'm', client a rank 1 (alpha 1.0); strategy "
+         "'fedavg' needs equal ranks - use a heterogeneous-rank strategy"),
+        ([_up("a", 0), _up("b", 0)], "updates report 0 examples in total; cannot weight them"),
+        ([], "strategy 'fedavg' got no updates to aggregate"),
+    ]  # fmt: skip
+    for ups, message in cases:
+        with pytest.raises(AggregationError) as err:
+            strat.aggregate_train(1, ups)
+        assert str(err.value) == message
+
+
+def test_adapter_state_round_trip_is_exact_and_independent():
+    from fedpeft.strategies.base import adapter_from_state, adapter_state
+
+    ad = {"z": LoraFactors(torch.arange(2.0).reshape(1, 2), torch.ones(2, 1), 3.0),
+          "a": LoraFactors(torch.zeros(1, 2), torch.zeros(2, 1), 1.0)}  # fmt: skip
+    state = adapter_state(ad)
+    assert list(state) == ["a", "z"] and state["z"]["alpha"] == 3.0
+    back = adapter_from_state(state)
+    assert torch.equal(back["z"].a, ad["z"].a) and back["z"].alpha == 3.0
+    state["z"]["a"][0, 0] = 9.0  # the state holds copies: the adapter is untouched
+    assert ad["z"].a[0, 0] == 0.0 and back["z"].a[0, 0] == 0.0
+
+
+def test_an_aggregate_result_is_lora_or_zeroth_order_never_both_or_neither():
+    from fedpeft.errors import AggregationError
+    from fedpeft.strategies.base import AggregateResult
+
+    spec = LoraSpec(rank=1, alpha=1.0, target_modules=("q_proj",))
+    AggregateResult(adapter=_up("a", 1).factors, spec=spec)
+    for bad in ({}, {"adapter": _up("a", 1).factors}, {"spec": spec}):
+        with pytest.raises(AggregationError, match="needs either adapter and spec"):
+            AggregateResult(**bad)
