@@ -315,3 +315,50 @@ def test_rank_operation_edges_by_hand():
     assert product_norm(zero) == 0.0
     a, b = stack([f, zero], [1.0, 1.0])  # ranks 3 + 2 stacked along the rank axis
     assert a.shape == (5, 2) and b.shape == (4, 5)
+
+
+@pytest.mark.parametrize("name", ["flora", "flexlora", "ffa", "rolora"])
+def test_unweighted_option_gives_the_plain_mean_of_products(name):
+    one_factor = name in ("ffa", "rolora")
+    strat = build_strategy(name, {"weighted": False}, _ctx())
+    plans = strat.configure_train(1, _clients())
+    ups = []
+    for c in IDS:
+        frozen_a = plans[c].adapter if one_factor else None
+        ups.append(_update(c, _random(plans[c].spec.rank, int(c), a=frozen_a)))
+    res = strat.aggregate_train(1, ups)
+    for m in SHAPES:
+        want = sum(_product(u.factors[m]) for u in ups) / len(ups)
+        assert torch.allclose(_product(res.adapter[m]), want, rtol=1e-5, atol=1e-6)
+
+
+def test_flexlora_plans_follow_the_latest_global_and_pad_beyond_its_rank():
+    """Round 3's plans come from round 2's global (not a cached SVD of round 1's); a client
+    whose rank exceeds the global's gets zero components beyond it."""
+    strat, _, _ = _run_round("flexlora", lambda c, p: _random(p.spec.rank, int(c)))
+    plans = strat.configure_train(2, _clients())
+    ups = [_update(c, _random(plans[c].spec.rank, 30 + int(c)), 2) for c in IDS]
+    res2 = strat.aggregate_train(2, ups)
+    plans3 = strat.configure_train(3, _clients())
+    for m in SHAPES:
+        want = _best_rank(_product(res2.adapter[m]), 16)
+        assert torch.allclose(_product(plans3["3"].adapter[m]), want, rtol=1e-4, atol=1e-5)
+    solo = build_strategy("flexlora", {}, _ctx())
+    solo.configure_train(1, _clients())
+    solo.aggregate_train(1, [_update("0", _random(2, 0))])  # the global has rank 2
+    f = solo.for_rank(4)["m.q_proj"]
+    assert f.a.shape == (4, 20) and not f.a[2:].any() and not f.b[:, 2:].any()
+    assert f.a[:2].any()
+    state = solo.state_dict()
+    fresh = build_strategy("flexlora", {}, _ctx())
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.for_rank(2)["m.q_proj"].a, solo.for_rank(2)["m.q_proj"].a)
+
+
+def test_rolora_can_start_with_a_and_refuses_another_first_factor():
+    from fedpeft.errors import StrategyError
+
+    strat = build_strategy("rolora", {"first": "A"}, _ctx())
+    assert [strat.part(r) for r in (1, 2, 3)] == ["A", "B", "A"]
+    with pytest.raises(StrategyError, match="strategy.options.first must be 'A' or 'B', got 'C'"):
+        build_strategy("rolora", {"first": "C"}, _ctx())
