@@ -362,3 +362,23 @@ def test_rolora_can_start_with_a_and_refuses_another_first_factor():
     assert [strat.part(r) for r in (1, 2, 3)] == ["A", "B", "A"]
     with pytest.raises(StrategyError, match="strategy.options.first must be 'A' or 'B', got 'C'"):
         build_strategy("rolora", {"first": "C"}, _ctx())
+
+
+def test_plans_share_one_object_per_rank_and_caps_apply():
+    from fedpeft.strategies.hetero import initial_unit, plans_from_global, ranks_for
+
+    ctx = _ctx()
+    clients = _clients()
+    assert ranks_for(ctx, 1, clients, {}) == dict(zip(IDS, RANKS, strict=True))
+    assert ranks_for(ctx, 1, clients, {"3": 5, "0": 9}) == {"0": 2, "1": 4, "2": 8, "3": 5}
+    glob = initial_unit(ctx, 16)
+    plans = plans_from_global(ctx, glob, {"a": 4, "b": 4, "c": 2}, parts="A", reg=(0.5, 0.9))
+    assert plans["a"] is plans["b"] and plans["a"] is not plans["c"]  # encoded once per rank
+    p = plans["c"]
+    assert (p.spec.rank, p.spec.alpha, p.parts, p.reg_lambda, p.reg_gamma) == (2, 16.0, "A", 0.5,
+                                                                               0.9)  # fmt: skip
+    # the rank-16 start's first 8 components are the run's rank-8 init (A), B = 0
+    for m, f in ctx.initial.items():
+        assert torch.equal(glob[m].a[:8], f.a) and not glob[m].b.any() and glob[m].alpha == 16.0
+    same = initial_unit(ctx, 8)  # the run's own rank: its initial adapter, scale folded
+    assert all(torch.equal(same[m].a, f.a) for m, f in ctx.initial.items())
