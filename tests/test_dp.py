@@ -42,6 +42,45 @@ def test_pld_accountant_matches_the_exact_gaussian_value(z, rounds):
     assert exact <= rdp.epsilon(rounds) <= 1.5 * exact  # RDP is an upper bound
 
 
+def _rdp_reference(z: float, rounds: int, q: float = 1.0) -> float:
+    """RDP epsilon straight from dp_accounting, composed here."""
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+
+    event = dp_accounting.GaussianDpEvent(z)
+    if q < 1:
+        event = dp_accounting.PoissonSampledDpEvent(q, event)
+    acc = RdpAccountant()
+    acc.compose(dp_accounting.SelfComposedDpEvent(event, rounds))
+    return float(acc.get_epsilon(1e-5))
+
+
+@pytest.mark.parametrize("z", [0.2, 0.01])
+def test_tiny_noise_reports_the_rdp_bound_without_building_a_huge_pld(z):
+    """Where RDP already says epsilon > 64, PLD is not built (at z = 0.01 it would need more
+    than 23 GiB); the RDP bound is the answer."""
+    acc = PrivacyAccountant(DpConfig(noise_multiplier=z, delta=1e-5))
+    assert _rdp_reference(z, 3) > 64
+    assert acc.epsilon(3) == _rdp_reference(z, 3)
+
+
+def test_rdp_accountant_and_poisson_amplification_match_the_library():
+    rdp = PrivacyAccountant(DpConfig(noise_multiplier=1.0, delta=1e-5, accountant="rdp"))
+    assert rdp.epsilon(4) == _rdp_reference(1.0, 4)
+    sampled = PrivacyAccountant(
+        DpConfig(noise_multiplier=1.0, delta=1e-5, accountant="rdp", amplification="poisson"),
+        sample_rate=0.1,
+    )
+    assert sampled.epsilon(4) == _rdp_reference(1.0, 4, q=0.1)
+    full = PrivacyAccountant(
+        DpConfig(noise_multiplier=1.0, delta=1e-5, amplification="poisson"), sample_rate=1.0
+    )  # everyone sampled: no amplification
+    assert full.epsilon(4) == PrivacyAccountant(DpConfig(noise_multiplier=1.0)).epsilon(4)
+    none = PrivacyAccountant(DpConfig(noise_multiplier=1.0, delta=1e-5), sample_rate=0.1)
+    assert none.epsilon(4) == full.epsilon(4)  # amplification "none": q is ignored
+    assert PrivacyAccountant(DpConfig(noise_multiplier=1.0)).epsilon(0) == 0.0
+
+
 def test_known_value_and_amplification():
     acc = PrivacyAccountant(DpConfig(noise_multiplier=1.0, delta=1e-5))
     assert acc.epsilon(4) == pytest.approx(9.9973, abs=1e-3)  # mu = 2
