@@ -158,17 +158,14 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             meta = fh.metadata() or {}
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
         tree = json.loads(meta["fedpeft"])
-        if not isinstance(tree, dict) or tree.get("format") != FORMAT:
-            raise CheckpointError(
-                f"checkpoint {str(path)!r} is not in format {FORMAT}, the one this fedpeft reads"
-            )
-        state = _decode(tree["state"], tensors)
-    except CheckpointError as err:
-        if str(path) in str(err):
-            raise
+        ours = isinstance(tree, dict) and tree.get("format") == FORMAT
+        state = _decode(tree["state"], tensors) if ours else None
+    except (CheckpointError, OSError, KeyError, ValueError, TypeError, SafetensorError) as err:
         raise CheckpointError(f"checkpoint {str(path)!r} is unreadable: {err}") from err
-    except (OSError, KeyError, ValueError, TypeError, SafetensorError) as err:
-        raise CheckpointError(f"checkpoint {str(path)!r} is unreadable: {err}") from err
+    if not ours:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is not in format {FORMAT}, the one this fedpeft reads"
+        )
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {str(path)!r} holds no state")
     return state
