@@ -36,7 +36,6 @@ import argparse
 import contextlib
 import json
 import os
-import random
 import signal
 import socket
 import statistics
@@ -51,6 +50,7 @@ from typing import Any
 from fedpeft.configio import load_config
 from fedpeft.deploy.credentials import write_credentials
 from fedpeft.simulation.runner import simulate
+from fedpeft.testing import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CASES: dict[str, tuple[str, list[str]]] = {
@@ -115,17 +115,6 @@ class Relay:
         self._sock.close()
 
 
-def _port() -> int:
-    """A free port below the kernel's ephemeral range, so no process binding port 0 (a node's
-    tunnel) can take it between now and its use."""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    while True:
-        candidate = random.randrange(10_000, low)
-        with socket.socket() as s, contextlib.suppress(OSError):
-            s.bind(("127.0.0.1", candidate))
-            return candidate
-
-
 def _cli(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     with open(log, "wb") as f:
         return subprocess.Popen(
@@ -156,7 +145,7 @@ def deployed(
     """One deployed run; with ``relay`` each node talks through a byte-counting relay."""
     keys = tmp / "keys"
     write_credentials(keys, ["127.0.0.1"], ["node0", "node1"], 1, False)
-    port = _port()
+    port = free_port()
     relays = [Relay(port), Relay(port)] if relay else []
     out = tmp / "run"
     server = _cli(
@@ -172,7 +161,7 @@ def deployed(
             to = relays[i].port if relay else port
             args = ["client", "--superlink", f"127.0.0.1:{to}",
                     "--creds", str(keys / "nodes" / f"node{i}"),
-                    "--state-dir", str(tmp / f"n{i}"), "--runtime-port", str(_port()),
+                    "--state-dir", str(tmp / f"n{i}"), "--runtime-port", str(free_port()),
                     "--partition-id", str(i), "--num-partitions", "2", "--device", "cpu",
                     "--threads", str(threads)]  # fmt: skip
             nodes.append(_cli(args, tmp / f"node{i}.log"))

@@ -42,7 +42,9 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from deploy import _cli, _port, _wait_text
+from deploy import _cli, _wait_text
+
+from fedpeft.testing import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["federation.num_clients=2", "data.max_examples_per_client=48", "train.local_steps=3",
@@ -142,7 +144,7 @@ class Deployment:
         self.tmp = tmp
         self.keys = tmp / "keys"
         write_credentials(self.keys, ["127.0.0.1"], ["node0", "node1"], 1, False)
-        self.port, self.control = _port(), _port()
+        self.port, self.control = free_port(), free_port()
         self.out = tmp / "run"
         self.args = ["server", "--config", "simulations/tiny.toml", "--out", str(self.out),
                      "--keys", str(self.keys), "--port", str(self.port), "--control-port",
@@ -168,7 +170,8 @@ class Deployment:
             self.nodes.append(_cli([
                 "client", "--superlink", f"127.0.0.1:{self.port}",
                 "--creds", str(self.keys / "nodes" / f"node{i}"), "--state-dir",
-                str(self.tmp / f"n{i}"), "--runtime-port", str(_port()), "--partition-id", str(i),
+                str(self.tmp / f"n{i}"), "--runtime-port", str(free_port()),
+                "--partition-id", str(i),
                 "--num-partitions", "2", "--device", "cpu", "--threads", "1",
             ], self.tmp / f"node{i}.log"))  # fmt: skip
         self.procs += self.nodes

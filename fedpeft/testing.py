@@ -5,17 +5,43 @@ replies (``PullMessages``, ``PullObject``, ``ConfirmMessageReceived``) from repl
 memory, encoded exactly as a SuperLink stores them (Flower's content-addressed object tree);
 :func:`http_grid_on` gives Flower's own deployed ``HttpGrid`` connected to it. The tests and
 ``benchmarks/faults.py`` use them to pull a reply the way the deployed coordinator does.
-Checked against flwr 1.41.
+Checked against flwr 1.41. :func:`free_port` picks ports for servers that tests and
+benchmarks start in other processes.
 """
 
 from __future__ import annotations
 
+import random
+import socket
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-__all__ = ["RecordedRuntime", "http_grid_on"]
+__all__ = ["RecordedRuntime", "free_port", "http_grid_on"]
+
+_HANDED_OUT: set[int] = set()
+
+
+def free_port() -> int:
+    """A port free now, below the kernel's ephemeral range (no process that binds port 0, such
+    as a node's tunnel, can take it before its use) and not handed out before by this process.
+
+    The server binds it later: a caller that can see the bind fail retries with another port.
+    """
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    while True:
+        candidate = random.randrange(10_000, low)
+        if candidate in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", candidate))
+            except OSError:
+                continue
+        _HANDED_OUT.add(candidate)
+        return candidate
 
 
 class RecordedRuntime:

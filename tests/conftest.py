@@ -18,6 +18,7 @@ from flwr.app import Context, Message  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
+from fedpeft import testing  # noqa: E402
 from fedpeft.cache import PROCESS_CACHE, ProcessCache  # noqa: E402
 from fedpeft.config import ModelConfig, RunConfig  # noqa: E402
 from fedpeft.configio import load_config  # noqa: E402
@@ -59,34 +60,11 @@ def _fresh_process_cache():
     PROCESS_CACHE.clear()
 
 
-_HANDED_OUT: set[int] = set()
-
-
-def _free_port() -> int:
-    """A port free now, below the kernel's ephemeral range (processes that bind port 0 never
-    get it) and not handed out before in this session."""
-    import random
-    import socket
-
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    while True:
-        candidate = random.randrange(10_000, low)
-        if candidate in _HANDED_OUT:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", candidate))
-            except OSError:
-                continue
-        _HANDED_OUT.add(candidate)
-        return candidate
-
-
 @pytest.fixture(scope="session")
 def free_port() -> Callable[[], int]:
-    """``free_port()``: a port for a server a test starts in another process. The server binds
-    it later, so the caller retries with another port if that bind fails."""
-    return _free_port
+    """``free_port()``: a port for a server a test starts in another process
+    (:func:`fedpeft.testing.free_port`)."""
+    return testing.free_port
 
 
 @pytest.fixture(scope="session")
