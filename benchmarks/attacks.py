@@ -18,6 +18,7 @@ the clean run, and whether it is within the goal (5 % relative), and writes
 ``benchmarks/results/attacks.json``. About 15 minutes on 2 CPU cores.
 
     .venv/bin/python benchmarks/attacks.py [--rounds 6] [--out runs/attacks]
+        [--quick]   # 1 round, 5 clients, 2 attacks x 2 defences, 1 scalar attack
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _bench import QUICK_OVERRIDES, REPO, add_quick, results_path
+
 from fedpeft.cache import ProcessCache
 from fedpeft.configio import load_config
 from fedpeft.simulation.runner import simulate
 
-REPO = Path(__file__).resolve().parents[1]
 ATTACKS = {
     "sign_flip x4": ["attack.kind=sign_flip", "attack.scale=4"],
     "scale x20": ["attack.kind=scale", "attack.scale=20"],
@@ -81,7 +83,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--out", default="runs/attacks")
+    add_quick(ap)
     args = ap.parse_args()
+    attacks, zo_attacks, keep = ATTACKS, ZO_ATTACKS, None
+    if args.quick:
+        attacks = {k: ATTACKS[k] for k in ("sign_flip x4", "nonfinite")}
+        zo_attacks = {"scalars x100": ZO_ATTACKS["scalars x100"]}
+        keep = {"none", "median", "scalar_clip"}
     out, cache = Path(args.out), ProcessCache()
     base = [
         "federation.num_clients=10",
@@ -90,17 +98,20 @@ def main() -> None:
         "attack.fraction=0.2",
         "eval.examples=64",
         "eval.every=0",
+        *(QUICK_OVERRIDES if args.quick else []),
+        *(["federation.num_clients=5", "train.local_steps=2"] if args.quick else []),
     ]
     clean = _run("tiny.toml", [*base, "robust.clip_norm=1e9"], out / "clean", cache)
-    defences = {
+    defences: dict[str, list[str]] = {
         "none": [],
         "clip": [f"robust.clip_norm={clean['norm_max']:.6g}"],
         "median": ["robust.rule=median"],
         "trimmed_mean": ["robust.rule=trimmed_mean", "robust.trim_fraction=0.2"],
         "multikrum": ["robust.rule=multikrum", "robust.byzantine=2"],
     }
+    defences = {d: o for d, o in defences.items() if keep is None or d in keep}
     grid: dict[str, dict[str, dict[str, Any]]] = {}
-    for attack, a_over in ATTACKS.items():
+    for attack, a_over in attacks.items():
         grid[attack] = {}
         for defence, d_over in defences.items():
             name = f"{attack}-{defence}".replace(" ", "_")
@@ -123,8 +134,9 @@ def main() -> None:
         "scalar_clip": [f"robust.scalar_clip={zo_clip:.6g}"],
         "trimmed_mean": ["robust.rule=trimmed_mean", "robust.trim_fraction=0.2"],
     }
+    zo_def = {d: o for d, o in zo_def.items() if keep is None or d in keep}
     zo_grid: dict[str, dict[str, dict[str, Any]]] = {}
-    for attack, a_over in ZO_ATTACKS.items():
+    for attack, a_over in zo_attacks.items():
         zo_grid[attack] = {
             d: _run("tiny_fedkseed.toml", [*zo_base, *a_over, *o], out / f"zo-{attack}-{d}", cache)
             for d, o in zo_def.items()
@@ -147,7 +159,7 @@ def main() -> None:
         "zo_clip": zo_clip,
         "table": lines,
     }
-    path = REPO / "benchmarks" / "results" / "attacks.json"
+    path = results_path("attacks.json")
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
 

@@ -25,20 +25,22 @@ otherwise idle (compute times are measured).
 
     .venv/bin/python benchmarks/bandit.py [--rounds 8] [--out runs/bandit] [--only NAME ...]
         [--reuse]   # read the runs already finished in --out instead of running them again
+        [--quick]   # tiny model (4 layers), 3 devices, 2 rounds: (a) and (c) only
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-SCENARIO = REPO / "simulations" / "fedspine.toml"
+from _bench import QUICK_OVERRIDES, QUICK_TITLE, REPO, add_quick, results_path, simulate_cli
+
+QUICK = [*QUICK_OVERRIDES, "model.tiny_layers=4", "federation.num_clients=3",
+         "federation.min_clients=3", "eval.validation_examples=4"]  # fmt: skip
 GRID = [(0.0, 8), (0.5, 8), (0.75, 4)]  # the scenario's arms
 
 
@@ -64,7 +66,9 @@ def runs() -> dict[str, list[str]]:
     return out
 
 
-def run(name: str, extra: list[str], rounds: int, root: Path, reuse: bool) -> list[dict[str, Any]]:
+def run(
+    name: str, extra: list[str], rounds: int, root: Path, reuse: bool, quick: bool = False
+) -> list[dict[str, Any]]:
     """One simulation through the CLI (or, with ``reuse``, a finished one); its metrics rows."""
     out = root / name.replace(" ", "_").replace("(", "").replace(")", "").replace("/", "-")
     done = out / "summary.json"
@@ -72,11 +76,8 @@ def run(name: str, extra: list[str], rounds: int, root: Path, reuse: bool) -> li
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         if len(rows) == rounds + 1:
             return rows
-    cmd = [sys.executable, "-m", "fedpeft.cli", "simulate", "--quiet", "--config", str(SCENARIO),
-           "--out", str(out), f"federation.rounds={rounds}", *extra]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
+    rounds_set = [f"federation.rounds={rounds}"]
+    simulate_cli("fedspine.toml", out, [*extra, *(QUICK if quick else []), *rounds_set])
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -103,12 +104,15 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "runs" / "bandit"))
     ap.add_argument("--only", nargs="*", default=None, help="a subset of the run names")
     ap.add_argument("--reuse", action="store_true", help="read runs already finished in --out")
+    add_quick(ap)
     args = ap.parse_args()
+    if args.quick:
+        args.rounds, args.only = 2, args.only or ["(a) no pruning r8", "(c) bandit sw-ucb"]
     results: dict[str, list[dict[str, Any]]] = {}
     for name, extra in runs().items():
         if args.only and name not in args.only:
             continue
-        results[name] = run(name, extra, args.rounds, Path(args.out), args.reuse)
+        results[name] = run(name, extra, args.rounds, Path(args.out), args.reuse, args.quick)
         print(f"done: {name}", file=sys.stderr, flush=True)
     ref = results.get("(a) no pruning r8", [])
     if args.targets:
@@ -122,7 +126,8 @@ def main() -> None:
         ]
     base = [time_to(ref, t) for t in targets]
     print(
-        f"\nSmolLM2-135M, WordNet by domain, 12 clients (4 tx2 / 4 xavier-nx / 4 agx) x "
+        f"\n{QUICK_TITLE if args.quick else 'SmolLM2-135M'}, WordNet by domain, "
+        f"{3 if args.quick else 12} clients (tiers tx2 / xavier-nx / agx) x "
         f"{args.rounds} rounds x 4 local steps; eval loss before "
         f"{next(iter(results.values()))[0]['eval_loss']:.4f}; simulated seconds to reach eval "
         f"loss {' / '.join(f'{t:.3f}' for t in targets)} (speed-up vs (a))"
@@ -156,10 +161,8 @@ def main() -> None:
     for name in ("(c) bandit sw-ucb", "(c2) bandit, 2 arms"):
         if name in results:
             arm_choices(name, results[name])
-    dest = REPO / "benchmarks" / "results"
-    dest.mkdir(exist_ok=True)
     blob = {"rounds": args.rounds, "targets": targets, "table": table, "rows": results}
-    (dest / "bandit.json").write_text(json.dumps(blob, indent=2))
+    results_path("bandit.json").write_text(json.dumps(blob, indent=2))
 
 
 def arm_choices(name: str, rows: list[dict[str, Any]]) -> None:

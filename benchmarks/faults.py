@@ -21,6 +21,7 @@ Cases (``--cases``; all by default):
   what the row says about that node.
 
     .venv/bin/python benchmarks/faults.py [--cases errors pull restart orphans hung]
+        [--quick]   # errors (3 MB texts, 2 rounds) and pull (a 20 MB reply) only
 
 Writes ``benchmarks/results/faults.json``.
 """
@@ -42,19 +43,21 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from _bench import REPO, add_quick, results_path
 from deploy import _cli, _wait_text
 
 from fedpeft.testing import free_port
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["federation.num_clients=2", "data.max_examples_per_client=48", "train.local_steps=3",
         "eval.examples=16", "eval.max_new_tokens=8", "eval.every=0"]  # fmt: skip
 REPLY_LIMIT = 1_000_000 + 8 * 460_800  # the default scenario's automatic training-reply limit
 
 
 # ------------------------------------------------------------------ in-process cases
-def inner_errors(variant: str, out: Path) -> dict[str, Any]:
-    """One in-process run; ``variant`` ``bloat`` makes client 1 answer 30 MB errors."""
+def inner_errors(
+    variant: str, out: Path, rounds: int = 10, size: int = 30_000_000
+) -> dict[str, Any]:
+    """One in-process run; ``variant`` ``bloat`` makes client 1 answer ``size``-byte errors."""
     from flwr.app import Context, Message
 
     from fedpeft.client.app import make_client_app
@@ -64,21 +67,21 @@ def inner_errors(variant: str, out: Path) -> dict[str, Any]:
     from fedpeft.server.results import RunReporter
     from fedpeft.simulation.inprocess import InProcessGrid
 
-    cfg = load_config(REPO / "simulations" / "tiny.toml",
-                      [*TINY, "federation.num_clients=3", "federation.rounds=10"])  # fmt: skip
+    overrides = [*TINY, "federation.num_clients=3", f"federation.rounds={rounds}"]
+    cfg = load_config(REPO / "simulations" / "tiny.toml", overrides)
     real = make_client_app(cfg)
     app = type(real)()
 
     def answer(msg: Message, ctx: Context) -> Message:
         bad = variant == "bloat" and msg.metadata.message_type == "train.lora"
         if bad and ctx.node_config["partition-id"] == 1:
-            raise RuntimeError("x" * 30_000_000)
+            raise RuntimeError("x" * size)
         return real(msg, ctx)
 
     for category, action in FORWARDED:
         getattr(app, category)(action)(answer)
     grid = InProcessGrid(app, [{"partition-id": i} for i in range(3)])
-    summary = run_server(grid, cfg, out, RunReporter(out, 10, quiet=True))
+    summary = run_server(grid, cfg, out, RunReporter(out, rounds, quiet=True))
     return {
         "rounds": summary["rounds"],
         "failures": summary["failures"],
@@ -87,8 +90,11 @@ def inner_errors(variant: str, out: Path) -> dict[str, Any]:
     }
 
 
-def inner_pull(variant: str) -> dict[str, Any]:
-    """Pull one 200 MB reply through Flower's HttpGrid; ``variant``: flower | bounded."""
+def inner_pull(variant: str, values_n: int = 50_000_000) -> dict[str, Any]:
+    """Pull one reply of ``values_n`` float32 (200 MB) through Flower's HttpGrid.
+
+    ``variant``: flower | bounded.
+    """
     import numpy as np
     from flwr.app import Array, ArrayRecord, Message, RecordDict
 
@@ -99,7 +105,7 @@ def inner_pull(variant: str) -> dict[str, Any]:
     ins = Message(RecordDict(), 5, "train.lora")
     ins.metadata.__dict__["_message_id"] = ins.object_id
     # distinct values: Flower stores identical chunks once (content-addressed)
-    values = np.random.default_rng(0).random(50_000_000, dtype=np.float32)
+    values = np.random.default_rng(0).random(values_n, dtype=np.float32)
     big = ArrayRecord({"x": Array(values)})
     reply = Message(RecordDict({"u": big}), reply_to=ins)
     reply.metadata.__dict__["_message_id"] = reply.object_id
@@ -294,8 +300,12 @@ def case_hung(tmp: Path) -> dict[str, Any]:
     return {
         "rc": rc,
         "rounds": [
-            {"round": r["round"], "wall_s": round(r["wall_s"], 1),
-             "node1": r["failures"].get("1", "ok")[:70]} for r in rows
+            {
+                "round": r["round"],
+                "wall_s": round(r["wall_s"], 1),
+                "node1": r["failures"].get("1", "ok")[:70],
+            }
+            for r in rows
         ],  # fmt: skip
     }
 
@@ -314,23 +324,32 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", nargs="+", default=["errors", "pull", "restart", "orphans", "hung"])
     ap.add_argument("--inner", nargs="+", default=None, help=argparse.SUPPRESS)
+    add_quick(ap)
     args = ap.parse_args()
+    if args.quick:
+        args.cases = [c for c in args.cases if c in ("errors", "pull")]
+    # quick: 2 rounds of 3 MB error texts; a 20 MB reply (still above the pull limit)
+    errors_size = ["2", "3000000"] if args.quick else ["10", "30000000"]
+    pull_size = ["5000000"] if args.quick else ["50000000"]
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.inner:
         kind, *rest = args.inner
-        got = inner_errors(rest[0], Path(rest[1])) if kind == "errors" else inner_pull(rest[0])
+        if kind == "errors":
+            got = inner_errors(rest[0], Path(rest[1]), int(rest[2]), int(rest[3]))
+        else:
+            got = inner_pull(rest[0], int(rest[1]))
         print(json.dumps(got))
         return
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         if "errors" in args.cases:
-            results["errors"] = {v: _inner(["errors", v, str(tmp / f"errors-{v}")])
+            results["errors"] = {v: _inner(["errors", v, str(tmp / f"errors-{v}"), *errors_size])
                                  for v in ("clean", "bloat")}  # fmt: skip
             print("errors", json.dumps(results["errors"]))
         if "pull" in args.cases:
-            results["pull"] = {v: _inner(["pull", v]) for v in ("flower", "bounded")}
+            results["pull"] = {v: _inner(["pull", v, *pull_size]) for v in ("flower", "bounded")}
             print("pull", json.dumps(results["pull"]))
         for name, fn in (("restart", case_restart), ("orphans", case_orphans),
                          ("hung", case_hung)):  # fmt: skip
@@ -338,8 +357,7 @@ def main() -> None:
                 (tmp / name).mkdir()
                 results[name] = fn(tmp / name)
                 print(name, json.dumps(results[name]))
-    out = REPO / "benchmarks" / "results" / "faults.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = results_path("faults.json")
     out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}")
 

@@ -15,17 +15,19 @@ bytes and eval-loss change) and writes ``benchmarks/results/hetero.json``. About
 on 2 CPU cores.
 
     .venv/bin/python benchmarks/hetero.py [--rounds 4] [--out runs/hetero] [--only NAME ...]
+        [--quick]   # tiny model, 1 round, three runs: fedavg, flora, codec int8
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _bench import QUICK_OVERRIDES, QUICK_TITLE, REPO, add_quick, results_path, simulate_cli
+
+QUICK_RUNS = ["fedavg r8 (all)", "flora", "codec int8"]
 TIERS = "ranks.tiers=[2,4,8,16]"
 
 
@@ -65,15 +67,11 @@ def runs() -> dict[str, tuple[str, list[str]]]:
     return out
 
 
-def run(name: str, toml: str, extra: list[str], rounds: int, root: Path) -> dict[str, object]:
+def run(name: str, toml: str, extra: list[str], rounds: int, root: Path,
+        quick: bool = False) -> dict[str, object]:  # fmt: skip
     """One simulation through the CLI; its summary."""
     out = root / name.replace(" ", "_").replace("(", "").replace(")", "")
-    scenario = str(REPO / "simulations" / toml)
-    cmd = [sys.executable, "-m", "fedpeft.cli", "simulate", "--quiet", "--config", scenario,
-           "--out", str(out), *common(rounds), *extra]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
+    simulate_cli(toml, out, [*common(rounds), *extra, *(QUICK_OVERRIDES if quick else [])])
     return json.loads((out / "summary.json").read_text())  # type: ignore[no-any-return]
 
 
@@ -82,15 +80,19 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--out", default=str(REPO / "runs" / "hetero"))
     ap.add_argument("--only", nargs="*", default=None, help="a subset of the run names")
+    add_quick(ap)
     args = ap.parse_args()
+    if args.quick:
+        args.rounds, args.only = 1, args.only or QUICK_RUNS
     results: dict[str, dict[str, object]] = {}
     for name, (toml, extra) in runs().items():
         if args.only and name not in args.only:
             continue
-        results[name] = run(name, toml, extra, args.rounds, Path(args.out))
+        results[name] = run(name, toml, extra, args.rounds, Path(args.out), args.quick)
         print(f"done: {name}", file=sys.stderr, flush=True)
     print(
-        f"\nSmolLM2-135M, WordNet by domain, 4 clients x {args.rounds} rounds x 5 local steps; "
+        f"\n{QUICK_TITLE if args.quick else 'SmolLM2-135M'}, WordNet by domain, "
+        f"4 clients x {args.rounds} rounds x 5 local steps; "
         "mixed runs use ranks 2/4/8/16"
     )
     head = f"{'run':<18}{'eval loss':>10}{'Rouge-L':>9}{'up B/cl-rnd':>13}{'down B/cl-rnd':>15}"
@@ -122,10 +124,8 @@ def main() -> None:
                 f"{label:<18}{up:>12.0f}{ref_up / up:>10.1f}{after['eval_loss']:>10.4f}"
                 f"{change:>+9.4f}"
             )
-    dest = REPO / "benchmarks" / "results"
-    dest.mkdir(exist_ok=True)
     blob = {"rounds": args.rounds, "results": results}
-    (dest / "hetero.json").write_text(json.dumps(blob, indent=2))
+    results_path("hetero.json").write_text(json.dumps(blob, indent=2))
 
 
 if __name__ == "__main__":

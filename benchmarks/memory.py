@@ -5,7 +5,7 @@ clients on the same base model, each in a fresh process, and prints the peak RSS
 Every client adds only its tokenized data and nothing per model: the base model is loaded
 once per process and clients switch adapter weights.
 
-    .venv/bin/python benchmarks/memory.py [--model smollm2-135m] [--clients 1 10 100]
+    .venv/bin/python benchmarks/memory.py [--model smollm2-135m] [--clients 1 10 100] [--quick]
 """
 
 from __future__ import annotations
@@ -14,18 +14,19 @@ import argparse
 import json
 import sys
 import tempfile
-from pathlib import Path
 
+from _bench import REPO, add_quick, results_path
 from _measure import run_measured
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m", help="tiny | smollm2-135m | HF id/path")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 10, 100])
+    add_quick(ap)
     args = ap.parse_args()
+    if args.quick:
+        args.model, args.clients = "tiny", [1, 3]
     results = {}
     for n in args.clients:
         with tempfile.TemporaryDirectory() as out:
@@ -49,9 +50,7 @@ def main() -> None:
         print(
             f"{n:>8}{r['peak_rss_mib']:>15.0f}{r['peak_rss_mib'] / first:>9.2f}x{r['wall_s']:>9.1f}"
         )
-    dest = REPO / "benchmarks" / "results"
-    dest.mkdir(exist_ok=True)
-    (dest / f"memory_{args.model}.json").write_text(
+    results_path(f"memory_{args.model}.json").write_text(
         json.dumps({"args": vars(args), "results": results}, indent=2)
     )
 

@@ -8,6 +8,7 @@ and peak RSS growth of one forward+backward through a LoRA-free copy. Writes
 ``benchmarks/results/prune_size.json``.
 
     .venv/bin/python benchmarks/prune_size.py [--model smollm2-135m] [--ratios 0 0.25 0.5 0.75]
+        [--quick]
 """
 
 from __future__ import annotations
@@ -17,16 +18,14 @@ import copy
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from _bench import add_quick, results_path
 
 from fedpeft.config import ModelConfig
 from fedpeft.models import load_model
 from fedpeft.prune.importance import GroupScores, choose_keep, reduce_groups
 from fedpeft.prune.structure import layer_shapes, prune_layers
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def magnitude_scores(model: torch.nn.Module) -> GroupScores:
@@ -84,9 +83,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--ratios", nargs="*", type=float, default=[0.0, 0.25, 0.5, 0.75])
+    add_quick(ap)
     args = ap.parse_args()
+    if args.quick:
+        args.model, args.ratios = "tiny", [0.0, 0.5]
     torch.set_num_threads(2)
-    base = load_model(ModelConfig(name=args.model)).base_model
+    # the tiny model needs more than 2 layers: the first and last stay whole
+    layers = {"tiny_layers": 4} if args.model == "tiny" else {}
+    base = load_model(ModelConfig(name=args.model, **layers)).base_model
     scores = magnitude_scores(base)
     vocab = int(base.config.vocab_size)
     ids = torch.randint(0, vocab, (8, 64), generator=torch.Generator().manual_seed(0))
@@ -111,9 +115,8 @@ def main() -> None:
             f"{r['forward_s'] / ref['forward_s']:>7.2f}"
             f"{r['activations_mib']:>11.0f}{r['activations_mib'] / ref['activations_mib']:>7.2f}"
         )
-    dest = REPO / "benchmarks" / "results"
-    dest.mkdir(exist_ok=True)
-    (dest / "prune_size.json").write_text(json.dumps({"model": args.model, "rows": rows}, indent=2))
+    blob = {"model": args.model, "rows": rows}
+    results_path("prune_size.json").write_text(json.dumps(blob, indent=2))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ plaintext float32 upload. Graphs: the default degree (complete up to 17 clients,
 
 Prints a table and writes ``benchmarks/results/secagg.json``. About 5 minutes on 2 CPU cores.
 
-    .venv/bin/python benchmarks/secagg.py [--sizes 10 50 100]
+    .venv/bin/python benchmarks/secagg.py [--sizes 10 50 100] [--quick]
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import json
 import time
 from collections import defaultdict
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _bench import add_quick, results_path
 
 from fedpeft._flwr import records_to_bytes
 from fedpeft.secagg.client import SecAggClient
@@ -33,7 +33,6 @@ from fedpeft.secagg.params import default_degree
 from fedpeft.secagg.server import SecAggServer
 from fedpeft.secagg.session import run_session
 
-REPO = Path(__file__).resolve().parents[1]
 VECTORS = {"lora-B 184k": 184_320, "zo K=4096": 4096}
 
 
@@ -84,7 +83,10 @@ def main() -> None:
     """Run every size and print the table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[10, 50, 100])
+    add_quick(ap)
     args = ap.parse_args()
+    if args.quick:
+        args.sizes = [4]
     rows = []
     for name, dim in VECTORS.items():
         for n in args.sizes:
@@ -107,7 +109,7 @@ def main() -> None:
             f"{r['up_bytes'] / r['plain_bytes']:>9.2f} {r['max_abs_error']:>9.1e}"
         )
     print("\n".join(lines))
-    path = REPO / "benchmarks" / "results" / "secagg.json"
+    path = results_path("secagg.json")
     path.write_text(json.dumps({"rows": rows, "table": lines}, indent=2) + "\n")
     print(f"wrote {path}")
 

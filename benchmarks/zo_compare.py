@@ -11,18 +11,17 @@ default; a FedKSeed step costs 2, a first-order step 1 plus its backward pass):
 Prints eval loss and Rouge-L before/after, bytes per client-round and wall time, and writes
 ``benchmarks/results/zo_compare.json``. About 45 minutes on 2 CPU cores.
 
-    .venv/bin/python benchmarks/zo_compare.py [--forwards 40] [--out runs/zo_compare]
+    .venv/bin/python benchmarks/zo_compare.py [--forwards 40] [--out runs/zo_compare] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _bench import QUICK_OVERRIDES, QUICK_TITLE, REPO, add_quick, results_path, simulate_cli
+
 COMMON = [
     "federation.num_clients=4",
     "rounds=2",
@@ -49,21 +48,21 @@ def main() -> None:
     ap.add_argument("--forwards", type=int, default=40, help="forward passes per client-round")
     ap.add_argument("--out", default=str(REPO / "runs" / "zo_compare"))
     ap.add_argument("--only", nargs="*", default=None, help="a subset of the method names")
+    add_quick(ap)
     args = ap.parse_args()
+    if args.quick:
+        args.forwards, args.only = 4, args.only or ["fedkseed", "ferret", "fedavg-lora"]
     results = {}
     for name, (toml, extra) in runs(args.forwards).items():
         if args.only and name not in args.only:
             continue
         out = Path(args.out) / name
-        cmd = [sys.executable, "-m", "fedpeft.cli", "simulate", "--quiet", "--config",
-               str(REPO / "simulations" / toml), "--out", str(out), *COMMON, *extra]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
+        simulate_cli(toml, out, [*COMMON, *extra, *(QUICK_OVERRIDES if args.quick else [])])
         results[name] = json.loads((out / "summary.json").read_text())
     metric = "eval_rougeL"
     print(
-        f"\nSmolLM2-135M, WordNet by domain, 4 clients x 2 rounds, "
+        f"\n{QUICK_TITLE if args.quick else 'SmolLM2-135M'}, WordNet by domain, 4 clients x "
+        f"{1 if args.quick else 2} rounds, "
         f"{args.forwards} forward passes per client-round"
     )
     print(
@@ -78,9 +77,7 @@ def main() -> None:
             f"{b.get(metric, 0):>15.4f}{a.get(metric, 0):>7.4f}"
             f"{up:>13.0f}{down:>15.0f}{s['wall_s']:>8.0f}"
         )
-    dest = REPO / "benchmarks" / "results"
-    dest.mkdir(exist_ok=True)
-    (dest / "zo_compare.json").write_text(
+    results_path("zo_compare.json").write_text(
         json.dumps({"forwards": args.forwards, "results": results}, indent=2)
     )
 

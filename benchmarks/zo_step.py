@@ -14,7 +14,7 @@ of 8 x 64 tokens, in one run:
 Medians of repeated timings; CPU threads as torch sets them. Writes
 ``benchmarks/results/zo_step.json``.
 
-    .venv/bin/python benchmarks/zo_step.py [--models tiny smollm2-135m] [--reps 5]
+    .venv/bin/python benchmarks/zo_step.py [--models tiny smollm2-135m] [--reps 5] [--quick]
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
+from _bench import add_quick, results_path
 
 from fedpeft.config import ModelConfig
 from fedpeft.models import load_model
@@ -38,8 +38,7 @@ from fedpeft.zo.local import LocalZo
 from fedpeft.zo.runtime import ZoRuntime
 
 warnings.filterwarnings("ignore")
-REPO = Path(__file__).resolve().parents[1]
-K = 4096
+K = 4096  # seeds in the pool; --quick uses 64
 
 
 def _median(fn: Callable[[], object], reps: int) -> float:
@@ -57,9 +56,9 @@ def _batch(vocab: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
-def bench(handle, target: str, keep_z: bool, reps: int) -> dict[str, float]:
+def bench(handle, target: str, keep_z: bool, reps: int, k: int = K) -> dict[str, float]:
     lora = LoraSpec(8, 16.0, ("q_proj", "v_proj")) if target == "lora" else None
-    spec = ZoSpec("fedkseed", target, K, pool_seed=1, eps=1e-3, lr=1e-7, keep_z=keep_z, lora=lora)
+    spec = ZoSpec("fedkseed", target, k, pool_seed=1, eps=1e-3, lr=1e-7, keep_z=keep_z, lora=lora)
     rt = ZoRuntime(handle, spec)
     batch = _batch(handle.tokenizer.vocab_size if hasattr(handle.tokenizer, "vocab_size") else 384)
     batch = {k: v.clamp(max=handle.base_model.config.vocab_size - 1) for k, v in batch.items()}
@@ -102,12 +101,12 @@ def bench(handle, target: str, keep_z: bool, reps: int) -> dict[str, float]:
 
         regen_s = _median(regen, reps) if not keep_z else float("nan")
     rt.restore()
-    n_sync = K if (target == "lora" or rt.numel < 10_000_000) else 32
-    coeffs = np.zeros((1, K), np.float32)
+    n_sync = k if (target == "lora" or rt.numel < 10_000_000) else 32
+    coeffs = np.zeros((1, k), np.float32)
     coeffs[0, :n_sync] = 1e-6
     t0 = time.perf_counter()
     used = rt.set_global(coeffs, 1)
-    sync_s = (time.perf_counter() - t0) * (K / n_sync)
+    sync_s = (time.perf_counter() - t0) * (k / n_sync)
     rt.rewind()
     return {
         "tuned_params": rt.numel,
@@ -117,7 +116,8 @@ def bench(handle, target: str, keep_z: bool, reps: int) -> dict[str, float]:
         "regens_per_step": regens,
         "regen_s": regen_s,
         "sync_K_s": sync_s,
-        "sync_extrapolated": n_sync < K,
+        "sync_extrapolated": n_sync < k,
+        "seeds": k,
         "sync_regens_measured": used,
     }
 
@@ -126,17 +126,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["tiny", "smollm2-135m"])
     ap.add_argument("--reps", type=int, default=5)
+    add_quick(ap)
     args = ap.parse_args()
+    if args.quick:
+        args.models, args.reps = ["tiny"], 1
+    k = 64 if args.quick else K
     rows = []
     for name in args.models:
         handle = load_model(ModelConfig(name=name))
         for target in ("full", "lora"):
             for keep_z in (False, True):
-                r = bench(handle, target, keep_z, args.reps)
+                r = bench(handle, target, keep_z, args.reps, k)
                 rows.append({"model": name, "target": target, "keep_z": keep_z, **r})
     head = f"{'model':<14}{'target':<7}{'z kept':<8}{'params':>12}{'fwd x2 s':>10}{'step s':>9}"
     print("\nFedKSeed step vs two forward passes, batch 8 x 64 tokens, CPU")
-    print(head + f"{'ratio':>7}{'regen/step':>11}{'regen s':>9}{'sync K=4096 s':>15}")
+    print(head + f"{'ratio':>7}{'regen/step':>11}{'regen s':>9}{f'sync K={k} s':>15}")
     for r in rows:
         sync = f"{r['sync_K_s']:.1f}{'*' if r['sync_extrapolated'] else ''}"
         regen = "-" if r["keep_z"] else f"{r['regen_s']:.3f}"
@@ -146,10 +150,8 @@ def main() -> None:
             f"{r['fwd2_s']:>10.3f}{r['step_s']:>9.3f}{r['ratio']:>7.2f}{r['regens_per_step']:>11.0f}"
             f"{regen:>9}{sync:>15}"
         )
-    print("* measured on 32 seeds, scaled to 4096")
-    dest = REPO / "benchmarks" / "results"
-    dest.mkdir(exist_ok=True)
-    (dest / "zo_step.json").write_text(json.dumps(rows, indent=2))
+    print(f"* measured on 32 seeds, scaled to {k}")
+    results_path("zo_step.json").write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

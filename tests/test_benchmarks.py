@@ -1,0 +1,238 @@
+"""Every benchmark script, run at its smallest size (``--quick``), with its values checked.
+
+Each script runs in its own process, as a user runs it, and writes its JSON result into a
+temporary folder (``FEDPEFT_BENCH_RESULTS``). The numbers a quick run measures (seconds,
+losses) mean nothing, so the checks are on what must hold at any size: sizes computed here
+by hand from the tiny model's shape, invariants (same initial model, same eval loss), and the
+properties each table exists to show (fewer bytes, an attacker's update rejected, a planted
+bug killed).
+
+The tiny model (``fedpeft.models._tiny``): hidden 64, 4 query heads and 2 key/value heads of
+16 (k/v width 32), FFN 128, vocabulary 384, untied head.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+
+# per layer: q 64x64, k 64x32, v 64x32, o 64x64, gate/up/down 64x128, two norms of 64
+LAYER = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128 + 2 * 64
+TINY_PARAMS = 2 * 384 * 64 + 2 * LAYER + 64  # embeddings, head, 2 layers, final norm
+# LoRA on q_proj (64 -> 64) and v_proj (64 -> 32), both layers: A (r x 64) + B (out x r)
+TINY_LORA = {r: 2 * (r * 64 + 64 * r + r * 64 + 32 * r) for r in (4, 8)}
+
+pytestmark = pytest.mark.sim
+
+
+def _run(tmp_path: Path, script: str, *args: str) -> tuple[str, Path]:
+    """Run ``benchmarks/<script> --quick``; its output and its results folder."""
+    results = tmp_path / "results"
+    env = {**os.environ, "FEDPEFT_BENCH_RESULTS": str(results), "FLWR_TELEMETRY_ENABLED": "0"}
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), "--quick", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    return out, results
+
+
+def _json(results: Path, name: str) -> Any:
+    return json.loads((results / name).read_text())
+
+
+def test_hand_counted_sizes_of_the_tiny_model() -> None:
+    """The counts below are the tiny model's own (and what the rest of this file relies on)."""
+    from fedpeft.config import ModelConfig
+    from fedpeft.models import load_model
+
+    model = load_model(ModelConfig(name="tiny")).base_model
+    assert sum(p.numel() for p in model.parameters()) == TINY_PARAMS == 123_200
+    assert TINY_LORA == {4: 1_792, 8: 3_584}
+
+
+def test_overhead(tmp_path: Path) -> None:
+    out, results = _run(tmp_path, "overhead.py")
+    got = _json(results, "overhead.json")
+    assert list(got["results"]) == ["inprocess"]
+    ip = got["results"]["inprocess"]
+    # 4 clients each send back the tiny.toml rank-4 adapter in float32, plus Flower's framing
+    assert ip["bytes_up_per_round"] >= 4 * 4 * TINY_LORA[4]
+    assert ip["peak_rss_mib"] > 100 and 0 < ip["round_s"] < ip["wall_s"]
+    assert "4 clients x 1 rounds" in out
+
+
+def test_memory(tmp_path: Path) -> None:
+    _, results = _run(tmp_path, "memory.py")
+    got = _json(results, "memory_tiny.json")["results"]
+    one, three = got["1"]["peak_rss_mib"], got["3"]["peak_rss_mib"]
+    assert one > 100
+    assert three < 1.5 * one  # clients share one base model: not three copies
+
+
+def test_compare(tmp_path: Path) -> None:
+    out, results = _run(tmp_path, "compare.py")
+    rows = _json(results, "compare.json")
+    fed, cen = rows["federated"], rows["centralized"]
+    assert fed["loss_before"] == cen["loss_before"]  # same initial model, same eval records
+    assert fed["loss_after"] < fed["loss_before"] and cen["loss_after"] < cen["loss_before"]
+    assert fed["up"] > 4 * TINY_LORA[4]
+    assert "federated" in out and "centralized" in out
+
+
+def test_zo_step(tmp_path: Path) -> None:
+    _, results = _run(tmp_path, "zo_step.py")
+    rows = {(r["target"], r["keep_z"]): r for r in _json(results, "zo_step.json")}
+    assert set(rows) == {("full", False), ("full", True), ("lora", False), ("lora", True)}
+    for (target, keep_z), r in rows.items():
+        assert r["tuned_params"] == (TINY_PARAMS if target == "full" else TINY_LORA[8])
+        # +eps, -eps and the fused restore+update each regenerate z, unless z is kept
+        assert r["regens_per_step"] == (1 if keep_z else 3)
+        assert r["seeds"] == 64 and r["sync_regens_measured"] == 64  # every coefficient != 0
+        assert not r["sync_extrapolated"]
+
+
+def test_secagg(tmp_path: Path) -> None:
+    _, results = _run(tmp_path, "secagg.py")
+    rows = _json(results, "secagg.json")["rows"]
+    assert [(r["vector"], r["n"], r["graph"]) for r in rows] == [
+        ("lora-B 184k", 4, "complete"),
+        ("zo K=4096", 4, "complete"),
+    ]
+    for r in rows:
+        assert r["k"] == 3 and r["t"] >= 2
+        assert r["max_abs_error"] < 1e-9  # the survivors' sum, exactly up to fixed point
+        assert r["plain_bytes"] == 4 * r["dim"] and r["up_bytes"] > r["plain_bytes"]
+
+
+def test_prune_size(tmp_path: Path) -> None:
+    _, results = _run(tmp_path, "prune_size.py")
+    rows = _json(results, "prune_size.json")["rows"]
+    whole = 2 * 384 * 64 + 4 * LAYER + 64  # the 4-layer tiny model
+    # ratio 0.5 on the 2 middle layers: 1 of 2 kv groups (q 64->32, k/v 64->16, o 32->64),
+    # FFN 128 -> 64 channels
+    pruned = 64 * 32 + 2 * 64 * 16 + 32 * 64 + 3 * 64 * 64 + 2 * 64
+    assert [r["params"] for r in rows] == [whole, whole - 2 * (LAYER - pruned)]
+    for r in rows:
+        assert math.isclose(r["weights_mib"], 4 * r["params"] / 2**20)
+        assert r["activations_mib"] > 0
+
+
+def test_zo_compare(tmp_path: Path) -> None:
+    out, results = _run(tmp_path, "zo_compare.py", "--out", str(tmp_path / "runs"))
+    got = _json(results, "zo_compare.json")["results"]
+    assert list(got) == ["fedkseed", "ferret", "fedavg-lora"]
+    before = {s["before"]["eval_loss"] for s in got.values()}
+    assert len(before) == 1  # the same initial model and eval records for every method
+    # seed/scalar pairs against a rank-8 adapter in float32
+    assert got["fedkseed"]["bytes_up_per_client_round"] < 4 * TINY_LORA[8] / 4
+    assert got["fedavg-lora"]["bytes_up_per_client_round"] > 4 * TINY_LORA[8]
+    assert "tiny model (--quick)" in out
+
+
+def test_hetero(tmp_path: Path) -> None:
+    _, results = _run(tmp_path, "hetero.py", "--out", str(tmp_path / "runs"))
+    got = _json(results, "hetero.json")["results"]
+    assert list(got) == ["fedavg r8 (all)", "flora", "codec int8"]
+    plain, int8 = got["fedavg r8 (all)"], got["codec int8"]
+    assert plain["payload_up_per_client_round"] == 4 * TINY_LORA[8]
+    # one byte per value plus a scale per tensor
+    assert TINY_LORA[8] < int8["payload_up_per_client_round"] < TINY_LORA[8] + 16 * 64
+    assert all(math.isfinite(s["after"]["eval_loss"]) for s in got.values())
+
+
+def test_bandit(tmp_path: Path) -> None:
+    _, results = _run(tmp_path, "bandit.py", "--out", str(tmp_path / "runs"))
+    got = _json(results, "bandit.json")
+    assert list(got["table"]) == ["(a) no pruning r8", "(c) bandit sw-ucb"]
+    assert got["table"]["(a) no pruning r8"]["params_kept"] == 1.0
+    assert got["table"]["(c) bandit sw-ucb"]["params_kept"] <= 1.0
+    bandit_rows = got["rows"]["(c) bandit sw-ucb"]
+    assert len(bandit_rows) == 3  # the evaluation before round 1, then 2 rounds
+    arms = {(0.0, 8.0), (0.5, 8.0), (0.75, 4.0)}
+    for row in bandit_rows[1:]:
+        for cid in row["client_ids"]:
+            assert (row[f"arm_ratio/{cid}"], row[f"arm_rank/{cid}"]) in arms
+
+
+def test_attacks(tmp_path: Path) -> None:
+    _, results = _run(tmp_path, "attacks.py", "--out", str(tmp_path / "runs"))
+    got = _json(results, "attacks.json")
+    assert set(got["lora"]) == {"sign_flip x4", "nonfinite"}
+    assert set(got["lora"]["nonfinite"]) == {"none", "median"}
+    # 1 attacker of 5 in 1 round: its non-finite update is rejected by validation
+    assert got["lora"]["nonfinite"]["none"]["rejected"] == 1
+    assert got["clean"]["rejected"] == 0
+    assert got["clip_norm"] == got["clean"]["norm_max"] > 0
+    assert set(got["zo"]["scalars x100"]) == {"none", "scalar_clip"}
+
+
+@pytest.mark.deploy
+def test_deploy(tmp_path: Path) -> None:
+    _, results = _run(tmp_path, "deploy.py")
+    (row,) = _json(results, "deploy.json")
+    assert row["case"] == "floor" and row["rounds"] == 1
+    assert row["same_final_loss"]  # deployed == in-process
+    assert row["model_loads"] == [1, 1, 1, 1]  # each node's model worker loads once
+    assert row["payload_up"] == row["payload_down"] == 4 * TINY_LORA[4]
+    assert row["wire_up"] > row["flower_up"] > row["payload_up"]
+
+
+def test_faults(tmp_path: Path) -> None:
+    _, results = _run(tmp_path, "faults.py")
+    got = _json(results, "faults.json")
+    assert set(got) == {"errors", "pull"}
+    clean, bloat = got["errors"]["clean"], got["errors"]["bloat"]
+    assert clean["rounds"] == bloat["rounds"] == 2
+    assert clean["failures"] == 0 and bloat["failures"] == 2  # client 1, each round
+    assert bloat["metrics_bytes"] < 100_000  # the 3 MB error texts are not kept whole
+    flower, bounded = got["pull"]["flower"], got["pull"]["bounded"]
+    assert flower["pulled_bytes"] > 4 * 5_000_000 and not flower["rejected"]
+    assert bounded["rejected"] and bounded["pulled_bytes"] < 4 * 5_000_000
+
+
+def test_planted_bugs(tmp_path: Path) -> None:
+    out, _ = _run(tmp_path, "planted_bugs.py")
+    (line,) = [x for x in out.splitlines() if x.lstrip().startswith("4 ")]
+    assert "pass" in line and "killed" in line and "SURVIVED" not in line
+
+
+def test_every_planted_bug_still_applies() -> None:
+    """Each planted bug's line occurs once in today's code (else the script cannot plant it)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from planted_bugs import BUGS
+    finally:
+        sys.path.remove(str(BENCH))
+    assert len(BUGS) == 11
+    for bug in BUGS:
+        assert (REPO / bug.path).read_text().count(bug.old) == 1, bug.name
+
+
+def test_mutation_report_names() -> None:
+    """mutation.py is not smoke-run (its smallest size is the whole ~40-minute run); its
+    report's mapping from mutant to module, and its list of equivalent mutants, are checked."""
+    import tomllib
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        from mutation import _equivalent, _module
+    finally:
+        sys.path.remove(str(BENCH))
+    assert _module("fedpeft.secagg.shamir.x_split__mutmut_3") == "fedpeft/secagg/shamir.py"
+    assert _module("fedpeft.codecs.xǁInt8Codecǁencode__mutmut_1") == "fedpeft/codecs.py"
+    mutated = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["mutmut"]
+    for name, reason in _equivalent().items():
+        assert _module(name) in mutated["only_mutate"], name
+        assert reason, f"{name}: no reason given"
