@@ -315,3 +315,46 @@ def test_label_flip_attackers_train_on_their_own_prompts_with_rotated_responses(
             assert len(set(responses)) > 1
         else:
             assert [r["response"] for r in got] == responses
+
+
+def _zo_blocks(cid: str, pairs: list[tuple[int, int, float]]) -> ZoUpdate:
+    """A seed/scalar update of (block, seed, scalar) triples."""
+    return ZoUpdate(
+        Header("r", 1, "f", "h", 10, cid),
+        np.array([s for _, s, _ in pairs], np.uint32),
+        np.array([v for _, _, v in pairs], np.float32),
+        np.array([b for b, _, _ in pairs], np.uint16),
+    )
+
+
+def test_per_direction_trimmed_mean_by_value_block_and_repeated_seeds():
+    """Worked by hand, fraction 0.4. A direction is (block, seed); a client's repeated pairs
+    count as their sum; ties rank by client id. Values are not in client-id order."""
+    inner = FedAvg(FedAvg.Config(), StrategyContext(initial=SENT, spec=SPEC, seed=0))
+    agg = RobustAggregation(inner, RobustConfig(rule="trimmed_mean", trim_fraction=0.4), zo=True)
+    big = 2**22  # block 1 / 2**32 added to it is lost in float64: ids must stay integers
+    ups = [
+        _zo_blocks("0", [(0, 9, 1.0), (0, 70, 1000.0), (1, 6, 5.0), (0, 11, 1.0), (1, 70, 8.0),
+                         (1, big, 1.0)]),
+        _zo_blocks("1", [(0, 9, 2.0), (0, 70, 3.0), (1, 6, 6.0), (0, 11, 1.0), (1, 70, 9.0),
+                         (1, big, 2.0)]),
+        _zo_blocks("2", [(0, 70, -50.0), (1, 6, 7.0), (0, 11, 2.0), (1, 70, 10.0),
+                         (1, big, 3.0), (0, big, 100.0)]),
+        _zo_blocks("3", [(0, 70, 3.0), (0, 70, 0.2), (0, big, -100.0)]),
+        _zo_blocks("4", [(0, 70, 4.0), (0, big, 50.0)]),
+    ]  # fmt: skip
+    out, metrics = agg._zo(ups)
+    # (0, 9): 2 clients, nothing trimmed.
+    # (0, 70): sums 1000, 3, -50, 3.2, 4; cut floor(0.4 * 5) = 2 from each end: client 3 is
+    #   kept, both its pairs scaled by 5 / 1.
+    # (1, 6) 5 6 7, (1, 70) 8 9 10, (1, big) 1 2 3: cut 1 from each end, client 1 kept, x 3.
+    # (0, 11): 1 1 2: the tie ranks client 0 first, so client 0 is cut and client 1 kept, x 3.
+    # (0, big): 100 -100 50: client 4 kept, x 3.
+    assert [u.scalars.tolist() for u in out] == [
+        [1.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+        [2.0, 0.0, 18.0, 3.0, 27.0, 6.0],
+        [0.0] * 6,
+        [15.0, 1.0, 0.0],
+        [0.0, 150.0],
+    ]
+    assert metrics == {"robust_trimmed": 14.0}  # 2 x 2 + 5 directions x 2 x 1
