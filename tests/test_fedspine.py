@@ -26,7 +26,6 @@ from fedpeft.prune.structure import Keep, prune_layers, zero_pruned
 from fedpeft.server.validate import validate_update
 from fedpeft.simulation.runner import simulate
 from fedpeft.strategies.base import StrategyContext
-from fedpeft.strategies.fedavg import FedAvg
 from fedpeft.strategies.fedspine import FedSpine, fedspine_reward
 from fedpeft.wire import (
     Header,
@@ -360,12 +359,14 @@ def test_a_single_unpruned_arm_is_fedavg(make_update):
         u = _pruned_update(str(i), LAYOUT.full(), 2, 10 + 7 * i, i)
         ups.append(replace(u, keep=None))
     got = strat.aggregate_train(1, ups)
-    ref = FedAvg(FedAvg.Config(), StrategyContext(initial=ups[0].factors, spec=SPEC, seed=0))
-    want = ref.aggregate_train(1, ups)
-    for m in MODULES:
-        torch.testing.assert_close(
-            got.adapter[m].delta(), want.adapter[m].delta(), rtol=1e-5, atol=1e-6
-        )
+    n = [10, 17, 24]  # FedAvg written out: A and B each averaged with weights n_k / 51,
+    for m in MODULES:  # B at unit scale (alpha / r = 4 / 2 folded in; the global's alpha = rank)
+        f = [u.factors[m] for u in ups]
+        assert got.adapter[m].alpha == got.adapter[m].a.shape[0] == 2
+        want_a = sum(n[i] * f[i].a.double() for i in range(3)) / 51
+        want_b = sum(n[i] * 2.0 * f[i].b.double() for i in range(3)) / 51
+        torch.testing.assert_close(got.adapter[m].a.double(), want_a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got.adapter[m].b.double(), want_b, rtol=1e-5, atol=1e-6)
 
 
 def test_plans_start_from_the_last_structure_only_when_it_fits_the_arm():

@@ -99,3 +99,45 @@ def test_grouped_segments_equal_per_tensor_directions(dist):
         assert torch.equal(z, direction(9, names[i], start, z.numel(), dist))
         covered[i] += z.numel()
     assert [covered[i] for i in range(len(names))] == numels
+
+
+def _reference_words(seed: int, name: str, indices: range) -> list[int]:
+    """The hash words written out in plain Python integers from the module's description:
+    a blake2b key per (seed, name), then two rounds of the 0x45d9f3b mixer per word index."""
+    digest = hashlib.blake2b(f"{seed}\x1f{name}".encode(), digest_size=8).digest()
+    k0, k1 = int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")
+
+    def mix(x: int) -> int:
+        x ^= x >> 16
+        x = (x * 0x45D9F3B) % 2**32
+        x ^= x >> 16
+        x = (x * 0x45D9F3B) % 2**32
+        return x ^ (x >> 16)
+
+    return [mix((mix((i % 2**32) ^ k0) + (i >> 32) + k1) % 2**32) for i in indices]
+
+
+def test_directions_match_a_plain_python_reference_bit_for_bit():
+    """Rademacher: bit j of word w is the sign of element 32 w + j (set: +1). Gaussian: the
+    low then high 16-bit half of word w index the unit-variance normal quantile table
+    Phi^-1((h + 0.5) / 65536) / rms. Both from the description, not from the module."""
+    import statistics
+
+    words = _reference_words(11, "model.layers.0.q_proj.weight", range(8))
+    signs = [1.0 if (w >> j) & 1 else -1.0 for w in words for j in range(32)]
+    got = direction(11, "model.layers.0.q_proj.weight", 0, 256, "rademacher")
+    assert got.tolist() == signs
+    assert direction(11, "model.layers.0.q_proj.weight", 37, 50).tolist() == signs[37:87]
+    normal = statistics.NormalDist()
+    q = [normal.inv_cdf((h + 0.5) / 65536) for h in range(65536)]
+    rms = (sum(x * x for x in q) / 65536) ** 0.5
+    halves = [h for w in words for h in (w & 0xFFFF, w >> 16)]
+    want = [q[h] / rms for h in halves]
+    got = direction(11, "model.layers.0.q_proj.weight", 0, 16, "gaussian")
+    assert got.tolist() == pytest.approx(want, rel=1e-6, abs=1e-7)  # float32 table entries
+    assert direction(11, "model.layers.0.q_proj.weight", 5, 7, "gaussian").tolist() == (
+        pytest.approx(want[5:12], rel=1e-6, abs=1e-7)
+    )
+    far = _reference_words(11, "w", range(2**32, 2**32 + 2))  # word indices past 32 bits
+    want_far = [1.0 if (w >> j) & 1 else -1.0 for w in far for j in range(32)]
+    assert direction(11, "w", 32 * 2**32, 64).tolist() == want_far
