@@ -392,3 +392,111 @@ def test_zeroth_order_release_scales_by_m_over_k_and_sorts_clients():
     assert out[1].scalars.tolist() == [2.0 * 3 / 4] and out[2].scalars.tolist() == [3.0 * 3 / 4]
     assert out[0].scalars[:1].tolist() == [1.0 * 3 / 4]
     assert out[0].scalars[1:].tolist() == [0.0] * 4  # z = 0: the noise pairs carry zeros
+
+
+def test_budget_below_one_counts_and_reaching_it_exactly_is_allowed():
+    """A budget under 1 is a budget like any other; a round whose epsilon equals the budget
+    may run (only passing it stops); the message ends with the rounds run so far."""
+    one = PrivacyAccountant(DpConfig(noise_multiplier=10.0, delta=1e-5)).epsilon(1)
+    assert one == pytest.approx(_gdp_epsilon(0.1, 1e-5), rel=1e-4)  # about 0.46
+    tight = PrivacyAccountant(DpConfig(noise_multiplier=10.0, delta=1e-5, max_epsilon=0.3))
+    with pytest.raises(PrivacyBudgetExhausted, match=r"stopping after 0 rounds$"):
+        tight.check_next()
+    exact = PrivacyAccountant(DpConfig(noise_multiplier=10.0, delta=1e-5, max_epsilon=one))
+    exact.check_next()  # epsilon(1) == budget: allowed
+
+
+def test_secure_contribution_clips_small_vectors_adds_fresh_noise_everywhere_in_float64():
+    assert clip_and_noise(np.array([0.3, 0.4]), 0.1, 0.0) == pytest.approx([0.06, 0.08])  # 0.1/0.5
+    assert clip_and_noise(np.full(3, 0.5, np.float32), 10.0, 0.0).dtype == np.float64
+    base = np.full(200_000, 0.5)  # norm 223.6, below the clip: kept as it is
+    first, second = clip_and_noise(base, 1e6, 0.2), clip_and_noise(base, 1e6, 0.2)
+    noise = first - 0.5
+    assert abs(float(noise.mean())) < 0.005  # added to the value, not replacing it
+    assert float(noise.std()) == pytest.approx(0.2, rel=0.02)
+    assert len(np.unique(noise[:1000])) == 1000  # every coordinate its own draw
+    assert not np.array_equal(first, second)  # the client's secret: fresh on every call
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "ffa"])
+def test_lora_release_clips_each_change_large_or_small_to_the_norm(strategy):
+    """C = 0.1, k = 4, changes to B only: (3, 4) -> x 0.1/5; (0.03, 0.04) has norm 0.05 < C
+    and is kept; (0.3, 0.4) -> x 0.1/0.5. Release B = sum / 4, by hand."""
+    ctx = StrategyContext(initial=SENT, spec=SPEC, seed=3)
+    inner = FedAvg(FedAvg.Config(), ctx) if strategy == "fedavg" else FfaLora(FfaLora.Config(), ctx)
+    dp = DpAggregation(inner, DpConfig(noise_multiplier=0.0, clip_norm=0.1), 4, 8, seed=3)
+    dp.configure_train(1, _clients(3))
+    ups = [_update("0", [0, 0, 3, 4]), _update("1", [0, 0, 0.03, 0.04]),
+           _update("2", [0, 0, 0.3, 0.4])]  # fmt: skip
+    got = _flat(dp.aggregate_train(1, ups).adapter)
+    assert got == pytest.approx([0, 0, (0.06 + 0.03 + 0.06) / 4, (0.08 + 0.04 + 0.08) / 4])
+
+
+def test_dp_message_for_strategies_that_send_different_factors():
+    dp = _dp("fedavg", 1.0)
+    dp.configure_train(1, _clients(2))
+    dp._sent["1"] = ({k: v for k, v in SENT.items()}, "AB")
+    want = (r"^dp averages updates of clients that were all sent the same factors; this "
+            r"strategy sends different ones \(use fedavg or ffa\)")  # fmt: skip
+    with pytest.raises(AggregationError, match=want):
+        dp.aggregate_train(1, [_update("0", [0, 0, 0, 0]), _update("1", [0, 0, 0, 0])])
+
+
+def test_wrapper_accounts_poisson_sampling_at_clients_per_round_over_all_clients():
+    cfg = DpConfig(noise_multiplier=1.0, delta=1e-5, accountant="rdp", amplification="poisson")
+    ctx = StrategyContext(initial=SENT, spec=SPEC, seed=3)
+    dp = DpAggregation(FedAvg(FedAvg.Config(), ctx), cfg, clients_per_round=2, num_clients=20,
+                       seed=3)  # fmt: skip
+    dp.configure_train(1, _clients(2))
+    got = dp.aggregate_train(1, [_update("0", [1, 0, 0, 0]), _update("1", [0, 1, 0, 0])])
+    assert got.metrics["dp_epsilon"] == _rdp_reference(1.0, 1, q=0.1)
+
+
+def test_noise_is_seeded_by_run_and_round_or_fresh_when_secure():
+    def lora(seed: int, rnd: int, secure: bool = False) -> list[float]:
+        ctx = StrategyContext(initial=SENT, spec=SPEC, seed=seed)
+        cfg = DpConfig(noise_multiplier=1.0, clip_norm=1.0, secure_noise=secure)
+        dp = DpAggregation(FedAvg(FedAvg.Config(), ctx), cfg, 2, 2, seed=seed)
+        dp.configure_train(rnd, _clients(1))
+        return _flat(dp.aggregate_train(rnd, [_update("0", [0, 0, 0, 0])]).adapter)
+
+    assert lora(3, 1) == lora(3, 1) and lora(3, 1) != lora(3, 2) and lora(3, 1) != lora(4, 1)
+    assert lora(3, 1, secure=True) != lora(3, 1, secure=True)
+
+    def zo(seed: int, secure: bool = False) -> np.ndarray:
+        ctx = StrategyContext(initial=SENT, spec=SPEC, seed=seed)
+        cfg = DpConfig(noise_multiplier=1.0, clip_norm=1.0, secure_noise=secure)
+        dp = DpAggregation(FedAvg(FedAvg.Config(), ctx), cfg, 2, 2, seed=seed, zo=True,
+                           zo_shape=(1, 16))  # fmt: skip
+        up = ZoUpdate(Header("r", 1, "f", "h", 5, "0"), np.array([0], np.uint16),
+                      np.array([0.0], np.float32))  # fmt: skip
+        return dp._zo(1, [up])[0].scalars[1:]
+
+    assert np.array_equal(zo(3), zo(3)) and not np.array_equal(zo(3), zo(4))
+    assert not np.array_equal(zo(3, secure=True), zo(3, secure=True))
+
+
+def test_seed_scalar_dp_through_fedkseed_by_hand():
+    """k = 4, C = 1, lr = 0.1, no noise: client a's direction sums (seed 0: 3 + 1 = 4) have
+    norm 4 -> x 1/4; b's (seed 2: 0.5) are kept. FedKSeed's coefficients are lr times the
+    clipped mean over k: seed 0: 0.1 * 1 / 4, seed 2: 0.1 * 0.5 / 4; the version is the round."""
+    from fedpeft.strategies.fedkseed import FedKSeed
+    from fedpeft.wire_zo import ZoSpec
+
+    spec = ZoSpec(algorithm="fedkseed", target="full", num_seeds=4, pool_seed=1, lr=0.1,
+                  local_steps=2)  # fmt: skip
+    ctx = StrategyContext(initial={}, spec=SPEC, seed=0, zo=spec, zo_blocks=1)
+    dp = DpAggregation(FedKSeed(FedKSeed.Config(), ctx), DpConfig(noise_multiplier=0.0), 4, 4,
+                       seed=0, zo=True, zo_shape=(1, 4))  # fmt: skip
+    dp.configure_train(1, [ClientInfo(Header("r", 0, "f", "", 10, c), "cpu") for c in "ab"])
+    ups = [
+        ZoUpdate(Header("r", 1, "f", "h", 50, "b"), np.array([2], np.uint16),
+                 np.array([0.5], np.float32)),
+        ZoUpdate(Header("r", 1, "f", "h", 5, "a"), np.array([0, 0], np.uint16),
+                 np.array([3.0, 1.0], np.float32)),
+    ]  # fmt: skip
+    got = dp.aggregate_train(1, ups)
+    assert got.zo.version == 1
+    assert got.zo.coeffs.shape == (1, 4)
+    assert got.zo.coeffs[0].tolist() == pytest.approx([0.1 * 1 / 4, 0.0, 0.1 * 0.5 / 4, 0.0])
+    assert got.metrics["dp_noise_std"] == 0.0

@@ -381,3 +381,75 @@ def test_plans_share_one_object_per_rank_and_caps_apply():
         assert torch.equal(glob[m].a[:8], f.a) and not glob[m].b.any() and glob[m].alpha == 16.0
     same = initial_unit(ctx, 8)  # the run's own rank: its initial adapter, scale folded
     assert all(torch.equal(same[m].a, f.a) for m, f in ctx.initial.items())
+
+
+class _RoundRanks:
+    """A rank policy that depends on the round: rank 1 in odd rounds, 2 in even ones."""
+
+    max_rank = 2
+
+    def assign(self, server_round, clients):
+        return {c.client_id: 1 + (server_round + 1) % 2 for c in clients}
+
+
+def _hetlora(options, ranks=None):
+    spec = LoraSpec(rank=2, alpha=2.0, target_modules=("q_proj",))
+    ctx = StrategyContext(initial=init_factors({"m.q_proj": (2, 2)}, spec, seed=0), spec=spec,
+                          seed=0, ranks=ranks)  # fmt: skip
+    return build_strategy("hetlora", options, ctx)
+
+
+def test_hetlora_example_weights_small_norms_and_the_all_zero_fallback_by_hand():
+    """Client 0 has A = I, client 1 A = 3 I (rank 2, scale 1), so the averaged A is
+    (w + 3 (1 - w)) I and B = w B_0 + (1 - w) B_1 for client 0's weight w.
+    weighting = examples: n = 10, 30 -> w = 1/4. Norm weights whose norms sum below 1 are still
+    norm weights: ||B_0 A_0|| = 0.1, ||B_1 A_1|| = 0.3 -> w = 1/4 (n = 30, 10 would give 3/4).
+    All-zero updates (B = 0) fall back to example weights: n = 10, 30 -> w = 1/4."""
+    clients = [ClientInfo(Header("r", 0, "fp", "", 10, c), "cpu") for c in ("0", "1")]
+
+    def up(cid, n, a, b):
+        f = LoraFactors(a=a * torch.eye(2), b=torch.tensor(b), alpha=2.0)
+        return LoraUpdate(Header("r", 1, "fp", "h", n, cid), {"m.q_proj": f})
+
+    for options, b0, b1, n in (
+        ({"weighting": "examples"}, [[1.0, 0], [0, 0]], [[0, 0], [0, 1.0]], (10, 30)),
+        ({}, [[0.1, 0], [0, 0]], [[0, 0], [0, 0.1]], (30, 10)),
+        ({}, [[0.0, 0], [0, 0]], [[0, 0], [0, 0.0]], (10, 30)),
+    ):  # fmt: skip
+        strat = _hetlora(options)
+        strat.configure_train(1, clients)
+        g = strat.aggregate_train(1, [up("0", n[0], 1.0, b0), up("1", n[1], 3.0, b1)])
+        got = g.adapter["m.q_proj"]
+        w = 0.25
+        want_a = (w + 3 * (1 - w)) * torch.eye(2, dtype=torch.float64)
+        assert torch.allclose(got.a.double(), want_a), options
+        want_b = w * torch.tensor(b0, dtype=torch.float64) + (1 - w) * torch.tensor(b1).double()
+        assert torch.allclose((got.b * got.scale).double(), want_b, atol=1e-7), options
+
+
+def test_hetlora_sends_its_self_pruning_options_and_asks_the_policy_with_the_round():
+    strat = _hetlora({"reg_lambda": 0.1, "reg_gamma": 0.5}, ranks=_RoundRanks())
+    clients = [ClientInfo(Header("r", 0, "fp", "", 10, c), "cpu") for c in ("0", "1")]
+    plans = strat.configure_train(1, clients)
+    assert {(p.reg_lambda, p.reg_gamma) for p in plans.values()} == {(0.1, 0.5)}
+    assert {c: p.spec.rank for c, p in plans.items()} == {"0": 1, "1": 1}
+    assert {c: p.spec.rank for c, p in strat.configure_train(2, clients).items()} == {
+        "0": 2, "1": 2}  # fmt: skip
+
+
+def test_hetlora_self_pruned_ranks_survive_its_state_and_old_states_have_none():
+    clients = [ClientInfo(Header("r", 0, "fp", "", 10, c), "cpu") for c in ("0", "1")]
+    strat = _hetlora({})
+    strat.configure_train(1, clients)
+    f = LoraFactors(a=torch.eye(2), b=torch.eye(2), alpha=2.0)
+    strat.aggregate_train(1, [LoraUpdate(Header("r", 1, "fp", "h", 10, "1"), {"m.q_proj": f},
+                                         {"prune_rank": 1.0})])  # fmt: skip
+    state = strat.state_dict()
+    back = _hetlora({})
+    back.load_state_dict(state)
+    assert {c: p.spec.rank for c, p in back.configure_train(2, clients).items()} == {
+        "0": 2, "1": 1}  # fmt: skip
+    old = {k: v for k, v in state.items() if k != "pruned"}  # a state saved before pruning
+    fresh = _hetlora({})
+    fresh.load_state_dict(old)
+    assert {p.spec.rank for p in fresh.configure_train(2, clients).values()} == {2}

@@ -358,3 +358,94 @@ def test_per_direction_trimmed_mean_by_value_block_and_repeated_seeds():
         [0.0, 150.0],
     ]
     assert metrics == {"robust_trimmed": 14.0}  # 2 x 2 + 5 directions x 2 x 1
+
+
+def test_median_and_trimmed_mean_differ_and_each_rule_gives_its_own():
+    """Per coordinate 0, 1, 2, 10, 1000: the median is 2; the 20 % trimmed mean drops 0 and
+    1000 and averages 1, 2, 10 = 13/3."""
+    ups = [_update(str(i), [v, v, v, v]) for i, v in enumerate([10.0, 0.0, 1000.0, 2.0, 1.0])]
+    assert _flat(_robust(rule="median").aggregate_train(1, ups)) == [2.0] * 4
+    tm = _robust(rule="trimmed_mean", trim_fraction=0.2).aggregate_train(1, ups)
+    assert _flat(tm) == pytest.approx([13 / 3] * 4)
+
+
+def test_clipping_small_changes_multikrum_with_many_attackers_and_ties():
+    """clip 0.1: a change of norm 0.5 is scaled by 0.2 (not by 0.1). Multi-Krum with f = n - 1
+    keeps max(1, n - f) = 1 update. Identical updates tie: the first by client id is kept."""
+    out = _robust(clip_norm=0.1).aggregate_train(1, [_update("0", [0.3, 0.4, 0.0, 0.0])])
+    assert _flat(out) == pytest.approx([0.06, 0.08, 0.0, 0.0])
+    ups = [_update(str(i), v) for i, v in enumerate(HONEST[:3])]
+    multi = _robust(rule="multikrum", byzantine=2).aggregate_train(1, ups)
+    assert multi.metrics["robust_kept"] == 1
+    agg = RobustAggregation(FedAvg(FedAvg.Config(), StrategyContext(SENT, SPEC, 0)),
+                            RobustConfig(rule="krum", byzantine=0))  # fmt: skip
+    ids = [f"{i:02d}" for i in range(40)]
+    agg.configure_train(1, [ClientInfo(Header("r", 0, "f", "", 10, c), "cpu") for c in ids])
+    same = [_update(c, [1.0, 1.0, 1.0, 1.0], n=i + 1) for i, c in enumerate(ids)]
+    kept = agg.aggregate_train(1, same)
+    assert kept.metrics["fedavg_clients"] == 1 and kept.metrics["robust_kept"] == 1
+
+
+def test_robust_refusals_name_the_reason_exactly():
+    agg = _robust(rule="median")
+    agg._sent["1"] = {k: v for k, v in SENT.items()}  # another object: other factors
+    assert str(err_of(agg, [_update("0", HONEST[0]), _update("1", HONEST[1])])).startswith(
+        "robust.rule = 'median' combines updates of clients that were all sent the same "
+        "factors; this strategy sends different ones (use krum/multikrum or clip_norm)"
+    )
+    wider = LoraUpdate(Header("r", 1, "f", "h", 10, "1"),
+                       {"m": LoraFactors(torch.zeros(1, 3), torch.zeros(2, 1), 1.0)})  # fmt: skip
+    assert "returned m at A(1, 3) B(2, 1), sent A(1, 2) B(2, 1)" in str(
+        err_of(_robust(rule="median"), [_update("0", HONEST[0]), wider])
+    )
+
+
+class _Recorder:
+    """A strategy that records the rounds it is asked about (the wrappers pass them on)."""
+
+    def __init__(self, inner):
+        self.inner, self.rounds = inner, []
+
+    def configure_train(self, server_round, clients):
+        self.rounds.append(("configure", server_round))
+        return self.inner.configure_train(server_round, clients)
+
+    def aggregate_train(self, server_round, updates):
+        self.rounds.append(("aggregate", server_round))
+        return self.inner.aggregate_train(server_round, updates)
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state):
+        self.inner.load_state_dict(state)
+
+
+def test_wrapper_passes_rounds_and_state_through_for_lora_and_seed_scalar():
+    from fedpeft.strategies.fedkseed import FedKSeed
+    from fedpeft.wire_zo import ZoSpec
+
+    rec = _Recorder(FedAvg(FedAvg.Config(), StrategyContext(SENT, SPEC, 0)))
+    agg = RobustAggregation(rec, RobustConfig(clip_norm=10.0))
+    agg.configure_train(3, [ClientInfo(Header("r", 0, "f", "", 10, "0"), "cpu")])
+    agg.aggregate_train(3, [_update("0", [1.0, 2.0, 3.0, 4.0])])
+    assert rec.rounds == [("configure", 3), ("aggregate", 3)]
+    back = RobustAggregation(FedAvg(FedAvg.Config(), StrategyContext(SENT, SPEC, 0)),
+                             RobustConfig(clip_norm=10.0))  # fmt: skip
+    back.load_state_dict(agg.state_dict())
+    plan = back.configure_train(4, [ClientInfo(Header("r", 0, "f", "", 10, "0"), "cpu")])["0"]
+    f = plan.adapter["m"]  # the restored global: SENT plus client 0's change
+    assert [*f.a.reshape(-1).tolist(), *f.b.reshape(-1).tolist()] == [1.0, 2.0, 3.0, 4.0]
+    spec = ZoSpec(algorithm="fedkseed", target="full", num_seeds=4, pool_seed=1, lr=1.0,
+                  local_steps=2)  # fmt: skip
+    ctx = StrategyContext(initial={}, spec=SPEC, seed=0, zo=spec, zo_blocks=1)
+    zo = RobustAggregation(FedKSeed(FedKSeed.Config(), ctx), RobustConfig(scalar_clip=0.5),
+                           zo=True)  # fmt: skip
+    zo.configure_train(2, [ClientInfo(Header("r", 0, "f", "", 10, c), "cpu") for c in "ab"])
+    got = zo.aggregate_train(2, [_zo("a", [1], [3.0]), _zo("b", [1, 2], [-0.25, 0.125])])
+    assert got.zo.version == 2  # FedKSeed was told the round
+    # clipped to [-0.5, 0.5], then FedKSeed's equal-example mean: seed 1 (0.5 - 0.25) / 2
+    assert got.zo.coeffs[0].tolist() == pytest.approx([0.0, 0.125, 0.0625, 0.0])
+    assert got.metrics["robust_clipped"] == 1 and got.metrics["robust_scalar_max"] == 3.0
+    empty = zo.aggregate_train(3, [_zo("a", [], [])])
+    assert empty.metrics["robust_scalar_max"] == 0.0 and empty.metrics["robust_clipped"] == 0

@@ -75,3 +75,45 @@ def test_state_round_trip_forgets_what_clients_hold():
     assert back.values.dtype == np.float64 and back.changed_at.dtype == np.int64
     assert np.array_equal(back.values, c.values) and np.array_equal(back.changed_at, c.changed_at)
     assert back.sync_for("a").full  # the restored coordinator sends everyone a full sync
+
+
+def _listed(c: Coefficients, entries: int, blocks: int) -> None:
+    c.commit(_delta(blocks, c.num_seeds, {(i % blocks, i // blocks): 1.0 for i in range(entries)}),
+             1)  # fmt: skip
+
+
+def test_triples_or_dense_at_the_exact_byte_boundary():
+    """Bytes per listed entry: 2 (block, only with several blocks) + 2 (uint16 seed) + 4
+    (value); dense costs 4 per coefficient; dense wins on a tie.
+    One block, K = 12 (dense 48 B): 7 entries = 42 B as triples, 8 entries = 48 B -> dense.
+    Two blocks, K = 5 (dense 40 B): 4 entries = 32 B as triples, 5 entries = 40 B -> dense."""
+    for blocks, k, below in ((1, 12, 7), (2, 5, 4)):
+        small, tie = Coefficients(blocks, k), Coefficients(blocks, k)
+        _listed(small, below, blocks)
+        _listed(tie, below + 1, blocks)
+        s, t = small.sync_for("x"), tie.sync_for("x")
+        per_entry = 8 if blocks > 1 else 6
+        assert not s.dense and len(s.seeds) == below and s.nbytes == below * per_entry
+        assert t.dense and t.nbytes == blocks * k * 4, (blocks, k)
+    nine = Coefficients(2, 9)  # 2 blocks, K = 9 (72 B): 8 entries = 64 B -> still triples
+    _listed(nine, 8, 2)
+    assert not nine.sync_for("x").dense
+
+
+def test_sync_fields_and_dtypes_for_triples_and_dense():
+    c = Coefficients(2, 8)
+    c.commit(_delta(2, 8, {(1, 2): 0.5}), 4)
+    s = c.sync_for("new")
+    assert s.blocks.dtype == np.uint16 and s.blocks.tolist() == [1]
+    assert (s.from_version, s.to_version, s.full) == (0, 4, True)
+    one = Coefficients(1, 8)
+    one.commit(_delta(1, 8, {(0, 2): 0.5}), 4)
+    assert one.sync_for("new").blocks.dtype == np.uint16
+    dense = Coefficients(1, 2)
+    dense.commit(_delta(1, 2, {(0, 0): 1.0, (0, 1): 2.0}), 3)
+    d = dense.sync_for("new")
+    assert d.dense and (d.from_version, d.to_version, d.full) == (0, 3, True)
+    assert d.values.dtype == np.float32 and d.values.tolist() == [1.0, 2.0]
+    dense.client_versions["held"] = 2
+    h = dense.sync_for("held")  # a confirmed client's increment, sent dense because smaller
+    assert h.dense and (h.from_version, h.to_version) == (2, 3)

@@ -68,7 +68,7 @@ def krum_scores(stack: torch.Tensor, byzantine: int) -> torch.Tensor:
     """Krum score of each row of ``(n, d)``: summed squared distances to its nearest others."""
     n = stack.shape[0]
     dist = torch.cdist(stack, stack).pow(2)  # (n, n)
-    neighbours = max(1, min(n - 1, n - byzantine - 2))
+    neighbours = max(1, n - byzantine - 2)  # byzantine >= 0 (config): at most n - 2
     dist.fill_diagonal_(float("inf"))
     nearest, _ = torch.topk(dist, neighbours, dim=1, largest=False)  # (n, neighbours)
     return nearest.sum(dim=1)
