@@ -16,8 +16,9 @@ int8       int8 values + one float32 scale per row             ``|e| <= max|row|
 topk       the ``k = ceil(ratio n)`` largest ``|x|``: uint32   kept entries exact, the others
            indices + float32 values                            become 0
 compeft    ComPEFT (Yadav et al. 2023, arXiv:2311.13171):      kept: ``sign(x) alpha std(x)``,
-           the top-k mask and the kept signs as packed         others 0 (sign-exact on the
-           bits + one float32 scale ``alpha * std(x)``         kept set)
+           the top-k mask (zeros left out) and the kept        others 0 (sign-exact on the
+           signs as packed bits + one float32 scale            kept set)
+           ``alpha * std(x)``
 =========  ==================================================  ===================================
 
 ``topk`` and ``compeft`` pair with :class:`ErrorFeedback` on the sender (Stich et al. 2018,
@@ -94,7 +95,8 @@ def encode_tensor(t: torch.Tensor, codec: CodecSpec) -> dict[str, np.ndarray]:
             )
         return {"v": x.numpy().astype(np.float16)}
     if codec.name == "int8":
-        scale = x.abs().amax(dim=1, keepdim=True) / 127.0  # (rows, 1)
+        peaks = x.abs().amax(dim=1, keepdim=True) if x.shape[1] else torch.zeros(x.shape[0], 1)
+        scale = peaks / 127.0  # (rows, 1)
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         q = torch.round(x / safe).clamp(-127, 127).to(torch.int8)
         return {"q": q.numpy(), "s": scale.squeeze(1).numpy().astype(np.float32)}
@@ -102,6 +104,7 @@ def encode_tensor(t: torch.Tensor, codec: CodecSpec) -> dict[str, np.ndarray]:
     idx = _topk_indices(flat, _keep(flat.numel(), codec.ratio))
     if codec.name == "topk":
         return {"i": idx.numpy().astype(np.uint32), "v": flat[idx].numpy().astype(np.float32)}
+    idx = idx[flat[idx] != 0]  # sign(0) = 0: a zero among the top k decodes to 0, not -scale
     mask = torch.zeros(flat.numel(), dtype=torch.bool)
     mask[idx] = True
     std = float(flat.double().std(unbiased=False)) if flat.numel() > 1 else 0.0

@@ -197,10 +197,43 @@ def test_encoder_edges_by_hand():
     got = encode_tensor(t, CodecSpec("topk", ratio=0.5))
     assert got["i"].tolist() == [0, 1] and got["v"].tolist() == [3.0, -3.0]
     assert encode_tensor(t, CodecSpec("topk", ratio=0.01))["i"].tolist() == [0]
-    # compeft: the kept entries' signs (zero counts as negative), alpha x population std
-    c = encode_tensor(torch.tensor([[2.0, 0.0, -2.0, 0.0]]), CodecSpec("compeft", 0.5, 3.0))
-    assert np.unpackbits(c["m"])[:4].tolist() == [1, 0, 1, 0]
+    # compeft: the kept entries' signs, alpha x population std; zeros are never kept (sign 0)
+    c = encode_tensor(torch.tensor([[2.0, 0.0, -2.0, 0.0]]), CodecSpec("compeft", 0.75, 3.0))
+    assert np.unpackbits(c["m"])[:4].tolist() == [1, 0, 1, 0]  # top 3 of 4, the zero left out
     assert np.unpackbits(c["g"])[:2].tolist() == [1, 0]
     assert c["s"].tolist() == pytest.approx([3.0 * 2**0.5], rel=1e-7)  # std(2, 0, -2, 0) = sqrt 2
+    back = decode_tensor(c, CodecSpec("compeft"), (1, 4), W)
+    assert back[0].tolist() == pytest.approx([3.0 * 2**0.5, 0.0, -3.0 * 2**0.5, 0.0])
+    pair = encode_tensor(torch.tensor([[1.0, -1.0]]), CodecSpec("compeft", 1.0, 2.0))
+    assert pair["s"].tolist() == [2.0]  # two entries: std(1, -1) = 1
     one = encode_tensor(torch.tensor([[5.0]]), CodecSpec("compeft", 1.0))
     assert one["s"].tolist() == [0.0]  # a single entry has no spread
+
+
+def test_spec_refusals_decode_dtypes_and_messages_name_the_tensor():
+    with pytest.raises(
+        ProtocolError, match=r"^unknown codec 'zip'; known: none, fp16, int8, topk, compeft$"
+    ):
+        CodecSpec("zip")
+    for bad in (0.0, 1.5):
+        with pytest.raises(ProtocolError, match=rf"^codec ratio must be in \(0, 1\], got {bad}$"):
+            CodecSpec("topk", ratio=bad)
+    assert CodecSpec("topk", ratio=1.0).ratio == 1.0
+    x = torch.tensor([[1.0, -2.0], [0.0, 0.5]])
+    for name in ("fp16", "int8", "topk", "compeft"):
+        enc = encode_tensor(x, CodecSpec(name, ratio=0.5))
+        assert decode_tensor(enc, CodecSpec(name), (2, 2), W).dtype == torch.float32, name
+        for key in enc:  # each field, mistyped: the message names the tensor
+            bad = {**enc, key: enc[key].astype(np.float64)}
+            with pytest.raises(ProtocolError, match=f"^{W}: codec field '{key}' is float64"):
+                decode_tensor(bad, CodecSpec(name), (2, 2), W)
+    empty = torch.zeros(2, 0)
+    for name in ("fp16", "int8", "topk", "compeft"):  # no columns: an empty tensor, not an error
+        enc = encode_tensor(empty, CodecSpec(name))
+        assert decode_tensor(enc, CodecSpec(name), (2, 0), W).shape == (2, 0), name
+
+
+def test_topk_ties_follow_position_at_any_length():
+    flat = torch.ones(1, 100_000)
+    got = encode_tensor(flat, CodecSpec("topk", ratio=1e-4))["i"]
+    assert got.tolist() == list(range(10))

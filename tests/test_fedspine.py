@@ -15,7 +15,7 @@ import torch
 from fedpeft.bandit import Arm
 from fedpeft.client.prune_trainer import PruneTrainer, plain_copy, pruned_handle
 from fedpeft.client.trainer import ClientData
-from fedpeft.config import TrainConfig
+from fedpeft.config import TrainConfig, ValidationConfig
 from fedpeft.data.tasks import TextPair
 from fedpeft.data.tokenize import encode_pairs
 from fedpeft.errors import ConfigError, ProtocolError
@@ -23,7 +23,7 @@ from fedpeft.lora import ModelHandle, init_factors
 from fedpeft.prune.layout import LayerLayout, PruneLayout, cut_adapter
 from fedpeft.prune.schedule import default_protect, needs_pruning, target_counts
 from fedpeft.prune.structure import Keep, prune_layers, zero_pruned
-from fedpeft.server.validate import validate_update
+from fedpeft.server.validate import Limits, validate_update
 from fedpeft.simulation.runner import simulate
 from fedpeft.strategies.base import StrategyContext
 from fedpeft.strategies.fedspine import FedSpine, fedspine_reward
@@ -172,8 +172,9 @@ def _tiny4(cache):
     return get_model(ModelConfig(name="tiny", tiny_layers=4), cache)
 
 
-def _prune_instruction(handle, ratio, keep=b"", stages=2, rank=4, steps=5, measure=True):
-    spec = LoraSpec(rank=rank, alpha=8.0, target_modules=("q_proj", "v_proj", "up_proj"))
+def _prune_instruction(handle, ratio, keep=b"", stages=2, rank=4, steps=5, measure=True,
+                       targets=("q_proj", "v_proj", "up_proj")):  # fmt: skip
+    spec = LoraSpec(rank=rank, alpha=8.0, target_modules=targets)
     layout = PruneLayout.of(handle.base_model)
     shapes = handle.module_shapes(handle.ensure_adapter(spec))
     start = layout.decode(keep) if keep else layout.full()
@@ -257,6 +258,50 @@ def test_validation_refuses_bad_pruned_updates(cache):
     assert refusal(up, plain) == (
         "structure", "update carries a pruned structure, but none was asked for")  # fmt: skip
     assert "probe_loss_start" not in up.metrics
+
+
+def _positions(kept, begun, size):
+    """Where the final structure's rows sit inside the instruction's (already cut) factors."""
+    if kept is None:
+        return list(range(size))
+    return [int(v) for v in kept] if begun is None else [list(begun).index(v) for v in kept]
+
+
+def test_validation_of_a_pruned_start_measures_the_change_at_the_right_positions(cache):
+    """A client sent factors already cut to structure S0 prunes further to S1 (B rows and, for
+    o_proj/down_proj, A columns). Its change is measured against the sent factors at S1's
+    positions inside S0, computed here from the layout's index lists: a norm bound just
+    above that change passes, just below refuses. Restoring only FFN groups is refused."""
+    handle = _tiny4(cache)
+    targets = ("q_proj", "o_proj", "up_proj", "down_proj")
+    first = PruneTrainer().fit(handle, _prune_instruction(handle, 0.25, targets=targets),
+                               _data(handle))  # fmt: skip
+    ins = _prune_instruction(handle, 0.5, keep=first.keep, targets=targets, measure=False)
+    up = PruneTrainer().fit(handle, ins, _data(handle))
+    up = replace(up, header=replace(up.header, num_examples=24))
+    layout = ins.prune.layout
+    start, final = layout.decode(first.keep), layout.decode(up.keep)
+    assert start != final  # it pruned further
+    sq, cut_cols = 0.0, 0
+    for m, sent in ins.adapter.items():
+        rows0, cols0 = layout.factor_index(m, start)
+        rows, cols = layout.factor_index(m, final)
+        r = _positions(rows, rows0, sent.b.shape[0])
+        c = _positions(cols, cols0, sent.a.shape[1])
+        cut_cols += cols is not None
+        f = up.factors[m]
+        sq += float((f.b.double() - sent.b.double()[r]).pow(2).sum())
+        sq += float((f.a.double() - sent.a.double()[:, c]).pow(2).sum())
+    assert cut_cols > 0  # o_proj / down_proj: A columns were cut too
+    norm = sq**0.5
+    validate_update(up, ins, Limits(ValidationConfig(max_update_norm=norm * (1 + 1e-9))))
+    with pytest.raises(ProtocolError, match="L2 norm") as err:
+        validate_update(up, ins, Limits(ValidationConfig(max_update_norm=norm * (1 - 1e-9))))
+    assert err.value.code == "norm"
+    regrown = layout.encode([Keep(attn=k1.attn, ffn=k.ffn) for k, k1 in
+                             zip(layout.full(), final, strict=True)])  # fmt: skip
+    with pytest.raises(ProtocolError, match=r"^kept structure of layer \d+ restores groups"):
+        validate_update(replace(up, keep=regrown), ins)
 
 
 def test_pruning_instruction_round_trips_on_the_wire(cache):

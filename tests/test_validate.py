@@ -369,3 +369,53 @@ def test_weight_cap_edges():
     assert [u.header.num_examples for u in tiny] == [1, 1, 1] and capped == 3
     exact, capped = cap_weights(ups, 1.4)  # cap floor(7.0) = 7: nobody above it
     assert [u.header.num_examples for u in exact] == [3, 5, 7] and capped == 0
+
+
+def test_bounds_below_one_count_and_equal_values_pass():
+    """A norm bound of 0.5 is a bound; a change of norm exactly 5 passes a bound of 5; a
+    max_scalar of 0 means no bound; a reply limit of 0.5 MB is half a megabyte."""
+    a, b = torch.zeros(2, 3), torch.zeros(4, 2)
+    a[0, 0], a[0, 1] = 3.0, 4.0  # the change from SENT (zeros) has norm exactly 5
+    small = _update(a * 0.125, b)  # norm 0.625
+    assert _code(validate_update, small, _instruction(),
+                 Limits(ValidationConfig(max_update_norm=0.5))) == "norm"  # fmt: skip
+    exact = _update(a, b)
+    validate_update(exact, _instruction(), Limits(ValidationConfig(max_update_norm=5.0)))
+    validate_zo_update(_zo_update(2, (0.1, -500.0, 0)), _zo_instruction(2),
+                       Limits(ValidationConfig(max_scalar=0.0)))  # fmt: skip
+    half = Limits(ValidationConfig(max_reply_mb=0.5))
+    assert reply_limit(_instruction(), half) == reply_limit(_zo_instruction(1), half) == 500_000
+
+
+def test_module_mismatch_lists_at_most_three_of_each():
+    factors = {f"m.x{i}": LoraFactors(torch.zeros(2, 3), torch.zeros(4, 2), 4.0) for i in range(4)}
+    spec = LoraSpec(rank=2, alpha=4.0, target_modules=tuple(f"y{i}" for i in range(4)))
+    sent = {f"m.y{i}": LoraFactors(torch.zeros(2, 3), torch.zeros(4, 2), 4.0) for i in range(4)}
+    ins = dataclasses.replace(_instruction(), lora=spec, adapter=sent)
+    up = LoraUpdate(_header(spec.config_hash()), factors)
+    with pytest.raises(ProtocolError) as err:
+        validate_update(up, ins)
+    assert str(err.value) == (
+        "adapter modules differ from the instruction: missing ['m.y0', 'm.y1', 'm.y2'], "
+        "extra ['m.x0', 'm.x1', 'm.x2']"
+    )
+
+
+def test_seed_scalar_messages_and_ferret_pairs_beyond_the_pool_size():
+    with pytest.raises(ProtocolError, match=r"^scalars contain NaN or infinite values$"):
+        validate_zo_update(_zo_update(2, (0.1, np.inf, 0.0)), _zo_instruction(2))
+    # K = 8, 10 blocks: (block 8, seed 0) and (block 0, seed 1) are different directions
+    up, ins = _ferret([8, 0], [0, 1])
+    validate_zo_update(up, ins, Limits(zo_blocks=10))
+
+
+def test_secure_reply_refusals_by_kind_and_message():
+    ins, lora_ins = _zo_instruction(2), _instruction()
+    seeds_only = dataclasses.replace(_zo_update(2), scalars=np.zeros(0, np.float32))
+    with pytest.raises(ProtocolError, match=r"^a secure-aggregation reply must carry no pairs$"):
+        validate_secure_reply(seeds_only, ins)
+    with pytest.raises(ProtocolError, match=r"^a secure-aggregation reply must carry no tensors$"):
+        validate_secure_reply(_update(*_ones()), lora_ins)
+    with pytest.raises(ProtocolError, match=r"^reply kind does not match the instruction$") as err:
+        validate_secure_reply(_update(*_ones()), ins)
+    assert err.value.code == "decode"
