@@ -432,6 +432,7 @@ def test_hetlora_sends_its_self_pruning_options_and_asks_the_policy_with_the_rou
     clients = [ClientInfo(Header("r", 0, "fp", "", 10, c), "cpu") for c in ("0", "1")]
     plans = strat.configure_train(1, clients)
     assert {(p.reg_lambda, p.reg_gamma) for p in plans.values()} == {(0.1, 0.5)}
+    assert {p.parts for p in plans.values()} == {"AB"}
     assert {c: p.spec.rank for c, p in plans.items()} == {"0": 1, "1": 1}
     assert {c: p.spec.rank for c, p in strat.configure_train(2, clients).items()} == {
         "0": 2, "1": 2}  # fmt: skip
@@ -453,3 +454,52 @@ def test_hetlora_self_pruned_ranks_survive_its_state_and_old_states_have_none():
     fresh = _hetlora({})
     fresh.load_state_dict(old)
     assert {p.spec.rank for p in fresh.configure_train(2, clients).values()} == {2}
+
+
+def test_rank_helpers_keep_the_product_whatever_the_scale():
+    """Globals, initial adapters and previous stacks whose scale alpha / r is not 1 keep their
+    product (alpha / r) B A, by hand."""
+    from fedpeft.rank_ops import check_modules, for_client, pad, unit_spec
+    from fedpeft.strategies.hetero import initial_unit, padded_sum, stacked_updates
+
+    g = LoraFactors(a=torch.tensor([[1.0, 2.0], [3.0, 4.0]]), b=torch.tensor([[1.0, 0.0],
+                    [0.0, 2.0]]), alpha=6.0)  # fmt: skip  # rank 2, scale 3
+    got = for_client({"m": g}, LoraSpec(rank=1, alpha=4.0, target_modules=("q",)))["m"]
+    # first component, B divided by the client's scale 4: 3 * [1, 0] / 4
+    assert got.a.tolist() == [[1.0, 2.0]] and got.b.tolist() == [[0.75], [0.0]]
+    assert got.alpha == 4.0
+    with pytest.raises(
+        AggregationError, match="^m: the global adapter has rank 2, the client needs 3$"
+    ):
+        for_client({"m": g}, LoraSpec(rank=3, alpha=3.0, target_modules=("q",)))
+    with pytest.raises(AggregationError, match="^cannot pad rank 3 down to 2$"):
+        pad(torch.zeros(3, 4), 2, 0)
+    with pytest.raises(ValueError, match="^padded_sum of no updates$"):
+        padded_sum([], "m", [], 2, "A")
+    spec = LoraSpec(rank=4, alpha=8.0, target_modules=("q", "v"), dropout=0.1)
+    assert unit_spec(spec, 3) == LoraSpec(rank=3, alpha=3.0, target_modules=("q", "v"),
+                                          dropout=0.1)  # fmt: skip
+    start = {"m": LoraFactors(a=torch.tensor([[1.0, 0.0]]), b=torch.tensor([[2.0], [0.0]]),
+                              alpha=3.0)}  # fmt: skip  # rank 1, scale 3
+    ctx = StrategyContext(initial=start, spec=LoraSpec(1, 3.0, ("q",)), seed=0)
+    unit = initial_unit(ctx, 1)["m"]
+    assert unit.b.tolist() == [[6.0], [0.0]] and unit.alpha == 1.0
+    previous = {"m": LoraFactors(a=torch.tensor([[1.0, 0.0]]), b=torch.tensor([[1.0], [1.0]]),
+                                 alpha=2.0)}  # fmt: skip  # a stack of rank 1 at scale 2
+    new = LoraFactors(a=torch.tensor([[0.0, 1.0]]), b=torch.tensor([[2.0], [0.0]]), alpha=1.0)
+    up = LoraUpdate(Header("r", 1, "fp", "h", 10, "0"), {"m": new})
+    out = stacked_updates([up], ["m"], [0.5], previous)["m"]
+    # 2 [1, 1]^T [1, 0] + 0.5 [2, 0]^T [0, 1] = [[2, 1], [2, 0]]
+    assert (out.scale * out.b @ out.a).tolist() == [[2.0, 1.0], [2.0, 0.0]]
+    f = LoraFactors(torch.zeros(1, 2), torch.zeros(2, 1), 1.0)
+    wide = LoraFactors(torch.zeros(1, 3), torch.zeros(2, 1), 1.0)
+    with pytest.raises(AggregationError) as err:
+        check_modules({"a": {"m": f}, "b": {"m": wide}}, "x")
+    assert str(err.value) == "client b sent 'm' as (2 x 3), client a as (2 x 2)"
+    many = {f"n{i}": f for i in range(4)}
+    with pytest.raises(AggregationError) as err:
+        check_modules({"a": {"m": f}, "b": many}, "x")
+    assert str(err.value) == (
+        "client b adapted other modules than client a (differing: ['m', 'n0', 'n1']); "
+        "strategy 'x' needs the same modules from every client"
+    )

@@ -48,6 +48,7 @@ def test_checkpoint_round_trips_every_kind_of_value(tmp_path):
         "floats": [0.1, float("nan"), float("inf"), -0.0, 1e-310],
         "ints": {1: "one", (2, "x"): [None, True, False]},
         "tuple": (1, (2.5, "s")),
+        "tuple_t": (torch.ones(2), "x"),
         "np_scalar": np.int64(7),
         "blob": b"\x00\xffmask",
         "nested": {"a": {"b": [torch.ones(1)]}},
@@ -64,6 +65,7 @@ def test_checkpoint_round_trips_every_kind_of_value(tmp_path):
     assert math.copysign(1, f[3]) == -1
     assert back["ints"] == {1: "one", (2, "x"): [None, True, False]}
     assert back["tuple"] == (1, (2.5, "s")) and back["np_scalar"] == 7
+    assert torch.equal(back["tuple_t"][0], torch.ones(2)) and back["tuple_t"][1] == "x"
     assert back["blob"] == b"\x00\xffmask"
     assert torch.equal(back["nested"]["a"]["b"][0], torch.ones(1))
     assert not path.with_name(CHECKPOINT + ".tmp").exists()
@@ -96,10 +98,19 @@ def test_a_global_model_survives_the_checkpoint_file_exactly(kind, tmp_path):
 
 
 def test_checkpoint_refuses_what_it_cannot_restore_and_reports_bad_files(tmp_path):
-    with pytest.raises(CheckpointError, match="cannot checkpoint a object"):
-        save_checkpoint(tmp_path / CHECKPOINT, {"x": object()})
-    with pytest.raises(CheckpointError, match="no checkpoint at"):
-        load_checkpoint(tmp_path / "missing.safetensors")
+    with pytest.raises(CheckpointError) as err:
+        save_checkpoint(tmp_path / CHECKPOINT, {"x": 1j})
+    assert str(err.value) == (
+        "cannot checkpoint a complex (1j); state_dict() must hold only tensors, numpy arrays, "
+        "numbers, strings, bytes, None, lists, tuples, dicts"
+    )
+    missing = tmp_path / "missing.safetensors"
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(missing)
+    assert str(err.value) == (
+        f"no checkpoint at {str(missing)!r}: the run never completed round 0 there, or the "
+        "folder is not a fedpeft run folder"
+    )
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     with pytest.raises(CheckpointError, match="unreadable"):
@@ -124,6 +135,7 @@ def _handmade(path: Path, tree: object, tensors: dict | None = None, key: str = 
         ({"format": 1, "state": [1, 2]}, "holds no state"),
         ({"format": 1, "state": {"tensor": "t9"}}, "is unreadable: 't9'"),
         ({"format": 1, "state": {"bytes": "not base64!"}}, "is unreadable"),
+        ({"format": 1, "state": {"bytes": "A!P8="}}, "is unreadable"),  # strict base64 only
         (None, "is unreadable: 'fedpeft'"),
     ],
 )

@@ -247,3 +247,34 @@ def test_fedkseed_accumulates_lr_weight_clipped_scalar_by_hand(name):
         strat.aggregate_train(2, [dataclasses.replace(ups[0], blocks=np.zeros(3, np.uint16))])
     with pytest.raises(AggregationError, match="^strategy 'fedkseed' got no updates"):
         strat.aggregate_train(2, [])
+
+
+def test_fedkseed_sync_policy_spec_and_unanswered_clients():
+    """sync = "full" sends a full sync even to a confirmed client; a client that was asked
+    but did not answer gets a full sync next time (its state is unknown); plans and results
+    carry the run's spec."""
+    from fedpeft.strategies.fedkseed import FedKSeed
+
+    ctx = _ctx("fedkseed")
+    strat = FedKSeed(FedKSeed.Config(), ctx)
+    plans = strat.configure_train(1, _clients(2))
+    assert all(p.spec == ctx.zo for p in plans.values())
+    got = strat.aggregate_train(1, [_update("fedkseed", "0", 10, 0)])
+    assert got.zo.spec == ctx.zo and got.zo.version == 1
+    again = strat.configure_train(2, _clients(2))
+    assert not again["0"].sync.full  # confirmed version 0: an increment
+    assert again["1"].sync.full  # asked in round 1, never answered: full
+    strat.aggregate_train(2, [_update("fedkseed", "0", 10, 1, version=1)])
+    silent = strat.configure_train(3, _clients(1))
+    assert not silent["0"].sync.full
+    assert strat.configure_train(4, _clients(1))["0"].sync.full  # round 3 unanswered
+    full_ctx = dataclasses.replace(ctx, zo=dataclasses.replace(ctx.zo, sync="full"))
+    always = FedKSeed(FedKSeed.Config(), full_ctx)
+    always.configure_train(1, _clients(1))
+    always.aggregate_train(1, [_update("fedkseed", "0", 10, 0)])
+    assert always.configure_train(2, _clients(1))["0"].sync.full
+    with pytest.raises(
+        AggregationError,
+        match=r"^strategy 'fedkseed' needs a zeroth-order spec \(\[zo\] section\)$",
+    ):
+        FedKSeed(FedKSeed.Config(), dataclasses.replace(ctx, zo=None))
