@@ -95,3 +95,25 @@ def test_with_every_direction_appends_one_pair_per_direction():
     out = with_every_direction(blocked, np.arange(4.0), 2, 2)
     assert out.blocks.tolist() == [1, 0, 0, 1, 1] and out.seeds.tolist() == [1, 0, 1, 0, 1]
     assert out.scalars.tolist() == [0.5, 0.0, 1.0, 2.0, 3.0]
+
+
+def test_with_change_walks_three_modules_and_keeps_float32():
+    sent = {m: LoraFactors(a=torch.zeros(1, 1), b=torch.zeros(1, 1), alpha=1.0) for m in "xyz"}
+    up = LoraUpdate(Header("r", 1, "f", "h", 7, "c"), sent)
+    back = with_change(up, sent, torch.arange(1.0, 7.0, dtype=torch.float64))
+    assert [(f.a.item(), f.b.item()) for _, f in sorted(back.factors.items())] == [
+        (1.0, 2.0), (3.0, 4.0), (5.0, 6.0)]  # fmt: skip
+    assert {(f.a.dtype, f.b.dtype) for f in back.factors.values()} == {(torch.float32,) * 2}
+
+
+def test_every_direction_pairs_carry_blocks_whenever_there_are_several():
+    """Two blocks and an upload with no pairs yet (a Ferret client that sent nothing): the
+    added pairs still carry their block index, in the pool's index dtype."""
+    empty = ZoUpdate(Header("r", 1, "f", "h", 7, "c"), np.zeros(0, np.uint16),
+                     np.zeros(0, np.float32), blocks=np.zeros(0, np.uint16))  # fmt: skip
+    out = with_every_direction(empty, np.arange(6.0), 2, 3)
+    assert out.blocks.tolist() == [0, 0, 0, 1, 1, 1] and out.blocks.dtype == np.uint16
+    assert out.seeds.tolist() == [0, 1, 2, 0, 1, 2] and out.seeds.dtype == np.uint16
+    assert out.scalars.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    one = with_every_direction(empty, np.arange(3.0), 1, 3)  # one block: no block indices
+    assert one.blocks.size == 0 and one.seeds.tolist() == [0, 1, 2]

@@ -500,3 +500,85 @@ def test_seed_scalar_dp_through_fedkseed_by_hand():
     assert got.zo.coeffs.shape == (1, 4)
     assert got.zo.coeffs[0].tolist() == pytest.approx([0.1 * 1 / 4, 0.0, 0.1 * 0.5 / 4, 0.0])
     assert got.metrics["dp_noise_std"] == 0.0
+
+
+def _words(u1: list[int], u2: list[int]) -> bytes:
+    """What os.urandom returns for the secure sampler: n little-endian words for u1, then n."""
+    return np.array([*u1, *u2], dtype="<u8").tobytes()
+
+
+def test_secure_sampler_known_values_from_fixed_bytes(monkeypatch):
+    """Box-Muller on 53-bit uniforms: u1 = (w1 >> 11) 2^-53 + 2^-54 (never 0), u2 = (w2 >> 11)
+    2^-53, x = std sqrt(-2 ln u1) cos(2 pi u2). By hand: zero bytes give u1 = 2^-54, u2 = 0,
+    x = std sqrt(108 ln 2) (the largest draw, 8.65 std); w1 = w2 = 2^63 give u1 = 1/2 + 2^-54,
+    u2 = 1/2, x = -std sqrt(2 ln 2) (to 1e-15); w2 = 2^62 gives u2 = 1/4, x = 0 (to 1e-15)."""
+    import os
+
+    monkeypatch.setattr(os, "urandom", lambda k: _words([0, 2**63, 2**63], [0, 2**63, 2**62]))
+    got = gaussian(3, 2.0, 0, 0, secure=True)
+    assert got[0] == pytest.approx(2.0 * math.sqrt(108 * math.log(2)), rel=1e-12)
+    assert got[1] == pytest.approx(-2.0 * math.sqrt(2 * math.log(2)), rel=1e-12)
+    assert abs(got[2]) < 1e-15
+    monkeypatch.setattr(os, "urandom", lambda k: _words([2**63], [2**63]))
+    noisy = clip_and_noise(np.array([1.0]), 10.0, 1.0)  # the noise is added, not subtracted
+    assert noisy[0] == pytest.approx(1.0 - math.sqrt(2 * math.log(2)), rel=1e-12)
+
+
+def test_lora_release_sums_in_float64_and_adds_the_secure_noise(monkeypatch):
+    """k = 4, clip 10, changes of B (4, 0), (2^-22, 0), (2^-22, 0), (0, 0): the mean 1 + 2^-23
+    is exact in float32 (a float32 running sum would give 1). With secure noise from fixed
+    bytes (-sqrt(2 ln 2) z C / k on every trained coordinate) the release is that plus it."""
+    import os
+
+    ctx = StrategyContext(initial=SENT, spec=SPEC, seed=3)
+    ups = [_update("0", [0, 0, 4.0, 0]), _update("1", [0, 0, 2**-22, 0]),
+           _update("2", [0, 0, 2**-22, 0]), _update("3", [0, 0, 0, 0])]  # fmt: skip
+    quiet = DpAggregation(FedAvg(FedAvg.Config(), ctx), DpConfig(0.0, clip_norm=10.0), 4, 4, 3)
+    quiet.configure_train(1, _clients(4))
+    assert _flat(quiet.aggregate_train(1, ups).adapter) == [0.0, 0.0, 1 + 2**-23, 0.0]
+    monkeypatch.setattr(os, "urandom", lambda k: _words([2**63] * 4, [2**63] * 4))
+    cfg = DpConfig(noise_multiplier=0.4, clip_norm=10.0, secure_noise=True)
+    noisy = DpAggregation(FedAvg(FedAvg.Config(), ctx), cfg, 4, 4, 3)
+    noisy.configure_train(1, _clients(4))
+    noise = -math.sqrt(2 * math.log(2)) * 0.4 * 10.0 / 4
+    got = _flat(noisy.aggregate_train(1, ups).adapter)
+    assert got == pytest.approx([noise, noise, 1 + 2**-23 + noise, noise], rel=1e-6)
+
+
+def test_seed_scalar_release_clips_small_sums_keeps_float32_and_seeds_noise_by_round():
+    from fedpeft.strategies.fedkseed import FedKSeed
+    from fedpeft.wire_zo import ZoSpec
+
+    ctx = StrategyContext(initial=SENT, spec=SPEC, seed=0)
+    dp = DpAggregation(FedAvg(FedAvg.Config(), ctx), DpConfig(0.0, clip_norm=0.1), 1, 1,
+                       seed=0, zo=True, zo_shape=(1, 4))  # fmt: skip
+    up = ZoUpdate(Header("r", 1, "f", "h", 5, "a"), np.array([0, 1], np.uint16),
+                  np.array([0.3, 0.4], np.float32))  # fmt: skip
+    out = dp._zo(1, [up])[0]  # norm 0.5 > 0.1: scaled by 0.2
+    assert out.scalars.dtype == np.float32
+    assert out.scalars[:2].tolist() == pytest.approx([0.06, 0.08])
+
+    def coeffs(server_round: int) -> np.ndarray:
+        spec = ZoSpec(algorithm="fedkseed", target="full", num_seeds=4, pool_seed=1, lr=0.1,
+                      local_steps=1)  # fmt: skip
+        zctx = StrategyContext(initial={}, spec=SPEC, seed=0, zo=spec, zo_blocks=1)
+        w = DpAggregation(FedKSeed(FedKSeed.Config(), zctx), DpConfig(1.0, clip_norm=1.0), 1,
+                          1, seed=0, zo=True, zo_shape=(1, 4))  # fmt: skip
+        w.configure_train(server_round, [ClientInfo(Header("r", 0, "f", "", 10, "a"), "cpu")])
+        return w.aggregate_train(server_round, [up]).zo.coeffs
+
+    assert np.array_equal(coeffs(1), coeffs(1)) and not np.array_equal(coeffs(1), coeffs(2))
+
+
+def test_the_inner_strategy_is_told_the_round():
+    class Rounds(FedAvg):
+        seen: list[int] = []
+
+        def configure_train(self, server_round, clients):
+            self.seen.append(server_round)
+            return super().configure_train(server_round, clients)
+
+    ctx = StrategyContext(initial=SENT, spec=SPEC, seed=3)
+    inner = Rounds(FedAvg.Config(), ctx)
+    DpAggregation(inner, DpConfig(1.0), 2, 2, 3).configure_train(5, _clients(2))
+    assert inner.seen == [5]

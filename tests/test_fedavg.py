@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from fedpeft.strategies.base import StrategyContext
+from fedpeft.errors import AggregationError
+from fedpeft.strategies.base import AggregateResult, StrategyContext
 from fedpeft.strategies.fedavg import FedAvg
 from fedpeft.wire import Header, LoraFactors, LoraSpec, LoraUpdate
 
@@ -164,3 +165,35 @@ def test_an_aggregate_result_is_lora_or_zeroth_order_never_both_or_neither():
     for bad in ({}, {"adapter": _up("a", 1).factors}, {"spec": spec}):
         with pytest.raises(AggregationError, match="needs either adapter and spec"):
             AggregateResult(**bad)
+
+
+def test_sums_in_float64_one_client_of_one_example_and_structure_messages():
+    """Four clients of equal weight 1/4 whose values are 4, 2^-22, 2^-22, 0: the mean is
+    1 + 2^-23, exact in float32, which a float32 running sum would round back to 1."""
+
+    def up(cid, v, n=10, a_shape=(1, 2)):
+        f = LoraFactors(a=torch.full(a_shape, v), b=torch.full((2, 1), v), alpha=1.0)
+        return LoraUpdate(Header("r", 1, "f", "h", n, cid), {"m": f})
+
+    spec = LoraSpec(rank=1, alpha=1.0, target_modules=("m",))
+    initial = up("x", 0.0).factors
+    strat = FedAvg(FedAvg.Config(), StrategyContext(initial=initial, spec=spec, seed=0))
+    got = strat.aggregate_train(1, [up("0", 4.0), up("1", 2**-22), up("2", 2**-22), up("3", 0.0)])
+    g = got.adapter["m"]
+    assert g.a.dtype == g.b.dtype == torch.float32
+    assert g.a.tolist() == [[1 + 2**-23] * 2] and g.b.tolist() == [[1 + 2**-23]] * 2
+    one = strat.aggregate_train(2, [up("0", 3.0, n=1)])  # a single client with one example
+    assert one.adapter["m"].a.tolist() == [[3.0, 3.0]]
+    with pytest.raises(AggregationError) as err:
+        strat.aggregate_train(3, [up("0", 1.0), up("1", 1.0, a_shape=(1, 3))])
+    assert str(err.value) == (
+        "client 1 sent rank 1 (alpha 1.0) for 'm', client 0 rank 1 (alpha 1.0); strategy "
+        "'fedavg' needs equal ranks - use a heterogeneous-rank strategy"
+    )
+    many = LoraUpdate(Header("r", 1, "f", "h", 10, "1"),
+                      {f"n{i}": up("1", 1.0).factors["m"] for i in range(4)})  # fmt: skip
+    with pytest.raises(AggregationError, match=r"differing: \['m', 'n0', 'n1'\]\)"):
+        strat.aggregate_train(3, [up("0", 1.0), many])
+    want = r"^an AggregateResult needs either adapter and spec \(LoRA\) or zo \(zeroth-order\)$"
+    with pytest.raises(AggregationError, match=want):
+        AggregateResult()

@@ -503,3 +503,19 @@ def test_rank_helpers_keep_the_product_whatever_the_scale():
         "client b adapted other modules than client a (differing: ['m', 'n0', 'n1']); "
         "strategy 'x' needs the same modules from every client"
     )
+
+
+@pytest.mark.parametrize("name", ["ffa", "hetlora", "flexlora", "flora", "rolora"])
+def test_rank_policies_are_asked_with_the_round_and_a_fresh_state_loads(name):
+    """A policy whose ranks depend on the round gets the round; the state of a strategy that
+    has not aggregated yet loads into a fresh one, which then plans like the original."""
+    strat = build_strategy(name, {}, _hetlora({}, ranks=_RoundRanks()).ctx)
+    clients = [ClientInfo(Header("r", 0, "fp", "", 10, c), "cpu") for c in ("0", "1")]
+    fresh = build_strategy(name, {}, strat.ctx)
+    fresh.load_state_dict(strat.state_dict())
+    assert {c: p.spec.rank for c, p in strat.configure_train(1, clients).items()} == {
+        "0": 1, "1": 1}  # fmt: skip
+    assert {c: p.spec.rank for c, p in strat.configure_train(2, clients).items()} == {
+        "0": 2, "1": 2}  # fmt: skip
+    assert {c: p.spec.rank for c, p in fresh.configure_train(2, clients).items()} == {
+        "0": 2, "1": 2}  # fmt: skip

@@ -448,3 +448,14 @@ def test_over_flower_messages_with_a_node_failing_mid_session():
     assert result.survivors == [0, 1, 2, 3, 5] and result.dropped["mask"] == [4]
     assert _exact_error(vectors, result.survivors, result.total) < 1e-9
     assert counts["bytes_up"] > 8 * dim * 5  # at least the masked vectors came back
+
+
+def test_decoding_a_large_sum_is_exact_in_integers():
+    """4,096 summands: the uint64 total is near 2^61, beyond float64's 2^53; the decoded sum is
+    the exact integer sum of round(x * scale), converted once, over scale."""
+    n = 4096
+    enc = Encoding(1.0, n)
+    x = np.linspace(-0.9, 0.93, n)
+    total = np.sum([enc.encode(np.array([v])) for v in x], axis=0, dtype=np.uint64)
+    exact = sum(round(float(v) * enc.scale) for v in x)  # Python ints: no rounding
+    assert enc.decode_sum(total, n)[0] == float(exact) / enc.scale

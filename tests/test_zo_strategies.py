@@ -278,3 +278,18 @@ def test_fedkseed_sync_policy_spec_and_unanswered_clients():
         match=r"^strategy 'fedkseed' needs a zeroth-order spec \(\[zo\] section\)$",
     ):
         FedKSeed(FedKSeed.Config(), dataclasses.replace(ctx, zo=None))
+
+
+def test_ferret_clips_below_one_and_plans_carry_the_spec():
+    """scalar_clip 0.5 (server_lr 1): scalars 3 and -0.25 of one client become 0.5 and -0.25."""
+    from fedpeft.strategies.ferret import Ferret
+
+    ctx = _ctx("ferret")
+    strat = Ferret(Ferret.Config(scalar_clip=0.5, server_lr=1.0), ctx)
+    plans = strat.configure_train(1, _clients(1))
+    assert plans["0"].spec == ctx.zo
+    pairs = np.array([1, 2], np.uint16), np.array([3.0, -0.25], np.float32)
+    up = ZoUpdate(Header("r", 1, "fp", "h", 10, "0"), *pairs, blocks=np.array([0, 2], np.uint16))
+    got = strat.aggregate_train(1, [up])
+    assert got.zo.coeffs[0, 1] == 0.5 and got.zo.coeffs[2, 2] == -0.25
+    assert np.count_nonzero(got.zo.coeffs) == 2

@@ -32,7 +32,7 @@ def default_degree(n: int) -> int:
     """Neighbours per client: all (``n - 1``) up to 16 clients, else ``2 ceil(log2 n) + 2``."""
     if n <= 17:
         return n - 1
-    return min(n - 1, 2 * math.ceil(math.log2(n)) + 2)
+    return 2 * math.ceil(math.log2(n)) + 2  # below n - 1 for every n >= 18
 
 
 def default_threshold(k: int) -> int:
