@@ -6,6 +6,7 @@ import os
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -108,6 +109,39 @@ def _small_model(arch: str, layers: int = 3) -> torch.nn.Module:
 def small_model() -> Callable[..., torch.nn.Module]:
     """``small_model(arch, layers=3)``: a fresh small random ``llama`` or ``gpt2`` model."""
     return _small_model
+
+
+def _zeroed(model: torch.nn.Module, keep: Mapping[int, Any]) -> torch.nn.Module:
+    """Zero what structured pruning removes, shapes unchanged: the output projection's columns
+    (GPT-2 Conv1D: rows) of removed query heads and the down projection's of removed FFN
+    channels. Written from the model's config, not with fedpeft's pruning helpers."""
+    cfg = model.config
+    llama = cfg.model_type == "llama"
+    heads = cfg.num_attention_heads if llama else cfg.n_head
+    groups = cfg.num_key_value_heads if llama else heads
+    hd = (cfg.hidden_size if llama else cfg.n_embd) // heads
+    ffn = cfg.intermediate_size if llama else (cfg.n_inner or 4 * cfg.n_embd)
+    per = heads // groups  # query heads per KV group
+    layers = model.model.layers if llama else model.transformer.h
+    with torch.no_grad():
+        for i, k in keep.items():
+            kept = {h * hd + d for g in k.attn for h in range(g * per, (g + 1) * per)
+                    for d in range(hd)}  # fmt: skip
+            cols = [c for c in range(heads * hd) if c not in kept]
+            chans = [c for c in range(ffn) if c not in set(k.ffn)]
+            if llama:
+                layers[i].self_attn.o_proj.weight[:, cols] = 0
+                layers[i].mlp.down_proj.weight[:, chans] = 0
+            else:
+                layers[i].attn.c_proj.weight[cols, :] = 0
+                layers[i].mlp.c_proj.weight[chans, :] = 0
+    return model
+
+
+@pytest.fixture
+def zeroed() -> Callable[..., torch.nn.Module]:
+    """``zeroed(model, keep)``: the reference a pruned model must equal (see ``_zeroed``)."""
+    return _zeroed
 
 
 @pytest.fixture

@@ -236,3 +236,26 @@ def test_mutation_report_names() -> None:
     for name, reason in _equivalent().items():
         assert _module(name) in mutated["only_mutate"], name
         assert reason, f"{name}: no reason given"
+
+
+def test_oracle_scan_flags_an_expected_value_computed_by_the_code(tmp_path: Path) -> None:
+    """The scan lists a test whose expected side calls the code under test (directly, or
+    through a name assigned from it), and not one whose expected value is written by hand."""
+    sample = tmp_path / "test_sample.py"
+    sample.write_text(
+        "from fedpeft.rank_ops import product_norm\n\n\n"
+        "def test_self(f):\n"
+        "    want = product_norm(f)\n"
+        "    assert product_norm(f) == want\n\n\n"
+        "def test_by_hand(f):\n"
+        "    assert product_norm(f) == 5.0\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "oracle_scan.py"), str(sample)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [x.split(": ")[1:3] for x in lines[:-1]] == [["reference", "test_self"],
+                                                        ["compare", "test_self"]]  # fmt: skip
+    assert lines[-1] == "2 candidates in 1 files"

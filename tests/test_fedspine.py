@@ -22,7 +22,7 @@ from fedpeft.errors import ConfigError, ProtocolError
 from fedpeft.lora import ModelHandle, init_factors
 from fedpeft.prune.layout import LayerLayout, PruneLayout, cut_adapter
 from fedpeft.prune.schedule import default_protect, needs_pruning, target_counts
-from fedpeft.prune.structure import Keep, prune_layers, zero_pruned
+from fedpeft.prune.structure import Keep, prune_layers
 from fedpeft.server.validate import Limits, validate_update
 from fedpeft.simulation.runner import simulate
 from fedpeft.strategies.base import StrategyContext
@@ -88,7 +88,7 @@ def test_mask_round_trips_and_bad_masks_are_refused(small_model):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_cut_adapter_on_the_pruned_model_equals_the_zeroed_full_model(arch, small_model):
+def test_cut_adapter_on_the_pruned_model_equals_the_zeroed_full_model(arch, small_model, zeroed):
     """The structural check with LoRA on every prunable module: the pruned model with the
     cut adapter computes exactly what the full model computes when the pruned groups (and the
     LoRA inputs that read them) are zeroed."""
@@ -101,7 +101,7 @@ def test_cut_adapter_on_the_pruned_model_equals_the_zeroed_full_model(arch, smal
         keeps[i] = k
     # reference: zero the pruned groups' output weights and the LoRA A columns reading them
     ref = ModelHandle(
-        zero_pruned(small_model(arch, 4), KEEPS[arch]), None, "fp", "m", torch.device("cpu")
+        zeroed(small_model(arch, 4), KEEPS[arch]), None, "fp", "m", torch.device("cpu")
     )
     ref_adapter = {}
     for m, f in adapter.items():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fedpeft.errors import ModelError
-from fedpeft.prune.structure import Keep, layer_shapes, prune_layers, zero_pruned
+from fedpeft.prune.structure import Keep, layer_shapes, prune_layers
 
 KEEP = {
     "llama": {0: Keep(attn=(0, 2), ffn=tuple(range(0, 96, 2))), 2: Keep(attn=(1,), ffn=(5, 7))},
@@ -16,12 +16,12 @@ KEEP = {
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_pruned_model_equals_zeroed_reference(arch, small_model):
+def test_pruned_model_equals_zeroed_reference(arch, small_model, zeroed):
     def build():
         return small_model(arch)
 
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
-    reference = zero_pruned(build(), KEEP[arch])
+    reference = zeroed(build(), KEEP[arch])
     pruned = prune_layers(build(), KEEP[arch])
     with torch.no_grad():
         want, got = reference(input_ids=ids).logits, pruned(input_ids=ids).logits

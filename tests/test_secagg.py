@@ -457,5 +457,6 @@ def test_decoding_a_large_sum_is_exact_in_integers():
     enc = Encoding(1.0, n)
     x = np.linspace(-0.9, 0.93, n)
     total = np.sum([enc.encode(np.array([v])) for v in x], axis=0, dtype=np.uint64)
-    exact = sum(round(float(v) * enc.scale) for v in x)  # Python ints: no rounding
-    assert enc.decode_sum(total, n)[0] == float(exact) / enc.scale
+    scale = float(2**49 - 1)  # 62 - log2(4096) = 50 bits: H = 2^49 - 1 codes per unit of clip 1
+    exact = sum(round(float(v) * scale) for v in x)  # Python ints: no rounding
+    assert enc.decode_sum(total, n)[0] == float(exact) / scale

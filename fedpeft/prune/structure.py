@@ -36,7 +36,6 @@ __all__ = [
     "ffn_width",
     "layer_shapes",
     "prune_layers",
-    "zero_pruned",
 ]
 
 
@@ -178,31 +177,4 @@ def prune_layers(model: Any, keep: Mapping[int, Keep]) -> Any:
                 a.num_heads, a.split_size = len(k.attn), len(k.attn) * hd
                 _slice_linear(layer.mlp.c_fc, ffn, 1)
                 _slice_linear(layer.mlp.c_proj, ffn, 0)
-    return model
-
-
-def zero_pruned(model: Any, keep: Mapping[int, Keep]) -> Any:
-    """Zero what :func:`prune_layers` would remove, without changing shapes (a reference).
-
-    Zeroing the output projection's columns of removed heads and the down projection's columns
-    of removed channels removes their contribution exactly; the pruned model must then compute
-    the same outputs.
-    """
-    arch = arch_of(model)
-    layers = decoder_layers(model, arch)
-    with torch.no_grad():
-        for i, k in keep.items():
-            layer = layers[i]
-            groups, per, hd = attn_sizes(model, layer, arch)
-            drop_g = [g for g in range(groups) if g not in k.attn]
-            cols = _head_rows(drop_g, per, hd)
-            drop_f = torch.tensor(
-                [c for c in range(ffn_width(layer, arch)) if c not in k.ffn], dtype=torch.long
-            )
-            if arch == "llama":
-                layer.self_attn.o_proj.weight[:, cols] = 0
-                layer.mlp.down_proj.weight[:, drop_f] = 0
-            else:
-                layer.attn.c_proj.weight[cols, :] = 0
-                layer.mlp.c_proj.weight[drop_f, :] = 0
     return model
