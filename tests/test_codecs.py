@@ -231,6 +231,7 @@ def test_spec_refusals_decode_dtypes_and_messages_name_the_tensor():
     for name in ("fp16", "int8", "topk", "compeft"):  # no columns: an empty tensor, not an error
         enc = encode_tensor(empty, CodecSpec(name))
         assert decode_tensor(enc, CodecSpec(name), (2, 0), W).shape == (2, 0), name
+    assert encode_tensor(empty, CodecSpec("compeft"))["s"].tolist() == [0.0]  # no spread
 
 
 def test_topk_ties_follow_position_at_any_length():

@@ -554,9 +554,12 @@ def test_seed_scalar_release_clips_small_sums_keeps_float32_and_seeds_noise_by_r
                        seed=0, zo=True, zo_shape=(1, 4))  # fmt: skip
     up = ZoUpdate(Header("r", 1, "f", "h", 5, "a"), np.array([0, 1], np.uint16),
                   np.array([0.3, 0.4], np.float32))  # fmt: skip
-    out = dp._zo(1, [up])[0]  # norm 0.5 > 0.1: scaled by 0.2
-    assert out.scalars.dtype == np.float32
-    assert out.scalars[:2].tolist() == pytest.approx([0.06, 0.08])
+    other = ZoUpdate(Header("r", 1, "f", "h", 5, "b"), np.array([2], np.uint16),
+                     np.array([0.05], np.float32))  # fmt: skip
+    out, second = dp._zo(1, [up, other])  # norm 0.5 > 0.1: scaled by 0.2; m / k = 2
+    assert out.scalars.dtype == second.scalars.dtype == np.float32
+    assert out.scalars[:2].tolist() == pytest.approx([0.12, 0.16])
+    assert second.scalars.tolist() == pytest.approx([0.1])  # norm 0.05 <= 0.1: kept
 
     def coeffs(server_round: int) -> np.ndarray:
         spec = ZoSpec(algorithm="fedkseed", target="full", num_seeds=4, pool_seed=1, lr=0.1,

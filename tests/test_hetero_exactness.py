@@ -402,25 +402,25 @@ def _hetlora(options, ranks=None):
 def test_hetlora_example_weights_small_norms_and_the_all_zero_fallback_by_hand():
     """Client 0 has A = I, client 1 A = 3 I (rank 2, scale 1), so the averaged A is
     (w + 3 (1 - w)) I and B = w B_0 + (1 - w) B_1 for client 0's weight w.
-    weighting = examples: n = 10, 30 -> w = 1/4. Norm weights whose norms sum below 1 are still
-    norm weights: ||B_0 A_0|| = 0.1, ||B_1 A_1|| = 0.3 -> w = 1/4 (n = 30, 10 would give 3/4).
-    All-zero updates (B = 0) fall back to example weights: n = 10, 30 -> w = 1/4."""
+    weighting = examples: n = 30, 10 -> w = 3/4 (the norms 1 and 3 would give 1/4). Norm
+    weights whose norms sum below 1 are still norm weights: ||B_0 A_0|| = 0.1, ||B_1 A_1|| = 0.3
+    -> w = 1/4 (n = 30, 10 would give 3/4). All-zero updates (B = 0) fall back to example
+    weights: n = 10, 30 -> w = 1/4."""
     clients = [ClientInfo(Header("r", 0, "fp", "", 10, c), "cpu") for c in ("0", "1")]
 
     def up(cid, n, a, b):
         f = LoraFactors(a=a * torch.eye(2), b=torch.tensor(b), alpha=2.0)
         return LoraUpdate(Header("r", 1, "fp", "h", n, cid), {"m.q_proj": f})
 
-    for options, b0, b1, n in (
-        ({"weighting": "examples"}, [[1.0, 0], [0, 0]], [[0, 0], [0, 1.0]], (10, 30)),
-        ({}, [[0.1, 0], [0, 0]], [[0, 0], [0, 0.1]], (30, 10)),
-        ({}, [[0.0, 0], [0, 0]], [[0, 0], [0, 0.0]], (10, 30)),
+    for options, b0, b1, n, w in (
+        ({"weighting": "examples"}, [[1.0, 0], [0, 0]], [[0, 0], [0, 1.0]], (30, 10), 0.75),
+        ({}, [[0.1, 0], [0, 0]], [[0, 0], [0, 0.1]], (30, 10), 0.25),
+        ({}, [[0.0, 0], [0, 0]], [[0, 0], [0, 0.0]], (10, 30), 0.25),
     ):  # fmt: skip
         strat = _hetlora(options)
         strat.configure_train(1, clients)
         g = strat.aggregate_train(1, [up("0", n[0], 1.0, b0), up("1", n[1], 3.0, b1)])
         got = g.adapter["m.q_proj"]
-        w = 0.25
         want_a = (w + 3 * (1 - w)) * torch.eye(2, dtype=torch.float64)
         assert torch.allclose(got.a.double(), want_a), options
         want_b = w * torch.tensor(b0, dtype=torch.float64) + (1 - w) * torch.tensor(b1).double()
@@ -519,3 +519,6 @@ def test_rank_policies_are_asked_with_the_round_and_a_fresh_state_loads(name):
         "0": 2, "1": 2}  # fmt: skip
     assert {c: p.spec.rank for c, p in fresh.configure_train(2, clients).items()} == {
         "0": 2, "1": 2}  # fmt: skip
+    # FFA-LoRA trains B; RoLoRA trains B in odd rounds (A in even); the others both factors
+    want = "B" if name in ("ffa", "rolora") else "AB"
+    assert {p.parts for p in strat.configure_train(3, clients).values()} == {want}

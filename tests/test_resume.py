@@ -171,6 +171,12 @@ def test_a_crash_while_writing_leaves_the_previous_checkpoint(tmp_path, monkeypa
     with pytest.raises(OSError, match="disk pulled out"):
         save_checkpoint(path, {"round": 2})
     assert load_checkpoint(path) == {"round": 1}
+    monkeypatch.undo()
+    monkeypatch.setattr(Path, "open", crash)  # the temporary file cannot even be created
+    with pytest.raises(OSError, match="^disk pulled out$"):
+        save_checkpoint(path, {"round": 3})
+    monkeypatch.undo()
+    assert load_checkpoint(path) == {"round": 1}
 
 
 WAIT_S = 1800  # bounded, and generous: a busy 2-core machine may be 5x slower

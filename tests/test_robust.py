@@ -365,6 +365,8 @@ def test_median_and_trimmed_mean_differ_and_each_rule_gives_its_own():
     1000 and averages 1, 2, 10 = 13/3."""
     ups = [_update(str(i), [v, v, v, v]) for i, v in enumerate([10.0, 0.0, 1000.0, 2.0, 1.0])]
     assert _flat(_robust(rule="median").aggregate_train(1, ups)) == [2.0] * 4
+    alone = _robust(rule="median").aggregate_train(1, [_update("3", [1.0, -2.0, 0.5, 0.0], n=7)])
+    assert _flat(alone) == [1.0, -2.0, 0.5, 0.0]  # one client: the median is its change
     tm = _robust(rule="trimmed_mean", trim_fraction=0.2).aggregate_train(1, ups)
     assert _flat(tm) == pytest.approx([13 / 3] * 4)
 

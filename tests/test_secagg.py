@@ -204,7 +204,7 @@ def test_shamir_any_t_shares_recover_fewer_fail():
     with pytest.raises(ProtocolError, match="need 3"):
         shamir.combine(list(shares.values())[:2], 3)
     two = list(shares.values())[:2]
-    with pytest.raises(ProtocolError, match="repeat a point"):
+    with pytest.raises(ProtocolError, match="^shares repeat a point or lie outside the field$"):
         shamir.combine([two[0], two[0], two[1]], 3)
 
 
@@ -271,7 +271,7 @@ def test_shamir_shares_of_a_value_too_large_for_a_secret_are_refused(value):
     it) belong to no secret."""
     slope = 7
     shares = [_share(x, (value + slope * x) % shamir.PRIME) for x in (1, 2)]
-    with pytest.raises(ProtocolError, match="do not belong to one secret"):
+    with pytest.raises(ProtocolError, match="^the shares do not belong to one secret$"):
         shamir.combine(shares, 2)
     top = [_share(x, (2**256 - 1 + slope * x) % shamir.PRIME) for x in (1, 2)]
     assert shamir.combine(top, 2) == b"\xff" * 32  # the largest secret is accepted

@@ -117,3 +117,14 @@ def test_sync_fields_and_dtypes_for_triples_and_dense():
     dense.client_versions["held"] = 2
     h = dense.sync_for("held")  # a confirmed client's increment, sent dense because smaller
     assert h.dense and (h.from_version, h.to_version) == (2, 3)
+
+
+def test_an_entry_that_changed_back_to_zero_is_listed_for_a_client_at_version_0():
+    """The increment lists every entry changed since the client's version, whatever its value
+    now: +1 at version 1 and -1 at version 2 leave 0, which the increment from 0 carries."""
+    c = Coefficients(1, 16)
+    c.client_versions["a"] = 0
+    c.commit(_delta(1, 16, {(0, 3): 1.0}), 1)
+    c.commit(_delta(1, 16, {(0, 3): -1.0, (0, 5): 2.0}), 2)
+    s = c.sync_for("a")
+    assert not s.full and s.seeds.tolist() == [3, 5] and s.values.tolist() == [0.0, 2.0]

@@ -228,10 +228,10 @@ def _pruned_index(update: LoraUpdate, ins: TrainInstruction) -> dict[str, tuple[
 
 
 def _positions(kept: Any, start: Any) -> list[int] | None:
+    # kept and start index the same module under two structures: both None (a module pruning
+    # does not touch) or both index lists (factor_index lists every kept feature)
     if kept is None:
         return None
-    if start is None:
-        return [int(i) for i in kept]
     where = {int(v): i for i, v in enumerate(start)}
     return [where[int(v)] for v in kept]
 
