@@ -8,7 +8,7 @@ starts the test command afresh for every mutant (~5 s of imports each here, ~5 h
 ``pyproject.toml``; simulations are left out (``FEDPEFT_MUTATION=1``, see
 ``tests/conftest.py``), so a mutant only a simulation would catch counts as surviving.
 
-    .venv/bin/python benchmarks/mutation.py --run   # mutate and test (~40 min on 2 cores)
+    .venv/bin/python benchmarks/mutation.py --run   # mutate and test (22 min on 2 cores)
     .venv/bin/python benchmarks/mutation.py         # the report of the last run only
 
 A mutant counts as killed when a test failed or timed out. "no tests" (no unit test reaches

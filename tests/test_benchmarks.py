@@ -221,7 +221,7 @@ def test_every_planted_bug_still_applies() -> None:
 
 
 def test_mutation_report_names() -> None:
-    """mutation.py is not smoke-run (its smallest size is the whole ~40-minute run); its
+    """mutation.py is not smoke-run (its smallest size is the whole 22-minute run); its
     report's mapping from mutant to module, and its list of equivalent mutants, are checked."""
     import tomllib
 
