@@ -128,7 +128,8 @@ def _zeroed(model: torch.nn.Module, keep: Mapping[int, Any]) -> torch.nn.Module:
             kept = {h * hd + d for g in k.attn for h in range(g * per, (g + 1) * per)
                     for d in range(hd)}  # fmt: skip
             cols = [c for c in range(heads * hd) if c not in kept]
-            chans = [c for c in range(ffn) if c not in set(k.ffn)]
+            kept_ffn = set(k.ffn)
+            chans = [c for c in range(ffn) if c not in kept_ffn]
             if llama:
                 layers[i].self_attn.o_proj.weight[:, cols] = 0
                 layers[i].mlp.down_proj.weight[:, chans] = 0
@@ -142,6 +143,34 @@ def _zeroed(model: torch.nn.Module, keep: Mapping[int, Any]) -> torch.nn.Module:
 def zeroed() -> Callable[..., torch.nn.Module]:
     """``zeroed(model, keep)``: the reference a pruned model must equal (see ``_zeroed``)."""
     return _zeroed
+
+
+class _RoundRecorder:
+    """A strategy that records the rounds it is asked about, around a real one (wrappers such as
+    DP and robust aggregation must pass the round on)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.rounds = inner, []
+
+    def configure_train(self, server_round: int, clients: Any) -> Any:
+        self.rounds.append(("configure", server_round))
+        return self.inner.configure_train(server_round, clients)
+
+    def aggregate_train(self, server_round: int, updates: Any) -> Any:
+        self.rounds.append(("aggregate", server_round))
+        return self.inner.aggregate_train(server_round, updates)
+
+    def state_dict(self) -> Any:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: Any) -> None:
+        self.inner.load_state_dict(state)
+
+
+@pytest.fixture
+def round_recorder() -> type[_RoundRecorder]:
+    """``round_recorder(strategy)``: the strategy, recording ``(call, round)`` in ``.rounds``."""
+    return _RoundRecorder
 
 
 @pytest.fixture

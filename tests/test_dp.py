@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -476,18 +477,24 @@ def test_noise_is_seeded_by_run_and_round_or_fresh_when_secure():
     assert not np.array_equal(zo(3, secure=True), zo(3, secure=True))
 
 
-def test_seed_scalar_dp_through_fedkseed_by_hand():
-    """k = 4, C = 1, lr = 0.1, no noise: client a's direction sums (seed 0: 3 + 1 = 4) have
-    norm 4 -> x 1/4; b's (seed 2: 0.5) are kept. FedKSeed's coefficients are lr times the
-    clipped mean over k: seed 0: 0.1 * 1 / 4, seed 2: 0.1 * 0.5 / 4; the version is the round."""
+def _fedkseed_dp(noise_multiplier: float, k: int) -> DpAggregation:
+    """FedKSeed (K = 4 seeds, lr 0.1) under DP with clip 1 and k clients per round."""
     from fedpeft.strategies.fedkseed import FedKSeed
     from fedpeft.wire_zo import ZoSpec
 
     spec = ZoSpec(algorithm="fedkseed", target="full", num_seeds=4, pool_seed=1, lr=0.1,
                   local_steps=2)  # fmt: skip
     ctx = StrategyContext(initial={}, spec=SPEC, seed=0, zo=spec, zo_blocks=1)
-    dp = DpAggregation(FedKSeed(FedKSeed.Config(), ctx), DpConfig(noise_multiplier=0.0), 4, 4,
-                       seed=0, zo=True, zo_shape=(1, 4))  # fmt: skip
+    cfg = DpConfig(noise_multiplier=noise_multiplier, clip_norm=1.0)
+    return DpAggregation(FedKSeed(FedKSeed.Config(), ctx), cfg, k, k, seed=0, zo=True,
+                         zo_shape=(1, 4))  # fmt: skip
+
+
+def test_seed_scalar_dp_through_fedkseed_by_hand():
+    """k = 4, C = 1, lr = 0.1, no noise: client a's direction sums (seed 0: 3 + 1 = 4) have
+    norm 4 -> x 1/4; b's (seed 2: 0.5) are kept. FedKSeed's coefficients are lr times the
+    clipped mean over k: seed 0: 0.1 * 1 / 4, seed 2: 0.1 * 0.5 / 4; the version is the round."""
+    dp = _fedkseed_dp(0.0, 4)
     dp.configure_train(1, [ClientInfo(Header("r", 0, "f", "", 10, c), "cpu") for c in "ab"])
     ups = [
         ZoUpdate(Header("r", 1, "f", "h", 50, "b"), np.array([2], np.uint16),
@@ -512,8 +519,6 @@ def test_secure_sampler_known_values_from_fixed_bytes(monkeypatch):
     2^-53, x = std sqrt(-2 ln u1) cos(2 pi u2). By hand: zero bytes give u1 = 2^-54, u2 = 0,
     x = std sqrt(108 ln 2) (the largest draw, 8.65 std); w1 = w2 = 2^63 give u1 = 1/2 + 2^-54,
     u2 = 1/2, x = -std sqrt(2 ln 2) (to 1e-15); w2 = 2^62 gives u2 = 1/4, x = 0 (to 1e-15)."""
-    import os
-
     monkeypatch.setattr(os, "urandom", lambda k: _words([0, 2**63, 2**63], [0, 2**63, 2**62]))
     got = gaussian(3, 2.0, 0, 0, secure=True)
     assert got[0] == pytest.approx(2.0 * math.sqrt(108 * math.log(2)), rel=1e-12)
@@ -528,8 +533,6 @@ def test_lora_release_sums_in_float64_and_adds_the_secure_noise(monkeypatch):
     """k = 4, clip 10, changes of B (4, 0), (2^-22, 0), (2^-22, 0), (0, 0): the mean 1 + 2^-23
     is exact in float32 (a float32 running sum would give 1). With secure noise from fixed
     bytes (-sqrt(2 ln 2) z C / k on every trained coordinate) the release is that plus it."""
-    import os
-
     ctx = StrategyContext(initial=SENT, spec=SPEC, seed=3)
     ups = [_update("0", [0, 0, 4.0, 0]), _update("1", [0, 0, 2**-22, 0]),
            _update("2", [0, 0, 2**-22, 0]), _update("3", [0, 0, 0, 0])]  # fmt: skip
@@ -546,9 +549,6 @@ def test_lora_release_sums_in_float64_and_adds_the_secure_noise(monkeypatch):
 
 
 def test_seed_scalar_release_clips_small_sums_keeps_float32_and_seeds_noise_by_round():
-    from fedpeft.strategies.fedkseed import FedKSeed
-    from fedpeft.wire_zo import ZoSpec
-
     ctx = StrategyContext(initial=SENT, spec=SPEC, seed=0)
     dp = DpAggregation(FedAvg(FedAvg.Config(), ctx), DpConfig(0.0, clip_norm=0.1), 1, 1,
                        seed=0, zo=True, zo_shape=(1, 4))  # fmt: skip
@@ -562,26 +562,16 @@ def test_seed_scalar_release_clips_small_sums_keeps_float32_and_seeds_noise_by_r
     assert second.scalars.tolist() == pytest.approx([0.1])  # norm 0.05 <= 0.1: kept
 
     def coeffs(server_round: int) -> np.ndarray:
-        spec = ZoSpec(algorithm="fedkseed", target="full", num_seeds=4, pool_seed=1, lr=0.1,
-                      local_steps=1)  # fmt: skip
-        zctx = StrategyContext(initial={}, spec=SPEC, seed=0, zo=spec, zo_blocks=1)
-        w = DpAggregation(FedKSeed(FedKSeed.Config(), zctx), DpConfig(1.0, clip_norm=1.0), 1,
-                          1, seed=0, zo=True, zo_shape=(1, 4))  # fmt: skip
+        w = _fedkseed_dp(1.0, 1)
         w.configure_train(server_round, [ClientInfo(Header("r", 0, "f", "", 10, "a"), "cpu")])
         return w.aggregate_train(server_round, [up]).zo.coeffs
 
     assert np.array_equal(coeffs(1), coeffs(1)) and not np.array_equal(coeffs(1), coeffs(2))
 
 
-def test_the_inner_strategy_is_told_the_round():
-    class Rounds(FedAvg):
-        seen: list[int] = []
-
-        def configure_train(self, server_round, clients):
-            self.seen.append(server_round)
-            return super().configure_train(server_round, clients)
-
-    ctx = StrategyContext(initial=SENT, spec=SPEC, seed=3)
-    inner = Rounds(FedAvg.Config(), ctx)
-    DpAggregation(inner, DpConfig(1.0), 2, 2, 3).configure_train(5, _clients(2))
-    assert inner.seen == [5]
+def test_the_inner_strategy_is_told_the_round(round_recorder):
+    rec = round_recorder(FedAvg(FedAvg.Config(), StrategyContext(SENT, SPEC, 3)))
+    dp = DpAggregation(rec, DpConfig(1.0, clip_norm=10.0), 2, 2, 3)
+    dp.configure_train(5, _clients(1))
+    dp.aggregate_train(5, [_update("0", [0, 0, 0, 0])])
+    assert rec.rounds == [("configure", 5), ("aggregate", 5)]

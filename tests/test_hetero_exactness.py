@@ -392,11 +392,18 @@ class _RoundRanks:
         return {c.client_id: 1 + (server_round + 1) % 2 for c in clients}
 
 
-def _hetlora(options, ranks=None):
+TWO = [ClientInfo(Header("r", 0, "fp", "", 10, c), "cpu") for c in ("0", "1")]
+
+
+def _rank2_ctx(ranks=None) -> StrategyContext:
+    """One module (2 x 2) at rank 2, alpha 2 (scale 1), with an optional rank policy."""
     spec = LoraSpec(rank=2, alpha=2.0, target_modules=("q_proj",))
-    ctx = StrategyContext(initial=init_factors({"m.q_proj": (2, 2)}, spec, seed=0), spec=spec,
-                          seed=0, ranks=ranks)  # fmt: skip
-    return build_strategy("hetlora", options, ctx)
+    return StrategyContext(initial=init_factors({"m.q_proj": (2, 2)}, spec, seed=0), spec=spec,
+                           seed=0, ranks=ranks)  # fmt: skip
+
+
+def _hetlora(options, ranks=None):
+    return build_strategy("hetlora", options, _rank2_ctx(ranks))
 
 
 def test_hetlora_example_weights_small_norms_and_the_all_zero_fallback_by_hand():
@@ -406,7 +413,6 @@ def test_hetlora_example_weights_small_norms_and_the_all_zero_fallback_by_hand()
     weights whose norms sum below 1 are still norm weights: ||B_0 A_0|| = 0.1, ||B_1 A_1|| = 0.3
     -> w = 1/4 (n = 30, 10 would give 3/4). All-zero updates (B = 0) fall back to example
     weights: n = 10, 30 -> w = 1/4."""
-    clients = [ClientInfo(Header("r", 0, "fp", "", 10, c), "cpu") for c in ("0", "1")]
 
     def up(cid, n, a, b):
         f = LoraFactors(a=a * torch.eye(2), b=torch.tensor(b), alpha=2.0)
@@ -418,7 +424,7 @@ def test_hetlora_example_weights_small_norms_and_the_all_zero_fallback_by_hand()
         ({}, [[0.0, 0], [0, 0]], [[0, 0], [0, 0.0]], (10, 30), 0.25),
     ):  # fmt: skip
         strat = _hetlora(options)
-        strat.configure_train(1, clients)
+        strat.configure_train(1, TWO)
         g = strat.aggregate_train(1, [up("0", n[0], 1.0, b0), up("1", n[1], 3.0, b1)])
         got = g.adapter["m.q_proj"]
         want_a = (w + 3 * (1 - w)) * torch.eye(2, dtype=torch.float64)
@@ -429,31 +435,29 @@ def test_hetlora_example_weights_small_norms_and_the_all_zero_fallback_by_hand()
 
 def test_hetlora_sends_its_self_pruning_options_and_asks_the_policy_with_the_round():
     strat = _hetlora({"reg_lambda": 0.1, "reg_gamma": 0.5}, ranks=_RoundRanks())
-    clients = [ClientInfo(Header("r", 0, "fp", "", 10, c), "cpu") for c in ("0", "1")]
-    plans = strat.configure_train(1, clients)
+    plans = strat.configure_train(1, TWO)
     assert {(p.reg_lambda, p.reg_gamma) for p in plans.values()} == {(0.1, 0.5)}
     assert {p.parts for p in plans.values()} == {"AB"}
     assert {c: p.spec.rank for c, p in plans.items()} == {"0": 1, "1": 1}
-    assert {c: p.spec.rank for c, p in strat.configure_train(2, clients).items()} == {
+    assert {c: p.spec.rank for c, p in strat.configure_train(2, TWO).items()} == {
         "0": 2, "1": 2}  # fmt: skip
 
 
 def test_hetlora_self_pruned_ranks_survive_its_state_and_old_states_have_none():
-    clients = [ClientInfo(Header("r", 0, "fp", "", 10, c), "cpu") for c in ("0", "1")]
     strat = _hetlora({})
-    strat.configure_train(1, clients)
+    strat.configure_train(1, TWO)
     f = LoraFactors(a=torch.eye(2), b=torch.eye(2), alpha=2.0)
     strat.aggregate_train(1, [LoraUpdate(Header("r", 1, "fp", "h", 10, "1"), {"m.q_proj": f},
                                          {"prune_rank": 1.0})])  # fmt: skip
     state = strat.state_dict()
     back = _hetlora({})
     back.load_state_dict(state)
-    assert {c: p.spec.rank for c, p in back.configure_train(2, clients).items()} == {
+    assert {c: p.spec.rank for c, p in back.configure_train(2, TWO).items()} == {
         "0": 2, "1": 1}  # fmt: skip
     old = {k: v for k, v in state.items() if k != "pruned"}  # a state saved before pruning
     fresh = _hetlora({})
     fresh.load_state_dict(old)
-    assert {p.spec.rank for p in fresh.configure_train(2, clients).values()} == {2}
+    assert {p.spec.rank for p in fresh.configure_train(2, TWO).values()} == {2}
 
 
 def test_rank_helpers_keep_the_product_whatever_the_scale():
@@ -509,16 +513,15 @@ def test_rank_helpers_keep_the_product_whatever_the_scale():
 def test_rank_policies_are_asked_with_the_round_and_a_fresh_state_loads(name):
     """A policy whose ranks depend on the round gets the round; the state of a strategy that
     has not aggregated yet loads into a fresh one, which then plans like the original."""
-    strat = build_strategy(name, {}, _hetlora({}, ranks=_RoundRanks()).ctx)
-    clients = [ClientInfo(Header("r", 0, "fp", "", 10, c), "cpu") for c in ("0", "1")]
+    strat = build_strategy(name, {}, _rank2_ctx(_RoundRanks()))
     fresh = build_strategy(name, {}, strat.ctx)
     fresh.load_state_dict(strat.state_dict())
-    assert {c: p.spec.rank for c, p in strat.configure_train(1, clients).items()} == {
+    assert {c: p.spec.rank for c, p in strat.configure_train(1, TWO).items()} == {
         "0": 1, "1": 1}  # fmt: skip
-    assert {c: p.spec.rank for c, p in strat.configure_train(2, clients).items()} == {
+    assert {c: p.spec.rank for c, p in strat.configure_train(2, TWO).items()} == {
         "0": 2, "1": 2}  # fmt: skip
-    assert {c: p.spec.rank for c, p in fresh.configure_train(2, clients).items()} == {
+    assert {c: p.spec.rank for c, p in fresh.configure_train(2, TWO).items()} == {
         "0": 2, "1": 2}  # fmt: skip
     # FFA-LoRA trains B; RoLoRA trains B in odd rounds (A in even); the others both factors
     want = "B" if name in ("ffa", "rolora") else "AB"
-    assert {p.parts for p in strat.configure_train(3, clients).values()} == {want}
+    assert {p.parts for p in strat.configure_train(3, TWO).values()} == {want}

@@ -402,32 +402,11 @@ def test_robust_refusals_name_the_reason_exactly():
     )
 
 
-class _Recorder:
-    """A strategy that records the rounds it is asked about (the wrappers pass them on)."""
-
-    def __init__(self, inner):
-        self.inner, self.rounds = inner, []
-
-    def configure_train(self, server_round, clients):
-        self.rounds.append(("configure", server_round))
-        return self.inner.configure_train(server_round, clients)
-
-    def aggregate_train(self, server_round, updates):
-        self.rounds.append(("aggregate", server_round))
-        return self.inner.aggregate_train(server_round, updates)
-
-    def state_dict(self):
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state):
-        self.inner.load_state_dict(state)
-
-
-def test_wrapper_passes_rounds_and_state_through_for_lora_and_seed_scalar():
+def test_wrapper_passes_rounds_and_state_through_for_lora_and_seed_scalar(round_recorder):
     from fedpeft.strategies.fedkseed import FedKSeed
     from fedpeft.wire_zo import ZoSpec
 
-    rec = _Recorder(FedAvg(FedAvg.Config(), StrategyContext(SENT, SPEC, 0)))
+    rec = round_recorder(FedAvg(FedAvg.Config(), StrategyContext(SENT, SPEC, 0)))
     agg = RobustAggregation(rec, RobustConfig(clip_norm=10.0))
     agg.configure_train(3, [ClientInfo(Header("r", 0, "f", "", 10, "0"), "cpu")])
     agg.aggregate_train(3, [_update("0", [1.0, 2.0, 3.0, 4.0])])
