@@ -233,7 +233,8 @@ def ray_cluster(tmp_path, free_port):
     """An existing Ray cluster (``ray start --head --block``) declaring 2 CPUs and 1 GPU.
 
     The port is chosen before Ray binds it; if something took it meanwhile, Ray exits and is
-    started again on another port (three tries)."""
+    started again on another port (three tries). Workers bind random ports, so the head port
+    never falls in Ray's own worker range."""
     ray = Path(sys.executable).parent / "ray"
     log = open(tmp_path / "ray.log", "wb")  # noqa: SIM115 (closed below)
     proc = None
@@ -244,6 +245,9 @@ def ray_cluster(tmp_path, free_port):
             proc = subprocess.Popen(
                 [str(ray), "start", "--head", "--block", "--port", str(port), "--num-cpus", "2",
                  "--num-gpus", "1", "--include-dashboard", "false", "--disable-usage-stats",
+                 # Workers on random ports: Ray's default worker range (10002-19999) overlaps
+                 # the range free_port draws from, and Ray refuses a head port inside it.
+                 "--min-worker-port", "0", "--max-worker-port", "0",
                  "--temp-dir", tempfile.mkdtemp(prefix="ray", dir="/tmp")],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
