@@ -32,7 +32,7 @@ from typing import Any
 from _bench import QUICK_OVERRIDES, REPO, add_quick, results_path
 
 from fedpeft.cache import ProcessCache
-from fedpeft.configio import load_config
+from fedpeft.config.load import load_config
 from fedpeft.simulation.runner import simulate
 
 ATTACKS = {

@@ -50,7 +50,7 @@ from typing import Any
 
 from _bench import REPO, add_quick, results_path
 
-from fedpeft.configio import load_config
+from fedpeft.config.load import load_config
 from fedpeft.deploy.credentials import write_credentials
 from fedpeft.simulation.runner import simulate
 from fedpeft.testing import free_port

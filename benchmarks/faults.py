@@ -61,7 +61,7 @@ def inner_errors(
     from flwr.app import Context, Message
 
     from fedpeft.client.app import make_client_app
-    from fedpeft.configio import load_config
+    from fedpeft.config.load import load_config
     from fedpeft.deploy.apps import FORWARDED
     from fedpeft.server.app import run_server
     from fedpeft.server.results import RunReporter
@@ -229,7 +229,7 @@ def _pids(needle: str) -> list[int]:
 def case_restart(tmp: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
-    from fedpeft.configio import load_config
+    from fedpeft.config.load import load_config
     from fedpeft.simulation.runner import simulate
 
     dep = Deployment(tmp, [*TINY, "federation.rounds=4", "federation.connect_timeout_s=300"])

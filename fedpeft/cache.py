@@ -34,6 +34,19 @@ class ProcessCache:
                 self.builds[key] += 1
             return self._items[key]  # type: ignore[no-any-return]
 
+    def items(self, prefix: str = "") -> list[tuple[str, Any]]:
+        """The cached ``(key, value)`` pairs whose key starts with ``prefix``."""
+        with self._lock:
+            return [(k, v) for k, v in self._items.items() if k.startswith(prefix)]
+
+    def discard(self, keys: Callable[[str, Any], bool]) -> int:
+        """Drop every entry for which ``keys(key, value)`` is true; returns how many."""
+        with self._lock:
+            gone = [k for k, v in self._items.items() if keys(k, v)]
+            for k in gone:
+                del self._items[k]
+            return len(gone)
+
     def count(self, prefix: str) -> int:
         """How many builds happened for keys starting with ``prefix``."""
         return sum(n for k, n in self.builds.items() if k.startswith(prefix))

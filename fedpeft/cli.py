@@ -6,6 +6,7 @@ Verbs:
 - ``fedpeft simulate --resume DIR``: continue a run from its checkpoint (its last complete
   round), with the run folder's own ``config.toml``.
 - ``fedpeft validate --config X.toml [KEY=VALUE ...]``: check a scenario, print it resolved.
+- ``fedpeft rules``: which sections combine, as markdown (``docs/combinations.md``).
 - ``fedpeft report DIR [DIR ...] --out REPORT [--reference DIR]``: plots and a side-by-side
   table (Markdown and HTML) of run folders; seeds of one scenario as mean ± spread.
 - ``fedpeft config-help``: every configuration key with its default and help text.
@@ -94,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_args(val)
     sub.add_parser("config-help", help="list every configuration key with default and help")
     sub.add_parser("strategies", help="list the registered strategies")
+    sub.add_parser("rules", help="print which sections combine (docs/combinations.md)")
     data = sub.add_parser("data", help="build shipped datasets")
     data_sub = data.add_subparsers(dest="dataset", required=True)
     wn = data_sub.add_parser("wordnet", help="build the WordNet definition task")
@@ -205,6 +207,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.verb == "config-help":
         print(_config_help())
         return 0
+    if args.verb == "rules":
+        from fedpeft.config.rules import combinations_markdown
+
+        print(combinations_markdown(), end="")
+        return 0
     if args.verb == "strategies":
         from fedpeft.strategies.registry import registered, resolve
 
@@ -246,7 +253,7 @@ def _run(args: argparse.Namespace) -> int:
             Path(args.keys), Path(args.state), args.host, args.port, args.control_port,
             Path(args.database) if args.database else None, int(args.max_request_mb * 2**20),
         ).run()  # fmt: skip
-    from fedpeft.configio import config_to_dict, dump_toml, load_config
+    from fedpeft.config.load import config_to_dict, dump_toml, load_config
 
     if args.verb == "validate":
         cfg = load_config(args.config, args.overrides)

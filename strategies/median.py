@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from fedpeft.algorithms.capabilities import Capabilities
 from fedpeft.strategies.base import (
     AggregateResult,
     LoraPlan,
@@ -43,6 +44,9 @@ def _median(stack: torch.Tensor) -> torch.Tensor:
 
 class CoordinateMedian:
     """Coordinate-wise median of each LoRA factor across clients (equal ranks)."""
+
+    # Not linear (a median is not a mean of changes), one rank for all, any upload codec.
+    capabilities = Capabilities(family="lora")
 
     @dataclass(frozen=True)
     class Config:

@@ -22,7 +22,7 @@ from hypothesis import settings  # noqa: E402
 from fedpeft import testing  # noqa: E402
 from fedpeft.cache import PROCESS_CACHE, ProcessCache  # noqa: E402
 from fedpeft.config import ModelConfig, RunConfig  # noqa: E402
-from fedpeft.configio import load_config  # noqa: E402
+from fedpeft.config.load import load_config  # noqa: E402
 from fedpeft.lora import ModelHandle  # noqa: E402
 from fedpeft.models import load_model  # noqa: E402
 from fedpeft.wire import Header, LoraFactors, LoraUpdate  # noqa: E402

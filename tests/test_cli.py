@@ -10,7 +10,7 @@ import pytest
 
 from fedpeft.cli import main
 from fedpeft.config import RunConfig
-from fedpeft.configio import load_config
+from fedpeft.config.load import load_config
 from fedpeft.strategies.registry import registered
 
 

@@ -8,7 +8,7 @@ import pytest
 import tomllib
 
 from fedpeft.config import RunConfig
-from fedpeft.configio import config_to_dict, dump_toml, load_config, parse_overrides
+from fedpeft.config.load import config_to_dict, dump_toml, load_config, parse_overrides
 from fedpeft.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -28,7 +28,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from fedpeft.configio import load_config
+from fedpeft.config.load import load_config
 from fedpeft.deploy.credentials import add_nodes, write_credentials
 from fedpeft.deploy.server_role import app_project
 from fedpeft.server.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint

@@ -17,7 +17,7 @@ from flwr.clientapp import ClientApp
 
 from fedpeft._flwr import SERVER_NODE_ID, set_task_identity
 from fedpeft.client.app import make_client_app
-from fedpeft.configio import config_to_dict, dump_toml, load_config
+from fedpeft.config.load import config_to_dict, dump_toml, load_config
 from fedpeft.deploy.apps import PollingGrid
 from fedpeft.deploy.client_role import node_config_string
 from fedpeft.deploy.server_role import app_project, flwr_config

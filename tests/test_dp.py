@@ -306,7 +306,7 @@ def test_seed_scalar_dp_accounts_every_round_across_a_retry_and_a_resume(
     fails once and is retried (not counted twice); round 3 fails for good, the run is resumed
     from its checkpoint and round 3 still reports sqrt(3)/z: the accountant came back."""
     from fedpeft.cache import ProcessCache
-    from fedpeft.configio import load_config
+    from fedpeft.config.load import load_config
     from fedpeft.errors import RoundError
     from fedpeft.server import coordinator
 
@@ -344,7 +344,7 @@ def test_seed_scalar_dp_accounts_every_round_across_a_retry_and_a_resume(
 def test_dp_refuses_combinations_that_break_it(tiny_config):
     from fedpeft.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="robust.rule must be 'mean'"):
+    with pytest.raises(ConfigError, match="itself: set robust.rule = 'mean', robust.clip_norm"):
         tiny_config("dp.noise_multiplier=1", "robust.rule=median")
     with pytest.raises(ConfigError, match="dp.clip_norm must be > 0"):
         tiny_config("dp.noise_multiplier=1", "dp.clip_norm=0")

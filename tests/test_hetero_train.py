@@ -10,7 +10,7 @@ import torch
 
 from fedpeft.client.trainer import ClientData, LoraTrainer
 from fedpeft.config import CompressConfig, TrainConfig
-from fedpeft.configio import load_config
+from fedpeft.config.load import load_config
 from fedpeft.data.tasks import TextPair
 from fedpeft.data.tokenize import encode_pairs
 from fedpeft.errors import ConfigError, ProtocolError

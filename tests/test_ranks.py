@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedpeft.configio import load_config
+from fedpeft.config.load import load_config
 from fedpeft.errors import ConfigError
 from fedpeft.ranks import RankPolicy, make_rank_policy
 from fedpeft.wire import ClientInfo, Header
@@ -19,7 +19,8 @@ def _clients(n=4, caps=None):
 
 
 def _policy(*overrides):
-    return make_rank_policy(load_config(None, ["federation.num_clients=4", *overrides]))
+    cfg = load_config(None, ["federation.num_clients=4", "strategy.name=flora", *overrides])
+    return make_rank_policy(cfg)
 
 
 def test_uniform_map_and_tiers():

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from fedpeft.algorithms.capabilities import Capabilities, capabilities_of
 from fedpeft.errors import StrategyError
 from fedpeft.strategies.base import StrategyContext
 from fedpeft.strategies.fedavg import FedAvg
@@ -62,6 +63,29 @@ def test_class_missing_methods_is_refused():
 
     with pytest.raises(StrategyError, match="lacks the Strategy methods"):
         register_strategy("half", Half)
+
+
+def test_class_without_capabilities_is_refused_and_capabilities_are_checked():
+    class Unsaid:
+        Config = FedAvg.Config
+        configure_train = aggregate_train = state_dict = load_state_dict = FedAvg.state_dict
+
+    with pytest.raises(StrategyError, match="needs `capabilities = Capabilities"):
+        register_strategy("unsaid", Unsaid)
+    with pytest.raises(StrategyError, match="must include 'none' and only"):
+        Capabilities(codecs=frozenset({"zip"}))
+    with pytest.raises(StrategyError, match="cannot declare heterogeneous_ranks"):
+        Capabilities(family="zo", heterogeneous_ranks=True)
+    Unsaid.capabilities = staticmethod(lambda options: "linear")  # type: ignore[attr-defined]
+    with pytest.raises(StrategyError, match="returned 'linear', not a Capabilities"):
+        capabilities_of(Unsaid)
+
+
+def test_capabilities_may_follow_the_options():
+    from fedpeft.strategies.fedkseed import FedKSeed
+
+    assert not capabilities_of(FedKSeed).client_statistics
+    assert capabilities_of(FedKSeed, FedKSeed.Config(pro=True)).client_statistics
 
 
 @pytest.mark.parametrize("bad", ["FedAvg", "has space", "9lives"])

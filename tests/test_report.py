@@ -24,7 +24,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def runs(tmp_path_factory, repo) -> dict[str, Path]:
     """Two seeds of the tiny scenario and one heterogeneous-rank run (2 rounds each)."""
     from fedpeft.cache import ProcessCache
-    from fedpeft.configio import load_config
+    from fedpeft.config.load import load_config
 
     base = tmp_path_factory.mktemp("runs")
     cache = ProcessCache()

@@ -315,6 +315,7 @@ class _CountingFedAvg:
     bandit's or a sampler's), so a retry that kept a failed attempt's state shows up."""
 
     Config = FedAvg.Config
+    capabilities = FedAvg.capabilities
 
     def __init__(self, config, ctx) -> None:
         self.inner, self.configured = FedAvg(config, ctx), 0
@@ -366,7 +367,7 @@ def test_zeroth_order_resume_with_fresh_clients_does_a_full_sync(tmp_path, monke
     another order than the uninterrupted run did, so results agree to float32 rounding.
     """
     from fedpeft.cache import ProcessCache
-    from fedpeft.configio import load_config
+    from fedpeft.config.load import load_config
     from fedpeft.server import coordinator
 
     cfg = load_config(ROOT / "simulations" / "tiny_fedkseed.toml", ["federation.rounds=3"])

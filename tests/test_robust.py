@@ -11,7 +11,7 @@ import torch
 
 from fedpeft.changes import flat_change, with_change
 from fedpeft.config import RobustConfig
-from fedpeft.errors import AggregationError, ConfigError
+from fedpeft.errors import AggregationError
 from fedpeft.simulation.attacks import alie_z, attackers, flip_labels
 from fedpeft.simulation.runner import simulate
 from fedpeft.strategies.base import StrategyContext
@@ -96,6 +96,7 @@ def test_change_helpers_round_trip():
 
 
 def test_robust_rules_refuse_what_they_cannot_combine():
+    """At aggregation; the family rules are load-time rules (test_combinations.py)."""
     agg = _robust(rule="median")
     bad = LoraUpdate(
         Header("r", 1, "f", "h", 10, "1"),
@@ -114,12 +115,6 @@ def test_robust_rules_refuse_what_they_cannot_combine():
         "robust aggregation: client 9 sent other modules than the others, or was not planned "
         "this round"
     )
-    inner = FedAvg(FedAvg.Config(), StrategyContext(initial=SENT, spec=SPEC, seed=0))
-    with pytest.raises(ConfigError, match="seed/scalar strategies take"):
-        RobustAggregation(inner, RobustConfig(rule="krum"), zo=True)
-    with pytest.raises(ConfigError, match=r"^robust.scalar_clip is for seed/scalar strategies; "
-                                          r"use clip_norm$"):  # fmt: skip
-        RobustAggregation(inner, RobustConfig(scalar_clip=1.0), zo=False)
 
 
 def err_of(agg, updates) -> AggregationError:

@@ -68,7 +68,7 @@ def test_secure_rounds_give_the_model_of_the_clear_rounds(tiny_config, tmp_path,
 def test_secure_seed_scalar_rounds_match_the_clear_run(tmp_path, repo, scenario, graph, atol):
     """Fresh process caches: a zeroth-order runtime reused across runs syncs in another order."""
     from fedpeft.cache import ProcessCache
-    from fedpeft.configio import load_config
+    from fedpeft.config.load import load_config
 
     path = repo / "simulations" / scenario
     clear = load_config(path, ["federation.rounds=2", *EQUAL, *graph[2:]])
@@ -143,9 +143,9 @@ def test_a_client_dropping_during_secure_aggregation_loses_only_its_update(
 @pytest.mark.parametrize(
     ("override", "reason"),
     [
-        ("strategy.name=hetlora", "secagg works with strategies"),
-        ("robust.rule=median", "robust rules need individual updates"),
-        ("compress.up=int8", "compress.up = none"),
+        ("strategy.name=hetlora", "'hetlora' is not linear"),
+        ("robust.rule=median", "robust rules need each client's update; secagg hides them"),
+        ("compress.up=int8", "not codec payloads: set compress.up = 'none'"),
     ],
 )
 def test_secagg_refuses_what_it_cannot_sum(tiny_config, override, reason):

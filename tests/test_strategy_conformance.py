@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedpeft.algorithms.capabilities import capabilities_of
 from fedpeft.errors import AggregationError
 from fedpeft.prune.layout import LayerLayout, PruneLayout
 from fedpeft.strategies.base import StrategyContext
@@ -23,7 +24,7 @@ from fedpeft.wire import ClientInfo, Header, LoraSpec
 
 PLUGIN = str(Path(__file__).resolve().parents[1] / "strategies" / "median.py") + ":CoordinateMedian"
 # LoRA strategies; seed/scalar strategies have their own suite (test_zo_strategies.py)
-STRATEGIES = [n for n in registered() if getattr(resolve(n), "mode", "lora") == "lora"] + [PLUGIN]
+STRATEGIES = [n for n in registered() if capabilities_of(resolve(n)).family == "lora"] + [PLUGIN]
 SPEC = LoraSpec(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"))
 
 
@@ -32,7 +33,7 @@ LAYOUT = PruneLayout("llama", (LayerLayout(groups=2, per_group=2, head_dim=4, ff
 
 
 def _build(name, initial):
-    layout = LAYOUT if getattr(resolve(name), "needs_layout", False) else None
+    layout = LAYOUT if capabilities_of(resolve(name)).needs_layout else None
     return build_strategy(
         name, {}, StrategyContext(initial=initial, spec=SPEC, seed=0, layout=layout)
     )
@@ -134,7 +135,7 @@ def test_state_dict_round_trip(name, make_update, tmp_path):
 def test_rejects_mismatched_ranks(name, make_update):
     ups = [make_update(client="0", rank=4), make_update(client="1", rank=2, seed=1)]
     strat = _build(name, ups[0].factors)
-    if getattr(resolve(name), "supports_heterogeneous_ranks", False):
+    if capabilities_of(resolve(name)).heterogeneous_ranks:
         got = strat.aggregate_train(1, ups).adapter
         assert set(got) == set(ups[0].factors)
         for m, f in got.items():  # the layer's shape is kept, whatever rank comes back

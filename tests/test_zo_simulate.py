@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from fedpeft.cache import ProcessCache
 from fedpeft.client.app import make_client_app
-from fedpeft.configio import load_config
+from fedpeft.config.load import load_config
 from fedpeft.server.app import run_server
 from fedpeft.server.results import RunReporter
 from fedpeft.simulation.inprocess import InProcessGrid

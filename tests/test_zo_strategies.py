@@ -8,6 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from fedpeft.algorithms.capabilities import capabilities_of
 from fedpeft.errors import AggregationError
 from fedpeft.strategies.base import StrategyContext
 from fedpeft.strategies.fedkseed import pro_probabilities
@@ -15,7 +16,7 @@ from fedpeft.strategies.registry import build_strategy, registered, resolve
 from fedpeft.wire import ClientInfo, Header, LoraSpec
 from fedpeft.wire_zo import ZoSpec, ZoUpdate
 
-ZO = [n for n in registered() if getattr(resolve(n), "mode", "lora") == "zo"]
+ZO = [n for n in registered() if capabilities_of(resolve(n)).family == "zo"]
 K, TAU, BLOCKS = 64, 10, 3
 
 

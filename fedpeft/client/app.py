@@ -35,7 +35,7 @@ from fedpeft.client.trainer import ClientData, make_trainer
 from fedpeft.client.zo_trainer import fit_zo
 from fedpeft.codecs import ErrorFeedback
 from fedpeft.config import RunConfig
-from fedpeft.configio import load_config, parse_overrides
+from fedpeft.config.load import load_config, parse_overrides
 from fedpeft.data.clients import client_eval_records, client_records
 from fedpeft.data.tasks import format_pairs
 from fedpeft.data.tokenize import encode_pairs
@@ -106,6 +106,7 @@ def client_data(
         [
             asdict(cfg.data),
             asdict(cfg.federation),
+            asdict(cfg.attack),  # label_flip changes an attacker's records
             cfg.train.max_seq_len,
             model_key(cfg.model),
             pid,

@@ -117,7 +117,7 @@ def _write_outcome(out: Path, err: BaseException) -> None:
 
 @server_app.main()
 def _coordinate(grid: Grid, context: Context) -> None:
-    from fedpeft.configio import config_to_dict, dump_toml, load_config, parse_overrides
+    from fedpeft.config.load import config_to_dict, dump_toml, load_config, parse_overrides
     from fedpeft.errors import ConfigError
     from fedpeft.server.app import run_server
     from fedpeft.server.results import RunReporter

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedpeft._flwr import build_fab
-from fedpeft.configio import config_to_dict, dump_toml, load_config
+from fedpeft.config.load import config_to_dict, dump_toml, load_config
 from fedpeft.deploy.apps import OUTCOME
 from fedpeft.deploy.credentials import Credentials
 from fedpeft.deploy.link import CONNECTION, control_port, flwr_config

@@ -20,7 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedpeft.cache import PROCESS_CACHE, ProcessCache
 from fedpeft.config import RunConfig
-from fedpeft.configio import config_hash
+from fedpeft.config.load import config_hash
 from fedpeft.data.clients import get_task
 from fedpeft.evaluation import EvalSet, Evaluator
 from fedpeft.models import get_model
@@ -30,7 +30,7 @@ from fedpeft.server.results import RunReporter, summarize
 from fedpeft.server.start import initial_global, save_global
 from fedpeft.simulation.attacks import AttackGrid
 from fedpeft.strategies.dp import DpAggregation
-from fedpeft.strategies.registry import build_strategy, resolve
+from fedpeft.strategies.registry import build_strategy, resolve, strategy_capabilities
 from fedpeft.strategies.robust import RobustAggregation
 
 __all__ = ["Outcome", "make_server_app", "run_server"]
@@ -72,13 +72,14 @@ def run_server(
     per_round = clients_per_round(cfg, cfg.federation.num_clients)
     initial, ctx = initial_global(cfg, handle, cls, per_round, cache)
     held_out = get_task(cfg.data, seed, cache).eval
-    if getattr(cls, "needs_validation", False) and cfg.eval.validation_examples > 0:
+    caps = strategy_capabilities(cfg.strategy.name, cfg.strategy.options)
+    if caps.needs_validation and cfg.eval.validation_examples > 0:
         valset = EvalSet.build(cfg, held_out, handle.tokenizer, part="validation")
         if valset.examples:
             validator = Evaluator(cfg, handle, valset, cache)
             ctx = replace(ctx, validation_loss=lambda s, a: validator(s, a, False)["eval_loss"])
     strategy = build_strategy(cfg.strategy.name, cfg.strategy.options, ctx)
-    zo = getattr(cls, "mode", "lora") == "zo"
+    zo = caps.family == "zo"
     if cfg.robust.active:
         strategy = RobustAggregation(strategy, cfg.robust, zo=zo)
     if cfg.dp.active:

@@ -25,6 +25,7 @@ from fedpeft.prune.layout import PruneLayout
 from fedpeft.ranks import make_rank_policy
 from fedpeft.seeding import derive_seed
 from fedpeft.strategies.base import AggregateResult, StrategyContext, ZoGlobal
+from fedpeft.strategies.registry import strategy_capabilities
 from fedpeft.wire import LoraSpec
 from fedpeft.wire_zo import ZoSpec
 from fedpeft.zo.runtime import get_runtime
@@ -83,15 +84,14 @@ def initial_global(
 ) -> tuple[AggregateResult, StrategyContext]:
     """The round-0 global model and the context the strategy is built with."""
     seed, spec = cfg.federation.seed, spec_of(cfg)
-    if getattr(strategy_cls, "mode", "lora") == "zo":
+    caps = strategy_capabilities(cfg.strategy.name, cfg.strategy.options)
+    if caps.family == "zo":
         zspec = zo_spec_of(cfg, strategy_cls.zo_algorithm, clients_per_round)
         rt = get_runtime(handle, zspec, cache)
         zeros = np.zeros((rt.num_blocks, zspec.num_seeds), np.float32)
         ctx = StrategyContext(initial={}, spec=spec, seed=seed, zo=zspec, zo_blocks=rt.num_blocks)
         return AggregateResult(zo=ZoGlobal(zspec, 0, zeros)), ctx
-    layout = (
-        PruneLayout.of(handle.base_model) if getattr(strategy_cls, "needs_layout", False) else None
-    )
+    layout = PruneLayout.of(handle.base_model) if caps.needs_layout else None
     adapter = init_factors(handle.module_shapes(handle.ensure_adapter(spec)), spec, seed)
     ctx = StrategyContext(adapter, spec, seed, ranks=make_rank_policy(cfg), layout=layout)
     return AggregateResult(adapter=adapter, spec=spec), ctx

@@ -88,8 +88,6 @@ class AttackGrid(GridWrapper):
     """
 
     def __init__(self, grid: Grid, cfg: RunConfig) -> None:
-        if cfg.attack.kind not in ("none", "label_flip") and cfg.compress.up != "none":
-            raise ConfigError("attack simulation rewrites updates; it needs compress.up = none")
         super().__init__(grid)
         self.cfg = cfg
         self.attack: AttackConfig = cfg.attack
@@ -130,9 +128,11 @@ class AttackGrid(GridWrapper):
                 header["num_examples"] = int(self.attack.examples)
 
     def _lora(self, sent: Sequence[Message], replies: Sequence[Message]) -> None:
-        refs = {m.metadata.dst_node_id: decode_instruction(m.content).adapter for m in sent}
+        instructions = {m.metadata.dst_node_id: decode_instruction(m.content) for m in sent}
+        refs = {node: ins.adapter for node, ins in instructions.items()}
         ok = [r for r in replies if not r.has_error()]
-        updates = {id(r): decode_update(r.content) for r in ok}
+        # the instruction fills a factor that was not trained (FFA-LoRA, RoLoRA send one)
+        updates = {id(r): decode_update(r.content, refs[r.metadata.src_node_id]) for r in ok}
         changes = {
             id(r): flat_change(updates[id(r)].factors, refs[r.metadata.src_node_id]) for r in ok
         }
@@ -146,7 +146,7 @@ class AttackGrid(GridWrapper):
                 update = replace(
                     update, header=replace(update.header, num_examples=self.attack.examples)
                 )
-            r.content = encode_update(update)
+            r.content = encode_update(update, instructions[r.metadata.src_node_id])
 
     def _poison(
         self, change: torch.Tensor, honest: list[torch.Tensor], n: int, f: int, reply: Message

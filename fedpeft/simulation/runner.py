@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +27,12 @@ from flwr.app import Context, RecordDict
 from fedpeft.cache import PROCESS_CACHE, ProcessCache
 from fedpeft.client.app import make_client_app
 from fedpeft.config import RunConfig
-from fedpeft.configio import config_to_dict, dump_toml
-from fedpeft.errors import FedpeftError
+from fedpeft.config.load import combination_problems, config_to_dict, dump_toml
+from fedpeft.errors import ConfigError, FedpeftError
 from fedpeft.server.app import Outcome, make_server_app
 from fedpeft.server.results import RunReporter
 from fedpeft.simulation.inprocess import InProcessGrid
+from fedpeft.zo.runtime import discard_changed_models
 
 __all__ = ["num_nodes", "simulate"]
 
@@ -98,6 +100,10 @@ def simulate(
     backend = backend or cfg.simulation.backend
     if backend not in ("inprocess", "ray"):
         raise FedpeftError(f"unknown backend {backend!r}; use inprocess or ray")
+    if backend != cfg.simulation.backend:  # the rules see the backend that will run
+        cfg = replace(cfg, simulation=replace(cfg.simulation, backend=backend))
+        if problems := combination_problems(cfg):
+            raise ConfigError(problems)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.toml").write_text(dump_toml(config_to_dict(cfg)), encoding="utf-8")
@@ -108,17 +114,20 @@ def simulate(
     server_app = make_server_app(cfg, out, reporter, outcome, cache, resume)
     client_app = make_client_app(cfg, cache)
     n = num_nodes(cfg)
-    if backend == "inprocess":
-        grid = InProcessGrid(
-            client_app,
-            [{"partition-id": i, "num-partitions": n} for i in range(n)],
-            serialize=cfg.simulation.serialize,
-            on_reply=reporter.on_reply,
-        )
-        context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
-        server_app(grid, context)
-    else:
-        _ray(server_app, client_app, cfg)
+    try:
+        if backend == "inprocess":
+            grid = InProcessGrid(
+                client_app,
+                [{"partition-id": i, "num-partitions": n} for i in range(n)],
+                serialize=cfg.simulation.serialize,
+                on_reply=reporter.on_reply,
+            )
+            ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+            server_app(grid, ctx)
+        else:
+            _ray(server_app, client_app, cfg)
+    finally:
+        discard_changed_models(cache)  # the next run in this process gets the true base
     if outcome.error is not None:
         raise outcome.error
     if outcome.summary is None:

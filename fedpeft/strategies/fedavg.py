@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from fedpeft.algorithms.capabilities import Capabilities
 from fedpeft.strategies.base import (
     AggregateResult,
     LoraPlan,
@@ -51,6 +52,8 @@ class FedAvg:
     ctx : StrategyContext
         Initial adapter, spec and seed.
     """
+
+    capabilities = Capabilities(family="lora", linear=True)
 
     @dataclass(frozen=True)
     class Config:

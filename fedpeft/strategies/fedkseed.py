@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from fedpeft.algorithms.capabilities import Capabilities
 from fedpeft.errors import AggregationError
 from fedpeft.strategies.base import AggregateResult, StrategyContext, ZoGlobal, ZoPlan
 from fedpeft.strategies.registry import register_strategy
@@ -58,8 +59,14 @@ def _zo_spec(ctx: StrategyContext, name: str) -> ZoSpec:
 class FedKSeed:
     """FedKSeed: seed/scalar federated ZO tuning with a fixed pool of K seeds."""
 
-    mode = "zo"
     zo_algorithm = "fedkseed"
+
+    @staticmethod
+    def capabilities(config: FedKSeed.Config) -> Capabilities:
+        """Pro's seed sampling uses each client's per-seed magnitudes (not covered by DP)."""
+        return Capabilities(
+            family="zo", linear=True, client_statistics=config.pro, codecs=frozenset({"none"})
+        )
 
     @dataclass(frozen=True)
     class Config:
@@ -143,8 +150,10 @@ class FedKSeed:
 class FedKSeedPro:
     """FedKSeed-Pro: FedKSeed with importance-weighted seed sampling."""
 
-    mode = "zo"
     zo_algorithm = "fedkseed"
+    capabilities = Capabilities(
+        family="zo", linear=True, client_statistics=True, codecs=frozenset({"none"})
+    )
 
     @dataclass(frozen=True)
     class Config:

@@ -51,6 +51,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedpeft.algorithms.capabilities import Capabilities
 from fedpeft.bandit import Arm, Bandit, make_bandit
 from fedpeft.errors import AggregationError, ConfigError
 from fedpeft.prune.layout import PruneLayout, cut_adapter
@@ -86,9 +87,14 @@ def fedspine_reward(
 class FedSpine:
     """Bandit-chosen pruning ratio and rank per device, masked averaging of pruned updates."""
 
-    supports_heterogeneous_ranks = True
-    needs_layout = True
-    needs_validation = True
+    capabilities = Capabilities(
+        family="lora",
+        heterogeneous_ranks=True,
+        chooses_ranks=True,
+        needs_layout=True,
+        needs_validation=True,
+        codecs=frozenset({"none"}),
+    )
 
     @dataclass(frozen=True)
     class Config:

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from fedpeft.algorithms.capabilities import Capabilities
 from fedpeft.errors import AggregationError
 from fedpeft.strategies.base import AggregateResult, StrategyContext, ZoGlobal, ZoPlan
 from fedpeft.strategies.registry import register_strategy
@@ -36,7 +37,7 @@ __all__ = ["Ferret"]
 class Ferret:
     """Ferret: projected first-order updates on K shared random directions per block."""
 
-    mode = "zo"
+    capabilities = Capabilities(family="zo", linear=True, codecs=frozenset({"none"}))
     zo_algorithm = "ferret"
 
     @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from fedpeft.algorithms.capabilities import Capabilities
 from fedpeft.rank_ops import svd_from_stacks, unit_spec
 from fedpeft.strategies.base import (
     AggregateResult,
@@ -47,7 +48,7 @@ __all__ = ["FlexLora"]
 class FlexLora:
     """FlexLoRA: exact weighted sum of client products, truncated SVD to each client's rank."""
 
-    supports_heterogeneous_ranks = True
+    capabilities = Capabilities(family="lora", heterogeneous_ranks=True)
 
     Config = WeightedConfig
 

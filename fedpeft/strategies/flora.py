@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from fedpeft.algorithms.capabilities import Capabilities
 from fedpeft.lora import init_factors
 from fedpeft.rank_ops import unit_spec
 from fedpeft.seeding import derive_seed
@@ -51,7 +52,7 @@ __all__ = ["FLora"]
 class FLora:
     """FLoRA: fresh LoRA per round, stacked aggregation, global merged into the base."""
 
-    supports_heterogeneous_ranks = True
+    capabilities = Capabilities(family="lora", heterogeneous_ranks=True)
 
     Config = WeightedConfig
 

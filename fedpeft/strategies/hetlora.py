@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from fedpeft.algorithms.capabilities import Capabilities
 from fedpeft.errors import ConfigError
 from fedpeft.rank_ops import product_norm
 from fedpeft.strategies.base import (
@@ -47,7 +48,7 @@ __all__ = ["HetLora"]
 class HetLora:
     """HetLoRA: zero-padded, norm-weighted averaging; truncation to each client's rank."""
 
-    supports_heterogeneous_ranks = True
+    capabilities = Capabilities(family="lora", heterogeneous_ranks=True)
 
     @dataclass(frozen=True)
     class Config:

@@ -7,8 +7,10 @@
 - ``package.module:ClassName`` (importable dotted path), or
 - the name of an entry point in the ``fedpeft.strategies`` group of an installed package.
 
-A strategy class has a ``Config`` dataclass of options and is built as ``Cls(config, ctx)``.
-Registering a name twice, or a class without that shape, fails loudly.
+A strategy class has a ``Config`` dataclass of options, a ``capabilities`` attribute
+(:class:`~fedpeft.algorithms.capabilities.Capabilities`, or a function of the options returning
+one) and is built as ``Cls(config, ctx)``. Registering a name twice, or a class without that
+shape, fails loudly.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fedpeft.algorithms.capabilities import Capabilities, capabilities_of
+from fedpeft.config.build import build_dataclass
 from fedpeft.errors import StrategyError
 from fedpeft.strategies.base import Strategy, StrategyContext
 
@@ -35,6 +39,7 @@ __all__ = [
     "register_strategy",
     "registered",
     "resolve",
+    "strategy_capabilities",
 ]
 
 ENTRY_POINT_GROUP = "fedpeft.strategies"
@@ -58,6 +63,12 @@ def _check_shape(cls: type[Any], where: str) -> None:
     ]
     if missing:
         raise StrategyError(f"{where}: {cls.__name__} lacks the Strategy methods {missing}")
+    caps = getattr(cls, "capabilities", None)
+    if not isinstance(caps, Capabilities) and not callable(caps):
+        raise StrategyError(
+            f"{where}: {cls.__name__} needs `capabilities = Capabilities(...)` "
+            "(fedpeft.algorithms.capabilities): its update family and what it combines with"
+        )
 
 
 def register_strategy(name: str, cls: type[Any]) -> None:
@@ -162,8 +173,6 @@ def resolve(name: str) -> type[Any]:
 
 
 def _options(cls: type[Any], options: Mapping[str, Any], problems: list[str]) -> Any:
-    from fedpeft.configio import build_dataclass
-
     return build_dataclass(cls.Config, dict(options), "strategy.options", problems)
 
 
@@ -176,6 +185,22 @@ def check_strategy_config(name: str, options: Mapping[str, Any]) -> list[str]:
     problems: list[str] = []
     _options(cls, options, problems)
     return problems
+
+
+def strategy_capabilities(name: str, options: Mapping[str, Any]) -> Capabilities:
+    """The capabilities of strategy ``name`` with ``options`` (``[strategy.options]``).
+
+    Raises
+    ------
+    StrategyError
+        If the strategy cannot be found, its options are invalid, or it declares none.
+    """
+    cls = resolve(name)
+    problems: list[str] = []
+    config = _options(cls, options, problems)
+    if problems:
+        raise StrategyError("; ".join(problems))
+    return capabilities_of(cls, config)
 
 
 def build_strategy(name: str, options: Mapping[str, Any], ctx: StrategyContext) -> Strategy:

@@ -39,7 +39,7 @@ import torch
 
 from fedpeft.changes import combined_update, flat_change, shared_sent, with_change
 from fedpeft.config import RobustConfig
-from fedpeft.errors import AggregationError, ConfigError
+from fedpeft.errors import AggregationError
 from fedpeft.strategies.base import AggregateResult, LoraPlan, Strategy
 from fedpeft.wire import Adapter, ClientInfo, LoraUpdate
 from fedpeft.wire_zo import ZoUpdate
@@ -88,13 +88,6 @@ class RobustAggregation:
     """
 
     def __init__(self, inner: Strategy, config: RobustConfig, zo: bool = False) -> None:
-        if zo and config.rule in LORA_ONLY:
-            raise ConfigError(
-                f"robust.rule = {config.rule!r} combines LoRA updates; seed/scalar strategies "
-                "take 'mean' or 'trimmed_mean' (per seed) and robust.scalar_clip"
-            )
-        if not zo and config.scalar_clip > 0:
-            raise ConfigError("robust.scalar_clip is for seed/scalar strategies; use clip_norm")
         self.inner = inner
         self.config = config
         self.zo = zo

@@ -36,7 +36,7 @@ from fedpeft.seeding import derive_seed
 from fedpeft.wire_zo import ZoSpec, ZoSync
 from fedpeft.zo import rng
 
-__all__ = ["ZoRuntime", "full_tensors", "get_runtime", "make_blocks"]
+__all__ = ["ZoRuntime", "discard_changed_models", "full_tensors", "get_runtime", "make_blocks"]
 
 
 def full_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -259,3 +259,20 @@ def get_runtime(
         rt.restore()  # the weights are shared: put this runtime's synced values back
         handle.zo_active = rt
     return rt
+
+
+def discard_changed_models(cache: ProcessCache = PROCESS_CACHE) -> int:
+    """Forget every base model whose weights a full-model runtime changed, with its runtimes.
+
+    A full-model run tunes the shared base weights in place; rewinding them by subtracting the
+    coefficients again is exact only up to float32 rounding. Dropping the model instead makes
+    the next run in this process load the true base, bit for bit. Returns the entries dropped.
+    """
+    changed = {id(rt.handle) for _, rt in cache.items("zo:") if rt.spec.target == "full"}
+    if not changed:
+        return 0
+
+    def stale(key: str, value: Any) -> bool:
+        return id(value) in changed or (key.startswith("zo:") and int(key.split(":")[1]) in changed)
+
+    return cache.discard(stale)

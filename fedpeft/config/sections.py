@@ -1,7 +1,7 @@
 """Run configuration: one frozen dataclass per TOML section, validated on construction.
 
 A scenario TOML has the sections below; every key is optional and falls back to the
-default shown here. ``fedpeft.configio.load_config`` reads a file, applies ``key=value``
+default shown here. ``fedpeft.config.load.load_config`` reads a file, applies ``key=value``
 overrides, collects every problem and raises one :class:`~fedpeft.errors.ConfigError`.
 Each field carries its help text in ``metadata["help"]`` (``fedpeft config-help`` prints it).
 """

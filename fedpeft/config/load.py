@@ -10,22 +10,23 @@ unknown key names the valid keys of its section. Top-level shortcuts (``rounds``
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
-import types
-import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import tomllib
 
-from fedpeft.config import RunConfig
+from fedpeft.config.build import build_dataclass
+from fedpeft.config.rules import cross_section_problems
+from fedpeft.config.sections import RunConfig
 from fedpeft.errors import ConfigError
+from fedpeft.strategies.registry import check_strategy_config, strategy_capabilities
 
 __all__ = [
     "build_dataclass",
+    "combination_problems",
     "config_hash",
     "config_to_dict",
     "dump_toml",
@@ -82,88 +83,6 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
             child = node[part] = {}
         node = child
     node[parts[-1]] = value
-
-
-def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
-    """Check ``value`` against a field annotation; return (ok, coerced value)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        for arm in typing.get_args(tp):
-            ok, v = _type_ok(value, arm)
-            if ok:
-                return True, v
-        return False, value
-    if tp is bool:
-        return isinstance(value, bool), value
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return ok, float(value) if ok else value
-    if tp is str:
-        return isinstance(value, str), value
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if isinstance(value, str):  # `lora.target_modules=q_proj` on the command line
-            value = [value]
-        if not isinstance(value, list):
-            return False, value
-        coerced = []
-        for v in value:
-            ok, cv = _type_ok(v, item_tp)
-            if not ok:
-                return False, value
-            coerced.append(cv)
-        return True, coerced
-    if origin is dict:
-        return isinstance(value, dict), value
-    return True, value
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def build_dataclass(
-    cls: type[Any], data: Mapping[str, Any], prefix: str, problems: list[str]
-) -> Any:
-    """Build dataclass ``cls`` from a mapping, appending every problem to ``problems``.
-
-    Unknown keys name the valid ones, values are type-checked against the annotations and
-    the class's own ``__post_init__`` checks run; on any problem the defaults are returned
-    so that checking can go on and report everything at once.
-    """
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        if key not in fields:
-            where = f"[{prefix}]" if prefix else "the top level"
-            hint = difflib.get_close_matches(key, list(fields), n=1)
-            did = f" (did you mean {hint[0]!r}?)" if hint else ""
-            problems.append(
-                f"unknown key {(prefix + '.' if prefix else '') + key!r}{did}; "
-                f"valid keys at {where}: {', '.join(sorted(fields))}"
-            )
-            continue
-        tp = hints[key]
-        name = f"{prefix}.{key}" if prefix else key
-        if dataclasses.is_dataclass(tp):
-            if not isinstance(value, dict):
-                problems.append(f"{name} must be a table [{name}], got {value!r}")
-                continue
-            kwargs[key] = build_dataclass(tp, value, name, problems)  # type: ignore[arg-type]
-            continue
-        ok, coerced = _type_ok(value, tp)
-        if not ok:
-            problems.append(f"{name} must be {_type_name(tp)}, got {value!r}")
-            continue
-        kwargs[key] = coerced
-    try:
-        return cls(**kwargs)
-    except ConfigError as err:
-        problems.extend(err.problems)
-        return cls()
 
 
 def _resolve_paths(tree: dict[str, Any], base: Path, overridden: set[str]) -> None:
@@ -229,60 +148,18 @@ def load_config(
         _set_dotted(tree, key, value)
     _resolve_paths(tree, base, set(parsed))
     cfg: RunConfig = build_dataclass(RunConfig, tree, "", problems)
-    from fedpeft.strategies.registry import check_strategy_config, resolve
-
-    strategy_problems = check_strategy_config(cfg.strategy.name, cfg.strategy.options)
-    problems.extend(strategy_problems)
-    zo = not strategy_problems and getattr(resolve(cfg.strategy.name), "mode", "lora") == "zo"
-    if zo and cfg.eval.federated:
-        problems.append(
-            f"eval.federated is for LoRA strategies; {cfg.strategy.name!r} is a seed/scalar "
-            "strategy: set eval.federated=false"
-        )
+    problems.extend(check_strategy_config(cfg.strategy.name, cfg.strategy.options))
     if not problems:
-        problems += _cross_section_problems(cfg, zo)
+        problems += combination_problems(cfg)
     if problems:
         raise ConfigError(problems)
     return cfg
 
 
-SECAGG_STRATEGIES = ("fedavg", "ffa", "fedkseed", "ferret")
-
-
-def _cross_section_problems(cfg: RunConfig, zo: bool) -> list[str]:
-    """Combinations of sections that cannot work together."""
-    p = []
-    if cfg.dp.active and cfg.robust.active:
-        p.append(
-            "dp clips and averages every update itself; robust.rule must be 'mean' with no "
-            "clipping when dp.noise_multiplier > 0"
-        )
-    if cfg.dp.active and cfg.strategy.name == "fedkseed-pro":
-        p.append(
-            "fedkseed-pro samples seeds from non-private client statistics; use fedkseed with dp"
-        )
-    if cfg.robust.scalar_clip > 0 and not zo:
-        p.append("robust.scalar_clip is for seed/scalar strategies; LoRA uses robust.clip_norm")
-    if zo and cfg.robust.rule in ("median", "krum", "multikrum"):
-        p.append(
-            f"robust.rule = {cfg.robust.rule!r} combines LoRA updates; seed/scalar strategies "
-            "take 'mean' or 'trimmed_mean' (per seed)"
-        )
-    if cfg.secagg.enabled:
-        if cfg.strategy.name not in SECAGG_STRATEGIES:
-            p.append(
-                f"secagg works with strategies {SECAGG_STRATEGIES} (one shape for all clients, "
-                f"a plain sum), not {cfg.strategy.name!r}"
-            )
-        if cfg.robust.active:
-            p.append("robust rules need individual updates; they cannot run with secagg")
-        if cfg.compress.up != "none":
-            p.append("secagg sends fixed-point vectors; set compress.up = none")
-        if cfg.ranks.mode != "uniform":
-            p.append("secagg sums one shape for all clients; set ranks.mode = uniform")
-    if cfg.dp.active and cfg.federation.centralized:
-        p.append("dp protects clients; it has no meaning in centralized mode")
-    return p
+def combination_problems(cfg: RunConfig) -> list[str]:
+    """Every cross-section problem of a built configuration (its strategy must resolve)."""
+    caps = strategy_capabilities(cfg.strategy.name, cfg.strategy.options)
+    return cross_section_problems(cfg, caps)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""Algorithms: what each one can do, as data (:mod:`.capabilities`)."""

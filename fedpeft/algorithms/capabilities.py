@@ -1,0 +1,102 @@
+"""What an algorithm can do, as data that the configuration rules read.
+
+Every strategy class carries ``capabilities``: a :class:`Capabilities`, or a function of its
+options dataclass returning one (FedKSeed's ``pro`` option changes what it uses). The rules in
+:mod:`fedpeft.config.rules` decide every combination of sections from these fields and never
+from a strategy's name, so an out-of-tree strategy that declares the same capabilities as an
+in-tree one is accepted in the same places.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fedpeft.errors import StrategyError
+
+__all__ = ["ALL_CODECS", "Capabilities", "capabilities_of"]
+
+ALL_CODECS = frozenset({"none", "fp16", "int8", "topk", "compeft"})
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a strategy does and accepts.
+
+    Attributes
+    ----------
+    family : {"lora", "zo"}
+        The update family: LoRA factors, or seed/scalar pairs (zeroth order).
+    heterogeneous_ranks : bool
+        Accepts clients training different LoRA ranks (``[ranks]`` other than uniform).
+    linear : bool
+        The new global is the one every client was sent plus the example-weighted mean of the
+        clients' changes to what they trained. Such a strategy gets the same result from one
+        combined update carrying that mean, which is what secure aggregation can deliver.
+    client_statistics : bool
+        Uses statistics of individual clients' updates beyond their mean (e.g. FedKSeed-Pro's
+        per-seed magnitudes), which client-level DP does not cover.
+    codecs : frozenset[str]
+        The upload codecs (``compress.up``) its updates may travel in.
+    chooses_ranks : bool
+        Picks each client's rank itself (FedSpine's bandit), so ``[ranks]`` does not apply.
+    needs_layout : bool
+        Prunes the base model per client (FedSpine): clients train different shapes.
+    needs_validation : bool
+        Scores adapters on the coordinator's validation records (``eval.validation_examples``).
+    """
+
+    family: Literal["lora", "zo"] = "lora"
+    heterogeneous_ranks: bool = False
+    linear: bool = False
+    client_statistics: bool = False
+    codecs: frozenset[str] = ALL_CODECS
+    chooses_ranks: bool = False
+    needs_layout: bool = False
+    needs_validation: bool = False
+
+    def __post_init__(self) -> None:
+        if self.family not in ("lora", "zo"):
+            raise StrategyError(f"Capabilities.family must be 'lora' or 'zo', got {self.family!r}")
+        unknown = set(self.codecs) - ALL_CODECS
+        if unknown or "none" not in self.codecs:
+            raise StrategyError(
+                f"Capabilities.codecs must include 'none' and only {sorted(ALL_CODECS)}, "
+                f"got {sorted(self.codecs)}"
+            )
+        if self.family == "zo" and (
+            self.heterogeneous_ranks or self.needs_layout or self.chooses_ranks
+        ):
+            raise StrategyError(
+                "a seed/scalar (zo) strategy cannot declare heterogeneous_ranks, chooses_ranks "
+                "or needs_layout"
+            )
+
+
+def capabilities_of(cls: type[Any], options: Any = None) -> Capabilities:
+    """The capabilities of strategy class ``cls`` with its options dataclass ``options``.
+
+    Raises
+    ------
+    StrategyError
+        If ``cls.capabilities`` is missing or neither a :class:`Capabilities` nor a function
+        of the options returning one.
+    """
+    caps: Capabilities | Callable[[Any], Capabilities] | None = getattr(cls, "capabilities", None)
+    if isinstance(caps, Capabilities):
+        return caps
+    if callable(caps):
+        if options is None:
+            options = cls.Config()
+        got = caps(options)
+        if isinstance(got, Capabilities):
+            return got
+        raise StrategyError(
+            f"{cls.__name__}.capabilities({options!r}) returned {got!r}, not a Capabilities"
+        )
+    raise StrategyError(
+        f"{cls.__name__} needs `capabilities = Capabilities(...)` (fedpeft.algorithms."
+        "capabilities): what it does (family, heterogeneous_ranks, linear, ...) decides which "
+        "sections it combines with"
+    )

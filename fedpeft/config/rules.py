@@ -1,0 +1,366 @@
+"""Every rule across sections, decided from the strategy's capabilities, never from its name.
+
+A scenario's sections are each valid on their own (their dataclasses check that); this module
+decides whether they work *together*. Each :class:`Rule` names the keys it concerns, says in
+one line what it refuses (``docs/combinations.md`` is generated from these lines, see
+:func:`combinations_markdown`), and returns the problem for a configuration it refuses.
+:func:`cross_section_problems` runs them all, so loading reports every problem at once.
+
+A rule that refuses a combination does so because it would otherwise fail after the model
+loads or after clients trained, or be silently ignored; each message says what to change.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fedpeft.algorithms.capabilities import Capabilities
+from fedpeft.config.sections import RunConfig, ZoConfig
+from fedpeft.errors import ConfigError
+from fedpeft.simulation.devices import assign_profiles
+
+__all__ = ["RULES", "Rule", "combinations_markdown", "cross_section_problems", "same_factors"]
+
+#: Attacks that rewrite replies in flight (all but data poisoning).
+REWRITING_ATTACKS = ("sign_flip", "scale", "noise", "alie", "nonfinite", "inflate_examples")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One cross-section rule.
+
+    Attributes
+    ----------
+    keys : tuple[str, ...]
+        The keys whose combination it decides (named in its message).
+    refuses : str
+        What it refuses, in one line (the docs table).
+    check : Callable[[RunConfig, Capabilities], str | None]
+        The problem (what is wrong and what to change), or ``None`` when the scenario is fine.
+    """
+
+    keys: tuple[str, ...]
+    refuses: str
+    check: Callable[[RunConfig, Capabilities], str | None]
+
+
+def same_factors(cfg: RunConfig, caps: Capabilities) -> bool:
+    """Whether every client of a LoRA strategy trains factors of one shape.
+
+    Not when ranks differ (``[ranks]``) or the base model is pruned per client.
+    """
+    return cfg.ranks.mode == "uniform" and not caps.needs_layout
+
+
+def _shapes_why(cfg: RunConfig, caps: Capabilities) -> str:
+    if caps.needs_layout:
+        return f"strategy {cfg.strategy.name!r} prunes each client's model to its own shapes"
+    return f"ranks.mode = {cfg.ranks.mode!r} gives clients different ranks"
+
+
+def _ranks(cfg: RunConfig, caps: Capabilities) -> str | None:
+    if cfg.ranks.mode == "uniform" or (caps.heterogeneous_ranks and not caps.chooses_ranks):
+        return None
+    if caps.chooses_ranks:
+        return (
+            f"ranks.mode = {cfg.ranks.mode!r}, but {cfg.strategy.name!r} picks each client's "
+            "rank itself (its arms in strategy.options): set ranks.mode = 'uniform'"
+        )
+    kind = "a seed/scalar strategy" if caps.family == "zo" else "a one-rank strategy"
+    return (
+        f"ranks.mode = {cfg.ranks.mode!r} assigns clients different ranks, but "
+        f"{cfg.strategy.name!r} is {kind} and would ignore it: use a heterogeneous-rank "
+        "strategy (flora, ffa, rolora, flexlora, hetlora) or ranks.mode = 'uniform'"
+    )
+
+
+def _codec(cfg: RunConfig, caps: Capabilities) -> str | None:
+    if cfg.compress.up in caps.codecs:
+        return None
+    return (
+        f"compress.up = {cfg.compress.up!r} is not an upload codec of {cfg.strategy.name!r} "
+        f"(it takes {sorted(caps.codecs)}): set compress.up to one of those"
+    )
+
+
+def _down_codec(cfg: RunConfig, caps: Capabilities) -> str | None:
+    if cfg.compress.down == "none" or caps.family == "lora":
+        return None
+    return (
+        f"compress.down = {cfg.compress.down!r} encodes LoRA factors; {cfg.strategy.name!r} "
+        "sends seed/scalar coefficients: set compress.down = 'none'"
+    )
+
+
+def _zo_section(cfg: RunConfig, caps: Capabilities) -> str | None:
+    if caps.family == "zo" or cfg.zo == ZoConfig():
+        return None
+    return (
+        f"[zo] sets seed/scalar training, but {cfg.strategy.name!r} trains LoRA factors and "
+        "would ignore it: remove the [zo] keys or use fedkseed, fedkseed-pro or ferret"
+    )
+
+
+def _ray_node_state(cfg: RunConfig, caps: Capabilities) -> str | None:
+    if cfg.simulation.backend != "ray":
+        return None
+    if cfg.secagg.enabled:
+        return (
+            "simulation.backend = 'ray' runs a node's messages in whichever actor is free, and "
+            "secure aggregation keeps its session between messages in the process: set "
+            "secagg.enabled = false or simulation.backend = 'inprocess'"
+        )
+    if cfg.compress.up in ("topk", "compeft") and cfg.compress.error_feedback:
+        return (
+            "simulation.backend = 'ray' runs a node's messages in whichever actor is free, and "
+            "error feedback keeps its residual in the process (it would restart unseen): set "
+            "compress.error_feedback = false or simulation.backend = 'inprocess'"
+        )
+    return None
+
+
+def _dp_statistics(cfg: RunConfig, caps: Capabilities) -> str | None:
+    if not (cfg.dp.active and caps.client_statistics):
+        return None
+    return (
+        f"dp.noise_multiplier > 0, but {cfg.strategy.name!r} with these strategy.options uses "
+        "per-client statistics that DP does not cover (FedKSeed-Pro's seed sampling): use "
+        "fedkseed with strategy.options.pro = false, or dp.noise_multiplier = 0"
+    )
+
+
+def _dp_shapes(cfg: RunConfig, caps: Capabilities) -> str | None:
+    if not cfg.dp.active or caps.family == "zo" or same_factors(cfg, caps):
+        return None
+    return (
+        f"dp.noise_multiplier > 0 clips and averages the clients' changes to one set of "
+        f"factors, but {_shapes_why(cfg, caps)}: use ranks.mode = 'uniform' with a "
+        "non-pruning strategy, or dp.noise_multiplier = 0"
+    )
+
+
+def _dp_robust(cfg: RunConfig, caps: Capabilities) -> str | None:
+    if not (cfg.dp.active and cfg.robust.active):
+        return None
+    return (
+        "dp.noise_multiplier > 0 clips and averages every update itself: set robust.rule = "
+        "'mean', robust.clip_norm = 0 and robust.scalar_clip = 0, or dp.noise_multiplier = 0"
+    )
+
+
+def _dp_centralized(cfg: RunConfig, caps: Capabilities) -> str | None:
+    if not (cfg.dp.active and cfg.federation.centralized):
+        return None
+    return "dp protects clients; with federation.centralized = true set dp.noise_multiplier = 0"
+
+
+def _robust_family(cfg: RunConfig, caps: Capabilities) -> str | None:
+    if caps.family == "lora" and cfg.robust.scalar_clip > 0:
+        return "robust.scalar_clip is for seed/scalar strategies; LoRA uses robust.clip_norm"
+    if caps.family == "zo" and cfg.robust.rule in ("median", "krum", "multikrum"):
+        return (
+            f"robust.rule = {cfg.robust.rule!r} combines LoRA updates; seed/scalar strategies "
+            "take 'mean' or 'trimmed_mean' (per seed) with robust.scalar_clip"
+        )
+    if caps.family == "zo" and cfg.robust.clip_norm > 0:
+        return "robust.clip_norm is for LoRA updates; seed/scalar strategies use scalar_clip"
+    return None
+
+
+def _robust_shapes(cfg: RunConfig, caps: Capabilities) -> str | None:
+    if not cfg.robust.active or caps.family == "zo" or same_factors(cfg, caps):
+        return None
+    return (
+        f"robust rules compare the clients' changes coordinate by coordinate, but "
+        f"{_shapes_why(cfg, caps)}: use ranks.mode = 'uniform' with a non-pruning strategy, "
+        "or robust.rule = 'mean' with robust.clip_norm = 0"
+    )
+
+
+def _secagg_strategy(cfg: RunConfig, caps: Capabilities) -> str | None:
+    if not cfg.secagg.enabled or caps.linear:
+        return None
+    return (
+        f"secagg.enabled gives the coordinator only the sum of the clients' changes, but "
+        f"{cfg.strategy.name!r} is not linear (its new global is not the sent model plus the "
+        "mean change): use a linear strategy (fedavg, ffa, rolora, fedkseed, ferret) or "
+        "secagg.enabled = false"
+    )
+
+
+def _secagg_shapes(cfg: RunConfig, caps: Capabilities) -> str | None:
+    if not cfg.secagg.enabled or caps.family == "zo" or same_factors(cfg, caps):
+        return None
+    return (
+        f"secagg sums one shape for all clients, but {_shapes_why(cfg, caps)}: use "
+        "ranks.mode = 'uniform' with a non-pruning strategy, or secagg.enabled = false"
+    )
+
+
+def _secagg_clients(cfg: RunConfig, caps: Capabilities) -> str | None:
+    fed = cfg.federation
+    per_round = max(fed.min_clients, math.ceil(fed.fraction_train * fed.num_clients))
+    if not cfg.secagg.enabled or (per_round >= 2 and not fed.centralized):
+        return None
+    if fed.centralized:
+        return (
+            "secagg hides each client's update in a sum of several; federation.centralized = "
+            "true has one client: set secagg.enabled = false"
+        )
+    return (
+        f"secagg needs at least 2 clients per round; federation.fraction_train = "
+        f"{fed.fraction_train} of num_clients = {fed.num_clients} samples {per_round}: raise "
+        "federation.fraction_train or federation.min_clients"
+    )
+
+
+def _secagg_robust(cfg: RunConfig, caps: Capabilities) -> str | None:
+    if not (cfg.secagg.enabled and cfg.robust.active):
+        return None
+    return "robust rules need each client's update; secagg hides them: set secagg.enabled = false"
+
+
+def _secagg_codec(cfg: RunConfig, caps: Capabilities) -> str | None:
+    if not (cfg.secagg.enabled and cfg.compress.up != "none"):
+        return None
+    return "secagg sends fixed-point vectors, not codec payloads: set compress.up = 'none'"
+
+
+def _secagg_attack(cfg: RunConfig, caps: Capabilities) -> str | None:
+    if not (cfg.secagg.enabled and cfg.attack.kind in REWRITING_ATTACKS):
+        return None
+    return (
+        f"attack.kind = {cfg.attack.kind!r} rewrites updates in flight, which secagg hides "
+        "from everyone: use attack.kind = 'label_flip' (data poisoning) or secagg.enabled = false"
+    )
+
+
+def _attack_codec(cfg: RunConfig, caps: Capabilities) -> str | None:
+    if not (cfg.attack.kind in REWRITING_ATTACKS and cfg.compress.up != "none"):
+        return None
+    return (
+        f"attack.kind = {cfg.attack.kind!r} rewrites plain updates in flight: set "
+        "compress.up = 'none'"
+    )
+
+
+def _attack_centralized(cfg: RunConfig, caps: Capabilities) -> str | None:
+    if not (cfg.attack.kind != "none" and cfg.federation.centralized):
+        return None
+    return (
+        f"attack.kind = {cfg.attack.kind!r} makes some clients attackers; "
+        "federation.centralized = true has one honest client: set attack.kind = 'none'"
+    )
+
+
+def _attack_zo(cfg: RunConfig, caps: Capabilities) -> str | None:
+    if not (caps.family == "zo" and cfg.attack.kind == "alie"):
+        return None
+    return "attack.kind = 'alie' shifts LoRA factors; seed/scalar strategies take the others"
+
+
+def _eval_federated(cfg: RunConfig, caps: Capabilities) -> str | None:
+    if not (cfg.eval.federated and caps.family == "zo"):
+        return None
+    return (
+        f"eval.federated is for LoRA strategies; {cfg.strategy.name!r} is a seed/scalar "
+        "strategy: set eval.federated = false"
+    )
+
+
+def _centralized_clients(cfg: RunConfig, caps: Capabilities) -> str | None:
+    if not (cfg.federation.centralized and cfg.federation.min_clients > 1):
+        return None
+    return (
+        "federation.centralized = true runs one client holding all the data, but "
+        f"federation.min_clients = {cfg.federation.min_clients} waits for more: set "
+        "federation.min_clients = 1"
+    )
+
+
+def _devices(cfg: RunConfig, caps: Capabilities) -> str | None:
+    if not cfg.devices.tiers and not cfg.devices.file:
+        return None
+    ids = [str(i) for i in range(cfg.federation.num_clients)]
+    try:
+        assign_profiles(ids, cfg.devices.tiers, cfg.devices.file)
+    except ConfigError as err:
+        return "; ".join(err.problems)
+    return None
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(("ranks.mode", "strategy.name"), "different ranks with a strategy that has one rank "
+         "(or none: seed/scalar)", _ranks),
+    Rule(("zo", "strategy.name"), "a `[zo]` section with a LoRA strategy", _zo_section),
+    Rule(("simulation.backend", "secagg.enabled", "compress.error_feedback"), "per-node state "
+         "(secure aggregation, error feedback) on the Ray backend", _ray_node_state),
+    Rule(("compress.up", "strategy.name"), "an upload codec the strategy does not take "
+         "(seed/scalar strategies and FedSpine take none)", _codec),
+    Rule(("compress.down", "strategy.name"), "a download codec with a seed/scalar strategy",
+         _down_codec),
+    Rule(("dp.noise_multiplier", "strategy.options"), "DP with a strategy that uses per-client "
+         "statistics (FedKSeed-Pro, or fedkseed with pro = true)", _dp_statistics),
+    Rule(("dp.noise_multiplier", "ranks.mode", "strategy.name"), "DP when LoRA clients train "
+         "different shapes (mixed ranks, per-client pruning)", _dp_shapes),
+    Rule(("dp.noise_multiplier", "robust.rule", "robust.clip_norm"), "DP together with a "
+         "robust rule or clipping", _dp_robust),
+    Rule(("dp.noise_multiplier", "federation.centralized"), "DP in centralized mode",
+         _dp_centralized),
+    Rule(("robust.rule", "robust.clip_norm", "robust.scalar_clip", "strategy.name"), "a "
+         "robust setting of the other update family", _robust_family),
+    Rule(("robust.rule", "robust.clip_norm", "ranks.mode", "strategy.name"), "robust rules "
+         "when LoRA clients train different shapes", _robust_shapes),
+    Rule(("secagg.enabled", "strategy.name"), "secure aggregation with a strategy that is not "
+         "linear (capability `linear`)", _secagg_strategy),
+    Rule(("secagg.enabled", "ranks.mode", "strategy.name"), "secure aggregation when LoRA "
+         "clients train different shapes", _secagg_shapes),
+    Rule(("secagg.enabled", "federation.centralized", "federation.fraction_train",
+          "federation.min_clients"), "secure aggregation with fewer than 2 clients a round",
+         _secagg_clients),
+    Rule(("secagg.enabled", "robust.rule", "robust.clip_norm"), "secure aggregation with "
+         "robust rules", _secagg_robust),
+    Rule(("secagg.enabled", "compress.up"), "secure aggregation with an upload codec",
+         _secagg_codec),
+    Rule(("secagg.enabled", "attack.kind"), "secure aggregation with an attack that rewrites "
+         "updates in flight (label_flip works)", _secagg_attack),
+    Rule(("attack.kind", "compress.up"), "an attack that rewrites updates with an upload codec",
+         _attack_codec),
+    Rule(("attack.kind", "federation.centralized"), "an attack in centralized mode",
+         _attack_centralized),
+    Rule(("attack.kind", "strategy.name"), "the ALIE attack with a seed/scalar strategy",
+         _attack_zo),
+    Rule(("eval.federated", "strategy.name"), "federated evaluation with a seed/scalar "
+         "strategy", _eval_federated),
+    Rule(("federation.centralized", "federation.min_clients"), "centralized mode waiting for "
+         "more than one client", _centralized_clients),
+    Rule(("devices.tiers", "devices.file", "federation.num_clients"), "device tiers or a "
+         "device file that name an unknown profile or are malformed", _devices),
+)  # fmt: skip
+
+
+def cross_section_problems(cfg: RunConfig, caps: Capabilities) -> list[str]:
+    """Every problem across sections (empty if the sections work together)."""
+    return [msg for rule in RULES if (msg := rule.check(cfg, caps)) is not None]
+
+
+def combinations_markdown() -> str:
+    """``docs/combinations.md``: the rules as a table (regenerate with ``fedpeft rules``)."""
+    lines = [
+        "# Which sections combine",
+        "",
+        "Generated from `fedpeft/config/rules.py` by `fedpeft rules > docs/combinations.md`;",
+        "a test checks that this file is current. Every rule is decided when the scenario",
+        "loads (`fedpeft validate`), from the strategy's capabilities",
+        "(`fedpeft/algorithms/capabilities.py`), never from its name: a plug-in that declares",
+        "the same capabilities as an in-tree strategy is accepted in the same places.",
+        "Anything not refused here works together, and `tests/test_combinations.py` runs a",
+        "round of every accepted pair of feature sections to keep that true.",
+        "",
+        "| keys | refused |",
+        "|---|---|",
+    ]
+    lines += [f"| {', '.join(f'`{k}`' for k in r.keys)} | {r.refuses} |" for r in RULES]
+    return "\n".join(lines) + "\n"
