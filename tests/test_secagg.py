@@ -415,7 +415,7 @@ def _flower_app(vectors, fail_at: dict[int, str] | None = None):
 
     from fedpeft.secagg.flower import from_record, secagg_handler
 
-    handler = secagg_handler(lambda ctx: vectors[int(ctx.node_config["partition-id"])])
+    handler = secagg_handler(lambda ctx, w: vectors[int(ctx.node_config["partition-id"])] * w)
     app = ClientApp()
 
     @app.query("secagg")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,6 +54,61 @@ def test_secure_rounds_give_the_model_of_the_clear_rounds(tiny_config, tmp_path,
         rows[1]["num_examples"] == 96 and rows[1]["payload_up"] == 0
     )  # no tensor left a client in the clear
     assert rows[1]["secagg_bytes_up"] > 0
+
+
+def _unequal_data(path) -> str:
+    """WordNet records regrouped so that the 4 clients (one group each, natural split) hold
+    16, 32, 64 and 96 training examples, plus held-out records."""
+    import gzip
+
+    from fedpeft.simulation.partition import partition  # noqa: F401  (the split used)
+
+    src = Path(__file__).resolve().parents[1] / "simulations" / "data" / "wordnet.jsonl.gz"
+    with gzip.open(src, "rt") as fh:
+        rows = [json.loads(next(fh)) for _ in range(260)]
+    out, i = [], 0
+    for group, size in enumerate((16, 32, 64, 96)):
+        for r in rows[i : i + size]:
+            out.append({**r, "domain": f"g{group}", "split": "train"})
+        i += size
+    out += [{**r, "domain": "g0", "split": "eval"} for r in rows[i : i + 32]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in out))
+    return str(path)
+
+
+ZO_SMALL = ("zo.num_seeds=64", "zo.local_steps=4", "zo.lr=1e-4", "zo.eps=1e-3")
+
+
+@pytest.mark.parametrize(
+    ("strategy", "atol"),
+    # seed/scalar coefficients are float32 (up to ~0.04 here): measured max difference 2.2e-8
+    [("fedavg", 1e-6), ("ffa", 1e-6), ("rolora", 1e-6), ("fedkseed", 1e-7), ("ferret", 1e-7)],
+)
+def test_secure_equals_clear_with_clients_of_16_32_64_96_examples(
+    tiny_config, tmp_path, strategy, atol
+):
+    """Example-weighted: each client contributes p_k x_k; the clear strategy weights the same."""
+    from fedpeft.cache import ProcessCache
+
+    zo = ZO_SMALL if strategy in ("fedkseed", "ferret") else ()
+    data = ("federation.num_clients=4", f"data.path={_unequal_data(tmp_path / 'u.jsonl')!r}",
+            "data.max_examples_per_client=0", "federation.partition=natural",
+            f"strategy.name={strategy}", *zo)  # fmt: skip
+    simulate(tiny_config(*data), tmp_path / "clear", quiet=True, cache=ProcessCache())
+    simulate(tiny_config(*data, "secagg.enabled=true"), tmp_path / "secure", quiet=True,
+             cache=ProcessCache())  # fmt: skip
+    rows = _rows(tmp_path / "secure")
+    assert rows[1]["num_examples"] == 16 + 32 + 64 + 96 and rows[1]["secagg_survivors"] == 4
+    if zo:
+        a = _tensors(tmp_path / "clear" / "zo_state.safetensors")
+        b = _tensors(tmp_path / "secure" / "zo_state.safetensors")
+    else:
+        a = _tensors(tmp_path / "clear" / "adapter" / "adapter_model.safetensors")
+        b = _tensors(tmp_path / "secure" / "adapter" / "adapter_model.safetensors")
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst <= atol, worst
+    # an unweighted mean would be far off: the clients' changes differ
+    assert max(float(a[k].abs().max()) for k in a if "lora_A" not in k) > 100 * atol
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from fedpeft.errors import StrategyError
 
-__all__ = ["ALL_CODECS", "Capabilities", "capabilities_of"]
+__all__ = ["ALL_CODECS", "Capabilities", "capabilities_of", "weighted_linear"]
 
 ALL_CODECS = frozenset({"none", "fp16", "int8", "topk", "compeft"})
 
@@ -34,6 +34,9 @@ class Capabilities:
         The new global is the one every client was sent plus the example-weighted mean of the
         clients' changes to what they trained. Such a strategy gets the same result from one
         combined update carrying that mean, which is what secure aggregation can deliver.
+    example_weighted : bool
+        With ``linear``: the mean weights each client by its ``num_examples`` (as capped by
+        ``validation.max_weight_ratio``); ``False``: every client counts once.
     client_statistics : bool
         Uses statistics of individual clients' updates beyond their mean (e.g. FedKSeed-Pro's
         per-seed magnitudes), which client-level DP does not cover.
@@ -50,6 +53,7 @@ class Capabilities:
     family: Literal["lora", "zo"] = "lora"
     heterogeneous_ranks: bool = False
     linear: bool = False
+    example_weighted: bool = True
     client_statistics: bool = False
     codecs: frozenset[str] = ALL_CODECS
     chooses_ranks: bool = False
@@ -72,6 +76,18 @@ class Capabilities:
                 "a seed/scalar (zo) strategy cannot declare heterogeneous_ranks, chooses_ranks "
                 "or needs_layout"
             )
+
+
+def weighted_linear(family: Literal["lora", "zo"], **fields: Any) -> Callable[[Any], Capabilities]:
+    """Capabilities of a linear strategy whose options have ``weighted`` (example weights or
+    one weight per client)."""
+
+    def caps(options: Any) -> Capabilities:
+        return Capabilities(
+            family=family, linear=True, example_weighted=bool(options.weighted), **fields
+        )
+
+    return caps
 
 
 def capabilities_of(cls: type[Any], options: Any = None) -> Capabilities:

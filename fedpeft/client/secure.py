@@ -6,7 +6,8 @@ coordinates it trains;
 :func:`keep_zo`: its scalars summed per (block, seed) direction, dense) and replies with the
 header and metrics only. The coordinator then runs a secure-aggregation session
 (``query.secagg``) among the clients that trained; :func:`secagg_query` answers it with the
-kept vector. One vector per node is kept; the next round's replaces it.
+kept vector times the weight the session's first request gives this client. One vector per
+node is kept; the next round's replaces it.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def keep_zo(
 def secagg_query(cache: ProcessCache) -> Callable[[Message, Context], Message]:
     """The ``query.secagg`` handler: contributes the vector this node kept."""
 
-    def provider(context: Context) -> np.ndarray:
+    def provider(context: Context, weight: float) -> np.ndarray:
         vector = _pending(cache).pop(context.node_id, None)
         if vector is None:
             raise ProtocolError(
@@ -73,6 +74,6 @@ def secagg_query(cache: ProcessCache) -> Callable[[Message, Context], Message]:
                 "(it did not train this round, or restarted since)",
                 "client_error",
             )
-        return vector
+        return vector * weight  # the coordinator's share for this client
 
     return secagg_handler(provider)

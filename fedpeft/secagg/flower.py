@@ -5,7 +5,9 @@ floats, strings, bytes and lists of them: nothing is pickled. :func:`grid_transp
 stage to the nodes of a session and returns the replies that arrived before the timeout (a
 node that errs or stays silent has dropped). :func:`secagg_handler` is the client side: it
 keeps one :class:`~fedpeft.secagg.client.SecAggClient` per session in the node's process and
-asks ``provider(context)`` for the vector to contribute when a session starts.
+asks ``provider(context, weight)`` for the vector to contribute when a session starts
+(``weight``: the ``keys`` request's ``weight``, in ``(0, 1]``, 1 if absent; the coordinator's
+share for this client, which the client multiplies its vector by).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ __all__ = [
 
 MESSAGE_TYPE = "query.secagg"
 RECORD = "fedpeft.secagg"
-Provider = Callable[[Context], np.ndarray]
+Provider = Callable[[Context, float], np.ndarray]
 
 
 def to_record(data: Mapping[str, Any]) -> RecordDict:
@@ -108,7 +110,11 @@ def secagg_handler(provider: Provider) -> Callable[[Message, Context], Message]:
         if held is None or held[0] != session:
             if req.get("stage") != "keys":
                 raise ProtocolError("secagg request for an unknown session", "replay")
-            held = current[context.node_id] = (session, SecAggClient(provider(context)))
+            weight = req.get("weight", 1.0)
+            if not isinstance(weight, float) or not 0 < weight <= 1:
+                raise ProtocolError(f"secagg weight must be a float in (0, 1], got {weight!r}")
+            vector = provider(context, weight)
+            held = current[context.node_id] = (session, SecAggClient(vector))
         return Message(to_record(held[1].handle(req)), reply_to=msg)
 
     return handle

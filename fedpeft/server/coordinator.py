@@ -53,6 +53,7 @@ from fedpeft.server.secure_round import secure_aggregate
 from fedpeft.server.validate import Limits, cap_weights
 from fedpeft.simulation.devices import DeviceProfile, assign_profiles, simulated_times
 from fedpeft.strategies.base import AggregateResult, LoraPlan, Strategy, ZoPlan
+from fedpeft.strategies.registry import strategy_capabilities
 from fedpeft.wire import ClientInfo, Header, TrainInstruction
 from fedpeft.wire_zo import ZoInstruction
 
@@ -140,6 +141,7 @@ class Coordinator:
         self.cfg = cfg
         self.grid = grid
         self.strategy = strategy
+        self.capabilities = strategy_capabilities(cfg.strategy.name, cfg.strategy.options)
         self.current = initial
         self.fingerprint = fingerprint
         self.run_id = run_id
@@ -320,6 +322,7 @@ class Coordinator:
             secure_aggregate(
                 self.grid, self.cfg, instructions, nodes, got, server_round, self.zo_blocks,
                 divisor=fixed if self.cfg.dp.active else None,
+                example_weighted=self.capabilities.example_weighted,
             )  # fmt: skip
         self.current = self.strategy.aggregate_train(server_round, got.updates)
         contributed = got.contributors or got.updates

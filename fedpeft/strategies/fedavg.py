@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from fedpeft.algorithms.capabilities import Capabilities
+from fedpeft.algorithms.capabilities import weighted_linear
 from fedpeft.strategies.base import (
     AggregateResult,
     LoraPlan,
@@ -53,7 +53,7 @@ class FedAvg:
         Initial adapter, spec and seed.
     """
 
-    capabilities = Capabilities(family="lora", linear=True)
+    capabilities = staticmethod(weighted_linear("lora"))
 
     @dataclass(frozen=True)
     class Config:

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from fedpeft.algorithms.capabilities import Capabilities
+from fedpeft.algorithms.capabilities import Capabilities, weighted_linear
 from fedpeft.errors import AggregationError
 from fedpeft.strategies.base import AggregateResult, StrategyContext, ZoGlobal, ZoPlan
 from fedpeft.strategies.registry import register_strategy
@@ -65,7 +65,11 @@ class FedKSeed:
     def capabilities(config: FedKSeed.Config) -> Capabilities:
         """Pro's seed sampling uses each client's per-seed magnitudes (not covered by DP)."""
         return Capabilities(
-            family="zo", linear=True, client_statistics=config.pro, codecs=frozenset({"none"})
+            family="zo",
+            linear=True,
+            example_weighted=config.weighted,
+            client_statistics=config.pro,
+            codecs=frozenset({"none"}),
         )
 
     @dataclass(frozen=True)
@@ -151,8 +155,8 @@ class FedKSeedPro:
     """FedKSeed-Pro: FedKSeed with importance-weighted seed sampling."""
 
     zo_algorithm = "fedkseed"
-    capabilities = Capabilities(
-        family="zo", linear=True, client_statistics=True, codecs=frozenset({"none"})
+    capabilities = staticmethod(
+        weighted_linear("zo", client_statistics=True, codecs=frozenset({"none"}))
     )
 
     @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from fedpeft.algorithms.capabilities import Capabilities
+from fedpeft.algorithms.capabilities import weighted_linear
 from fedpeft.errors import AggregationError
 from fedpeft.strategies.base import AggregateResult, StrategyContext, ZoGlobal, ZoPlan
 from fedpeft.strategies.registry import register_strategy
@@ -37,7 +37,7 @@ __all__ = ["Ferret"]
 class Ferret:
     """Ferret: projected first-order updates on K shared random directions per block."""
 
-    capabilities = Capabilities(family="zo", linear=True, codecs=frozenset({"none"}))
+    capabilities = staticmethod(weighted_linear("zo", codecs=frozenset({"none"})))
     zo_algorithm = "ferret"
 
     @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fedpeft.algorithms.capabilities import Capabilities
+from fedpeft.algorithms.capabilities import weighted_linear
 from fedpeft.strategies.base import (
     AggregateResult,
     LoraPlan,
@@ -42,7 +42,7 @@ __all__ = ["FfaLora"]
 class FfaLora:
     """FFA-LoRA: shared frozen ``A``, clients send ``B`` only; exact for any ranks."""
 
-    capabilities = Capabilities(family="lora", heterogeneous_ranks=True, linear=True)
+    capabilities = staticmethod(weighted_linear("lora", heterogeneous_ranks=True))
 
     Config = WeightedConfig
 

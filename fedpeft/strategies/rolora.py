@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fedpeft.algorithms.capabilities import Capabilities
+from fedpeft.algorithms.capabilities import weighted_linear
 from fedpeft.errors import ConfigError
 from fedpeft.strategies.base import (
     AggregateResult,
@@ -42,7 +42,7 @@ __all__ = ["RoLora"]
 class RoLora:
     """RoLoRA: train ``B`` in odd rounds, ``A`` in even rounds; exact averaging each round."""
 
-    capabilities = Capabilities(family="lora", heterogeneous_ranks=True, linear=True)
+    capabilities = staticmethod(weighted_linear("lora", heterogeneous_ranks=True))
 
     @dataclass(frozen=True)
     class Config:
