@@ -45,8 +45,9 @@ def _median(stack: torch.Tensor) -> torch.Tensor:
 class CoordinateMedian:
     """Coordinate-wise median of each LoRA factor across clients (equal ranks)."""
 
-    # Not linear (a median is not a mean of changes), one rank for all, any upload codec.
-    capabilities = Capabilities(family="lora")
+    # Not linear (a median is not a mean of changes), ignores num_examples, one rank for all,
+    # any upload codec.
+    capabilities = Capabilities(family="lora", example_weighted=False)
 
     @dataclass(frozen=True)
     class Config:

@@ -113,7 +113,7 @@ def test_validate_reports_every_problem_at_once_and_exits_2():
 def test_a_plugin_is_judged_by_its_capabilities_not_its_name(tmp_path):
     """A copy of the median plug-in that declares itself linear passes the secagg rule."""
     text = (REPO / "strategies" / "median.py").read_text()
-    linear = text.replace('capabilities = Capabilities(family="lora")',
+    linear = text.replace('capabilities = Capabilities(family="lora", example_weighted=False)',
                           'capabilities = Capabilities(family="lora", linear=True)')  # fmt: skip
     assert linear != text
     (tmp_path / "lin.py").write_text(linear)

@@ -48,7 +48,14 @@ __all__ = ["HetLora"]
 class HetLora:
     """HetLoRA: zero-padded, norm-weighted averaging; truncation to each client's rank."""
 
-    capabilities = Capabilities(family="lora", heterogeneous_ranks=True)
+    @staticmethod
+    def capabilities(config: HetLora.Config) -> Capabilities:
+        """Norm weights (the paper's) ignore num_examples; ``weighting = "examples"`` uses it."""
+        return Capabilities(
+            family="lora",
+            heterogeneous_ranks=True,
+            example_weighted=config.weighting == "examples",
+        )
 
     @dataclass(frozen=True)
     class Config:
