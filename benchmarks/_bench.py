@@ -16,7 +16,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fedpeft.cli import APP_ENVIRONMENT
+
 REPO = Path(__file__).resolve().parents[1]
+# a benchmark is an application, like the fedpeft command: offline, no telemetry
+for _key, _value in APP_ENVIRONMENT.items():
+    os.environ.setdefault(_key, _value)
 QUICK_TITLE = "tiny model (--quick)"  # the model a --quick table names
 QUICK_HELP = "smallest size (tiny model, one round, few cases): a smoke run; numbers mean nothing"
 

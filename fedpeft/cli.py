@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 import warnings
@@ -328,8 +329,21 @@ def _client(args: argparse.Namespace) -> int:
     return role.run()
 
 
+# The command is an application: it may set its own process's environment (the library never
+# does). Offline model loading, no telemetry, and Ray told how to treat CUDA_VISIBLE_DEVICES
+# for actors without GPUs (Ray >= 2.5x warns otherwise).
+APP_ENVIRONMENT = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedpeft`` command; returns the exit code."""
+    for key, value in APP_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
     args = _parser().parse_args(argv)
     # peft calls a transformers API that transformers 5 marks deprecated; not the user's concern
     warnings.filterwarnings(

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from fedpeft.seeding import scoped_torch_seed
 __all__ = [
     "fingerprint",
     "get_model",
+    "handle_of",
     "load_model",
     "model_key",
     "resolve_device",
@@ -141,17 +141,27 @@ def load_model(cfg: ModelConfig) -> ModelHandle:
     ModelError
         If the model cannot be found or loaded; the message says what to install or set.
     """
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     model, tok, label = _tiny(cfg) if cfg.name == "tiny" else _pretrained(cfg, dtype)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    return handle_of(model, tok, label, cfg)
+
+
+def handle_of(model: nn.Module, tokenizer: Any, name: str, cfg: ModelConfig) -> ModelHandle:
+    """Wrap a loaded causal LM and its tokenizer: moved to ``cfg``'s device and dtype, frozen.
+
+    The model is changed in place (device, dtype, frozen; adapters are added to it later):
+    pass a copy to keep the original.
+    """
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     model = model.to(device=device, dtype=dtype)
     model.requires_grad_(False)
     model.eval()
     return ModelHandle(
-        model=model, tokenizer=tok, fingerprint=fingerprint(model), name=label, device=device
+        model=model, tokenizer=tokenizer, fingerprint=fingerprint(model), name=name, device=device
     )
 
 

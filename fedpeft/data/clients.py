@@ -28,13 +28,18 @@ __all__ = [
     "eval_assignment",
     "get_task",
     "partition_indices",
+    "task_key",
 ]
+
+
+def task_key(data: DataConfig, seed: int) -> str:
+    """The cache key of the task for a data config and run seed."""
+    return "task:" + json.dumps(asdict(data), sort_keys=True) + f":{seed}"
 
 
 def get_task(data: DataConfig, seed: int, cache: ProcessCache = PROCESS_CACHE) -> Task:
     """The task for a data config, read once per process."""
-    key = "task:" + json.dumps(asdict(data), sort_keys=True) + f":{seed}"
-    return cache.get(key, lambda: load_task(data, seed))
+    return cache.get(task_key(data, seed), lambda: load_task(data, seed))
 
 
 def partition_indices(task: Task, fed: FederationConfig, data: DataConfig) -> list[list[int]]:

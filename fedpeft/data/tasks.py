@@ -18,7 +18,7 @@ from fedpeft.config import DataConfig
 from fedpeft.errors import DataError
 from fedpeft.seeding import np_rng
 
-__all__ = ["Task", "TextPair", "format_pairs", "load_task"]
+__all__ = ["Task", "TextPair", "format_pairs", "load_task", "split_records"]
 
 _FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -79,11 +79,25 @@ def load_task(cfg: DataConfig, seed: int) -> Task:
     DataError
         If the file is missing or unreadable, a split is empty, or the split field is absent.
     """
-    records = _read_records(Path(cfg.path))
+    return split_records(_read_records(Path(cfg.path)), cfg, seed, cfg.path)
+
+
+def split_records(
+    records: list[dict[str, Any]], cfg: DataConfig, seed: int, where: str = "the records"
+) -> Task:
+    """Split records into training and held-out ones as ``cfg`` says (see :func:`load_task`).
+
+    Raises
+    ------
+    DataError
+        If a split is empty or the split field is absent.
+    """
+    if not records:
+        raise DataError(f"{where}: no records")
     if cfg.split_field:
         if cfg.split_field not in records[0]:
             raise DataError(
-                f"data.split_field {cfg.split_field!r} is not a field of {cfg.path!r}; fields: "
+                f"data.split_field {cfg.split_field!r} is not a field of {where}; fields: "
                 f"{sorted(records[0])}. Set data.split_field='' to hold out a random fraction"
             )
         train = [r for r in records if r[cfg.split_field] == cfg.train_split]
@@ -95,7 +109,7 @@ def load_task(cfg: DataConfig, seed: int) -> Task:
         train = [records[i] for i in sorted(order[n_eval:])]
     if not train or not held:
         raise DataError(
-            f"{cfg.path!r}: split gives {len(train)} training and {len(held)} held-out records; "
+            f"{where}: split gives {len(train)} training and {len(held)} held-out records; "
             "both must be non-empty"
         )
     return Task(train=train, eval=held)

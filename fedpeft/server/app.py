@@ -29,6 +29,7 @@ from fedpeft.server.coordinator import Coordinator, clients_per_round, new_run_i
 from fedpeft.server.results import RunReporter, summarize
 from fedpeft.server.start import initial_global, save_global
 from fedpeft.simulation.attacks import AttackGrid
+from fedpeft.strategies.base import AggregateResult
 from fedpeft.strategies.dp import DpAggregation
 from fedpeft.strategies.registry import build_strategy, resolve, strategy_capabilities
 from fedpeft.strategies.robust import RobustAggregation
@@ -42,6 +43,7 @@ class Outcome:
 
     summary: dict[str, Any] | None = None
     error: BaseException | None = None
+    model: AggregateResult | None = None  # the final global model
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -52,8 +54,10 @@ def run_server(
     reporter: RunReporter,
     cache: ProcessCache = PROCESS_CACHE,
     resume: bool = False,
+    outcome: Outcome | None = None,
 ) -> dict[str, Any]:
-    """Run the whole federated job on ``grid``; returns the summary.
+    """Run the whole federated job on ``grid``; returns the summary (and records the final
+    global model in ``outcome.model`` when given).
 
     The coordinator's state is checkpointed to ``out_dir/checkpoint.safetensors`` after every
     round; ``resume`` continues from there.
@@ -104,6 +108,8 @@ def run_server(
         resume=resume,
     )
     result = coordinator.run()
+    if outcome is not None:
+        outcome.model = result.model
     saved = save_global(result.model, handle, out_dir, cache)
     result.wall_s = time.perf_counter() - t0
     summary = summarize(cfg, result, saved)
@@ -127,7 +133,7 @@ def make_server_app(
         if cfg.attack.kind != "none":
             grid = AttackGrid(grid, cfg)  # simulated attackers (simulation only)
         try:
-            outcome.summary = run_server(grid, cfg, out_dir, reporter, cache, resume)
+            outcome.summary = run_server(grid, cfg, out_dir, reporter, cache, resume, outcome)
         except BaseException as err:
             outcome.error = err
             reporter.bar.close()

@@ -17,7 +17,6 @@ Writes ``OUT/config.toml`` (the resolved configuration), ``OUT/metrics.jsonl``,
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -46,8 +45,6 @@ def _ray(server_app: Any, client_app: Any, cfg: RunConfig) -> None:
     from flwr.simulation import run_simulation
 
     sim = cfg.simulation
-    # Ray >= 2.5x warns unless told how to treat CUDA_VISIBLE_DEVICES for num_gpus=0 actors.
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     init_args: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR}
     if sim.ray_address:
         init_args["address"] = sim.ray_address
@@ -70,6 +67,7 @@ def simulate(
     cache: ProcessCache = PROCESS_CACHE,
     resume: bool = False,
     tensorboard: bool = False,
+    outcome: Outcome | None = None,
 ) -> dict[str, Any]:
     """Run a scenario to the end and return its summary.
 
@@ -89,14 +87,14 @@ def simulate(
         Continue the run in ``out_dir`` from its checkpoint (its last completed round).
     tensorboard : bool
         Also write every round's numeric metrics as TensorBoard scalars (``out_dir/tensorboard``).
+    outcome : Outcome | None
+        Filled in with the summary and the final global model (the Python API reads it).
 
     Returns
     -------
     dict[str, Any]
         The contents of ``summary.json``.
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     backend = backend or cfg.simulation.backend
     if backend not in ("inprocess", "ray"):
         raise FedpeftError(f"unknown backend {backend!r}; use inprocess or ray")
@@ -110,7 +108,7 @@ def simulate(
     reporter = RunReporter(
         out, cfg.federation.rounds, quiet=quiet, tensorboard=tensorboard, resume=resume
     )
-    outcome = Outcome()
+    outcome = outcome if outcome is not None else Outcome()
     server_app = make_server_app(cfg, out, reporter, outcome, cache, resume)
     client_app = make_client_app(cfg, cache)
     n = num_nodes(cfg)

@@ -113,7 +113,7 @@ class _Harness:
         """One update per client, each the plan it was given plus a random change."""
         plans = strategy.configure_train(rnd, _clients(n))
         sizes = list(examples) if examples is not None else [10 + 7 * i for i in range(n)]
-        out = []
+        out: list[Any] = []
         for i, (cid, plan) in enumerate(sorted(plans.items())):
             g = torch_generator(seed, "conformance-update", rnd, i)
             header = Header("r", rnd, "fp", "h", sizes[i], cid)
