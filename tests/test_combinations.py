@@ -84,10 +84,6 @@ REFUSED = [
     (["robust.scalar_clip=1"], "robust.scalar_clip is for seed/scalar strategies"),
     ([*FEDKSEED, "attack.kind=alie"], "attack.kind = 'alie' shifts LoRA factors"),
     (["attack.kind=scale", "compress.up=int8"], "attack.kind = 'scale' rewrites plain updates"),
-    (["secagg.enabled=true", "simulation.backend=ray"], "simulation.backend = 'ray' runs a "
-     "node's messages in whichever actor is free, and secure aggregation"),
-    (["compress.up=topk", "simulation.backend=ray"], "simulation.backend = 'ray' runs a node's "
-     "messages in whichever actor is free, and error feedback"),
 ]  # fmt: skip
 
 

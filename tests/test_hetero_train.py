@@ -190,13 +190,19 @@ def test_hetlora_self_pruning_lowers_a_clients_rank(tiny_config, tmp_path, cache
 
 
 @pytest.mark.ray
-def test_ray_runs_mixed_ranks_and_codecs_like_in_process(tiny_config, tmp_path, cache):
-    """FLoRA's merged base and an int8 upload behave the same on stateless Ray workers."""
+def test_ray_runs_mixed_ranks_and_top_k_with_error_feedback_like_in_process(
+    tiny_config, tmp_path, cache
+):
+    """FLoRA's merged base and a top-k upload with error feedback behave the same on Ray:
+    each node's residual lives in its Context.state, which Flower carries between actors
+    (it used to live in one actor's process and restarted unseen on another)."""
     cfg = tiny_config(
         "strategy.name=flora",
         "ranks.mode=tiers",
         "ranks.tiers=[2,4,8]",
-        "compress.up=int8",
+        "compress.up=topk",
+        "compress.ratio=0.3",
+        "federation.rounds=3",
         "simulation.ray_num_cpus=1",
     )
     simulate(cfg, tmp_path / "inprocess", quiet=True, cache=cache)
@@ -204,6 +210,10 @@ def test_ray_runs_mixed_ranks_and_codecs_like_in_process(tiny_config, tmp_path, 
     keys = ("eval_loss", "train_loss", "payload_up", "payload_down", "flora_global_rank")
     ip, ray = _rows(tmp_path / "inprocess"), _rows(tmp_path / "ray")
     assert [{k: r.get(k) for k in keys} for r in ip] == [{k: r.get(k) for k in keys} for r in ray]
+    adapter = "adapter/adapter_model.safetensors"
+    assert (tmp_path / "inprocess" / adapter).read_bytes() == (
+        tmp_path / "ray" / adapter
+    ).read_bytes()
 
 
 def _tensor_bytes(content) -> int:

@@ -237,3 +237,26 @@ def test_distributed_dp_under_secure_aggregation(tiny_config, tmp_path, cache):
     # the client-side step alone: clipped to the norm, frozen coordinates untouched
     v = clip_and_noise(np.array([3.0, 4.0, 9.0]), 1.0, 0.0, np.array([True, True, False]))
     assert v.tolist() == pytest.approx([0.6, 0.8, 0.0])
+
+
+RAY_SMALL = ("model.name=tiny", "model.device=cpu", "federation.rounds=2", "train.local_steps=2",
+             "data.max_examples_per_client=32", "eval.examples=8", "eval.max_new_tokens=4",
+             "simulation.ray_num_cpus=1")  # fmt: skip
+
+
+@pytest.mark.ray
+def test_secure_scenario_on_ray_equals_in_process(repo, tmp_path):
+    """The session's state lives in each node's Context.state, which Flower carries between
+    the Ray actors that handle the stages (it used to live in one actor's process)."""
+    from fedpeft.cache import ProcessCache
+    from fedpeft.config.load import load_config
+
+    cfg = load_config(repo / "simulations" / "secure.toml", RAY_SMALL)
+    simulate(cfg, tmp_path / "inprocess", quiet=True, cache=ProcessCache())
+    simulate(cfg, tmp_path / "ray", backend="ray", quiet=True)
+    adapter = "adapter/adapter_model.safetensors"
+    assert (tmp_path / "inprocess" / adapter).read_bytes() == (
+        tmp_path / "ray" / adapter
+    ).read_bytes()
+    rows = _rows(tmp_path / "ray")
+    assert [r["secagg_survivors"] for r in rows[1:]] == [cfg.federation.num_clients] * 2

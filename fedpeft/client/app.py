@@ -30,10 +30,10 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpeft.cache import PROCESS_CACHE, ProcessCache
+from fedpeft.client.feedback_state import load_feedback, save_feedback
 from fedpeft.client.secure import keep_lora, keep_zo, secagg_query
 from fedpeft.client.trainer import ClientData, make_trainer
 from fedpeft.client.zo_trainer import fit_zo
-from fedpeft.codecs import ErrorFeedback
 from fedpeft.config import RunConfig
 from fedpeft.config.load import load_config, parse_overrides
 from fedpeft.data.clients import client_eval_records, client_records
@@ -247,13 +247,14 @@ def make_client_app(cfg: RunConfig | None = None, cache: ProcessCache = PROCESS_
         data = client_data(run, handle, partition_id(context), cache, own_data(context))
         update = make_trainer(ins.train.trainer).fit(handle, ins, data)
         if ins.secure:
-            kept = keep_lora(cache, context.node_id, update, ins)
+            kept = keep_lora(context, update, ins)
             return Message(encode_update(kept), reply_to=msg)
-        feedback = None
-        if ins.up_codec.sparse and ins.compress.error_feedback:
-            key = f"error-feedback:{ins.header.run_id}:{data.client_id}"
-            feedback = cache.get(key, ErrorFeedback)
-        return Message(encode_update(update, ins, feedback), reply_to=msg)
+        if not (ins.up_codec.sparse and ins.compress.error_feedback):
+            return Message(encode_update(update, ins), reply_to=msg)
+        feedback = load_feedback(context, ins.header.run_id)
+        content = encode_update(update, ins, feedback)
+        save_feedback(context, ins.header.run_id, feedback)
+        return Message(content, reply_to=msg)
 
     @app.train("zo")
     def train_zo(msg: Message, context: Context) -> Message:
@@ -265,10 +266,10 @@ def make_client_app(cfg: RunConfig | None = None, cache: ProcessCache = PROCESS_
         update = fit_zo(handle, ins, data, cache)
         if ins.secure:
             blocks = get_runtime(handle, ins.spec, cache).num_blocks
-            update = keep_zo(cache, context.node_id, update, ins, blocks)
+            update = keep_zo(context, update, ins, blocks)
         return Message(encode_zo_update(update), reply_to=msg)
 
-    app.query("secagg")(secagg_query(cache))
+    app.query("secagg")(secagg_query())
 
     @app.query("refused")
     def refused(msg: Message, context: Context) -> Message:

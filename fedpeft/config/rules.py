@@ -103,24 +103,6 @@ def _zo_section(cfg: RunConfig, caps: Capabilities) -> str | None:
     )
 
 
-def _ray_node_state(cfg: RunConfig, caps: Capabilities) -> str | None:
-    if cfg.simulation.backend != "ray":
-        return None
-    if cfg.secagg.enabled:
-        return (
-            "simulation.backend = 'ray' runs a node's messages in whichever actor is free, and "
-            "secure aggregation keeps its session between messages in the process: set "
-            "secagg.enabled = false or simulation.backend = 'inprocess'"
-        )
-    if cfg.compress.up in ("topk", "compeft") and cfg.compress.error_feedback:
-        return (
-            "simulation.backend = 'ray' runs a node's messages in whichever actor is free, and "
-            "error feedback keeps its residual in the process (it would restart unseen): set "
-            "compress.error_feedback = false or simulation.backend = 'inprocess'"
-        )
-    return None
-
-
 def _dp_statistics(cfg: RunConfig, caps: Capabilities) -> str | None:
     if not (cfg.dp.active and caps.client_statistics):
         return None
@@ -295,8 +277,6 @@ RULES: tuple[Rule, ...] = (
     Rule(("ranks.mode", "strategy.name"), "different ranks with a strategy that has one rank "
          "(or none: seed/scalar)", _ranks),
     Rule(("zo", "strategy.name"), "a `[zo]` section with a LoRA strategy", _zo_section),
-    Rule(("simulation.backend", "secagg.enabled", "compress.error_feedback"), "per-node state "
-         "(secure aggregation, error feedback) on the Ray backend", _ray_node_state),
     Rule(("compress.up", "strategy.name"), "an upload codec the strategy does not take "
          "(seed/scalar strategies and FedSpine take none)", _codec),
     Rule(("compress.down", "strategy.name"), "a download codec with a seed/scalar strategy",

@@ -36,7 +36,14 @@ import numpy as np
 
 from fedpeft.errors import ProtocolError
 from fedpeft.secagg import shamir
-from fedpeft.secagg.crypto import KeyPair, decrypt, encrypt, expand_mask, pair_key
+from fedpeft.secagg.crypto import (
+    KeyPair,
+    decrypt,
+    encrypt,
+    expand_mask,
+    pair_key,
+    private_from_bytes,
+)
 from fedpeft.secagg.params import Encoding
 
 __all__ = ["STAGES", "SecAggAbort", "SecAggClient", "mask_seed_info", "share_aad"]
@@ -134,6 +141,59 @@ class SecAggClient:
         out = handler(req)
         self.stage = index
         return out
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> dict[str, Any]:
+        """Everything this client knows of its session, as plain values (ints, floats,
+        bytes, lists of them: a Flower ``ConfigRecord``), without the vector.
+
+        A node keeps it in its ``Context.state`` between the stages' messages, which may be
+        handled by different processes (Ray actors, a deployed node's worker).
+        """
+        out: dict[str, Any] = {
+            "stage": self.stage, "session": self.session, "aborted": self.aborted,
+            "revealed_ids": list(self.revealed), "revealed_kinds": list(self.revealed.values()),
+        }  # fmt: skip
+        if self.stage >= 0:
+            out.update(
+                me=self.me, neighbours=sorted(self.neighbours), t=self.t,
+                clip=float(self.encoding.clip), n=self.encoding.n,
+                enc_sk=self.enc_keys.private, mask_sk=self.mask_keys.private,
+            )  # fmt: skip
+        if self.stage >= 1:
+            ids = sorted(self.c_pk)
+            out.update(
+                pk_ids=ids, c_pk=[self.c_pk[i] for i in ids], s_pk=[self.s_pk[i] for i in ids],
+                self_seed=self.self_seed,
+            )  # fmt: skip
+        if self.stage >= 2:
+            held = sorted(self.held)
+            out.update(
+                held_ids=held, held_b=[self.held[u][0] for u in held],
+                held_k=[self.held[u][1] for u in held], masked_with=list(self.masked_with),
+            )  # fmt: skip
+        return out
+
+    @classmethod
+    def restore(cls, state: Mapping[str, Any], vector: np.ndarray) -> SecAggClient:
+        """The client :meth:`state` describes, contributing ``vector``."""
+        c = cls(vector)
+        c.stage, c.session, c.aborted = int(state["stage"]), state["session"], state["aborted"]
+        c.revealed = dict(zip(state["revealed_ids"], state["revealed_kinds"], strict=True))
+        if c.stage >= 0:
+            c.me, c.neighbours, c.t = state["me"], set(state["neighbours"]), state["t"]
+            c.encoding = Encoding(state["clip"], state["n"])
+            c.enc_keys = private_from_bytes(state["enc_sk"])
+            c.mask_keys = private_from_bytes(state["mask_sk"])
+        if c.stage >= 1:
+            c.c_pk = dict(zip(state["pk_ids"], state["c_pk"], strict=True))
+            c.s_pk = dict(zip(state["pk_ids"], state["s_pk"], strict=True))
+            c.self_seed = state["self_seed"]
+        if c.stage >= 2:
+            pairs = zip(state["held_b"], state["held_k"], strict=True)
+            c.held = dict(zip(state["held_ids"], pairs, strict=True))
+            c.masked_with = list(state["masked_with"])
+        return c
 
     # ------------------------------------------------------------------ stages
     def _keys(self, req: Mapping[str, Any], session: bytes) -> dict[str, Any]:

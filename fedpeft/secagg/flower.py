@@ -4,8 +4,10 @@ Each stage's request and reply travel as one ``ConfigRecord`` (``fedpeft.secagg`
 floats, strings, bytes and lists of them: nothing is pickled. :func:`grid_transport` sends a
 stage to the nodes of a session and returns the replies that arrived before the timeout (a
 node that errs or stays silent has dropped). :func:`secagg_handler` is the client side: it
-keeps one :class:`~fedpeft.secagg.client.SecAggClient` per session in the node's process and
-asks ``provider(context, weight)`` for the vector to contribute when a session starts
+keeps the node's :class:`~fedpeft.secagg.client.SecAggClient` for the session in the node's
+Flower ``Context.state`` (which Flower carries per node across Ray actors, and a deployed
+node's worker carries too), and asks ``provider(context, weight)`` for the vector to
+contribute when a session starts
 (``weight``: the ``keys`` request's ``weight``, in ``(0, 1]``, 1 if absent; the coordinator's
 share for this client, which the client multiplies its vector by).
 """
@@ -16,7 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedpeft._flwr import message_nbytes, send_bounded
@@ -97,24 +99,44 @@ def grid_transport(
     return send
 
 
+SESSION = "fedpeft.secagg.session"  # Context.state: the client's session state
+SESSION_VECTOR = "fedpeft.secagg.session-vector"  # Context.state: what it contributes
+
+
+def _load_session(context: Context) -> SecAggClient | None:
+    state, vector = context.state.get(SESSION), context.state.get(SESSION_VECTOR)
+    if not isinstance(state, ConfigRecord) or not isinstance(vector, ArrayRecord):
+        return None
+    return SecAggClient.restore(dict(state), vector["vector"].numpy())
+
+
+def _save_session(context: Context, client: SecAggClient) -> None:
+    context.state[SESSION] = ConfigRecord(client.state())
+    context.state[SESSION_VECTOR] = ArrayRecord({"vector": Array(client.vector)})
+
+
 def secagg_handler(provider: Provider) -> Callable[[Message, Context], Message]:
-    """A ClientApp query handler for ``query.secagg`` contributing ``provider(context)``."""
-    current: dict[int, tuple[bytes, SecAggClient]] = {}  # node -> its session (one at a time)
+    """A ClientApp query handler for ``query.secagg`` contributing ``provider(context, w)``.
+
+    One session per node at a time, kept in ``context.state`` between the stages.
+    """
 
     def handle(msg: Message, context: Context) -> Message:
         req = from_record(msg.content)
         session = req.get("session")
         if not isinstance(session, bytes):
             raise ProtocolError("secagg request without a session id", "decode")
-        held = current.get(context.node_id)
-        if held is None or held[0] != session:
+        client = _load_session(context)
+        if client is None or client.session != session:
             if req.get("stage") != "keys":
                 raise ProtocolError("secagg request for an unknown session", "replay")
             weight = req.get("weight", 1.0)
             if not isinstance(weight, float) or not 0 < weight <= 1:
                 raise ProtocolError(f"secagg weight must be a float in (0, 1], got {weight!r}")
-            vector = provider(context, weight)
-            held = current[context.node_id] = (session, SecAggClient(vector))
-        return Message(to_record(held[1].handle(req)), reply_to=msg)
+            client = SecAggClient(provider(context, weight))
+        try:
+            return Message(to_record(client.handle(req)), reply_to=msg)
+        finally:  # an abort, or a refused request that changed nothing, is kept as it is
+            _save_session(context, client)
 
     return handle
