@@ -52,7 +52,7 @@ def runs() -> dict[str, list[str]]:
         out[name] = [f"strategy.options.arms=[[{ratio}, {float(rank)}]]"]
     out["(c) bandit sw-ucb"] = []
     out["(c2) bandit, 2 arms"] = ["strategy.options.arms=[[0.0, 8.0], [0.75, 4.0]]"]
-    from fedpeft.simulation.devices import assign_profiles
+    from fedpeft.devices import assign_profiles
 
     ids = [str(i) for i in range(12)]
     tx2 = [
@@ -91,7 +91,7 @@ def time_to(rows: list[dict[str, Any]], target: float) -> float | None:
 
 def tiers_of(rows: list[dict[str, Any]]) -> dict[str, str]:
     """Each client's device tier, as the coordinator assigned them (round-robin by id)."""
-    from fedpeft.simulation.devices import assign_profiles
+    from fedpeft.devices import assign_profiles
 
     ids = sorted({c for r in rows[1:] for c in r["client_ids"]})
     return {c: p.name for c, p in assign_profiles(ids, ["tx2", "xavier-nx", "agx"]).items()}

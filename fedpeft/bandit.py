@@ -30,7 +30,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from fedpeft.errors import ConfigError
+from fedpeft.errors import ConfigError, StrategyError
+from fedpeft.plugins import load_object
 from fedpeft.seeding import np_rng
 
 __all__ = [
@@ -232,7 +233,9 @@ class PinnedArms(_Base):
 
 def make_bandit(kind: str, arms: Sequence[Arm], seed: int, **options: float) -> Bandit:
     """A bandit by name: ``sw-ucb``, ``d-ucb``, ``epsilon-greedy``, ``thompson`` or ``pinned``
-    (whose options are ``device id = arm index``).
+    (whose options are ``device id = arm index``), or an out-of-tree :class:`Bandit` class
+    named ``path/to/file.py:Class`` or ``package.module:Class``, built as
+    ``Class(arms=..., seed=..., **options)``.
 
     Raises
     ------
@@ -251,11 +254,23 @@ def make_bandit(kind: str, arms: Sequence[Arm], seed: int, **options: float) -> 
             raise ConfigError(f"pinned bandit options are device = arm index, got {bad}")
         pins = {str(d): int(v) for d, v in options.items()}
         return PinnedArms(arms=list(arms), seed=seed, pins=pins)
-    if kind not in classes:
+    if ":" in kind:  # an out-of-tree bandit: 'path/to/file.py:Class' or 'package.module:Class'
+        try:
+            cls: Any = load_object(kind, "bandit")
+        except StrategyError as err:
+            raise ConfigError(f"bandit {kind!r}: {err}") from None
+    elif kind in classes:
+        cls = classes[kind]
+    else:
         known = ", ".join([*classes, "pinned"])
-        raise ConfigError(f"unknown bandit {kind!r}; known: {known}")
+        raise ConfigError(
+            f"unknown bandit {kind!r}; known: {known}, or 'path/to/file.py:Class' / "
+            "'package.module:Class' of a Bandit"
+        )
     try:
-        bandit = classes[kind](arms=list(arms), seed=seed, **options)  # type: ignore[arg-type]
+        bandit = cls(arms=list(arms), seed=seed, **options)
     except TypeError as err:
         raise ConfigError(f"bandit {kind!r}: {err}") from None
-    return bandit  # type: ignore[return-value]
+    if not isinstance(bandit, Bandit):
+        raise ConfigError(f"bandit {kind!r} built a {type(bandit).__name__}, not a Bandit")
+    return bandit

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from fedpeft.config import RunConfig
-from fedpeft.errors import ConfigError
+from fedpeft.errors import ConfigError, StrategyError
+from fedpeft.plugins import load_object
 from fedpeft.wire import ClientInfo
 
 __all__ = ["FixedRanks", "RankPolicy", "TierRanks", "make_rank_policy"]
@@ -99,9 +100,6 @@ def make_rank_policy(cfg: RunConfig) -> RankPolicy:
         return FixedRanks(default=cfg.lora.rank, ranks=dict(r.map))
     if r.mode == "tiers":
         return TierRanks(tiers=tuple(r.tiers), client_ids=_client_ids(cfg))
-    from fedpeft.errors import StrategyError
-    from fedpeft.strategies.registry import load_object
-
     try:
         cls = load_object(r.policy, "ranks.policy")
         policy = cls(max_rank=r.max_rank, seed=cfg.federation.seed)

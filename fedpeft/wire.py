@@ -94,6 +94,8 @@ BASE_META: Final = "fedpeft.base_meta"
 COMPRESS: Final = "fedpeft.compress"
 LORA: Final = "fedpeft.lora"
 TRAIN: Final = "fedpeft.train"
+OPTIONS: Final = "fedpeft.options"  # the algorithm's own per-client options (one record)
+OptionValue = bool | int | float | str
 METRICS: Final = "fedpeft.metrics"
 INFO: Final = "fedpeft.info"
 
@@ -147,8 +149,13 @@ class TrainInstruction:
     secure: bool = False  # keep the change for secure aggregation; reply with no tensors
     dp_clip: float = 0.0  # secure + DP: clip the kept change to this L2 norm
     dp_noise: float = 0.0  # secure + DP: std of the Gaussian noise this client adds
+    # the algorithm's own options for this client (its trainer reads them; e.g. FedProx's mu)
+    options: Mapping[str, OptionValue] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        bad = {k: v for k, v in self.options.items() if not isinstance(v, (bool, int, float, str))}
+        if bad:
+            raise ProtocolError(f"instruction options must be bool, int, float or str: {bad}")
         if self.parts not in PARTS:
             raise ProtocolError(f"parts must be one of {PARTS}, got {self.parts!r}")
         if not 0 < self.reg_gamma <= 1 or self.reg_lambda < 0:
@@ -336,6 +343,8 @@ def encode_instruction(ins: TrainInstruction, shared: SharedRecords | None = Non
         content[BASE], content[BASE_META] = encode_adapter(ins.base, codec=codec, shared=shared)
     if ins.prune is not None:
         content[PRUNE] = encode_plan(ins.prune)
+    if ins.options:
+        content[OPTIONS] = ConfigRecord(dict(sorted(ins.options.items())))
     return RecordDict(content)
 
 
@@ -376,7 +385,20 @@ def decode_instruction(content: RecordDict) -> TrainInstruction:
         secure=get_flag(lora, "secure", LORA),
         dp_clip=get_float(lora, "dp_clip", LORA),
         dp_noise=get_float(lora, "dp_noise", LORA),
+        options=_decode_options(content),
     )
+
+
+def _decode_options(content: RecordDict) -> dict[str, OptionValue]:
+    if OPTIONS not in content:
+        return {}
+    rec = get_record(content, OPTIONS, ConfigRecord)
+    out: dict[str, OptionValue] = {}
+    for key, value in rec.items():
+        if not isinstance(value, (bool, int, float, str)):
+            raise ProtocolError(f"{OPTIONS}.{key} must be bool, int, float or str", "decode")
+        out[str(key)] = value
+    return out
 
 
 def encode_update(

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from fedpeft.devices import TIERS, DeviceProfile, assign_profiles, simulated_times
 from fedpeft.errors import ConfigError
-from fedpeft.simulation.devices import TIERS, DeviceProfile, assign_profiles, simulated_times
 from fedpeft.simulation.runner import simulate
 
 

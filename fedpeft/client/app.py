@@ -31,6 +31,7 @@ from flwr.clientapp import ClientApp
 
 from fedpeft.cache import PROCESS_CACHE, ProcessCache
 from fedpeft.client.feedback_state import load_feedback, save_feedback
+from fedpeft.client.prune_trainer import PruneTrainer
 from fedpeft.client.secure import keep_lora, keep_zo, secagg_query
 from fedpeft.client.trainer import ClientData, make_trainer
 from fedpeft.client.zo_trainer import fit_zo
@@ -43,6 +44,7 @@ from fedpeft.errors import ConfigError, ProtocolError
 from fedpeft.evaluation import EvalSet, Evaluator
 from fedpeft.lora import ModelHandle
 from fedpeft.models import get_model, model_key
+from fedpeft.strategies.registry import resolve
 from fedpeft.wire import (
     HEADER,
     ClientInfo,
@@ -245,7 +247,12 @@ def make_client_app(cfg: RunConfig | None = None, cache: ProcessCache = PROCESS_
     def train(msg: Message, context: Context) -> Message:
         run, handle, ins = _decode(cfg, context, cache, msg)
         data = client_data(run, handle, partition_id(context), cache, own_data(context))
-        update = make_trainer(ins.train.trainer).fit(handle, ins, data)
+        if ins.prune is not None:  # FedSpine's structured pruning has its own loop
+            update = PruneTrainer().fit(handle, ins, data)
+        else:
+            update = make_trainer(ins.train.trainer, resolve(run.strategy.name)).fit(
+                handle, ins, data
+            )
         if ins.secure:
             kept = keep_lora(context, update, ins)
             return Message(encode_update(kept), reply_to=msg)

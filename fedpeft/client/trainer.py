@@ -5,6 +5,12 @@ each round from the global factors the instruction carries, with a fresh optimiz
 FedIT and FedAvg do). Data order and LoRA dropout come from the instruction's seed, so a
 client round is reproducible on any backend. :class:`NoopTrainer` echoes the factors back
 unchanged; benchmarks use it to measure the simulation's own overhead.
+
+An algorithm's client half is its strategy class's ``trainer`` attribute (any object with
+``fit(handle, ins, data)``), found by :func:`trainer_for` from the scenario the client runs;
+most algorithms hook into the shared loop instead of writing one: ``LoraTrainer(penalty=f)``
+adds ``f(handle, adapter_name, ins)()`` to every micro-batch loss (FedProx's proximal term,
+``strategies/fedprox.py``), and ``ins.options`` carries the algorithm's per-client values.
 """
 
 from __future__ import annotations
@@ -13,12 +19,13 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from fedpeft.config import TrainConfig
 from fedpeft.data.tokenize import Example, collate
+from fedpeft.errors import ProtocolError
 from fedpeft.lora import ModelHandle
 from fedpeft.seeding import derive_seed, scoped_torch_seed, torch_generator
 from fedpeft.wire import Header, LoraUpdate, TrainInstruction
@@ -27,6 +34,7 @@ __all__ = [
     "ClientData",
     "LoraTrainer",
     "NoopTrainer",
+    "PenaltyHook",
     "Trainer",
     "batch_stream",
     "local_steps",
@@ -131,23 +139,33 @@ def batch_stream(ins: TrainInstruction, data: ClientData) -> Iterator[list[int]]
     return _batches(len(data.examples), ins.train.batch_size, torch_generator(ins.seed, "batches"))
 
 
+PenaltyHook = Callable[[ModelHandle, str, TrainInstruction], Callable[[], torch.Tensor]]
+
+
 class LoraTrainer:
     """AdamW on the LoRA factors the instruction asks to train (``parts``).
+
+    ``penalty``: an algorithm's hook, called once the round's factors are loaded (so it can
+    keep them), returning the term added to every micro-batch loss.
+
 
     FLoRA's frozen global adapter (``ins.base``) is merged into the base weights for the
     round. HetLoRA's rank self-pruning (Cho et al. 2024): with ``reg_lambda > 0`` the loss
     gains ``lambda * (||A[g:]|| + ||B[:, g:]||)`` with ``g = floor(gamma r)``; when that tail
     norm ends the round below where it started, the client reports ``prune_rank = g`` and
     the coordinator trains it at that rank from then on. An instruction with a pruning plan
-    goes to :class:`~fedpeft.client.prune_trainer.PruneTrainer`.
+    goes to :class:`~fedpeft.client.prune_trainer.PruneTrainer` (the client app decides).
     """
+
+    def __init__(self, penalty: PenaltyHook | None = None) -> None:
+        self.penalty = penalty
 
     def fit(self, handle: ModelHandle, ins: TrainInstruction, data: ClientData) -> LoraUpdate:
         """Run the instruction's local steps and return the trained factors."""
         if ins.prune is not None:
-            from fedpeft.client.prune_trainer import PruneTrainer
-
-            return PruneTrainer().fit(handle, ins, data)
+            raise ProtocolError(
+                "an instruction with a pruning plan goes to PruneTrainer, not LoraTrainer"
+            )
         t0 = time.perf_counter()
         name = handle.ensure_adapter(ins.lora)
         handle.set_factors(name, ins.adapter)
@@ -162,7 +180,12 @@ class LoraTrainer:
         ):
             with torch.no_grad():
                 tail_start = float(_tail_norm(handle, name, keep)) if prune else 0.0
-            penalty = (lambda: ins.reg_lambda * _tail_norm(handle, name, keep)) if prune else None
+            terms: list[Callable[[], torch.Tensor]] = []
+            if prune:
+                terms.append(lambda: ins.reg_lambda * _tail_norm(handle, name, keep))
+            if self.penalty is not None:
+                terms.append(self.penalty(handle, name, ins))
+            penalty = _summed(terms) if terms else None
             run_steps(handle, name, ins, data, batch_stream(ins, data), steps, losses, penalty)
             metrics = {
                 "train_loss": sum(losses) / len(losses),
@@ -181,6 +204,16 @@ class LoraTrainer:
         )
 
 
+def _summed(terms: list[Callable[[], torch.Tensor]]) -> Callable[[], torch.Tensor]:
+    def total() -> torch.Tensor:
+        out = terms[0]()
+        for term in terms[1:]:
+            out = out + term()
+        return out
+
+    return total
+
+
 class NoopTrainer:
     """Returns the instruction's factors unchanged (measures framework overhead)."""
 
@@ -191,6 +224,10 @@ class NoopTrainer:
         )
 
 
-def make_trainer(kind: str) -> Trainer:
-    """The trainer named by ``train.trainer``."""
-    return NoopTrainer() if kind == "noop" else LoraTrainer()
+def make_trainer(kind: str, algorithm: type[Any] | None = None) -> Trainer:
+    """The trainer named by ``train.trainer`` (``noop``), else the algorithm's client half:
+    its strategy class's ``trainer``, or the shared :class:`LoraTrainer`."""
+    if kind == "noop":
+        return NoopTrainer()
+    own = getattr(algorithm, "trainer", None) if algorithm is not None else None
+    return own if own is not None else LoraTrainer()

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 from fedpeft.algorithms.capabilities import Capabilities
 from fedpeft.config.sections import RunConfig, ZoConfig
+from fedpeft.devices import assign_profiles
 from fedpeft.errors import ConfigError
-from fedpeft.simulation.devices import assign_profiles
 
 __all__ = ["RULES", "Rule", "combinations_markdown", "cross_section_problems", "same_factors"]
 

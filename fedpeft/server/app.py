@@ -11,6 +11,7 @@ strategies also ``zo_state.safetensors``).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,6 @@ from fedpeft.server.checkpoint import CHECKPOINT
 from fedpeft.server.coordinator import Coordinator, clients_per_round, new_run_id
 from fedpeft.server.results import RunReporter, summarize
 from fedpeft.server.start import initial_global, save_global
-from fedpeft.simulation.attacks import AttackGrid
 from fedpeft.strategies.base import AggregateResult
 from fedpeft.strategies.dp import DpAggregation
 from fedpeft.strategies.registry import build_strategy, resolve, strategy_capabilities
@@ -124,14 +124,18 @@ def make_server_app(
     outcome: Outcome,
     cache: ProcessCache = PROCESS_CACHE,
     resume: bool = False,
+    wrap_grid: Callable[[Grid], Grid] | None = None,
 ) -> ServerApp:
-    """A ``ServerApp`` whose ``main`` runs :func:`run_server` and records the outcome."""
+    """A ``ServerApp`` whose ``main`` runs :func:`run_server` and records the outcome.
+
+    ``wrap_grid`` wraps the grid Flower hands the app (the simulation's attackers).
+    """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        if cfg.attack.kind != "none":
-            grid = AttackGrid(grid, cfg)  # simulated attackers (simulation only)
+        if wrap_grid is not None:
+            grid = wrap_grid(grid)
         try:
             outcome.summary = run_server(grid, cfg, out_dir, reporter, cache, resume, outcome)
         except BaseException as err:

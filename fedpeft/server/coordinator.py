@@ -35,6 +35,7 @@ from typing import Any
 from flwr.serverapp import Grid
 
 from fedpeft.config import RunConfig, TrainConfig
+from fedpeft.devices import DeviceProfile, assign_profiles, simulated_times
 from fedpeft.errors import RoundError
 from fedpeft.privacy import PrivacyBudgetExhausted
 from fedpeft.seeding import derive_seed, np_rng
@@ -51,7 +52,6 @@ from fedpeft.server.fedeval import federated_eval
 from fedpeft.server.rows import client_choices, round_row
 from fedpeft.server.secure_round import secure_aggregate
 from fedpeft.server.validate import Limits, cap_weights
-from fedpeft.simulation.devices import DeviceProfile, assign_profiles, simulated_times
 from fedpeft.strategies.base import AggregateResult, LoraPlan, Strategy, ZoPlan
 from fedpeft.strategies.registry import strategy_capabilities
 from fedpeft.wire import ClientInfo, Header, TrainInstruction
@@ -270,7 +270,7 @@ class Coordinator:
                     header, plan.spec, train, plan.adapter, seed,
                     parts=plan.parts, base=plan.base, compress=self.cfg.compress,
                     reg_lambda=plan.reg_lambda, reg_gamma=plan.reg_gamma, prune=plan.prune,
-                    secure=secure, dp_clip=clip, dp_noise=noise,
+                    secure=secure, dp_clip=clip, dp_noise=noise, options=dict(plan.options),
                 )  # fmt: skip
         return out
 

@@ -30,6 +30,7 @@ from fedpeft.config.load import combination_problems, config_to_dict, dump_toml
 from fedpeft.errors import ConfigError, FedpeftError
 from fedpeft.server.app import Outcome, make_server_app
 from fedpeft.server.results import RunReporter
+from fedpeft.simulation.attacks import AttackGrid
 from fedpeft.simulation.inprocess import InProcessGrid
 from fedpeft.zo.runtime import discard_changed_models
 
@@ -109,7 +110,8 @@ def simulate(
         out, cfg.federation.rounds, quiet=quiet, tensorboard=tensorboard, resume=resume
     )
     outcome = outcome if outcome is not None else Outcome()
-    server_app = make_server_app(cfg, out, reporter, outcome, cache, resume)
+    attack = (lambda grid: AttackGrid(grid, cfg)) if cfg.attack.kind != "none" else None
+    server_app = make_server_app(cfg, out, reporter, outcome, cache, resume, wrap_grid=attack)
     client_app = make_client_app(cfg, cache)
     n = num_nodes(cfg)
     try:

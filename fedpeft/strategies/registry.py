@@ -2,40 +2,40 @@
 
 ``strategy.name`` may be
 
-- a registered name (``fedavg``; in-tree strategies register beside their definition),
-- ``path/to/file.py:ClassName`` (relative to the working directory),
-- ``package.module:ClassName`` (importable dotted path), or
-- the name of an entry point in the ``fedpeft.strategies`` group of an installed package.
+- a name registered in this process (:func:`register_strategy`),
+- the name of an entry point in the ``fedpeft.strategies`` group of an installed package: the
+  in-tree strategies are declared there too, in fedpeft's ``pyproject.toml``, so this module
+  never imports the strategies package (no import cycle),
+- ``path/to/file.py:ClassName`` (relative to the working directory), or
+- ``package.module:ClassName`` (importable dotted path).
 
 A strategy class has a ``Config`` dataclass of options, a ``capabilities`` attribute
 (:class:`~fedpeft.algorithms.capabilities.Capabilities`, or a function of the options returning
-one) and is built as ``Cls(config, ctx)``. Registering a name twice, or a class without that
-shape, fails loudly.
+one), optionally its client half as ``trainer`` (an object with ``fit(handle, ins, data)``),
+and is built as ``Cls(config, ctx)``. Registering a name twice, or a class without that shape,
+fails loudly.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
 import inspect
 import re
-import sys
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from fedpeft.algorithms.capabilities import Capabilities, capabilities_of
 from fedpeft.config.build import build_dataclass
 from fedpeft.errors import StrategyError
+from fedpeft.plugins import load_object
 from fedpeft.strategies.base import Strategy, StrategyContext
 
 __all__ = [
     "build_strategy",
     "check_strategy_config",
-    "load_object",
     "register_strategy",
     "registered",
     "resolve",
@@ -63,6 +63,12 @@ def _check_shape(cls: type[Any], where: str) -> None:
     ]
     if missing:
         raise StrategyError(f"{where}: {cls.__name__} lacks the Strategy methods {missing}")
+    trainer = getattr(cls, "trainer", None)
+    if trainer is not None and not callable(getattr(trainer, "fit", None)):
+        raise StrategyError(
+            f"{where}: {cls.__name__}.trainer (its client half) needs a fit(handle, ins, data) "
+            f"method; got {trainer!r}"
+        )
     caps = getattr(cls, "capabilities", None)
     if not isinstance(caps, Capabilities) and not callable(caps):
         raise StrategyError(
@@ -91,58 +97,15 @@ def register_strategy(name: str, cls: type[Any]) -> None:
     _REGISTRY[name] = cls
 
 
+def _entry_points(name: str | None = None) -> list[importlib.metadata.EntryPoint]:
+    eps = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    return [ep for ep in eps if name is None or ep.name == name]
+
+
 def registered() -> list[str]:
-    """Names of the registered strategies."""
-    import fedpeft.strategies  # noqa: F401  (in-tree strategies register on import)
-
-    return sorted(_REGISTRY)
-
-
-def _load_file(path: Path, attr: str) -> Any:
-    if not path.is_file():
-        raise StrategyError(f"strategy file {str(path)!r} does not exist")
-    digest = hashlib.blake2b(str(path.resolve()).encode(), digest_size=4).hexdigest()
-    mod_name = f"fedpeft_plugin_{re.sub(r'[^0-9a-zA-Z_]', '_', path.stem)}_{digest}"
-    if mod_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(mod_name, path)
-        if spec is None or spec.loader is None:
-            raise StrategyError(f"cannot import {str(path)!r} as a Python module")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[mod_name] = module
-        try:
-            spec.loader.exec_module(module)
-        except Exception as err:
-            del sys.modules[mod_name]
-            raise StrategyError(f"importing {str(path)!r} failed: {err!r}") from err
-    return _attr(sys.modules[mod_name], attr, str(path))
-
-
-def _attr(module: Any, attr: str, where: str) -> Any:
-    if not hasattr(module, attr):
-        names = [n for n in dir(module) if not n.startswith("_")]
-        raise StrategyError(f"{where} has no {attr!r}; it defines {names}")
-    return getattr(module, attr)
-
-
-def load_object(ref: str, what: str) -> Any:
-    """The object named by ``'path/to/file.py:Name'`` or ``'package.module:Name'``.
-
-    Raises
-    ------
-    StrategyError
-        If the file or module cannot be imported or lacks the name.
-    """
-    path, sep, attr = ref.rpartition(":")
-    if not sep or not path or not attr:
-        raise StrategyError(
-            f"{what} {ref!r} must be 'path/to/file.py:Name' or 'package.module:Name'"
-        )
-    if path.endswith(".py") or "/" in path:
-        return _load_file(Path(path), attr)
-    try:
-        return _attr(importlib.import_module(path), attr, path)
-    except ImportError as err:
-        raise StrategyError(f"cannot import {path!r} for {what} {ref!r}: {err}") from err
+    """Names of the registered strategies: in-tree and installed ones (entry points, as
+    ``pyproject.toml`` declares fedpeft's own) and those registered in this process."""
+    return sorted(set(_REGISTRY) | {ep.name for ep in _entry_points()})
 
 
 def resolve(name: str) -> type[Any]:
@@ -153,20 +116,20 @@ def resolve(name: str) -> type[Any]:
     StrategyError
         Naming the registered strategies when nothing matches.
     """
-    known = registered()
     if name in _REGISTRY:
         return _REGISTRY[name]
     if ":" in name:
         cls = load_object(name, "strategy")
     else:
-        eps = [
-            ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.name == name
-        ]
+        eps = _entry_points(name)
         if not eps:
             raise StrategyError(
-                f"unknown strategy {name!r}; registered: {', '.join(known)}; or give "
+                f"unknown strategy {name!r}; registered: {', '.join(registered())}; or give "
                 "'path/to/file.py:Class' or 'package.module:Class'"
             )
+        if len({ep.value for ep in eps}) > 1:
+            where = ", ".join(sorted({ep.value for ep in eps}))
+            raise StrategyError(f"strategy {name!r} is declared by several packages: {where}")
         cls = eps[0].load()
     _check_shape(cls, f"strategy {name!r}")
     return cls  # type: ignore[no-any-return]

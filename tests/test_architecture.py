@@ -1,0 +1,213 @@
+"""The package's layering, and extensions that take one file (docs/architecture.md).
+
+- No import cycle among fedpeft's modules, counting imports inside functions; the server
+  does not import the simulation.
+- A throwaway heterogeneous-rank strategy and a throwaway FedSpine bandit, each one file
+  written here, plug in and run a round.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+from fedpeft.cache import ProcessCache
+from fedpeft.simulation.runner import simulate
+from fedpeft.testing import check_strategy
+
+ROOT = Path(__file__).resolve().parents[1] / "fedpeft"
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in ROOT.rglob("*.py"):
+        parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module -> the fedpeft modules it imports anywhere in its file (functions included)."""
+    mods = _modules()
+
+    def owner(name: str) -> str | None:  # the module a dotted name lives in
+        while name and name not in mods:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for mod, path in mods.items():
+        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(parts + ([node.module] if node.module else []))
+                names = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base
+                         for a in node.names]  # fmt: skip
+            for name in names:
+                target = owner(name) if name.startswith("fedpeft") else None
+                if target and target != mod:
+                    graph[mod].add(target)
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    top = stack.pop()
+                    on_stack.discard(top)
+                    component.append(top)
+                    if top == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def test_the_cycle_finder_finds_a_planted_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert _cycles(graph) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycle_among_fedpeft_modules():
+    graph = _import_graph()
+    assert len(graph) > 100 and "fedpeft.strategies.registry" in graph
+    assert "fedpeft.errors" in graph["fedpeft.strategies.registry"]
+    assert _cycles(graph) == []
+
+
+def test_the_server_does_not_import_the_simulation():
+    graph = _import_graph()
+    server = [m for m in graph if m.startswith("fedpeft.server")]
+    assert server
+    leaks = {m: sorted(t for t in graph[m] if t.startswith("fedpeft.simulation")) for m in server}
+    assert {m: t for m, t in leaks.items() if t} == {}
+
+
+ZERO_PAD = """
+from dataclasses import dataclass
+from fedpeft.algorithms.capabilities import Capabilities
+from fedpeft.strategies.base import AggregateResult, adapter_from_state, adapter_state
+from fedpeft.strategies.hetero import UnitGlobal, example_weights, ordered, padded_sum
+from fedpeft.strategies.hetero import plans_from_global, ranks_for
+from fedpeft.wire import LoraFactors
+
+
+class ZeroPad:
+    '''Zero-padded FedIT over mixed ranks (the FLoRA paper's baseline), in one file.'''
+
+    capabilities = Capabilities(family="lora", heterogeneous_ranks=True)
+
+    @dataclass(frozen=True)
+    class Config:
+        weighted: bool = True
+
+    def __init__(self, config, ctx):
+        self.config, self.ctx = config, ctx
+        self.glob = UnitGlobal(ctx)
+
+    def configure_train(self, server_round, clients):
+        ranks = ranks_for(self.ctx, server_round, clients, {})
+        return plans_from_global(self.ctx, self.glob.adapter, ranks)
+
+    def aggregate_train(self, server_round, updates):
+        ups, modules = ordered(updates, "zero-pad")
+        w = example_weights(ups, self.config.weighted)
+        rank = next(iter(self.glob.adapter.values())).rank
+        out = {m: LoraFactors(a=padded_sum(ups, m, w, rank, "A").float(),
+                              b=padded_sum(ups, m, w, rank, "B").float(), alpha=float(rank))
+               for m in modules}
+        return self.glob.update(out, {})
+
+    def state_dict(self):
+        return self.glob.state()
+
+    def load_state_dict(self, state):
+        self.glob.load(state)
+"""
+
+
+def test_a_heterogeneous_rank_strategy_is_one_file(tiny_config, tmp_path):
+    (tmp_path / "zero_pad.py").write_text(ZERO_PAD)
+    name = f"{tmp_path / 'zero_pad.py'}:ZeroPad"
+    check_strategy(name)
+    cfg = tiny_config(f"strategy.name={name!r}", "ranks.mode=tiers", "ranks.tiers=[2,4]",
+                      "federation.rounds=1")  # fmt: skip
+    summary = simulate(cfg, tmp_path / "run", quiet=True, cache=ProcessCache())
+    assert summary["rounds"] == 1
+
+
+GREEDY = """
+from dataclasses import dataclass, field
+import numpy as np
+
+
+@dataclass
+class AlwaysFirst:
+    '''A throwaway bandit: every device plays arm 0, and it counts what it was told.'''
+    arms: list
+    seed: int
+    told: dict = field(default_factory=dict)
+
+    def select(self, device):
+        return 0
+
+    def update(self, device, arm, reward):
+        self.told[device] = self.told.get(device, 0) + 1
+
+    def state_dict(self):
+        return {"told": dict(self.told)}
+
+    def load_state_dict(self, state):
+        self.told = dict(state["told"])
+"""
+
+
+def test_a_fedspine_bandit_is_one_file(tiny_config, tmp_path):
+    (tmp_path / "greedy.py").write_text(GREEDY)
+    bandit = f"strategy.options.bandit='{tmp_path / 'greedy.py'}:AlwaysFirst'"
+    cfg = tiny_config("strategy.name=fedspine", "federation.rounds=2", bandit)
+    simulate(cfg, tmp_path / "run", quiet=True, cache=ProcessCache())
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    ratios = {v for r in rows[1:] for k, v in r.items() if k.startswith("arm_ratio/")}
+    ranks = {v for r in rows[1:] for k, v in r.items() if k.startswith("arm_rank/")}
+    assert rows[-1]["round"] == 2 and ratios and ranks, rows[1]
+    assert ratios == {0.0} and ranks == {8.0}, (ratios, ranks)  # arm 0 of the defaults
