@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -61,6 +63,27 @@ def _fresh_process_cache():
     an earlier one built or changed (a full-model seed/scalar run moves the cached weights)."""
     yield
     PROCESS_CACHE.clear()
+
+
+@pytest.fixture
+def install_plugin(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Callable[[Path, str, str], None]:
+    """``install_plugin(file, module, entry)``: a copy of ``file`` as module ``module`` with a
+    distribution's metadata declaring ``entry`` (``"name = module:Class"``) in the
+    ``fedpeft.strategies`` group, on ``sys.path``, as pip leaves an installed plug-in."""
+
+    def install(file: Path, module: str, entry: str) -> None:
+        shutil.copy(file, tmp_path / f"{module}.py")
+        info = tmp_path / f"{module}-1.0.dist-info"
+        info.mkdir()
+        name = module.replace("_", "-")
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+        (info / "entry_points.txt").write_text(f"[fedpeft.strategies]\n{entry}\n")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        monkeypatch.delitem(sys.modules, module, raising=False)
+
+    return install
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ and the same client half runs whether the plug-in is a file, a dotted path or an
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
@@ -74,21 +73,14 @@ def test_a_large_mu_keeps_the_clients_near_the_global_they_were_sent(tiny_config
 
 
 def test_file_dotted_path_and_entry_point_run_the_same_client_half(
-    tiny_config, tmp_path, monkeypatch
+    tiny_config, tmp_path, monkeypatch, install_plugin
 ):
     by_file = _run(tiny_config, tmp_path / "file", f"strategy.name='{FILE}:FedProx'",
                    "strategy.options.mu=10.0")  # fmt: skip
     monkeypatch.syspath_prepend(str(REPO))  # the strategies/ folder as a namespace package
     dotted = _run(tiny_config, tmp_path / "dotted", "strategy.name='strategies.fedprox:FedProx'",
                   "strategy.options.mu=10.0")  # fmt: skip
-    shutil.copy(FILE, tmp_path / "ep_fedprox.py")
-    info = tmp_path / "ep_fedprox-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: ep-fedprox\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text(
-        "[fedpeft.strategies]\nep-fedprox = ep_fedprox:FedProx\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
+    install_plugin(FILE, "ep_fedprox", "ep-fedprox = ep_fedprox:FedProx")
     entry = _run(tiny_config, tmp_path / "entry", "strategy.name=ep-fedprox",
                  "strategy.options.mu=10.0")  # fmt: skip
     fedavg = _run(tiny_config, tmp_path / "fedavg")

@@ -125,26 +125,15 @@ def test_bad_options_are_listed_with_valid_keys():
     assert "weighted must be bool" in text
 
 
-def test_a_strategy_installed_as_an_entry_point_is_found_by_name(tmp_path, monkeypatch):
+def test_a_strategy_installed_as_an_entry_point_is_found_by_name(install_plugin):
     """A package that declares ``[project.entry-points."fedpeft.strategies"]`` is found by the
     name it declares: here a distribution's metadata written to a folder on ``sys.path``, as
     pip leaves it, pointing at a copy of the shipped median plug-in."""
-    import shutil
-    import sys
-
     import torch
 
     from fedpeft.wire import Header, LoraFactors, LoraUpdate
 
-    shutil.copy(PLUGIN_FILE, tmp_path / "ep_median_plugin.py")
-    info = tmp_path / "ep_median_plugin-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: ep-median-plugin\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text(
-        "[fedpeft.strategies]\nep-median = ep_median_plugin:CoordinateMedian\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "ep_median_plugin", raising=False)
+    install_plugin(PLUGIN_FILE, "ep_median_plugin", "ep-median = ep_median_plugin:CoordinateMedian")
     cls = resolve("ep-median")
     assert cls.__name__ == "CoordinateMedian" and cls.__module__ == "ep_median_plugin"
     spec = LoraSpec(1, 1.0, ("q_proj",))

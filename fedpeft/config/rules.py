@@ -60,6 +60,37 @@ def _shapes_why(cfg: RunConfig, caps: Capabilities) -> str:
     return f"ranks.mode = {cfg.ranks.mode!r} gives clients different ranks"
 
 
+def _one_shape(
+    active: Callable[[RunConfig], bool], what: str, off: str
+) -> Callable[[RunConfig, Capabilities], str | None]:
+    """A rule: ``what`` needs every LoRA client to train one shape; ``off`` turns it off."""
+
+    def check(cfg: RunConfig, caps: Capabilities) -> str | None:
+        if not active(cfg) or caps.family == "zo" or same_factors(cfg, caps):
+            return None
+        return (
+            f"{what}, but {_shapes_why(cfg, caps)}: use ranks.mode = 'uniform' with a "
+            f"non-pruning strategy, or {off}"
+        )
+
+    return check
+
+
+_dp_shapes = _one_shape(
+    lambda c: c.dp.active,
+    "dp.noise_multiplier > 0 clips and averages the clients' changes to one set of factors",
+    "dp.noise_multiplier = 0",
+)
+_robust_shapes = _one_shape(
+    lambda c: c.robust.active,
+    "robust rules compare the clients' changes coordinate by coordinate",
+    "robust.rule = 'mean' with robust.clip_norm = 0",
+)
+_secagg_shapes = _one_shape(
+    lambda c: c.secagg.enabled, "secagg sums one shape for all clients", "secagg.enabled = false"
+)
+
+
 def _ranks(cfg: RunConfig, caps: Capabilities) -> str | None:
     if cfg.ranks.mode == "uniform" or (caps.heterogeneous_ranks and not caps.chooses_ranks):
         return None
@@ -113,16 +144,6 @@ def _dp_statistics(cfg: RunConfig, caps: Capabilities) -> str | None:
     )
 
 
-def _dp_shapes(cfg: RunConfig, caps: Capabilities) -> str | None:
-    if not cfg.dp.active or caps.family == "zo" or same_factors(cfg, caps):
-        return None
-    return (
-        f"dp.noise_multiplier > 0 clips and averages the clients' changes to one set of "
-        f"factors, but {_shapes_why(cfg, caps)}: use ranks.mode = 'uniform' with a "
-        "non-pruning strategy, or dp.noise_multiplier = 0"
-    )
-
-
 def _dp_robust(cfg: RunConfig, caps: Capabilities) -> str | None:
     if not (cfg.dp.active and cfg.robust.active):
         return None
@@ -151,16 +172,6 @@ def _robust_family(cfg: RunConfig, caps: Capabilities) -> str | None:
     return None
 
 
-def _robust_shapes(cfg: RunConfig, caps: Capabilities) -> str | None:
-    if not cfg.robust.active or caps.family == "zo" or same_factors(cfg, caps):
-        return None
-    return (
-        f"robust rules compare the clients' changes coordinate by coordinate, but "
-        f"{_shapes_why(cfg, caps)}: use ranks.mode = 'uniform' with a non-pruning strategy, "
-        "or robust.rule = 'mean' with robust.clip_norm = 0"
-    )
-
-
 def _secagg_strategy(cfg: RunConfig, caps: Capabilities) -> str | None:
     if not cfg.secagg.enabled or caps.linear:
         return None
@@ -169,15 +180,6 @@ def _secagg_strategy(cfg: RunConfig, caps: Capabilities) -> str | None:
         f"{cfg.strategy.name!r} is not linear (its new global is not the sent model plus the "
         "mean change): use a linear strategy (fedavg, ffa, rolora, fedkseed, ferret) or "
         "secagg.enabled = false"
-    )
-
-
-def _secagg_shapes(cfg: RunConfig, caps: Capabilities) -> str | None:
-    if not cfg.secagg.enabled or caps.family == "zo" or same_factors(cfg, caps):
-        return None
-    return (
-        f"secagg sums one shape for all clients, but {_shapes_why(cfg, caps)}: use "
-        "ranks.mode = 'uniform' with a non-pruning strategy, or secagg.enabled = false"
     )
 
 
