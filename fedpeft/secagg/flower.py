@@ -110,9 +110,10 @@ def _load_session(context: Context) -> SecAggClient | None:
     return SecAggClient.restore(dict(state), vector["vector"].numpy())
 
 
-def _save_session(context: Context, client: SecAggClient) -> None:
+def _save_session(context: Context, client: SecAggClient, new: bool) -> None:
     context.state[SESSION] = ConfigRecord(client.state())
-    context.state[SESSION_VECTOR] = ArrayRecord({"vector": Array(client.vector)})
+    if new:  # the vector is fixed for the session: stored once, not at every stage
+        context.state[SESSION_VECTOR] = ArrayRecord({"vector": Array(client.vector)})
 
 
 def secagg_handler(provider: Provider) -> Callable[[Message, Context], Message]:
@@ -126,8 +127,11 @@ def secagg_handler(provider: Provider) -> Callable[[Message, Context], Message]:
         session = req.get("session")
         if not isinstance(session, bytes):
             raise ProtocolError("secagg request without a session id", "decode")
-        client = _load_session(context)
-        if client is None or client.session != session:
+        held = _load_session(context)
+        new = held is None or held.session != session
+        if held is not None and not new:
+            client = held
+        else:
             if req.get("stage") != "keys":
                 raise ProtocolError("secagg request for an unknown session", "replay")
             weight = req.get("weight", 1.0)
@@ -137,6 +141,6 @@ def secagg_handler(provider: Provider) -> Callable[[Message, Context], Message]:
         try:
             return Message(to_record(client.handle(req)), reply_to=msg)
         finally:  # an abort, or a refused request that changed nothing, is kept as it is
-            _save_session(context, client)
+            _save_session(context, client, new)
 
     return handle
