@@ -30,8 +30,10 @@ from fedpeft.errors import ConfigError
 from fedpeft.models import get_model, handle_of, model_key
 from fedpeft.server.app import Outcome
 from fedpeft.simulation.runner import simulate as run_scenario
+from fedpeft.strategies.registry import resolve
 from fedpeft.wire import Adapter, LoraSpec
 from fedpeft.zo.runtime import get_runtime
+from fedpeft.zo.trainer import direction_mask
 
 __all__ = ["SimulationResult", "simulate"]
 
@@ -188,6 +190,6 @@ def simulate(
 
 def _zo_lora_adapter(cfg: RunConfig, cache: ProcessCache, final: Any) -> Adapter:
     handle = get_model(cfg.model, cache)
-    rt = get_runtime(handle, final.zo.spec, cache)
+    rt = get_runtime(handle, final.zo.spec, cache, direction_mask(resolve(cfg.strategy.name)))
     rt.set_global(final.zo.coeffs, final.zo.version)
     return handle.get_factors(handle.ensure_adapter(final.zo.spec.lora))

@@ -32,7 +32,7 @@ from fedpeft.lora import ModelHandle
 from fedpeft.seeding import np_rng
 from fedpeft.strategies.base import AggregateResult
 from fedpeft.wire import Adapter, LoraSpec
-from fedpeft.zo.runtime import get_runtime
+from fedpeft.zo.runtime import DirectionMask, get_runtime
 
 __all__ = ["EvalSet", "Evaluator", "eval_loss", "generate", "task_metric"]
 
@@ -149,6 +149,8 @@ class Evaluator:
         The held-out examples.
     cache : ProcessCache
         Where the process's zeroth-order runtimes live.
+    mask : DirectionMask | None
+        A seed/scalar variant's direction mask (what its global coefficients are over).
     """
 
     def __init__(
@@ -157,11 +159,13 @@ class Evaluator:
         handle: ModelHandle,
         evalset: EvalSet,
         cache: ProcessCache = PROCESS_CACHE,
+        mask: DirectionMask | None = None,
     ) -> None:
         self.cfg = cfg
         self.handle = handle
         self.evalset = evalset
         self.cache = cache
+        self.mask = mask
 
     def __call__(self, spec: LoraSpec, adapter: Adapter, with_metric: bool) -> dict[str, float]:
         """``eval_loss``, ``eval_tokens`` and ``eval_<metric>`` of a LoRA adapter."""
@@ -174,7 +178,7 @@ class Evaluator:
     def global_model(self, current: AggregateResult, with_metric: bool) -> dict[str, float]:
         """Evaluate a strategy's global model: a LoRA adapter or seed/scalar coefficients."""
         if current.zo is not None:
-            rt = get_runtime(self.handle, current.zo.spec, self.cache)
+            rt = get_runtime(self.handle, current.zo.spec, self.cache, self.mask)
             rt.set_global(current.zo.coeffs, current.zo.version)
             with rt.model() as model:
                 return self.evaluate_model(model, with_metric)

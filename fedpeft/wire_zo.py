@@ -89,6 +89,7 @@ class ZoSpec:
     block_numel: int = 0
     directions: int = 0
     sync: str = "incremental"
+    mask: str = ""  # the variant's direction mask (its repr; "": unmasked), see zo.runtime
     lora: LoraSpec | None = None
 
     def config_hash(self) -> str:
@@ -102,6 +103,8 @@ class ZoSpec:
             "algorithm": self.algorithm,
             "lora": self.lora.config_hash() if self.lora else None,
         }
+        if self.mask:  # (unmasked specs keep the hash they had before masks existed)
+            d["mask"] = self.mask
         return hashlib.blake2b(json.dumps(d, sort_keys=True).encode(), digest_size=8).hexdigest()
 
 

@@ -211,3 +211,71 @@ def test_a_fedspine_bandit_is_one_file(tiny_config, tmp_path):
     ranks = {v for r in rows[1:] for k, v in r.items() if k.startswith("arm_rank/")}
     assert rows[-1]["round"] == 2 and ratios and ranks, rows[1]
     assert ratios == {0.0} and ranks == {8.0}, (ratios, ranks)  # arm 0 of the defaults
+
+
+SPARSE_MEZO = """
+from dataclasses import dataclass
+from fedpeft.strategies.fedkseed import FedKSeed
+from fedpeft.zo.trainer import ZoTrainer
+
+
+@dataclass(frozen=True)
+class SmallWeights:
+    '''Sparse MeZO's mask (Liu et al. 2024): perturb the smallest-magnitude weights only.'''
+    keep: float
+
+    def __call__(self, name, initial):
+        k = max(1, int(self.keep * initial.numel()))
+        return initial.abs() <= initial.abs().flatten().kthvalue(k).values
+
+
+class SparseMezo(FedKSeed):
+    '''FedKSeed whose directions touch a quarter of each tensor, in one file.'''
+    trainer = ZoTrainer(mask=SmallWeights(0.25))
+"""
+
+
+def test_a_seed_scalar_variant_is_one_file(tiny_config, tmp_path):
+    """A masked-direction variant plugs in as one file: its clients and the coordinator's
+    replay move only the coordinates its mask marks, and a node without the mask is refused."""
+    import importlib.util
+
+    import pytest
+    from safetensors import safe_open
+
+    from fedpeft.config import ModelConfig
+    from fedpeft.errors import ProtocolError
+    from fedpeft.models import load_model
+    from fedpeft.wire_zo import ZoSpec
+    from fedpeft.zo.runtime import ZoRuntime
+
+    path = tmp_path / "sparse_mezo.py"
+    path.write_text(SPARSE_MEZO)
+    name = f"{path}:SparseMezo"
+    check_strategy(name)
+    cfg = tiny_config(f"strategy.name={name!r}", "zo.target='full'", "zo.local_steps=4",
+                      "zo.num_seeds=64", "zo.lr=1e-3", "federation.rounds=1")  # fmt: skip
+    simulate(cfg, tmp_path / "run", quiet=True, cache=ProcessCache())
+    with safe_open(str(tmp_path / "run" / "zo_state.safetensors"), "pt") as f:
+        meta, coeffs = f.metadata(), f.get_tensor("coeffs").numpy()
+    spec = ZoSpec(**json.loads(meta["spec"]))
+    assert spec.mask == "SmallWeights(keep=0.25)" and abs(coeffs).sum() > 0
+
+    module = importlib.util.spec_from_file_location("sparse_mezo_copy", path)
+    assert module is not None and module.loader is not None
+    plugin = importlib.util.module_from_spec(module)
+    module.loader.exec_module(plugin)
+    mask = plugin.SmallWeights(0.25)
+    base, tuned = (load_model(ModelConfig(name="tiny")) for _ in range(2))
+    rt = ZoRuntime(tuned, spec, mask)
+    rt.set_global(coeffs, int(meta["version"]))
+    moved = kept = 0
+    before = dict(base.base_model.named_parameters())
+    for n, p in zip(rt.names, rt.params, strict=True):
+        changed = p.detach() != before[n].detach()
+        allowed = mask(n, before[n].detach().float())
+        assert not (changed & ~allowed).any(), n  # nothing outside the mask moved
+        moved, kept = moved + int(changed.sum()), kept + int(allowed.sum())
+    assert 0 < moved <= kept < sum(rt.numels) / 2
+    with pytest.raises(ProtocolError, match="masked by SmallWeights"):
+        ZoRuntime(load_model(ModelConfig(name="tiny")), spec)  # a node without the mask

@@ -6,8 +6,10 @@ Handlers (Flower routes ``<category>.<action>`` message types to them):
   device, base-model fingerprint).
 - ``train.lora``: decode a :class:`~fedpeft.wire.TrainInstruction`, train, reply with a
   :class:`~fedpeft.wire.LoraUpdate`.
-- ``train.zo``: decode a :class:`~fedpeft.wire_zo.ZoInstruction`, sync the seed/scalar state,
-  train (FedKSeed or Ferret), reply with a :class:`~fedpeft.wire_zo.ZoUpdate`.
+- ``train.zo``: decode a :class:`~fedpeft.wire_zo.ZoInstruction`, run the algorithm's
+  seed/scalar client half (its strategy class's ``trainer``, a
+  :class:`~fedpeft.zo.trainer.ZoTrainer`: sync, local loop), reply with a
+  :class:`~fedpeft.wire_zo.ZoUpdate`.
 - ``query.refused``: the coordinator left this node out of the run (wrong client id, a
   client id another node holds, another base model); the reason is logged on the node.
 - ``evaluate.lora``: evaluate the instruction's adapter on this client's share of the
@@ -34,7 +36,6 @@ from fedpeft.client.feedback_state import load_feedback, save_feedback
 from fedpeft.client.prune_trainer import PruneTrainer
 from fedpeft.client.secure import keep_lora, keep_zo, secagg_query
 from fedpeft.client.trainer import ClientData, make_trainer
-from fedpeft.client.zo_trainer import fit_zo
 from fedpeft.config import RunConfig
 from fedpeft.config.load import load_config, parse_overrides
 from fedpeft.data.clients import client_eval_records, client_records
@@ -59,6 +60,7 @@ from fedpeft.wire import (
 )
 from fedpeft.wire_zo import decode_zo_instruction, encode_zo_update
 from fedpeft.zo.runtime import get_runtime
+from fedpeft.zo.trainer import ZoTrainer
 
 __all__ = [
     "NODE_OVERRIDES",
@@ -270,9 +272,15 @@ def make_client_app(cfg: RunConfig | None = None, cache: ProcessCache = PROCESS_
         ins = decode_zo_instruction(msg.content)
         _check_fingerprint(ins.header.model_fingerprint, handle)
         data = client_data(run, handle, partition_id(context), cache, own_data(context))
-        update = fit_zo(handle, ins, data, cache)
+        trainer = resolve(run.strategy.name).trainer
+        if not isinstance(trainer, ZoTrainer):
+            raise ProtocolError(
+                f"strategy {run.strategy.name!r} has no seed/scalar client half "
+                f"(its trainer is {trainer!r}, not a ZoTrainer)"
+            )
+        update = trainer.fit(handle, ins, data, cache)
         if ins.secure:
-            blocks = get_runtime(handle, ins.spec, cache).num_blocks
+            blocks = get_runtime(handle, ins.spec, cache, trainer.mask).num_blocks
             update = keep_zo(context, update, ins, blocks)
         return Message(encode_zo_update(update), reply_to=msg)
 

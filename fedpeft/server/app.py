@@ -33,6 +33,7 @@ from fedpeft.strategies.base import AggregateResult
 from fedpeft.strategies.dp import DpAggregation
 from fedpeft.strategies.registry import build_strategy, resolve, strategy_capabilities
 from fedpeft.strategies.robust import RobustAggregation
+from fedpeft.zo.trainer import direction_mask
 
 __all__ = ["Outcome", "make_server_app", "run_server"]
 
@@ -101,7 +102,7 @@ def run_server(
         initial,
         fingerprint=handle.fingerprint,
         run_id=new_run_id(config_hash(cfg)),
-        evaluate=Evaluator(cfg, handle, evalset, cache).global_model,
+        evaluate=Evaluator(cfg, handle, evalset, cache, direction_mask(cls)).global_model,
         on_row=reporter.on_row,
         zo_blocks=ctx.zo_blocks,
         checkpoint=out_dir / CHECKPOINT,
@@ -110,7 +111,7 @@ def run_server(
     result = coordinator.run()
     if outcome is not None:
         outcome.model = result.model
-    saved = save_global(result.model, handle, out_dir, cache)
+    saved = save_global(result.model, handle, out_dir, cache, direction_mask(cls))
     result.wall_s = time.perf_counter() - t0
     summary = summarize(cfg, result, saved)
     reporter.finish(summary, cfg.data.metric)

@@ -28,7 +28,8 @@ from fedpeft.strategies.base import AggregateResult, StrategyContext, ZoGlobal
 from fedpeft.strategies.registry import strategy_capabilities
 from fedpeft.wire import LoraSpec
 from fedpeft.wire_zo import ZoSpec
-from fedpeft.zo.runtime import get_runtime
+from fedpeft.zo.runtime import DirectionMask, get_runtime, mask_id
+from fedpeft.zo.trainer import direction_mask
 
 __all__ = ["initial_global", "save_global", "spec_of", "zo_spec_of"]
 
@@ -43,8 +44,11 @@ def spec_of(cfg: RunConfig) -> LoraSpec:
     )
 
 
-def zo_spec_of(cfg: RunConfig, algorithm: str, clients_per_round: int = 1) -> ZoSpec:
-    """The seed/scalar spec from ``[zo]``; the pool seed derives from the run seed.
+def zo_spec_of(
+    cfg: RunConfig, algorithm: str, clients_per_round: int = 1, mask: DirectionMask | None = None
+) -> ZoSpec:
+    """The seed/scalar spec from ``[zo]``; the pool seed derives from the run seed
+    (``algorithm``: the local loop; ``mask``: the variant's direction mask).
 
     In centralized mode FedKSeed's single client runs ``clients_per_round`` times the local
     steps, the same number of steps as the federated run it is the reference for.
@@ -71,6 +75,7 @@ def zo_spec_of(cfg: RunConfig, algorithm: str, clients_per_round: int = 1) -> Zo
         block_numel=z.block_numel,
         directions=z.directions,
         sync=sync,
+        mask=mask_id(mask),
         lora=spec_of(cfg) if z.target == "lora" else None,
     )
 
@@ -86,8 +91,9 @@ def initial_global(
     seed, spec = cfg.federation.seed, spec_of(cfg)
     caps = strategy_capabilities(cfg.strategy.name, cfg.strategy.options)
     if caps.family == "zo":
-        zspec = zo_spec_of(cfg, strategy_cls.zo_algorithm, clients_per_round)
-        rt = get_runtime(handle, zspec, cache)
+        mask = direction_mask(strategy_cls)
+        zspec = zo_spec_of(cfg, strategy_cls.zo_algorithm, clients_per_round, mask)
+        rt = get_runtime(handle, zspec, cache, mask)
         zeros = np.zeros((rt.num_blocks, zspec.num_seeds), np.float32)
         ctx = StrategyContext(initial={}, spec=spec, seed=seed, zo=zspec, zo_blocks=rt.num_blocks)
         return AggregateResult(zo=ZoGlobal(zspec, 0, zeros)), ctx
@@ -98,9 +104,14 @@ def initial_global(
 
 
 def save_global(
-    model: AggregateResult, handle: ModelHandle, out_dir: Path, cache: ProcessCache = PROCESS_CACHE
+    model: AggregateResult,
+    handle: ModelHandle,
+    out_dir: Path,
+    cache: ProcessCache = PROCESS_CACHE,
+    mask: DirectionMask | None = None,
 ) -> str:
-    """Write the final global model under ``out_dir``; returns what to load it from."""
+    """Write the final global model under ``out_dir``; returns what to load it from
+    (``mask``: a seed/scalar variant's direction mask)."""
     if model.zo is None:
         if model.spec is None or model.adapter is None:
             raise ValueError("nothing to save: the global model is empty")
@@ -118,7 +129,7 @@ def save_global(
         {"coeffs": torch.from_numpy(np.ascontiguousarray(zo.coeffs))}, str(path), metadata=meta
     )
     if zo.spec.target == "lora" and zo.spec.lora is not None:
-        rt = get_runtime(handle, zo.spec, cache)
+        rt = get_runtime(handle, zo.spec, cache, mask)
         rt.set_global(zo.coeffs, zo.version)
         name = handle.ensure_adapter(zo.spec.lora)
         return str(handle.save_adapter(zo.spec.lora, handle.get_factors(name), out_dir / "adapter"))

@@ -36,6 +36,7 @@ from fedpeft.strategies.registry import register_strategy
 from fedpeft.strategies.zo_state import Coefficients
 from fedpeft.wire import ClientInfo
 from fedpeft.wire_zo import ZoSpec, ZoUpdate
+from fedpeft.zo.trainer import ZoTrainer
 
 __all__ = ["FedKSeed", "FedKSeedPro", "pro_probabilities"]
 
@@ -60,6 +61,7 @@ class FedKSeed:
     """FedKSeed: seed/scalar federated ZO tuning with a fixed pool of K seeds."""
 
     zo_algorithm = "fedkseed"
+    trainer = ZoTrainer()  # the shared seed/scalar client loop, unmasked
 
     @staticmethod
     def capabilities(config: FedKSeed.Config) -> Capabilities:

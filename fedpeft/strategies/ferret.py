@@ -30,6 +30,7 @@ from fedpeft.strategies.registry import register_strategy
 from fedpeft.strategies.zo_state import Coefficients
 from fedpeft.wire import ClientInfo
 from fedpeft.wire_zo import ZoUpdate
+from fedpeft.zo.trainer import ZoTrainer
 
 __all__ = ["Ferret"]
 
@@ -39,6 +40,7 @@ class Ferret:
 
     capabilities = staticmethod(weighted_linear("zo", codecs=frozenset({"none"})))
     zo_algorithm = "ferret"
+    trainer = ZoTrainer()  # the shared seed/scalar client loop, unmasked
 
     @dataclass(frozen=True)
     class Config:

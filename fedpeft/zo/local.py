@@ -35,7 +35,6 @@ import torch
 
 from fedpeft.seeding import derive_seed, scoped_torch_seed
 from fedpeft.wire_zo import ZoSpec
-from fedpeft.zo import rng
 from fedpeft.zo.runtime import ZoRuntime
 
 __all__ = [
@@ -99,9 +98,7 @@ class LocalZo:
         self.regenerations += 1
 
     def _generate(self) -> Iterator[tuple[int, int, torch.Tensor]]:
-        rt = self.rt
-        device = rt.params[0].device if rt.params else torch.device("cpu")
-        return rng.segments(self._seed, rt.names, rt.numels, self.spec.dist, device)
+        return self.rt.directions(self._seed)
 
     def _pieces(self) -> Iterator[tuple[int, int, torch.Tensor]]:
         if self._z is not None:
@@ -226,12 +223,10 @@ def project(
     counts = allocate([math.sqrt(n) for n in norms], budget, rt.spec.num_seeds)
     blocks, seeds, coeffs = [], [], []
     for b, n_dirs in enumerate(counts):
-        members = [i for i, _, _ in rt.tensors(b)]
-        names, numels = [rt.names[i] for i in members], [rt.numels[i] for i in members]
         for k in sorted(gen.choice(rt.spec.num_seeds, size=n_dirs, replace=False).tolist()):
             dot = 0.0
-            for j, s, z in rng.segments(rt.seed(k), names, numels, rt.spec.dist, deltas[0].device):
-                dot += float(torch.dot(deltas[members[j]].view(-1)[s : s + z.numel()], z))
+            for i, s, z in rt.pieces(b, k):
+                dot += float(torch.dot(deltas[i].view(-1)[s : s + z.numel()], z))
             blocks.append(b)
             seeds.append(k)
             coeffs.append(dot / n_dirs)

@@ -15,6 +15,13 @@ Syncing to new coefficients regenerates only the directions whose coefficients c
 most K full-model regenerations, however many rounds were missed) and is counted. After a
 client's local training the parameters are restored from ``G`` by a plain copy, exactly.
 Memory: one float32 copy of the tuned tensors (``G``).
+
+A seed/scalar variant may restrict its directions with a :class:`DirectionMask` (Sparse MeZO,
+Liu et al. 2024, perturbs only a subset of the weights): the runtime computes each tuned
+tensor's 0/1 mask once from theta_0 and every direction it hands out -- for local steps,
+projections and syncs alike -- is ``z * mask``, so every node replays the same masked
+directions. The spec names the mask (``ZoSpec.mask``, its ``repr``); a runtime built with
+another mask refuses the spec.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import json
 import statistics
 from collections.abc import Iterator
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -36,7 +43,32 @@ from fedpeft.seeding import derive_seed
 from fedpeft.wire_zo import ZoSpec, ZoSync
 from fedpeft.zo import rng
 
-__all__ = ["ZoRuntime", "discard_changed_models", "full_tensors", "get_runtime", "make_blocks"]
+__all__ = [
+    "DirectionMask",
+    "ZoRuntime",
+    "discard_changed_models",
+    "full_tensors",
+    "get_runtime",
+    "make_blocks",
+    "mask_id",
+]
+
+
+class DirectionMask(Protocol):
+    """Which coordinates of a tuned tensor a variant perturbs (a seed/scalar algorithm hook).
+
+    Called once per tuned tensor with its name and its initial value theta_0; returns a bool
+    tensor of the same shape (True: perturbed) or ``None`` (the whole tensor). It must be a
+    pure function of its arguments (every node computes it) and its ``repr`` must name its
+    parameters (a frozen dataclass does both): the repr travels in ``ZoSpec.mask``.
+    """
+
+    def __call__(self, name: str, initial: torch.Tensor) -> torch.Tensor | None: ...
+
+
+def mask_id(mask: DirectionMask | None) -> str:
+    """What ``ZoSpec.mask`` holds for ``mask`` (``""``: unmasked directions)."""
+    return "" if mask is None else repr(mask)
 
 
 def full_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -74,9 +106,19 @@ class ZoRuntime:
         The process's shared model.
     spec : ZoSpec
         What is tuned and how directions are drawn.
+    mask : DirectionMask | None
+        The variant's direction mask; must be the one ``spec.mask`` names.
     """
 
-    def __init__(self, handle: ModelHandle, spec: ZoSpec) -> None:
+    def __init__(
+        self, handle: ModelHandle, spec: ZoSpec, mask: DirectionMask | None = None
+    ) -> None:
+        if mask_id(mask) != spec.mask:
+            raise ProtocolError(
+                f"the coordinator's seed/scalar directions are masked by {spec.mask or 'nothing'}"
+                f", this node's algorithm by {mask_id(mask) or 'nothing'}; run the same "
+                "algorithm (strategy.name) on both sides"
+            )
         self.handle = handle
         self.spec = spec
         self._adapter: str | None = None
@@ -113,6 +155,7 @@ class ZoRuntime:
         ).astype(np.int64)
         with torch.no_grad():
             self.snapshot = [p.detach().float().clone() for p in self.params]
+        self.masks = [_flat_mask(mask, n, g) for n, g in zip(self.names, self.snapshot, strict=True)]
         self.coeffs = np.zeros((self.num_blocks, spec.num_seeds), np.float32)
         self.version = 0
         self._seeds = [derive_seed(spec.pool_seed, "zo-pool", k) for k in range(spec.num_seeds)]
@@ -139,13 +182,24 @@ class ZoRuntime:
             self.handle.base_model.eval()
             yield self.handle.base_model
 
-    def pieces(self, block: int, k: int) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """``(tensor index, offset, z piece)`` of direction ``k`` over the tensors of ``block``."""
-        members = self._members[block]
+    def directions(
+        self, seed: int, block: int | None = None
+    ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """``(tensor index, offset, z piece)`` of direction ``z(seed)`` over the tuned tensors
+        (of one ``block``), masked by the variant's :class:`DirectionMask` if it has one."""
+        members = list(range(len(self.params))) if block is None else self._members[block]
+        if not members:
+            return
         device = self.snapshot[members[0]].device
         names, numels = [self.names[i] for i in members], [self.numels[i] for i in members]
-        for j, s, z in rng.segments(self.seed(k), names, numels, self.spec.dist, device):
-            yield members[j], s, z
+        for j, s, z in rng.segments(seed, names, numels, self.spec.dist, device):
+            i = members[j]
+            mask = self.masks[i]
+            yield i, s, (z if mask is None else z * mask[s : s + z.numel()])
+
+    def pieces(self, block: int, k: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """``(tensor index, offset, z piece)`` of pool direction ``k`` over ``block``."""
+        return self.directions(self.seed(k), block)
 
     # ------------------------------------------------------------------ syncing
     def restore(self) -> None:
@@ -236,10 +290,30 @@ class ZoRuntime:
         self.restore()
 
 
+def _flat_mask(
+    mask: DirectionMask | None, name: str, initial: torch.Tensor
+) -> torch.Tensor | None:
+    """``mask(name, theta_0)`` flattened to float32 0/1 (None: the whole tensor)."""
+    if mask is None:
+        return None
+    got = mask(name, initial)
+    if got is None:
+        return None
+    if got.shape != initial.shape:
+        raise ProtocolError(
+            f"direction mask {mask!r} gave shape {tuple(got.shape)} for {name}, "
+            f"expected {tuple(initial.shape)}"
+        )
+    return got.reshape(-1).to(device=initial.device, dtype=torch.float32)
+
+
 def get_runtime(
-    handle: ModelHandle, spec: ZoSpec, cache: ProcessCache = PROCESS_CACHE
+    handle: ModelHandle,
+    spec: ZoSpec,
+    cache: ProcessCache = PROCESS_CACHE,
+    mask: DirectionMask | None = None,
 ) -> ZoRuntime:
-    """The process's runtime for ``spec`` on ``handle``, built once.
+    """The process's runtime for ``spec`` on ``handle`` (``mask``: the variant's), built once.
 
     A full-model runtime changes the shared base weights; if another full-model runtime was
     active on the same model (another run in this process), it is rewound to theta_0 first.
@@ -250,7 +324,7 @@ def get_runtime(
         active = getattr(handle, "zo_active", None)
         if active is not None and active.spec.target == "full":
             active.rewind()
-        rt = ZoRuntime(handle, spec)
+        rt = ZoRuntime(handle, spec, mask)
         handle.zo_active = rt
         return rt
 
