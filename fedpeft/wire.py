@@ -29,7 +29,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, TypeVar
+from typing import Any, ClassVar, Final, TypeVar
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
@@ -133,6 +133,7 @@ class TrainInstruction:
     the client's held-out records (then ``with_metric`` asks for the task metric too).
     """
 
+    family: ClassVar[str] = "lora"  # its update family (fedpeft.families)
     header: Header
     lora: LoraSpec
     train: TrainConfig
@@ -194,6 +195,7 @@ class LoraUpdate:
     pruning layout), ``None`` for the whole model.
     """
 
+    family: ClassVar[str] = "lora"
     header: Header
     factors: Adapter
     metrics: Mapping[str, float] = field(default_factory=dict)

@@ -25,7 +25,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 import numpy as np
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
@@ -137,6 +137,7 @@ class ZoSync:
 class ZoInstruction:
     """A zeroth-order training instruction for one client and round."""
 
+    family: ClassVar[str] = "zo"  # its update family (fedpeft.families)
     header: Header
     spec: ZoSpec
     train: TrainConfig
@@ -158,6 +159,7 @@ class ZoInstruction:
 class ZoUpdate:
     """What a zeroth-order client sends back: (block, seed index, scalar) triples."""
 
+    family: ClassVar[str] = "zo"
     header: Header
     seeds: np.ndarray  # (n,) uint16/uint32 indices into the pool
     scalars: np.ndarray  # (n,) float32 (or float16)

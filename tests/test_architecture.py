@@ -2,8 +2,10 @@
 
 - No import cycle among fedpeft's modules, counting imports inside functions; the server
   does not import the simulation.
-- A throwaway heterogeneous-rank strategy and a throwaway FedSpine bandit, each one file
-  written here, plug in and run a round.
+- The coordinator and the clients ask an update family (fedpeft.families) instead of
+  branching on message types.
+- A throwaway heterogeneous-rank strategy, a throwaway FedSpine bandit and a throwaway
+  seed/scalar variant, each one file written here, plug in and run a round.
 """
 
 from __future__ import annotations
@@ -120,6 +122,36 @@ def test_the_server_does_not_import_the_simulation():
     assert server
     leaks = {m: sorted(t for t in graph[m] if t.startswith("fedpeft.simulation")) for m in server}
     assert {m: t for m, t in leaks.items() if t} == {}
+
+
+FAMILY_TYPES = {"TrainInstruction", "ZoInstruction", "LoraUpdate", "ZoUpdate", "LoraPlan", "ZoPlan"}
+
+
+def _type_branches(path: Path, root: Path = ROOT.parent) -> list[str]:
+    """``isinstance`` calls in ``path`` that test for a message or plan type of a family."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "isinstance":
+            named = {n.id for n in ast.walk(node.args[1]) if isinstance(n, ast.Name)}
+            if named & FAMILY_TYPES:
+                out.append(f"{path.relative_to(root)}:{node.lineno}")
+    return out
+
+
+def test_the_type_branch_finder_finds_a_planted_branch(tmp_path):
+    planted = tmp_path / "planted.py"
+    planted.write_text(
+        "def f(ins, x):\n    y = isinstance(x, int)\n"
+        "    return isinstance(ins, (ZoInstruction, int)) and y\n"
+    )
+    assert _type_branches(planted, tmp_path) == ["planted.py:3"]
+
+
+def test_server_and_client_ask_the_update_family_instead_of_branching_on_types():
+    files = [*(ROOT / "server").glob("*.py"), *(ROOT / "client").glob("*.py")]
+    assert files
+    hits = [hit for f in files for hit in _type_branches(f)]
+    assert hits == [], hits
 
 
 ZERO_PAD = """

@@ -14,10 +14,10 @@ import torch
 
 from fedpeft.config import TrainConfig, ValidationConfig
 from fedpeft.errors import ProtocolError
+from fedpeft.families import family_of
 from fedpeft.server.validate import (
     Limits,
     cap_weights,
-    reply_limit,
     validate_secure_reply,
     validate_update,
     validate_zo_update,
@@ -27,6 +27,10 @@ from fedpeft.wire_zo import ZoInstruction, ZoSpec, ZoSync, ZoUpdate
 
 SPEC = LoraSpec(rank=2, alpha=4.0, target_modules=("q_proj",))
 SENT = {"m.q_proj": LoraFactors(a=torch.zeros(2, 3), b=torch.zeros(4, 2), alpha=4.0)}
+
+
+def reply_limit(ins, limits):
+    return family_of(ins).reply_limit(ins, limits)
 
 
 def _header(adapter_hash: str, n: int = 5, client: str = "c1") -> Header:
@@ -419,3 +423,17 @@ def test_secure_reply_refusals_by_kind_and_message():
     with pytest.raises(ProtocolError, match=r"^reply kind does not match the instruction$") as err:
         validate_secure_reply(_update(*_ones()), ins)
     assert err.value.code == "decode"
+
+
+def test_the_round_row_reports_ranks_when_they_differ_and_nothing_for_seed_scalar():
+    from fedpeft.server.rows import client_choices
+
+    rank4 = LoraSpec(rank=4, alpha=4.0, target_modules=("q_proj",))
+    wide = {"m.q_proj": LoraFactors(a=torch.zeros(4, 3), b=torch.zeros(4, 4), alpha=4.0)}
+    mixed = {
+        "a": _instruction(),
+        "b": dataclasses.replace(_instruction(), lora=rank4, adapter=wide),
+    }
+    assert client_choices(mixed) == {"client_ranks": {"a": 2, "b": 4}}
+    assert client_choices({"a": _instruction(), "b": _instruction()}) == {}
+    assert client_choices({"z": _zo_instruction(2), **mixed}) == {"client_ranks": {"a": 2, "b": 4}}

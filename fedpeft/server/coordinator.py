@@ -36,7 +36,8 @@ from flwr.serverapp import Grid
 
 from fedpeft.config import RunConfig, TrainConfig
 from fedpeft.devices import DeviceProfile, assign_profiles, simulated_times
-from fedpeft.errors import RoundError
+from fedpeft.errors import ProtocolError, RoundError
+from fedpeft.families import Stamp, family_of
 from fedpeft.privacy import PrivacyBudgetExhausted
 from fedpeft.seeding import derive_seed, np_rng
 from fedpeft.server.checkpoint import (
@@ -52,10 +53,9 @@ from fedpeft.server.fedeval import federated_eval
 from fedpeft.server.rows import client_choices, round_row
 from fedpeft.server.secure_round import secure_aggregate
 from fedpeft.server.validate import Limits, cap_weights
-from fedpeft.strategies.base import AggregateResult, LoraPlan, Strategy, ZoPlan
+from fedpeft.strategies.base import AggregateResult, Strategy
 from fedpeft.strategies.registry import strategy_capabilities
-from fedpeft.wire import ClientInfo, Header, TrainInstruction
-from fedpeft.wire_zo import ZoInstruction
+from fedpeft.wire import ClientInfo, Header
 
 __all__ = ["Coordinator", "EvalFn", "RunResult", "clients_per_round", "new_run_id", "scenario_of"]
 
@@ -245,7 +245,7 @@ class Coordinator:
         self, server_round: int, clients: Sequence[ClientInfo]
     ) -> dict[str, Instruction]:
         """Turn the strategy's plans into stamped instructions (LoRA or seed/scalar)."""
-        plans = self.strategy.configure_train(server_round, clients)
+        plans: Mapping[str, Any] = self.strategy.configure_train(server_round, clients)
         unknown = sorted(set(plans) - {c.client_id for c in clients})
         if unknown:
             raise RoundError(server_round, f"strategy planned for unsampled clients {unknown}")
@@ -253,25 +253,19 @@ class Coordinator:
         out: dict[str, Instruction] = {}
         for cid, plan in sorted(plans.items()):
             seed = derive_seed(self.cfg.federation.seed, "client-round", server_round, cid)
-            if not isinstance(plan, (ZoPlan, LoraPlan)):
-                raise RoundError(server_round, f"strategy planned a {type(plan).__name__}")
+            try:
+                family = family_of(plan)
+            except ProtocolError as err:
+                raise RoundError(
+                    server_round, f"strategy planned a {type(plan).__name__}: {err.reason}"
+                ) from err
             header = self._header(server_round, cid, plan.spec.config_hash())
             secure, clip, noise = self.cfg.secagg.enabled, 0.0, 0.0
             if secure and self.cfg.dp.active:  # distributed DP: each client clips and adds
                 dp, fewest = self.cfg.dp, self.cfg.federation.min_clients
                 clip, noise = dp.clip_norm, dp.noise_multiplier * dp.clip_norm / math.sqrt(fewest)
-            if isinstance(plan, ZoPlan):
-                out[cid] = ZoInstruction(
-                    header, plan.spec, train, plan.sync, seed, plan.probs, secure=secure,
-                    dp_clip=clip, dp_noise=noise,
-                )  # fmt: skip
-            else:
-                out[cid] = TrainInstruction(
-                    header, plan.spec, train, plan.adapter, seed,
-                    parts=plan.parts, base=plan.base, compress=self.cfg.compress,
-                    reg_lambda=plan.reg_lambda, reg_gamma=plan.reg_gamma, prune=plan.prune,
-                    secure=secure, dp_clip=clip, dp_noise=noise, options=dict(plan.options),
-                )  # fmt: skip
+            stamp = Stamp(header, train, seed, self.cfg.compress, secure, clip, noise)
+            out[cid] = family.instruction(plan, stamp)
         return out
 
     def _evaluate_now(self, server_round: int) -> tuple[bool, bool]:

@@ -1,8 +1,7 @@
 """One exchange of a round: encode instructions, send them, decode and validate the replies.
 
-Works for both kinds of training: LoRA (``train.lora``: :class:`~fedpeft.wire.TrainInstruction`
--> :class:`~fedpeft.wire.LoraUpdate`) and seed/scalar (``train.zo``:
-:class:`~fedpeft.wire_zo.ZoInstruction` -> :class:`~fedpeft.wire_zo.ZoUpdate`). Counts the
+Works for every update family (:mod:`fedpeft.families`: LoRA factors, ``train.lora``;
+seed/scalar pairs, ``train.zo``), which encodes, bounds, decodes and validates. Counts the
 framed bytes of every message (Flower's serialized object tree) and, separately, the payload
 (the arrays of the encoded adapters for LoRA, after any codec; index, scalar and sync bytes
 for seed/scalar training).
@@ -12,31 +11,18 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import Message, RecordDict
+from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedpeft._flwr import REPLY_TOO_LARGE, UNAVAILABLE_CODES, message_nbytes, send_bounded
 from fedpeft.errors import ProtocolError, clip
-from fedpeft.server.validate import (
-    Limits,
-    reply_limit,
-    validate_secure_reply,
-    validate_update,
-    validate_zo_update,
-)
-from fedpeft.wire import (
-    LoraUpdate,
-    SharedRecords,
-    TrainInstruction,
-    decode_update,
-    encode_instruction,
-    instruction_payload,
-    update_payload,
-)
-from fedpeft.wire_zo import ZoInstruction, ZoUpdate, decode_zo_update, encode_zo_instruction
+from fedpeft.families import family_of
+from fedpeft.server.validate import Limits
+from fedpeft.wire import LoraUpdate, SharedRecords, TrainInstruction
+from fedpeft.wire_zo import ZoInstruction, ZoUpdate
 
 __all__ = ["Exchange", "Instruction", "Update", "check_error", "exchange"]
 
@@ -70,18 +56,6 @@ class Exchange:
         self.rejected[code] += 1
 
 
-def _encode(ins: Instruction, shared: SharedRecords) -> RecordDict:
-    if isinstance(ins, ZoInstruction):
-        return encode_zo_instruction(ins)
-    return encode_instruction(ins, shared)
-
-
-def _payload_down(ins: Instruction, content: RecordDict) -> int:
-    if isinstance(ins, ZoInstruction):
-        return ins.sync.nbytes + (ins.probs.size * 4 if ins.probs is not None else 0)
-    return instruction_payload(content)
-
-
 def check_error(reply: Message) -> None:
     """Raise the :class:`ProtocolError` an error reply stands for (``unavailable`` when the
     runtime made it because the node or the message is gone, else ``client_error``)."""
@@ -94,7 +68,8 @@ def check_error(reply: Message) -> None:
 
 
 def _decode(reply: Message, ins: Instruction, limits: Limits, nbytes: int) -> tuple[Update, int]:
-    limit = reply_limit(ins, limits)
+    family = family_of(ins)
+    limit = family.reply_limit(ins, limits)
     if nbytes > limit:  # error replies too: their text is as much the client's as an update
         raise ProtocolError(
             f"reply is {nbytes} bytes, the limit for this instruction is {limit} "
@@ -102,20 +77,7 @@ def _decode(reply: Message, ins: Instruction, limits: Limits, nbytes: int) -> tu
             "payload_size",
         )
     check_error(reply)
-    if isinstance(ins, ZoInstruction):
-        zo = decode_zo_update(reply.content)
-        if ins.secure:
-            validate_secure_reply(zo, ins, limits)
-            return zo, 0
-        validate_zo_update(zo, ins, limits)
-        return zo, zo.payload_nbytes
-    if ins.secure:  # the factors travel only inside the secure sum; keep what was sent
-        update = decode_update(reply.content)
-        validate_secure_reply(update, ins, limits)
-        return replace(update, factors=dict(ins.adapter)), 0
-    update = decode_update(reply.content, reference=ins.adapter)
-    validate_update(update, ins, limits)
-    return update, update_payload(reply.content)
+    return family.decode(reply.content, ins, limits)
 
 
 def exchange(
@@ -135,7 +97,12 @@ def exchange(
     """
     shared: SharedRecords = {}  # one encoded copy of each distinct broadcast adapter
     msgs = [
-        Message(_encode(ins, shared), nodes[cid], ins.message_type, group_id=str(server_round))
+        Message(
+            family_of(ins).encode(ins, shared),
+            nodes[cid],
+            ins.message_type,
+            group_id=str(server_round),
+        )  # fmt: skip
         for cid, ins in instructions.items()
     ]
     out = Exchange()
@@ -144,10 +111,13 @@ def exchange(
     }
     out.counts["bytes_down"] = sum(out.client_bytes_down.values())
     out.counts["payload_down"] = sum(
-        _payload_down(ins, m.content) for ins, m in zip(instructions.values(), msgs, strict=True)
+        family_of(ins).payload_down(ins, m.content)
+        for ins, m in zip(instructions.values(), msgs, strict=True)
     )
     held = {cid: (limits or {}).get(cid, Limits()) for cid in instructions}
-    bounds = {nodes[cid]: reply_limit(ins, held[cid]) for cid, ins in instructions.items()}
+    bounds = {
+        nodes[cid]: family_of(ins).reply_limit(ins, held[cid]) for cid, ins in instructions.items()
+    }
     replies = send_bounded(grid, msgs, bounds, timeout)
     # a reply belongs to the instruction it answers; the runtime's own error replies (node
     # unavailable, message expired) come from the SuperLink, not from the node

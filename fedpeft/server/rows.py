@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from fedpeft.families import family_of
 from fedpeft.server.exchange import Exchange, Instruction
-from fedpeft.wire import TrainInstruction
 
 __all__ = ["ZO_KEYS", "client_choices", "round_row"]
 
@@ -49,9 +49,9 @@ def round_row(server_round: int, got: Exchange, asked: int, examples: int) -> di
 
 def client_choices(instructions: Mapping[str, Instruction]) -> dict[str, Any]:
     """Per-client LoRA rank (when ranks differ or pruning is on) and pruning ratio."""
-    lora = {c: i for c, i in instructions.items() if isinstance(i, TrainInstruction)}
-    ranks = {c: i.lora.rank for c, i in sorted(lora.items())}
-    prune = {c: i.prune.ratio for c, i in sorted(lora.items()) if i.prune is not None}
+    chosen = {c: family_of(i).choices(i) for c, i in sorted(instructions.items())}
+    ranks = {c: int(x["rank"]) for c, x in chosen.items() if "rank" in x}
+    prune = {c: x["prune"] for c, x in chosen.items() if "prune" in x}
     out: dict[str, Any] = {}
     if len(set(ranks.values())) > 1 or prune:
         out["client_ranks"] = ranks

@@ -15,6 +15,9 @@ weighted mean over the survivors. The weights are no secret (the coordinator rea
 own contribution, as any client can. With DP every client weighs 1 and the divisor is the
 expected clients per round (the DP sensitivity).
 
+The update family (:mod:`fedpeft.families`) lays the updates out as one vector and rebuilds
+what the strategy aggregates from the sum:
+
 - LoRA (strategies declared linear; all clients were sent the same factors): ONE update, the
   sent factors plus the clients' mean change, with the round's total ``num_examples``. Only
   the trained coordinates are summed (FFA-LoRA: ``B``); the frozen ones keep exactly their
@@ -32,22 +35,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import Any
 
-import numpy as np
-import torch
 from flwr.serverapp import Grid
 
-from fedpeft.changes import combined_update, shared_sent, trained_mask, with_every_direction
 from fedpeft.config import RunConfig
 from fedpeft.errors import ProtocolError, RoundError
+from fedpeft.families import family_of
 from fedpeft.secagg.flower import grid_transport, reply_limit
 from fedpeft.secagg.server import SecAggServer
 from fedpeft.secagg.session import Send, run_session
 from fedpeft.server.exchange import Exchange, Instruction
-from fedpeft.wire import TrainInstruction
-from fedpeft.wire_zo import ZoInstruction
 
 __all__ = ["secure_aggregate"]
 
@@ -73,17 +71,8 @@ def secure_aggregate(
     if not updates:
         return
     cids = [u.header.client_id for u in updates]
-    first = instructions[cids[0]]
-    if isinstance(first, ZoInstruction):
-        dim = zo_blocks * first.spec.num_seeds
-    else:
-        sent = shared_sent(
-            {c: i.adapter for c, i in instructions.items() if isinstance(i, TrainInstruction)},
-            cids,
-            "secure aggregation sums changes of clients sent the same factors (use fedavg or ffa)",
-        )
-        trained = trained_mask(sent, first.parts)  # only these coordinates are summed
-        dim = int(trained.sum())
+    layout = family_of(instructions[cids[0]]).flat(instructions, cids, zo_blocks)
+    dim = layout.dim
     sc, n = cfg.secagg, len(cids)
     if n < 2:
         raise RoundError(server_round, "secure aggregation needs at least 2 valid updates")
@@ -125,14 +114,7 @@ def secure_aggregate(
     got.contributors = kept
     # sum_k p_k x_k over the survivors, divided by their sum_k p_k (DP: by the fixed k)
     denominator = divisor or sum(shares[i] for i in result.survivors)
-    if isinstance(first, ZoInstruction):
-        total = result.total * (len(kept) / denominator)  # the strategy divides by len(kept)
-        got.updates = _zo_updates(kept, total, zo_blocks, first.spec.num_seeds)
-        return
-    change = torch.zeros(trained.shape, dtype=torch.float64)
-    change[trained] = torch.from_numpy(result.total / denominator)
-    examples = sum(u.header.num_examples for u in kept)
-    got.updates = [combined_update(kept[0], sent, change, examples)]
+    got.updates = layout.rebuild(kept, result.total, denominator)
 
 
 def _shares(updates: list[Any], example_weighted: bool) -> list[float]:
@@ -152,9 +134,3 @@ def _with_shares(send: Send, shares: list[float]) -> Send:
         return send(stage, requests)
 
     return weighted
-
-
-def _zo_updates(kept: list[Any], total: np.ndarray, blocks: int, num_seeds: int) -> list[Any]:
-    out = [replace(u, header=replace(u.header, num_examples=1)) for u in kept]
-    out[0] = with_every_direction(out[0], total, blocks, num_seeds)  # replies carry no pairs
-    return out

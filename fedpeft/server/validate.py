@@ -18,7 +18,7 @@ cannot capture the average, because every weight is capped at a multiple of the 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -34,7 +34,6 @@ __all__ = [
     "MAX_NUM_EXAMPLES",
     "Limits",
     "cap_weights",
-    "reply_limit",
     "validate_secure_reply",
     "validate_update",
     "validate_zo_update",
@@ -61,17 +60,6 @@ class Limits:
     rules: ValidationConfig = ValidationConfig()
     max_examples: int = MAX_NUM_EXAMPLES
     zo_blocks: int = 1
-
-
-def reply_limit(ins: TrainInstruction | ZoInstruction, limits: Limits) -> int:
-    """Largest reply in bytes accepted for ``ins`` (``validation.max_reply_mb`` or automatic)."""
-    if limits.rules.max_reply_mb > 0:
-        return int(limits.rules.max_reply_mb * MB)
-    if isinstance(ins, ZoInstruction):
-        pairs = ins.spec.num_seeds * max(limits.zo_blocks, 1) + ins.spec.local_steps
-        return MB + 16 * pairs
-    numel = sum(f.a.numel() + f.b.numel() for f in ins.adapter.values())
-    return MB + 2 * 4 * numel
 
 
 def _check_header(got: Header, want: Header, adapter_hash: str, what: str, limit: int) -> None:
@@ -282,6 +270,21 @@ def validate_zo_update(update: ZoUpdate, ins: ZoInstruction, limits: Limits = Li
         raise ProtocolError("ferret upload repeats a (block, seed) pair", "seed_range")
 
 
+def _secure_zo(update: ZoUpdate, ins: ZoInstruction, limits: Limits) -> None:
+    _check_zo_header(update, ins, limits)
+    if len(update.seeds) or len(update.scalars):
+        raise ProtocolError("a secure-aggregation reply must carry no pairs", "structure")
+
+
+def _secure_lora(update: LoraUpdate, ins: TrainInstruction, limits: Limits) -> None:
+    _check_lora_header(update, ins, limits)
+    if update.factors:
+        raise ProtocolError("a secure-aggregation reply must carry no tensors", "structure")
+
+
+_SECURE: dict[str, Callable[[Any, Any, Limits], None]] = {"zo": _secure_zo, "lora": _secure_lora}
+
+
 def validate_secure_reply(
     update: LoraUpdate | ZoUpdate, ins: TrainInstruction | ZoInstruction, limits: Limits = Limits()
 ) -> None:
@@ -291,17 +294,9 @@ def validate_secure_reply(
     (run, round, fingerprint, adapter hash, client, num_examples) and, for seed/scalar
     training, the synced version can be checked here.
     """
-    if isinstance(ins, ZoInstruction) and isinstance(update, ZoUpdate):
-        _check_zo_header(update, ins, limits)
-        if len(update.seeds) or len(update.scalars):
-            raise ProtocolError("a secure-aggregation reply must carry no pairs", "structure")
-        return
-    if isinstance(ins, TrainInstruction) and isinstance(update, LoraUpdate):
-        _check_lora_header(update, ins, limits)
-        if update.factors:
-            raise ProtocolError("a secure-aggregation reply must carry no tensors", "structure")
-        return
-    raise ProtocolError("reply kind does not match the instruction", "decode")
+    if update.family != ins.family:
+        raise ProtocolError("reply kind does not match the instruction", "decode")
+    _SECURE[ins.family](update, ins, limits)
 
 
 def cap_weights(updates: Sequence[Any], ratio: float) -> tuple[list[Any], int]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -58,6 +58,7 @@ class ZoGlobal:
 class ZoPlan:
     """What one zeroth-order client trains: the spec, what it must sync, Pro's probabilities."""
 
+    family: ClassVar[str] = "zo"  # its update family (fedpeft.families)
     spec: ZoSpec
     sync: ZoSync
     probs: np.ndarray | None = None
@@ -116,6 +117,7 @@ class LoraPlan:
     travel as one record and its trainer reads them from the instruction.
     """
 
+    family: ClassVar[str] = "lora"  # its update family (fedpeft.families)
     spec: LoraSpec
     adapter: Adapter
     parts: str = "AB"

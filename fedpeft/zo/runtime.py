@@ -155,7 +155,9 @@ class ZoRuntime:
         ).astype(np.int64)
         with torch.no_grad():
             self.snapshot = [p.detach().float().clone() for p in self.params]
-        self.masks = [_flat_mask(mask, n, g) for n, g in zip(self.names, self.snapshot, strict=True)]
+        self.masks = [
+            _flat_mask(mask, n, g) for n, g in zip(self.names, self.snapshot, strict=True)
+        ]
         self.coeffs = np.zeros((self.num_blocks, spec.num_seeds), np.float32)
         self.version = 0
         self._seeds = [derive_seed(spec.pool_seed, "zo-pool", k) for k in range(spec.num_seeds)]
@@ -290,9 +292,7 @@ class ZoRuntime:
         self.restore()
 
 
-def _flat_mask(
-    mask: DirectionMask | None, name: str, initial: torch.Tensor
-) -> torch.Tensor | None:
+def _flat_mask(mask: DirectionMask | None, name: str, initial: torch.Tensor) -> torch.Tensor | None:
     """``mask(name, theta_0)`` flattened to float32 0/1 (None: the whole tensor)."""
     if mask is None:
         return None

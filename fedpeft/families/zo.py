@@ -1,0 +1,85 @@
+"""The seed/scalar family: instructions carry syncs, replies carry (block, seed, scalar)s."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+from flwr.app import RecordDict
+
+from fedpeft.changes import with_every_direction
+from fedpeft.families.base import FlatLayout, Stamp
+from fedpeft.server.validate import MB, Limits, validate_secure_reply, validate_zo_update
+from fedpeft.wire import SharedRecords
+from fedpeft.wire_zo import (
+    ZoInstruction,
+    ZoUpdate,
+    decode_zo_update,
+    encode_zo_instruction,
+)
+
+__all__ = ["ZO", "ZoFamily"]
+
+
+class ZoFamily:
+    """Seed/scalar pairs (``train.zo``: :class:`ZoInstruction` -> :class:`ZoUpdate`)."""
+
+    name = "zo"
+
+    def instruction(self, plan: Any, stamp: Stamp) -> ZoInstruction:
+        """A :class:`ZoInstruction` from a ``ZoPlan`` (codecs do not apply)."""
+        return ZoInstruction(
+            stamp.header, plan.spec, stamp.train, plan.sync, stamp.seed, plan.probs,
+            secure=stamp.secure, dp_clip=stamp.dp_clip, dp_noise=stamp.dp_noise,
+        )  # fmt: skip
+
+    def encode(self, ins: ZoInstruction, shared: SharedRecords) -> RecordDict:
+        """The compact seed/scalar encoding (nothing to share between clients)."""
+        return encode_zo_instruction(ins)
+
+    def payload_down(self, ins: ZoInstruction, content: RecordDict) -> int:
+        """The sync's bytes and FedKSeed-Pro's probabilities (4 bytes each)."""
+        return ins.sync.nbytes + (ins.probs.size * 4 if ins.probs is not None else 0)
+
+    def reply_limit(self, ins: ZoInstruction, limits: Limits) -> int:
+        """``validation.max_reply_mb``, else 1 MB + 16 bytes per pair the spec allows."""
+        if limits.rules.max_reply_mb > 0:
+            return int(limits.rules.max_reply_mb * MB)
+        pairs = ins.spec.num_seeds * max(limits.zo_blocks, 1) + ins.spec.local_steps
+        return MB + 16 * pairs
+
+    def decode(
+        self, content: RecordDict, ins: ZoInstruction, limits: Limits
+    ) -> tuple[ZoUpdate, int]:
+        """Decoded and validated (a secure reply: its header only, no pairs)."""
+        zo = decode_zo_update(content)
+        if ins.secure:
+            validate_secure_reply(zo, ins, limits)
+            return zo, 0
+        validate_zo_update(zo, ins, limits)
+        return zo, zo.payload_nbytes
+
+    def choices(self, ins: ZoInstruction) -> dict[str, float]:
+        """Nothing: every seed/scalar client tunes the same tensors."""
+        return {}
+
+    def flat(
+        self, instructions: Mapping[str, Any], cids: Sequence[str], zo_blocks: int
+    ) -> FlatLayout:
+        """One value per (block, seed) direction; rebuilt as every survivor's update (weight 1,
+        no pairs) with the mean's scalars, times the survivors, on the first one, so the
+        strategy's per-direction ``sum_k g_k / m`` is the clients' mean."""
+        num_seeds = instructions[cids[0]].spec.num_seeds
+
+        def rebuild(kept: list[Any], total: np.ndarray, denominator: float) -> list[Any]:
+            scaled = total * (len(kept) / denominator)  # the strategy divides by len(kept)
+            out = [replace(u, header=replace(u.header, num_examples=1)) for u in kept]
+            out[0] = with_every_direction(out[0], scaled, zo_blocks, num_seeds)
+            return out
+
+        return FlatLayout(zo_blocks * num_seeds, rebuild)
+
+
+ZO = ZoFamily()
