@@ -119,7 +119,7 @@ BUGS = [
     ),
     Bug(
         "unit_scale drops alpha / r",
-        "fedpeft/rank_ops.py",
+        "fedpeft/lora/rank_ops.py",
         "return f.a.double(), f.b.double() * f.scale",
         "return f.a.double(), f.b.double()",
         (

@@ -32,8 +32,8 @@ from _bench import add_quick, results_path
 
 from fedpeft.config import ModelConfig
 from fedpeft.models import load_model
-from fedpeft.wire import LoraSpec
-from fedpeft.wire_zo import ZoSpec
+from fedpeft.wire.messages import LoraSpec
+from fedpeft.wire.zo import ZoSpec
 from fedpeft.zo.local import LocalZo
 from fedpeft.zo.runtime import ZoRuntime
 

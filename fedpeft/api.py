@@ -31,7 +31,7 @@ from fedpeft.models import get_model, handle_of, model_key
 from fedpeft.server.app import Outcome
 from fedpeft.simulation.runner import simulate as run_scenario
 from fedpeft.strategies.registry import resolve
-from fedpeft.wire import Adapter, LoraSpec
+from fedpeft.wire.messages import Adapter, LoraSpec
 from fedpeft.zo.runtime import get_runtime
 from fedpeft.zo.trainer import direction_mask
 

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from fedpeft.errors import AggregationError
-from fedpeft.wire import Adapter, LoraFactors, LoraUpdate
-from fedpeft.wire_zo import ZoUpdate, index_dtype
+from fedpeft.wire.messages import Adapter, LoraFactors, LoraUpdate
+from fedpeft.wire.zo import ZoUpdate, index_dtype
 
 __all__ = [
     "combined_update",

@@ -28,10 +28,10 @@ from fedpeft.data.tokenize import (
     encode_prompt,
 )
 from fedpeft.errors import ModelError
-from fedpeft.lora import ModelHandle
+from fedpeft.lora.handle import ModelHandle
 from fedpeft.seeding import np_rng
 from fedpeft.strategies.base import AggregateResult
-from fedpeft.wire import Adapter, LoraSpec
+from fedpeft.wire.messages import Adapter, LoraSpec
 from fedpeft.zo.runtime import DirectionMask, get_runtime
 
 __all__ = ["EvalSet", "Evaluator", "eval_loss", "generate", "task_metric"]

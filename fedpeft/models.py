@@ -1,6 +1,6 @@
 """Base models: load once per process, fingerprint, and share across virtual clients.
 
-``get_model(cfg)`` returns the process's :class:`~fedpeft.lora.ModelHandle` for a model
+``get_model(cfg)`` returns the process's :class:`~fedpeft.lora.handle.ModelHandle` for a model
 config, loading it the first time only (``fedpeft.cache.PROCESS_CACHE``). Every virtual client
 in a process (and the in-process coordinator's evaluator) uses that one handle and switches
 LoRA adapters on it; the base model is never reloaded or copied per client or per round.
@@ -29,7 +29,7 @@ from torch import nn
 from fedpeft.cache import PROCESS_CACHE, ProcessCache
 from fedpeft.config import ModelConfig
 from fedpeft.errors import ModelError
-from fedpeft.lora import ModelHandle
+from fedpeft.lora.handle import ModelHandle
 from fedpeft.seeding import scoped_torch_seed
 
 __all__ = [

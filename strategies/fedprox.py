@@ -37,10 +37,10 @@ import torch
 from fedpeft.algorithms.capabilities import weighted_linear
 from fedpeft.client.trainer import LoraTrainer
 from fedpeft.errors import ConfigError
-from fedpeft.lora import ModelHandle
+from fedpeft.lora.handle import ModelHandle
 from fedpeft.strategies.base import AggregateResult, LoraPlan, StrategyContext
 from fedpeft.strategies.fedavg import FedAvg
-from fedpeft.wire import ClientInfo, LoraUpdate, TrainInstruction
+from fedpeft.wire.messages import ClientInfo, LoraUpdate, TrainInstruction
 
 
 def proximal_term(

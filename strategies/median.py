@@ -30,7 +30,7 @@ from fedpeft.strategies.base import (
     adapter_state,
     check_same_structure,
 )
-from fedpeft.wire import Adapter, ClientInfo, LoraFactors, LoraUpdate
+from fedpeft.wire.messages import Adapter, ClientInfo, LoraFactors, LoraUpdate
 
 
 def _median(stack: torch.Tensor) -> torch.Tensor:

@@ -27,9 +27,9 @@ from fedpeft import testing  # noqa: E402
 from fedpeft.cache import PROCESS_CACHE, ProcessCache  # noqa: E402
 from fedpeft.config import ModelConfig, RunConfig  # noqa: E402
 from fedpeft.config.load import load_config  # noqa: E402
-from fedpeft.lora import ModelHandle  # noqa: E402
+from fedpeft.lora.handle import ModelHandle  # noqa: E402
 from fedpeft.models import load_model  # noqa: E402
-from fedpeft.wire import Header, LoraFactors, LoraUpdate  # noqa: E402
+from fedpeft.wire.messages import Header, LoraFactors, LoraUpdate  # noqa: E402
 
 # Property tests are CPU-bound: on a busy machine hypothesis' 200 ms deadline per example
 # fails tests that are merely slow. Their size is bounded by max_examples instead.

@@ -160,7 +160,7 @@ from fedpeft.algorithms.capabilities import Capabilities
 from fedpeft.strategies.base import AggregateResult, adapter_from_state, adapter_state
 from fedpeft.strategies.hetero import UnitGlobal, example_weights, ordered, padded_sum
 from fedpeft.strategies.hetero import plans_from_global, ranks_for
-from fedpeft.wire import LoraFactors
+from fedpeft.wire.messages import LoraFactors
 
 
 class ZeroPad:
@@ -278,7 +278,7 @@ def test_a_seed_scalar_variant_is_one_file(tiny_config, tmp_path):
     from fedpeft.config import ModelConfig
     from fedpeft.errors import ProtocolError
     from fedpeft.models import load_model
-    from fedpeft.wire_zo import ZoSpec
+    from fedpeft.wire.zo import ZoSpec
     from fedpeft.zo.runtime import ZoRuntime
 
     path = tmp_path / "sparse_mezo.py"

@@ -231,7 +231,7 @@ def test_mutation_report_names() -> None:
     finally:
         sys.path.remove(str(BENCH))
     assert _module("fedpeft.secagg.shamir.x_split__mutmut_3") == "fedpeft/secagg/shamir.py"
-    assert _module("fedpeft.codecs.xǁInt8Codecǁencode__mutmut_1") == "fedpeft/codecs.py"
+    assert _module("fedpeft.wire.codecs.xǁInt8Codecǁencode__mutmut_1") == "fedpeft/wire/codecs.py"
     mutated = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["mutmut"]
     for name, reason in _equivalent().items():
         assert _module(name) in mutated["only_mutate"], name
@@ -243,7 +243,7 @@ def test_oracle_scan_flags_an_expected_value_computed_by_the_code(tmp_path: Path
     through a name assigned from it), and not one whose expected value is written by hand."""
     sample = tmp_path / "test_sample.py"
     sample.write_text(
-        "from fedpeft.rank_ops import product_norm\n\n\n"
+        "from fedpeft.lora.rank_ops import product_norm\n\n\n"
         "def test_self(f):\n"
         "    want = product_norm(f)\n"
         "    assert product_norm(f) == want\n\n\n"

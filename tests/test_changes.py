@@ -16,8 +16,8 @@ from fedpeft.changes import (
     with_every_direction,
 )
 from fedpeft.errors import AggregationError
-from fedpeft.wire import Header, LoraFactors, LoraUpdate
-from fedpeft.wire_zo import ZoUpdate
+from fedpeft.wire.messages import Header, LoraFactors, LoraUpdate
+from fedpeft.wire.zo import ZoUpdate
 
 # two modules, listed out of order: the layout sorts them (m.k before m.v), A before B
 SENT = {

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedpeft.codecs import CodecSpec, ErrorFeedback, decode_tensor, encode_tensor
 from fedpeft.errors import ProtocolError
+from fedpeft.wire.codecs import CodecSpec, ErrorFeedback, decode_tensor, encode_tensor
 
 
 def _x(seed=0, shape=(16, 40), scale=1e-2):

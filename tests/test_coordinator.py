@@ -15,7 +15,7 @@ from fedpeft.errors import REJECT_CODES, RoundError
 from fedpeft.server.app import run_server
 from fedpeft.server.results import RunReporter
 from fedpeft.simulation.inprocess import InProcessGrid
-from fedpeft.wire import HEADER, TENSORS
+from fedpeft.wire.messages import HEADER, TENSORS
 
 
 def _corrupting(wrap, real: ClientApp, corrupt, victims: set[int]) -> ClientApp:

@@ -25,7 +25,7 @@ from fedpeft.deploy.worker import ModelWorker, call_worker, read_frame, write_fr
 from fedpeft.errors import ConfigError, ProtocolError
 from fedpeft.models import resolve_dtype
 from fedpeft.simulation.inprocess import InProcessGrid
-from fedpeft.wire import decode_client_info, encode_query
+from fedpeft.wire.messages import decode_client_info, encode_query
 
 
 def _echo_app(cache) -> ClientApp:

@@ -20,8 +20,8 @@ from fedpeft.strategies.base import StrategyContext
 from fedpeft.strategies.dp import DpAggregation
 from fedpeft.strategies.fedavg import FedAvg
 from fedpeft.strategies.ffa import FfaLora
-from fedpeft.wire import ClientInfo, Header, LoraFactors, LoraSpec, LoraUpdate
-from fedpeft.wire_zo import ZoUpdate
+from fedpeft.wire.messages import ClientInfo, Header, LoraFactors, LoraSpec, LoraUpdate
+from fedpeft.wire.zo import ZoUpdate
 
 
 def _gdp_epsilon(mu: float, delta: float) -> float:
@@ -480,7 +480,7 @@ def test_noise_is_seeded_by_run_and_round_or_fresh_when_secure():
 def _fedkseed_dp(noise_multiplier: float, k: int) -> DpAggregation:
     """FedKSeed (K = 4 seeds, lr 0.1) under DP with clip 1 and k clients per round."""
     from fedpeft.strategies.fedkseed import FedKSeed
-    from fedpeft.wire_zo import ZoSpec
+    from fedpeft.wire.zo import ZoSpec
 
     spec = ZoSpec(algorithm="fedkseed", target="full", num_seeds=4, pool_seed=1, lr=0.1,
                   local_steps=2)  # fmt: skip

@@ -26,7 +26,7 @@ from fedpeft.server.app import run_server
 from fedpeft.server.checkpoint import CHECKPOINT, load_checkpoint
 from fedpeft.server.results import RunReporter, format_summary
 from fedpeft.simulation.inprocess import FIRST_NODE_ID, InProcessGrid
-from fedpeft.wire import HEADER, decode_refusal
+from fedpeft.wire.messages import HEADER, decode_refusal
 
 
 class FaultGrid(InProcessGrid):

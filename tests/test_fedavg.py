@@ -10,7 +10,7 @@ import torch
 from fedpeft.errors import AggregationError
 from fedpeft.strategies.base import AggregateResult, StrategyContext
 from fedpeft.strategies.fedavg import FedAvg
-from fedpeft.wire import Header, LoraFactors, LoraSpec, LoraUpdate
+from fedpeft.wire.messages import Header, LoraFactors, LoraSpec, LoraUpdate
 
 
 def _product(f: LoraFactors) -> torch.Tensor:
@@ -79,7 +79,7 @@ def test_fedit_is_exact_when_clients_share_a(make_update):
 def test_configure_train_sends_the_global_adapter_to_everyone(make_update):
     initial = make_update().factors
     strat = _strategy(initial)
-    from fedpeft.wire import ClientInfo, Header
+    from fedpeft.wire.messages import ClientInfo, Header
 
     clients = [
         ClientInfo(header=Header("r", 0, "fp", "", 5, str(i)), device="cpu") for i in range(3)

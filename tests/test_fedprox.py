@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from fedpeft.cache import ProcessCache
 from fedpeft.simulation.runner import simulate
 from fedpeft.testing import check_strategy
-from fedpeft.wire import Header, LoraSpec, TrainInstruction
+from fedpeft.wire.messages import Header, LoraSpec, TrainInstruction
 
 REPO = Path(__file__).resolve().parents[1]
 FILE = REPO / "strategies" / "fedprox.py"

@@ -19,7 +19,7 @@ from fedpeft.config import TrainConfig, ValidationConfig
 from fedpeft.data.tasks import TextPair
 from fedpeft.data.tokenize import encode_pairs
 from fedpeft.errors import ConfigError, ProtocolError
-from fedpeft.lora import ModelHandle, init_factors
+from fedpeft.lora.handle import ModelHandle, init_factors
 from fedpeft.prune.layout import LayerLayout, PruneLayout, cut_adapter
 from fedpeft.prune.schedule import default_protect, needs_pruning, target_counts
 from fedpeft.prune.structure import Keep, prune_layers
@@ -27,7 +27,7 @@ from fedpeft.server.validate import Limits, validate_update
 from fedpeft.simulation.runner import simulate
 from fedpeft.strategies.base import StrategyContext
 from fedpeft.strategies.fedspine import FedSpine, fedspine_reward
-from fedpeft.wire import (
+from fedpeft.wire.messages import (
     Header,
     LoraFactors,
     LoraSpec,
@@ -38,7 +38,7 @@ from fedpeft.wire import (
     encode_instruction,
     encode_update,
 )
-from fedpeft.wire_prune import PrunePlan
+from fedpeft.wire.prune import PrunePlan
 
 TARGETS = {
     "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
@@ -340,7 +340,7 @@ def _pruned_update(cid, keeps, rank, n, seed):
 
 
 def _clients(ids):
-    from fedpeft.wire import ClientInfo
+    from fedpeft.wire.messages import ClientInfo
 
     return [ClientInfo(Header("r", 0, "fp", "", 10, c), "cpu") for c in ids]
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from fedpeft.errors import AggregationError
-from fedpeft.lora import init_factors
-from fedpeft.rank_ops import (
+from fedpeft.lora.handle import init_factors
+from fedpeft.lora.rank_ops import (
     dense_delta,
     product_norm,
     stack,
@@ -21,10 +21,10 @@ from fedpeft.rank_ops import (
     truncate,
     unit_scale,
 )
-from fedpeft.ranks import TierRanks
+from fedpeft.lora.ranks import TierRanks
 from fedpeft.strategies.base import StrategyContext
 from fedpeft.strategies.registry import build_strategy
-from fedpeft.wire import ClientInfo, Header, LoraFactors, LoraSpec, LoraUpdate
+from fedpeft.wire.messages import ClientInfo, Header, LoraFactors, LoraSpec, LoraUpdate
 
 RANKS = (2, 4, 8, 16)
 SHAPES = {"m.q_proj": (24, 20), "m.v_proj": (12, 20)}
@@ -463,7 +463,7 @@ def test_hetlora_self_pruned_ranks_survive_its_state_and_old_states_have_none():
 def test_rank_helpers_keep_the_product_whatever_the_scale():
     """Globals, initial adapters and previous stacks whose scale alpha / r is not 1 keep their
     product (alpha / r) B A, by hand."""
-    from fedpeft.rank_ops import check_modules, for_client, pad, unit_spec
+    from fedpeft.lora.rank_ops import check_modules, for_client, pad, unit_spec
     from fedpeft.strategies.hetero import initial_unit, padded_sum, stacked_updates
 
     g = LoraFactors(a=torch.tensor([[1.0, 2.0], [3.0, 4.0]]), b=torch.tensor([[1.0, 0.0],

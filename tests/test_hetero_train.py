@@ -14,10 +14,10 @@ from fedpeft.config.load import load_config
 from fedpeft.data.tasks import TextPair
 from fedpeft.data.tokenize import encode_pairs
 from fedpeft.errors import ConfigError, ProtocolError
-from fedpeft.lora import init_factors
+from fedpeft.lora.handle import init_factors
 from fedpeft.server.validate import validate_update
 from fedpeft.simulation.runner import simulate
-from fedpeft.wire import (
+from fedpeft.wire.messages import (
     Header,
     LoraFactors,
     LoraSpec,

@@ -9,9 +9,9 @@ import torch
 
 from fedpeft.config import ModelConfig
 from fedpeft.errors import ModelError
-from fedpeft.lora import init_factors
+from fedpeft.lora.handle import init_factors
 from fedpeft.models import fingerprint, get_model, load_model
-from fedpeft.wire import LoraFactors, LoraSpec
+from fedpeft.wire.messages import LoraFactors, LoraSpec
 
 SPEC = LoraSpec(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"))
 

@@ -6,8 +6,8 @@ import pytest
 
 from fedpeft.config.load import load_config
 from fedpeft.errors import ConfigError
-from fedpeft.ranks import RankPolicy, make_rank_policy
-from fedpeft.wire import ClientInfo, Header
+from fedpeft.lora.ranks import RankPolicy, make_rank_policy
+from fedpeft.wire.messages import ClientInfo, Header
 
 
 def _clients(n=4, caps=None):

@@ -18,7 +18,7 @@ from fedpeft.strategies.registry import (
     registered,
     resolve,
 )
-from fedpeft.wire import LoraSpec
+from fedpeft.wire.messages import LoraSpec
 
 PLUGIN_FILE = Path(__file__).resolve().parents[1] / "strategies" / "median.py"
 
@@ -131,7 +131,7 @@ def test_a_strategy_installed_as_an_entry_point_is_found_by_name(install_plugin)
     pip leaves it, pointing at a copy of the shipped median plug-in."""
     import torch
 
-    from fedpeft.wire import Header, LoraFactors, LoraUpdate
+    from fedpeft.wire.messages import Header, LoraFactors, LoraUpdate
 
     install_plugin(PLUGIN_FILE, "ep_median_plugin", "ep-median = ep_median_plugin:CoordinateMedian")
     cls = resolve("ep-median")

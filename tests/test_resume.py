@@ -32,8 +32,8 @@ from fedpeft.simulation.runner import simulate
 from fedpeft.strategies.base import AggregateResult, ZoGlobal
 from fedpeft.strategies.fedavg import FedAvg
 from fedpeft.strategies.registry import register_strategy
-from fedpeft.wire import LoraFactors, LoraSpec
-from fedpeft.wire_zo import ZoSpec
+from fedpeft.wire.messages import LoraFactors, LoraSpec
+from fedpeft.wire.zo import ZoSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = {"wall_s", "eval_s", "train_s_max", "sim_client_s", "step_s_max", "forward_s_max"}

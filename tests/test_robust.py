@@ -17,8 +17,8 @@ from fedpeft.simulation.runner import simulate
 from fedpeft.strategies.base import StrategyContext
 from fedpeft.strategies.fedavg import FedAvg
 from fedpeft.strategies.robust import RobustAggregation, krum_scores, median, trimmed_mean
-from fedpeft.wire import ClientInfo, Header, LoraFactors, LoraSpec, LoraUpdate
-from fedpeft.wire_zo import ZoUpdate
+from fedpeft.wire.messages import ClientInfo, Header, LoraFactors, LoraSpec, LoraUpdate
+from fedpeft.wire.zo import ZoUpdate
 
 SPEC = LoraSpec(rank=1, alpha=1.0, target_modules=("m",))
 SENT = {"m": LoraFactors(a=torch.zeros(1, 2), b=torch.zeros(2, 1), alpha=1.0)}
@@ -246,7 +246,7 @@ def test_alie_attacker_sends_the_honest_mean_minus_z_standard_deviations(
     from fedpeft.server.results import RunReporter
     from fedpeft.simulation.attacks import AttackGrid
     from fedpeft.simulation.inprocess import InProcessGrid
-    from fedpeft.wire import decode_instruction, decode_update
+    from fedpeft.wire.messages import decode_instruction, decode_update
 
     sent, honest, replies = {}, {}, []
 
@@ -399,7 +399,7 @@ def test_robust_refusals_name_the_reason_exactly():
 
 def test_wrapper_passes_rounds_and_state_through_for_lora_and_seed_scalar(round_recorder):
     from fedpeft.strategies.fedkseed import FedKSeed
-    from fedpeft.wire_zo import ZoSpec
+    from fedpeft.wire.zo import ZoSpec
 
     rec = round_recorder(FedAvg(FedAvg.Config(), StrategyContext(SENT, SPEC, 0)))
     agg = RobustAggregation(rec, RobustConfig(clip_norm=10.0))

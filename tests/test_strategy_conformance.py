@@ -17,7 +17,7 @@ from fedpeft.strategies.base import StrategyContext
 from fedpeft.strategies.registry import build_strategy, registered, resolve
 from fedpeft.testing import ConformanceError, check_strategy
 from fedpeft.testing.conformance import CHECKS
-from fedpeft.wire import ClientInfo, Header, LoraSpec
+from fedpeft.wire.messages import ClientInfo, Header, LoraSpec
 
 PLUGIN = str(Path(__file__).resolve().parents[1] / "strategies" / "median.py") + ":CoordinateMedian"
 STRATEGIES = [*registered(), PLUGIN]

@@ -11,8 +11,8 @@ from fedpeft.client.trainer import ClientData, LoraTrainer, local_steps
 from fedpeft.config import TrainConfig
 from fedpeft.data.tasks import TextPair
 from fedpeft.data.tokenize import encode_pairs
-from fedpeft.lora import init_factors
-from fedpeft.wire import Header, LoraSpec, TrainInstruction
+from fedpeft.lora.handle import init_factors
+from fedpeft.wire.messages import Header, LoraSpec, TrainInstruction
 
 SPEC = LoraSpec(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"))
 

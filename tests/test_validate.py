@@ -22,8 +22,8 @@ from fedpeft.server.validate import (
     validate_update,
     validate_zo_update,
 )
-from fedpeft.wire import Header, LoraFactors, LoraSpec, LoraUpdate, TrainInstruction
-from fedpeft.wire_zo import ZoInstruction, ZoSpec, ZoSync, ZoUpdate
+from fedpeft.wire.messages import Header, LoraFactors, LoraSpec, LoraUpdate, TrainInstruction
+from fedpeft.wire.zo import ZoInstruction, ZoSpec, ZoSync, ZoUpdate
 
 SPEC = LoraSpec(rank=2, alpha=4.0, target_modules=("q_proj",))
 SENT = {"m.q_proj": LoraFactors(a=torch.zeros(2, 3), b=torch.zeros(4, 2), alpha=4.0)}

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from fedpeft._flwr import message_nbytes, roundtrip, set_task_identity
 from fedpeft.config import TrainConfig
 from fedpeft.errors import ProtocolError
-from fedpeft.wire import (
+from fedpeft.wire.messages import (
     HEADER,
     META,
     PROTOCOL_VERSION,
@@ -191,7 +191,7 @@ def test_eval_report_round_trip_and_non_finite_rejected():
 
 def _wire_bytes(make_update, zo: bool) -> bytes:
     from fedpeft._flwr import records_to_bytes
-    from fedpeft.wire_zo import ZoUpdate, encode_zo_update
+    from fedpeft.wire.zo import ZoUpdate, encode_zo_update
 
     if zo:
         u = ZoUpdate(
@@ -218,7 +218,7 @@ def test_random_and_truncated_message_bytes_give_a_typed_error_never_a_crash(
     import pickle
 
     from fedpeft._flwr import records_from_bytes
-    from fedpeft.wire_zo import decode_zo_update
+    from fedpeft.wire.zo import decode_zo_update
 
     def no_pickle(*args, **kwargs):
         raise AssertionError("network input must never be unpickled")

@@ -14,8 +14,8 @@ from fedpeft.data.tasks import TextPair
 from fedpeft.data.tokenize import collate, encode_pairs
 from fedpeft.models import load_model
 from fedpeft.strategies.zo_state import Coefficients
-from fedpeft.wire import LoraSpec
-from fedpeft.wire_zo import ZoSpec, ZoSync
+from fedpeft.wire.messages import LoraSpec
+from fedpeft.wire.zo import ZoSpec, ZoSync
 from fedpeft.zo.local import LocalZo, allocate, fedkseed_local, project, reconstruct
 from fedpeft.zo.runtime import ZoRuntime
 

@@ -21,7 +21,7 @@ from fedpeft.server.app import run_server
 from fedpeft.server.results import RunReporter
 from fedpeft.simulation.inprocess import InProcessGrid
 from fedpeft.simulation.runner import simulate
-from fedpeft.wire_zo import ZO_DATA
+from fedpeft.wire.zo import ZO_DATA
 
 REQUIRED = {"round", "train_loss", "eval_loss", "bytes_up", "bytes_down", "wall_s", "clients"}
 REPO = Path(__file__).resolve().parents[1]

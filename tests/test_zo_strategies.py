@@ -13,8 +13,8 @@ from fedpeft.errors import AggregationError
 from fedpeft.strategies.base import StrategyContext
 from fedpeft.strategies.fedkseed import pro_probabilities
 from fedpeft.strategies.registry import build_strategy, registered, resolve
-from fedpeft.wire import ClientInfo, Header, LoraSpec
-from fedpeft.wire_zo import ZoSpec, ZoUpdate
+from fedpeft.wire.messages import ClientInfo, Header, LoraSpec
+from fedpeft.wire.zo import ZoSpec, ZoUpdate
 
 ZO = [n for n in registered() if capabilities_of(resolve(n)).family == "zo"]
 K, TAU, BLOCKS = 64, 10, 3

@@ -2,18 +2,18 @@
 
 Handlers (Flower routes ``<category>.<action>`` message types to them):
 
-- ``query.info``: reply with a :class:`~fedpeft.wire.ClientInfo` (client id, example count,
+- ``query.info``: reply with a :class:`~fedpeft.wire.messages.ClientInfo` (client id, example count,
   device, base-model fingerprint).
-- ``train.lora``: decode a :class:`~fedpeft.wire.TrainInstruction`, train, reply with a
-  :class:`~fedpeft.wire.LoraUpdate`.
-- ``train.zo``: decode a :class:`~fedpeft.wire_zo.ZoInstruction`, run the algorithm's
+- ``train.lora``: decode a :class:`~fedpeft.wire.messages.TrainInstruction`, train, reply with a
+  :class:`~fedpeft.wire.messages.LoraUpdate`.
+- ``train.zo``: decode a :class:`~fedpeft.wire.zo.ZoInstruction`, run the algorithm's
   seed/scalar client half (its strategy class's ``trainer``, a
   :class:`~fedpeft.zo.trainer.ZoTrainer`: sync, local loop), reply with a
-  :class:`~fedpeft.wire_zo.ZoUpdate`.
+  :class:`~fedpeft.wire.zo.ZoUpdate`.
 - ``query.refused``: the coordinator left this node out of the run (wrong client id, a
   client id another node holds, another base model); the reason is logged on the node.
 - ``evaluate.lora``: evaluate the instruction's adapter on this client's share of the
-  held-out split, reply with an :class:`~fedpeft.wire.EvalReport` (federated evaluation).
+  held-out split, reply with an :class:`~fedpeft.wire.messages.EvalReport` (federated evaluation).
 
 The base model and the client's tokenized data come from ``fedpeft.cache.PROCESS_CACHE``: they
 are built once per process and shared by every virtual client the process runs; a round only
@@ -43,10 +43,10 @@ from fedpeft.data.tasks import format_pairs
 from fedpeft.data.tokenize import encode_pairs
 from fedpeft.errors import ConfigError, ProtocolError
 from fedpeft.evaluation import EvalSet, Evaluator
-from fedpeft.lora import ModelHandle
+from fedpeft.lora.handle import ModelHandle
 from fedpeft.models import get_model, model_key
 from fedpeft.strategies.registry import resolve
-from fedpeft.wire import (
+from fedpeft.wire.messages import (
     HEADER,
     ClientInfo,
     EvalReport,
@@ -58,7 +58,7 @@ from fedpeft.wire import (
     encode_eval_report,
     encode_update,
 )
-from fedpeft.wire_zo import decode_zo_instruction, encode_zo_update
+from fedpeft.wire.zo import decode_zo_instruction, encode_zo_update
 from fedpeft.zo.runtime import get_runtime
 from fedpeft.zo.trainer import ZoTrainer
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 
-from fedpeft.codecs import ErrorFeedback
+from fedpeft.wire.codecs import ErrorFeedback
 
 __all__ = ["load_feedback", "save_feedback"]
 

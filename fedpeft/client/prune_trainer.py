@@ -1,7 +1,7 @@
 """Prune-then-tune on the device (FedSpine's client side): LoRA training on a structurally
 pruned copy of the base model, pruning further in stages from LoRA-gradient importance.
 
-Per round, for an instruction with a :class:`~fedpeft.wire_prune.PrunePlan`:
+Per round, for an instruction with a :class:`~fedpeft.wire.prune.PrunePlan`:
 
 1. Build the starting structure (``plan.keep``; the whole model when empty): a copy of the
    shared base model whose unpruned tensors are *shared*, not copied, and whose pruned
@@ -42,13 +42,13 @@ from fedpeft.client.trainer import (
     run_steps,
 )
 from fedpeft.data.tokenize import collate
-from fedpeft.lora import ModelHandle
+from fedpeft.lora.handle import ModelHandle
 from fedpeft.prune.importance import GroupScores, element_importance
 from fedpeft.prune.layout import PruneLayout, cut_adapter
 from fedpeft.prune.schedule import needs_pruning, shrink, stage_ratios, target_counts
 from fedpeft.prune.structure import Keep, prune_layers
 from fedpeft.seeding import derive_seed, scoped_torch_seed
-from fedpeft.wire import LoraUpdate, TrainInstruction
+from fedpeft.wire.messages import LoraUpdate, TrainInstruction
 
 __all__ = ["PruneTrainer", "plain_copy", "pruned_handle"]
 

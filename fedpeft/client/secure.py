@@ -23,8 +23,8 @@ from fedpeft.changes import direction_sums, flat_change, trained_mask
 from fedpeft.errors import ProtocolError
 from fedpeft.privacy import clip_and_noise
 from fedpeft.secagg.flower import secagg_handler
-from fedpeft.wire import LoraUpdate, TrainInstruction
-from fedpeft.wire_zo import ZoInstruction, ZoUpdate
+from fedpeft.wire.messages import LoraUpdate, TrainInstruction
+from fedpeft.wire.zo import ZoInstruction, ZoUpdate
 
 __all__ = ["keep_lora", "keep_zo", "secagg_query"]
 

@@ -26,9 +26,9 @@ import torch
 from fedpeft.config import TrainConfig
 from fedpeft.data.tokenize import Example, collate
 from fedpeft.errors import ProtocolError
-from fedpeft.lora import ModelHandle
+from fedpeft.lora.handle import ModelHandle
 from fedpeft.seeding import derive_seed, scoped_torch_seed, torch_generator
-from fedpeft.wire import Header, LoraUpdate, TrainInstruction
+from fedpeft.wire.messages import Header, LoraUpdate, TrainInstruction
 
 __all__ = [
     "ClientData",

@@ -18,7 +18,7 @@ from flwr.app import RecordDict
 
 from fedpeft.config import CompressConfig, TrainConfig
 from fedpeft.server.validate import Limits
-from fedpeft.wire import Header, SharedRecords
+from fedpeft.wire.messages import Header, SharedRecords
 
 __all__ = ["FlatLayout", "Stamp", "UpdateFamily"]
 

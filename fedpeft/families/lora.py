@@ -13,7 +13,7 @@ from flwr.app import RecordDict
 from fedpeft.changes import combined_update, shared_sent, trained_mask
 from fedpeft.families.base import FlatLayout, Stamp
 from fedpeft.server.validate import MB, Limits, validate_secure_reply, validate_update
-from fedpeft.wire import (
+from fedpeft.wire.messages import (
     LoraUpdate,
     SharedRecords,
     TrainInstruction,

@@ -12,8 +12,8 @@ from flwr.app import RecordDict
 from fedpeft.changes import with_every_direction
 from fedpeft.families.base import FlatLayout, Stamp
 from fedpeft.server.validate import MB, Limits, validate_secure_reply, validate_zo_update
-from fedpeft.wire import SharedRecords
-from fedpeft.wire_zo import (
+from fedpeft.wire.messages import SharedRecords
+from fedpeft.wire.zo import (
     ZoInstruction,
     ZoUpdate,
     decode_zo_update,

@@ -32,7 +32,7 @@ from fedpeft.prune.structure import (
     decoder_layers,
     ffn_width,
 )
-from fedpeft.wire_types import LoraFactors
+from fedpeft.wire.types import LoraFactors
 
 __all__ = ["LayerLayout", "PruneLayout", "Role", "cut_adapter", "full_keeps"]
 

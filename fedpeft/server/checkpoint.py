@@ -27,8 +27,8 @@ import torch
 
 from fedpeft.errors import FedpeftError
 from fedpeft.strategies.base import AggregateResult, ZoGlobal, adapter_from_state, adapter_state
-from fedpeft.wire import LoraSpec
-from fedpeft.wire_zo import ZoSpec
+from fedpeft.wire.messages import LoraSpec
+from fedpeft.wire.zo import ZoSpec
 
 __all__ = [
     "CHECKPOINT",

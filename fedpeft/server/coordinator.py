@@ -55,7 +55,7 @@ from fedpeft.server.secure_round import secure_aggregate
 from fedpeft.server.validate import Limits, cap_weights
 from fedpeft.strategies.base import AggregateResult, Strategy
 from fedpeft.strategies.registry import strategy_capabilities
-from fedpeft.wire import ClientInfo, Header
+from fedpeft.wire.messages import ClientInfo, Header
 
 __all__ = ["Coordinator", "EvalFn", "RunResult", "clients_per_round", "new_run_id", "scenario_of"]
 

@@ -33,7 +33,7 @@ from fedpeft._flwr import message_nbytes, send_bounded
 from fedpeft.errors import ProtocolError, clip
 from fedpeft.server.exchange import check_error
 from fedpeft.server.validate import MAX_NUM_EXAMPLES
-from fedpeft.wire import ClientInfo, decode_client_info, encode_query, encode_refusal
+from fedpeft.wire.messages import ClientInfo, decode_client_info, encode_query, encode_refusal
 
 __all__ = ["MAX_PROPERTIES", "NOTICE_TIMEOUT_S", "Roster"]
 

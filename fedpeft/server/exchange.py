@@ -21,8 +21,8 @@ from fedpeft._flwr import REPLY_TOO_LARGE, UNAVAILABLE_CODES, message_nbytes, se
 from fedpeft.errors import ProtocolError, clip
 from fedpeft.families import family_of
 from fedpeft.server.validate import Limits
-from fedpeft.wire import LoraUpdate, SharedRecords, TrainInstruction
-from fedpeft.wire_zo import ZoInstruction, ZoUpdate
+from fedpeft.wire.messages import LoraUpdate, SharedRecords, TrainInstruction
+from fedpeft.wire.zo import ZoInstruction, ZoUpdate
 
 __all__ = ["Exchange", "Instruction", "Update", "check_error", "exchange"]
 

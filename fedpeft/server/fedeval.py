@@ -15,7 +15,7 @@ from flwr.serverapp import Grid
 from fedpeft._flwr import message_nbytes, send_bounded
 from fedpeft.config import TrainConfig
 from fedpeft.errors import ProtocolError, clip
-from fedpeft.wire import (
+from fedpeft.wire.messages import (
     Adapter,
     ClientInfo,
     EvalReport,

@@ -27,8 +27,8 @@ import torch
 
 from fedpeft.config import ValidationConfig
 from fedpeft.errors import ProtocolError
-from fedpeft.wire import Header, LoraUpdate, TrainInstruction
-from fedpeft.wire_zo import ZoInstruction, ZoUpdate
+from fedpeft.wire.messages import Header, LoraUpdate, TrainInstruction
+from fedpeft.wire.zo import ZoInstruction, ZoUpdate
 
 __all__ = [
     "MAX_NUM_EXAMPLES",

@@ -41,14 +41,14 @@ from fedpeft.changes import flat_change, with_change
 from fedpeft.config import AttackConfig, RunConfig
 from fedpeft.errors import ConfigError
 from fedpeft.seeding import np_rng, torch_generator
-from fedpeft.wire import (
+from fedpeft.wire.messages import (
     HEADER,
     decode_client_info,
     decode_instruction,
     decode_update,
     encode_update,
 )
-from fedpeft.wire_zo import ZoUpdate, decode_zo_update, encode_zo_update
+from fedpeft.wire.zo import ZoUpdate, decode_zo_update, encode_zo_update
 
 __all__ = ["AttackGrid", "alie_z", "attackers", "flip_labels"]
 

@@ -22,11 +22,11 @@ import numpy as np
 import torch
 
 from fedpeft.errors import AggregationError
+from fedpeft.lora.ranks import FixedRanks, RankPolicy
 from fedpeft.prune.layout import PruneLayout
-from fedpeft.ranks import FixedRanks, RankPolicy
-from fedpeft.wire import Adapter, ClientInfo, LoraFactors, LoraSpec, LoraUpdate
-from fedpeft.wire_prune import PrunePlan
-from fedpeft.wire_zo import ZoSpec, ZoSync
+from fedpeft.wire.messages import Adapter, ClientInfo, LoraFactors, LoraSpec, LoraUpdate
+from fedpeft.wire.prune import PrunePlan
+from fedpeft.wire.zo import ZoSpec, ZoSync
 
 __all__ = [
     "AggregateResult",

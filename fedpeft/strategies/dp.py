@@ -46,8 +46,8 @@ from fedpeft.config import DpConfig
 from fedpeft.errors import AggregationError
 from fedpeft.privacy import PrivacyAccountant, gaussian
 from fedpeft.strategies.base import AggregateResult, LoraPlan, Strategy
-from fedpeft.wire import Adapter, ClientInfo, LoraUpdate
-from fedpeft.wire_zo import ZoUpdate
+from fedpeft.wire.messages import Adapter, ClientInfo, LoraUpdate
+from fedpeft.wire.zo import ZoUpdate
 
 __all__ = ["DpAggregation"]
 

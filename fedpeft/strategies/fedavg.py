@@ -37,7 +37,7 @@ from fedpeft.strategies.base import (
     weights_of,
 )
 from fedpeft.strategies.registry import register_strategy
-from fedpeft.wire import Adapter, ClientInfo, LoraFactors, LoraUpdate
+from fedpeft.wire.messages import Adapter, ClientInfo, LoraFactors, LoraUpdate
 
 __all__ = ["FedAvg"]
 

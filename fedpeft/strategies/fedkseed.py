@@ -34,8 +34,8 @@ from fedpeft.errors import AggregationError
 from fedpeft.strategies.base import AggregateResult, StrategyContext, ZoGlobal, ZoPlan
 from fedpeft.strategies.registry import register_strategy
 from fedpeft.strategies.zo_state import Coefficients
-from fedpeft.wire import ClientInfo
-from fedpeft.wire_zo import ZoSpec, ZoUpdate
+from fedpeft.wire.messages import ClientInfo
+from fedpeft.wire.zo import ZoSpec, ZoUpdate
 from fedpeft.zo.trainer import ZoTrainer
 
 __all__ = ["FedKSeed", "FedKSeedPro", "pro_probabilities"]

@@ -28,8 +28,8 @@ from fedpeft.errors import AggregationError
 from fedpeft.strategies.base import AggregateResult, StrategyContext, ZoGlobal, ZoPlan
 from fedpeft.strategies.registry import register_strategy
 from fedpeft.strategies.zo_state import Coefficients
-from fedpeft.wire import ClientInfo
-from fedpeft.wire_zo import ZoUpdate
+from fedpeft.wire.messages import ClientInfo
+from fedpeft.wire.zo import ZoUpdate
 from fedpeft.zo.trainer import ZoTrainer
 
 __all__ = ["Ferret"]

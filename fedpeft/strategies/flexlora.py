@@ -8,7 +8,7 @@ Deviation that changes cost, not results: the reference builds the dense (out, i
 ``Delta W*`` and runs a full SVD per layer each round. Here ``Delta W*`` is kept as FLoRA-style
 stacked factors ``B = [s_1 B_1 | ...]``, ``A = [p_1 A_1; ...]`` of rank ``R = sum r_k`` (exact;
 it is also the global model that is evaluated and saved), and the SVD comes from a QR of each
-stack and an SVD of the small (R, R) core (:func:`fedpeft.rank_ops.svd_from_stacks`), giving
+stack and an SVD of the small (R, R) core (:func:`fedpeft.lora.rank_ops.svd_from_stacks`), giving
 the same singular values (tested against the dense SVD).
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from fedpeft.algorithms.capabilities import Capabilities
-from fedpeft.rank_ops import svd_from_stacks, unit_spec
+from fedpeft.lora.rank_ops import svd_from_stacks, unit_spec
 from fedpeft.strategies.base import (
     AggregateResult,
     LoraPlan,
@@ -40,7 +40,7 @@ from fedpeft.strategies.hetero import (
     stacked_updates,
 )
 from fedpeft.strategies.registry import register_strategy
-from fedpeft.wire import Adapter, ClientInfo, LoraFactors, LoraUpdate
+from fedpeft.wire.messages import Adapter, ClientInfo, LoraFactors, LoraUpdate
 
 __all__ = ["FlexLora"]
 

@@ -24,8 +24,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fedpeft.algorithms.capabilities import Capabilities
-from fedpeft.lora import init_factors
-from fedpeft.rank_ops import unit_spec
+from fedpeft.lora.handle import init_factors
+from fedpeft.lora.rank_ops import unit_spec
 from fedpeft.seeding import derive_seed
 from fedpeft.strategies.base import (
     AggregateResult,
@@ -44,7 +44,7 @@ from fedpeft.strategies.hetero import (
     stacked_updates,
 )
 from fedpeft.strategies.registry import register_strategy
-from fedpeft.wire import Adapter, ClientInfo, LoraUpdate
+from fedpeft.wire.messages import Adapter, ClientInfo, LoraUpdate
 
 __all__ = ["FLora"]
 

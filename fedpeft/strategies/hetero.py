@@ -1,6 +1,6 @@
 """Shared pieces of the heterogeneous-rank strategies: per-client plans and padded sums.
 
-Global adapters here are kept in unit scale (see :mod:`fedpeft.rank_ops`): ``alpha = rank``,
+Global adapters here are kept in unit scale (see :mod:`fedpeft.lora.rank_ops`): ``alpha = rank``,
 the LoRA scale folded into ``B``. A client of rank ``r_k`` trains its own ``alpha / r_k``.
 """
 
@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from fedpeft.lora import init_factors
-from fedpeft.rank_ops import check_modules, for_client, pad, stack, unit_scale, unit_spec
+from fedpeft.lora.handle import init_factors
+from fedpeft.lora.rank_ops import check_modules, for_client, pad, stack, unit_scale, unit_spec
 from fedpeft.strategies.base import (
     AggregateResult,
     LoraPlan,
@@ -22,7 +22,7 @@ from fedpeft.strategies.base import (
     adapter_state,
     weights_of,
 )
-from fedpeft.wire import Adapter, ClientInfo, LoraFactors, LoraSpec, LoraUpdate
+from fedpeft.wire.messages import Adapter, ClientInfo, LoraFactors, LoraSpec, LoraUpdate
 
 __all__ = [
     "UnitGlobal",

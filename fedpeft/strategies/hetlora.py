@@ -25,7 +25,7 @@ from typing import Any
 
 from fedpeft.algorithms.capabilities import Capabilities
 from fedpeft.errors import ConfigError
-from fedpeft.rank_ops import product_norm
+from fedpeft.lora.rank_ops import product_norm
 from fedpeft.strategies.base import (
     AggregateResult,
     LoraPlan,
@@ -40,7 +40,7 @@ from fedpeft.strategies.hetero import (
     ranks_for,
 )
 from fedpeft.strategies.registry import register_strategy
-from fedpeft.wire import ClientInfo, LoraFactors, LoraUpdate
+from fedpeft.wire.messages import ClientInfo, LoraFactors, LoraUpdate
 
 __all__ = ["HetLora"]
 

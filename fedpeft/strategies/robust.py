@@ -41,8 +41,8 @@ from fedpeft.changes import combined_update, flat_change, shared_sent, with_chan
 from fedpeft.config import RobustConfig
 from fedpeft.errors import AggregationError
 from fedpeft.strategies.base import AggregateResult, LoraPlan, Strategy
-from fedpeft.wire import Adapter, ClientInfo, LoraUpdate
-from fedpeft.wire_zo import ZoUpdate
+from fedpeft.wire.messages import Adapter, ClientInfo, LoraUpdate
+from fedpeft.wire.zo import ZoUpdate
 
 __all__ = ["RobustAggregation", "krum_scores", "median", "trimmed_mean"]
 

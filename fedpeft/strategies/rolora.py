@@ -34,7 +34,7 @@ from fedpeft.strategies.hetero import (
     ranks_for,
 )
 from fedpeft.strategies.registry import register_strategy
-from fedpeft.wire import ClientInfo, LoraUpdate
+from fedpeft.wire.messages import ClientInfo, LoraUpdate
 
 __all__ = ["RoLora"]
 

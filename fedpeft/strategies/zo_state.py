@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from fedpeft.wire_zo import ZoSync, index_dtype
+from fedpeft.wire.zo import ZoSync, index_dtype
 
 __all__ = ["Coefficients"]
 

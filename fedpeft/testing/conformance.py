@@ -45,8 +45,8 @@ from fedpeft.prune.layout import LayerLayout, PruneLayout
 from fedpeft.seeding import torch_generator
 from fedpeft.strategies.base import StrategyContext
 from fedpeft.strategies.registry import build_strategy, strategy_capabilities
-from fedpeft.wire import Adapter, ClientInfo, Header, LoraFactors, LoraSpec, LoraUpdate
-from fedpeft.wire_zo import ZoSpec, ZoUpdate
+from fedpeft.wire.messages import Adapter, ClientInfo, Header, LoraFactors, LoraSpec, LoraUpdate
+from fedpeft.wire.zo import ZoSpec, ZoUpdate
 
 __all__ = ["ConformanceError", "check_strategy"]
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from fedpeft.seeding import derive_seed, scoped_torch_seed
-from fedpeft.wire_zo import ZoSpec
+from fedpeft.wire.zo import ZoSpec
 from fedpeft.zo.runtime import ZoRuntime
 
 __all__ = [

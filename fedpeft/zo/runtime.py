@@ -1,6 +1,6 @@
 """The tuned tensors of a zeroth-order run on one process's model, and how they are synced.
 
-A :class:`ZoRuntime` owns, for one base model and one :class:`~fedpeft.wire_zo.ZoSpec`:
+A :class:`ZoRuntime` owns, for one base model and one :class:`~fedpeft.wire.zo.ZoSpec`:
 
 - the tuned tensors: every floating parameter of the base model (``target = "full"``, named
   as in the unwrapped model, tied weights once) or the LoRA factors of one adapter
@@ -38,9 +38,9 @@ import torch
 
 from fedpeft.cache import PROCESS_CACHE, ProcessCache
 from fedpeft.errors import ProtocolError
-from fedpeft.lora import ModelHandle, init_factors
+from fedpeft.lora.handle import ModelHandle, init_factors
 from fedpeft.seeding import derive_seed
-from fedpeft.wire_zo import ZoSpec, ZoSync
+from fedpeft.wire.zo import ZoSpec, ZoSync
 from fedpeft.zo import rng
 
 __all__ = [

@@ -26,9 +26,9 @@ from fedpeft.cache import PROCESS_CACHE, ProcessCache
 from fedpeft.client.trainer import ClientData, local_steps
 from fedpeft.data.tokenize import collate
 from fedpeft.errors import ProtocolError
-from fedpeft.lora import ModelHandle
-from fedpeft.wire import Header
-from fedpeft.wire_zo import ZoInstruction, ZoUpdate, index_dtype
+from fedpeft.lora.handle import ModelHandle
+from fedpeft.wire.messages import Header
+from fedpeft.wire.zo import ZoInstruction, ZoUpdate, index_dtype
 from fedpeft.zo.local import LocalResult, fedkseed_local, ferret_local
 from fedpeft.zo.runtime import DirectionMask, ZoRuntime, get_runtime
 

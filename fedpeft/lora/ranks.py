@@ -17,7 +17,7 @@ from typing import Protocol, runtime_checkable
 from fedpeft.config import RunConfig
 from fedpeft.errors import ConfigError, StrategyError
 from fedpeft.plugins import load_object
-from fedpeft.wire import ClientInfo
+from fedpeft.wire.messages import ClientInfo
 
 __all__ = ["FixedRanks", "RankPolicy", "TierRanks", "make_rank_policy"]
 

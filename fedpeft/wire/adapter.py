@@ -4,7 +4,7 @@ An adapter is two records: an ``ArrayRecord`` of tensors and a ``ConfigRecord`` 
 
 - ``"<module>::A"`` / ``"<module>::B"``: the tensor itself (codec ``none``; dtype kept,
   bfloat16 as its raw 16-bit pattern), or ``"<module>::B|<field>"`` arrays of a lossy codec
-  (:mod:`fedpeft.codecs`) with ``"shape:<key>"`` beside the dtype. A lossy codec gets ``B``
+  (:mod:`fedpeft.wire.codecs`) with ``"shape:<key>"`` beside the dtype. A lossy codec gets ``B``
   transposed, ``(r, out)``, so both factors are coded with one row (and one int8 scale) per
   rank component.
 - metadata: ``"dtype:<key>"``, ``"alpha:<module>"``, and for the whole adapter ``codec``,
@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from fedpeft.codecs import CodecSpec, ErrorFeedback, decode_tensor, encode_tensor
 from fedpeft.errors import ProtocolError
-from fedpeft.wire_types import Adapter, LoraFactors, get_field, get_record
+from fedpeft.wire.codecs import CodecSpec, ErrorFeedback, decode_tensor, encode_tensor
+from fedpeft.wire.types import Adapter, LoraFactors, get_field, get_record
 
 __all__ = [
     "PARTS",

@@ -20,7 +20,7 @@ from flwr.app import ConfigRecord, RecordDict
 from fedpeft.errors import ProtocolError
 from fedpeft.prune.layout import PruneLayout
 from fedpeft.prune.structure import Keep
-from fedpeft.wire_types import get_field, get_record
+from fedpeft.wire.types import get_field, get_record
 
 __all__ = ["PRUNE", "PrunePlan", "decode_keep", "decode_plan", "encode_keep", "encode_plan"]
 

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from fedpeft.errors import AggregationError
-from fedpeft.wire import Adapter, LoraFactors, LoraSpec
+from fedpeft.wire.messages import Adapter, LoraFactors, LoraSpec
 
 __all__ = [
     "dense_delta",

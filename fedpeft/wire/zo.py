@@ -32,7 +32,7 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from fedpeft.config import TrainConfig
 from fedpeft.errors import ProtocolError
-from fedpeft.wire import (
+from fedpeft.wire.messages import (
     HEADER,
     METRICS,
     TRAIN,
@@ -43,7 +43,7 @@ from fedpeft.wire import (
     _decode_train,
     _encode_header,
 )
-from fedpeft.wire_types import get_field, get_flag, get_float, get_record
+from fedpeft.wire.types import get_field, get_flag, get_float, get_record
 
 __all__ = [
     "ZoInstruction",

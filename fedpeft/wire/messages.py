@@ -10,14 +10,14 @@ Record layout of a message's ``RecordDict`` (the names are constants below, used
 - ``fedpeft.header`` (ConfigRecord): the header fields, plus ``kind``.
 - ``fedpeft.tensors`` / ``fedpeft.meta`` (ArrayRecord / ConfigRecord): the adapter,
   ``"<module>::A"`` (r, in) and ``"<module>::B"`` (out, r), exact or through a codec, whole
-  or one factor (see :mod:`fedpeft.wire_adapter`).
+  or one factor (see :mod:`fedpeft.wire.adapter`).
 - ``fedpeft.base`` / ``fedpeft.base_meta``: an instruction's frozen adapter that the client
   merges into its base weights before training (FLoRA), when there is one.
 - ``fedpeft.lora`` / ``fedpeft.train`` / ``fedpeft.compress`` (ConfigRecord): the adapter
   spec, which factors to train, training hyper-parameters and codecs of an instruction.
 - ``fedpeft.metrics`` (MetricRecord): what a client measured.
 - ``fedpeft.prune`` (ConfigRecord): an instruction's pruning plan, or the structure an
-  update's factors belong to (see :mod:`fedpeft.wire_prune`).
+  update's factors belong to (see :mod:`fedpeft.wire.prune`).
 
 Decoding never unpickles (Flower's ``Array`` uses ``np.load(allow_pickle=False)``) and turns
 every inconsistency into a :class:`~fedpeft.errors.ProtocolError` naming the field.
@@ -33,10 +33,9 @@ from typing import Any, ClassVar, Final, TypeVar
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedpeft.codecs import CodecSpec, ErrorFeedback
 from fedpeft.config import CompressConfig, TrainConfig
 from fedpeft.errors import ProtocolError
-from fedpeft.wire_adapter import (
+from fedpeft.wire.adapter import (
     PARTS,
     SharedRecords,
     adapter_nbytes,
@@ -44,8 +43,9 @@ from fedpeft.wire_adapter import (
     encode_adapter,
     records_nbytes,
 )
-from fedpeft.wire_prune import PRUNE, PrunePlan, decode_keep, decode_plan, encode_keep, encode_plan
-from fedpeft.wire_types import (
+from fedpeft.wire.codecs import CodecSpec, ErrorFeedback
+from fedpeft.wire.prune import PRUNE, PrunePlan, decode_keep, decode_plan, encode_keep, encode_plan
+from fedpeft.wire.types import (
     Adapter,
     LoraFactors,
     LoraSpec,

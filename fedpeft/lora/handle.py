@@ -1,8 +1,8 @@
 """peft glue: named LoRA adapters on one shared base model, factor I/O, init and saving.
 
 A :class:`ModelHandle` wraps a frozen base model with peft once and keeps one named adapter per
-:class:`~fedpeft.wire.LoraSpec` (rank, alpha, targets). A client round loads the global factors
-into that adapter, trains it and reads the factors back; nothing is copied or reloaded.
+:class:`~fedpeft.wire.types.LoraSpec` (rank, alpha, targets). A client round loads the global
+factors into that adapter, trains it and reads the factors back; nothing is copied or reloaded.
 
 Shapes follow peft: ``A`` is ``(r, in_features)``, ``B`` is ``(out_features, r)`` and the layer
 computes ``W x + (alpha / r) * B (A x)``.
@@ -21,7 +21,7 @@ from torch import nn
 
 from fedpeft.errors import ModelError
 from fedpeft.seeding import torch_generator
-from fedpeft.wire import Adapter, LoraFactors, LoraSpec
+from fedpeft.wire.messages import Adapter, LoraFactors, LoraSpec
 
 __all__ = ["ModelHandle", "init_factors"]
 
