@@ -37,7 +37,7 @@ class Bug:
 BUGS = [
     Bug(
         "FLoRA forgets the earlier rounds' stack",
-        "fedpeft/strategies/flora.py",
+        "fedpeft/algorithms/flora.py",
         "previous=self._stack)",
         "previous=None)",
         (
@@ -80,7 +80,7 @@ BUGS = [
     ),
     Bug(
         "DP accountant not restored on resume",
-        "fedpeft/strategies/dp.py",
+        "fedpeft/algorithms/wrappers/dp.py",
         '        self.accountant.load_state_dict(state["accountant"])',
         "        pass",
         ("tests/test_dp.py::test_accountant_is_restored_with_the_strategy_state",),
@@ -105,14 +105,14 @@ BUGS = [
     ),
     Bug(
         "FedIT weights taken in reply order, factors in id order",
-        "fedpeft/strategies/fedavg.py",
+        "fedpeft/algorithms/fedavg.py",
         "weights_of(ordered) if self.config.weighted",
         "weights_of(updates) if self.config.weighted",
         ("tests/test_fedavg.py::test_weights_follow_their_clients_whatever_the_reply_order",),
     ),
     Bug(
         "FFA-LoRA clients told to train A too",
-        "fedpeft/strategies/ffa.py",
+        "fedpeft/algorithms/ffa.py",
         'ranks, parts="B")',
         'ranks, parts="AB")',
         ("tests/test_hetero_exactness.py::test_one_factor_strategies_ask_for_one_factor",),

@@ -12,6 +12,7 @@ See ``docs/api.md``.
 """
 
 from fedpeft.algorithms.capabilities import Capabilities
+from fedpeft.algorithms.registry import register_strategy
 from fedpeft.api import SimulationResult, simulate
 from fedpeft.config import RunConfig
 from fedpeft.config.load import load_config
@@ -25,7 +26,6 @@ from fedpeft.errors import (
     RoundError,
     StrategyError,
 )
-from fedpeft.strategies.registry import register_strategy
 
 __version__ = "0.1.0"
 

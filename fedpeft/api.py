@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from fedpeft.algorithms.registry import resolve
 from fedpeft.cache import ProcessCache
 from fedpeft.config import RunConfig
 from fedpeft.config.load import config_to_dict, dump_toml, load_config
@@ -30,7 +31,6 @@ from fedpeft.errors import ConfigError
 from fedpeft.models import get_model, handle_of, model_key
 from fedpeft.server.app import Outcome
 from fedpeft.simulation.runner import simulate as run_scenario
-from fedpeft.strategies.registry import resolve
 from fedpeft.wire.messages import Adapter, LoraSpec
 from fedpeft.zo.runtime import get_runtime
 from fedpeft.zo.trainer import direction_mask

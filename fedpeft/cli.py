@@ -214,7 +214,7 @@ def _run(args: argparse.Namespace) -> int:
         print(combinations_markdown(), end="")
         return 0
     if args.verb == "strategies":
-        from fedpeft.strategies.registry import registered, resolve
+        from fedpeft.algorithms.registry import registered, resolve
 
         for name in registered():
             doc = (resolve(name).__doc__ or "").strip().splitlines()[0]

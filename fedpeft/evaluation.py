@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fedpeft.algorithms.base import AggregateResult
 from fedpeft.cache import PROCESS_CACHE, ProcessCache
 from fedpeft.config import RunConfig
 from fedpeft.data.tasks import TextPair, format_pairs
@@ -30,7 +31,6 @@ from fedpeft.data.tokenize import (
 from fedpeft.errors import ModelError
 from fedpeft.lora.handle import ModelHandle
 from fedpeft.seeding import np_rng
-from fedpeft.strategies.base import AggregateResult
 from fedpeft.wire.messages import Adapter, LoraSpec
 from fedpeft.zo.runtime import DirectionMask, get_runtime
 

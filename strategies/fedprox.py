@@ -34,12 +34,12 @@ from typing import Any
 
 import torch
 
+from fedpeft.algorithms.base import AggregateResult, LoraPlan, StrategyContext
 from fedpeft.algorithms.capabilities import weighted_linear
+from fedpeft.algorithms.fedavg import FedAvg
 from fedpeft.client.trainer import LoraTrainer
 from fedpeft.errors import ConfigError
 from fedpeft.lora.handle import ModelHandle
-from fedpeft.strategies.base import AggregateResult, LoraPlan, StrategyContext
-from fedpeft.strategies.fedavg import FedAvg
 from fedpeft.wire.messages import ClientInfo, LoraUpdate, TrainInstruction
 
 

@@ -21,8 +21,7 @@ from typing import Any
 
 import torch
 
-from fedpeft.algorithms.capabilities import Capabilities
-from fedpeft.strategies.base import (
+from fedpeft.algorithms.base import (
     AggregateResult,
     LoraPlan,
     StrategyContext,
@@ -30,6 +29,7 @@ from fedpeft.strategies.base import (
     adapter_state,
     check_same_structure,
 )
+from fedpeft.algorithms.capabilities import Capabilities
 from fedpeft.wire.messages import Adapter, ClientInfo, LoraFactors, LoraUpdate
 
 

@@ -111,8 +111,8 @@ def test_the_cycle_finder_finds_a_planted_cycle():
 
 def test_no_import_cycle_among_fedpeft_modules():
     graph = _import_graph()
-    assert len(graph) > 100 and "fedpeft.strategies.registry" in graph
-    assert "fedpeft.errors" in graph["fedpeft.strategies.registry"]
+    assert len(graph) > 100 and "fedpeft.algorithms.registry" in graph
+    assert "fedpeft.errors" in graph["fedpeft.algorithms.registry"]
     assert _cycles(graph) == []
 
 
@@ -157,9 +157,9 @@ def test_server_and_client_ask_the_update_family_instead_of_branching_on_types()
 ZERO_PAD = """
 from dataclasses import dataclass
 from fedpeft.algorithms.capabilities import Capabilities
-from fedpeft.strategies.base import AggregateResult, adapter_from_state, adapter_state
-from fedpeft.strategies.hetero import UnitGlobal, example_weights, ordered, padded_sum
-from fedpeft.strategies.hetero import plans_from_global, ranks_for
+from fedpeft.algorithms.base import AggregateResult, adapter_from_state, adapter_state
+from fedpeft.algorithms.hetero import UnitGlobal, example_weights, ordered, padded_sum
+from fedpeft.algorithms.hetero import plans_from_global, ranks_for
 from fedpeft.wire.messages import LoraFactors
 
 
@@ -247,7 +247,7 @@ def test_a_fedspine_bandit_is_one_file(tiny_config, tmp_path):
 
 SPARSE_MEZO = """
 from dataclasses import dataclass
-from fedpeft.strategies.fedkseed import FedKSeed
+from fedpeft.algorithms.fedkseed import FedKSeed
 from fedpeft.zo.trainer import ZoTrainer
 
 

@@ -8,10 +8,10 @@ import json
 
 import pytest
 
+from fedpeft.algorithms.registry import registered
 from fedpeft.cli import main
 from fedpeft.config import RunConfig
 from fedpeft.config.load import load_config
-from fedpeft.strategies.registry import registered
 
 
 def test_validate_prints_the_resolved_scenario_which_loads_back_the_same(repo, capsys, tmp_path):

@@ -212,7 +212,7 @@ ZO_NAMES = ("fedkseed", "fedkseed-pro", "ferret")
 
 
 def _strategies() -> list[str]:
-    from fedpeft.strategies.registry import registered
+    from fedpeft.algorithms.registry import registered
 
     return [*registered(), PLUGIN]
 

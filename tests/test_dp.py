@@ -12,14 +12,14 @@ import torch
 from scipy.optimize import brentq
 from scipy.stats import norm
 
+from fedpeft.algorithms.base import StrategyContext
+from fedpeft.algorithms.fedavg import FedAvg
+from fedpeft.algorithms.ffa import FfaLora
+from fedpeft.algorithms.wrappers.dp import DpAggregation
 from fedpeft.config import DpConfig
 from fedpeft.errors import AggregationError
 from fedpeft.privacy import PrivacyAccountant, PrivacyBudgetExhausted, clip_and_noise, gaussian
 from fedpeft.simulation.runner import simulate
-from fedpeft.strategies.base import StrategyContext
-from fedpeft.strategies.dp import DpAggregation
-from fedpeft.strategies.fedavg import FedAvg
-from fedpeft.strategies.ffa import FfaLora
 from fedpeft.wire.messages import ClientInfo, Header, LoraFactors, LoraSpec, LoraUpdate
 from fedpeft.wire.zo import ZoUpdate
 
@@ -479,7 +479,7 @@ def test_noise_is_seeded_by_run_and_round_or_fresh_when_secure():
 
 def _fedkseed_dp(noise_multiplier: float, k: int) -> DpAggregation:
     """FedKSeed (K = 4 seeds, lr 0.1) under DP with clip 1 and k clients per round."""
-    from fedpeft.strategies.fedkseed import FedKSeed
+    from fedpeft.algorithms.fedkseed import FedKSeed
     from fedpeft.wire.zo import ZoSpec
 
     spec = ZoSpec(algorithm="fedkseed", target="full", num_seeds=4, pool_seed=1, lr=0.1,

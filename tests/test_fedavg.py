@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 import torch
 
+from fedpeft.algorithms.base import AggregateResult, StrategyContext
+from fedpeft.algorithms.fedavg import FedAvg
 from fedpeft.errors import AggregationError
-from fedpeft.strategies.base import AggregateResult, StrategyContext
-from fedpeft.strategies.fedavg import FedAvg
 from fedpeft.wire.messages import Header, LoraFactors, LoraSpec, LoraUpdate
 
 
@@ -144,7 +144,7 @@ def test_fedavg_refusals_name_the_client_and_what_differs():
 
 
 def test_adapter_state_round_trip_is_exact_and_independent():
-    from fedpeft.strategies.base import adapter_from_state, adapter_state
+    from fedpeft.algorithms.base import adapter_from_state, adapter_state
 
     ad = {"z": LoraFactors(torch.arange(2.0).reshape(1, 2), torch.ones(2, 1), 3.0),
           "a": LoraFactors(torch.zeros(1, 2), torch.zeros(2, 1), 1.0)}  # fmt: skip
@@ -157,8 +157,8 @@ def test_adapter_state_round_trip_is_exact_and_independent():
 
 
 def test_an_aggregate_result_is_lora_or_zeroth_order_never_both_or_neither():
+    from fedpeft.algorithms.base import AggregateResult
     from fedpeft.errors import AggregationError
-    from fedpeft.strategies.base import AggregateResult
 
     spec = LoraSpec(rank=1, alpha=1.0, target_modules=("q_proj",))
     AggregateResult(adapter=_up("a", 1).factors, spec=spec)

@@ -12,6 +12,8 @@ from dataclasses import replace
 import pytest
 import torch
 
+from fedpeft.algorithms.base import StrategyContext
+from fedpeft.algorithms.fedspine import FedSpine, fedspine_reward
 from fedpeft.bandit import Arm
 from fedpeft.client.prune_trainer import PruneTrainer, plain_copy, pruned_handle
 from fedpeft.client.trainer import ClientData
@@ -25,8 +27,6 @@ from fedpeft.prune.schedule import default_protect, needs_pruning, target_counts
 from fedpeft.prune.structure import Keep, prune_layers
 from fedpeft.server.validate import Limits, validate_update
 from fedpeft.simulation.runner import simulate
-from fedpeft.strategies.base import StrategyContext
-from fedpeft.strategies.fedspine import FedSpine, fedspine_reward
 from fedpeft.wire.messages import (
     Header,
     LoraFactors,

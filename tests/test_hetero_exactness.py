@@ -11,6 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fedpeft.algorithms.base import StrategyContext
+from fedpeft.algorithms.registry import build_strategy
 from fedpeft.errors import AggregationError
 from fedpeft.lora.handle import init_factors
 from fedpeft.lora.rank_ops import (
@@ -22,8 +24,6 @@ from fedpeft.lora.rank_ops import (
     unit_scale,
 )
 from fedpeft.lora.ranks import TierRanks
-from fedpeft.strategies.base import StrategyContext
-from fedpeft.strategies.registry import build_strategy
 from fedpeft.wire.messages import ClientInfo, Header, LoraFactors, LoraSpec, LoraUpdate
 
 RANKS = (2, 4, 8, 16)
@@ -364,7 +364,7 @@ def test_rolora_can_start_with_a_and_refuses_another_first_factor():
 
 
 def test_plans_share_one_object_per_rank_and_caps_apply():
-    from fedpeft.strategies.hetero import initial_unit, plans_from_global, ranks_for
+    from fedpeft.algorithms.hetero import initial_unit, plans_from_global, ranks_for
 
     ctx = _ctx()
     clients = _clients()
@@ -463,8 +463,8 @@ def test_hetlora_self_pruned_ranks_survive_its_state_and_old_states_have_none():
 def test_rank_helpers_keep_the_product_whatever_the_scale():
     """Globals, initial adapters and previous stacks whose scale alpha / r is not 1 keep their
     product (alpha / r) B A, by hand."""
+    from fedpeft.algorithms.hetero import initial_unit, padded_sum, stacked_updates
     from fedpeft.lora.rank_ops import check_modules, for_client, pad, unit_spec
-    from fedpeft.strategies.hetero import initial_unit, padded_sum, stacked_updates
 
     g = LoraFactors(a=torch.tensor([[1.0, 2.0], [3.0, 4.0]]), b=torch.tensor([[1.0, 0.0],
                     [0.0, 2.0]]), alpha=6.0)  # fmt: skip  # rank 2, scale 3

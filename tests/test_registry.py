@@ -7,17 +7,17 @@ from pathlib import Path
 
 import pytest
 
+from fedpeft.algorithms.base import StrategyContext
 from fedpeft.algorithms.capabilities import Capabilities, capabilities_of
-from fedpeft.errors import StrategyError
-from fedpeft.strategies.base import StrategyContext
-from fedpeft.strategies.fedavg import FedAvg
-from fedpeft.strategies.registry import (
+from fedpeft.algorithms.fedavg import FedAvg
+from fedpeft.algorithms.registry import (
     build_strategy,
     check_strategy_config,
     register_strategy,
     registered,
     resolve,
 )
+from fedpeft.errors import StrategyError
 from fedpeft.wire.messages import LoraSpec
 
 PLUGIN_FILE = Path(__file__).resolve().parents[1] / "strategies" / "median.py"
@@ -38,7 +38,7 @@ def test_duplicate_name_is_refused():
     class Other(FedAvg):
         pass
 
-    with pytest.raises(StrategyError, match="already registered by fedpeft.strategies.fedavg"):
+    with pytest.raises(StrategyError, match="already registered by fedpeft.algorithms.fedavg"):
         register_strategy("fedavg", Other)
 
 
@@ -82,7 +82,7 @@ def test_class_without_capabilities_is_refused_and_capabilities_are_checked():
 
 
 def test_capabilities_may_follow_the_options():
-    from fedpeft.strategies.fedkseed import FedKSeed
+    from fedpeft.algorithms.fedkseed import FedKSeed
 
     assert not capabilities_of(FedKSeed).client_statistics
     assert capabilities_of(FedKSeed, FedKSeed.Config(pro=True)).client_statistics
@@ -106,7 +106,7 @@ def test_load_plugin_from_file(make_update):
 
 def test_load_from_dotted_path(make_update):
     strat = build_strategy(
-        "fedpeft.strategies.fedavg:FedAvg", {"weighted": False}, _ctx(make_update)
+        "fedpeft.algorithms.fedavg:FedAvg", {"weighted": False}, _ctx(make_update)
     )
     assert isinstance(strat, FedAvg) and strat.config.weighted is False
 

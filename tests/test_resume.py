@@ -19,6 +19,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from fedpeft.algorithms.base import AggregateResult, ZoGlobal
+from fedpeft.algorithms.fedavg import FedAvg
+from fedpeft.algorithms.registry import register_strategy
 from fedpeft.errors import RoundError
 from fedpeft.server.checkpoint import (
     CHECKPOINT,
@@ -29,9 +32,6 @@ from fedpeft.server.checkpoint import (
     save_checkpoint,
 )
 from fedpeft.simulation.runner import simulate
-from fedpeft.strategies.base import AggregateResult, ZoGlobal
-from fedpeft.strategies.fedavg import FedAvg
-from fedpeft.strategies.registry import register_strategy
 from fedpeft.wire.messages import LoraFactors, LoraSpec
 from fedpeft.wire.zo import ZoSpec
 

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
+from fedpeft.algorithms.base import StrategyContext
+from fedpeft.algorithms.fedavg import FedAvg
+from fedpeft.algorithms.wrappers.robust import RobustAggregation, krum_scores, median, trimmed_mean
 from fedpeft.changes import flat_change, with_change
 from fedpeft.config import RobustConfig
 from fedpeft.errors import AggregationError
 from fedpeft.simulation.attacks import alie_z, attackers, flip_labels
 from fedpeft.simulation.runner import simulate
-from fedpeft.strategies.base import StrategyContext
-from fedpeft.strategies.fedavg import FedAvg
-from fedpeft.strategies.robust import RobustAggregation, krum_scores, median, trimmed_mean
 from fedpeft.wire.messages import ClientInfo, Header, LoraFactors, LoraSpec, LoraUpdate
 from fedpeft.wire.zo import ZoUpdate
 
@@ -398,7 +398,7 @@ def test_robust_refusals_name_the_reason_exactly():
 
 
 def test_wrapper_passes_rounds_and_state_through_for_lora_and_seed_scalar(round_recorder):
-    from fedpeft.strategies.fedkseed import FedKSeed
+    from fedpeft.algorithms.fedkseed import FedKSeed
     from fedpeft.wire.zo import ZoSpec
 
     rec = round_recorder(FedAvg(FedAvg.Config(), StrategyContext(SENT, SPEC, 0)))

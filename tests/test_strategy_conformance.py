@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedpeft.algorithms.base import StrategyContext
 from fedpeft.algorithms.capabilities import capabilities_of
+from fedpeft.algorithms.registry import build_strategy, registered, resolve
 from fedpeft.errors import AggregationError
 from fedpeft.prune.layout import LayerLayout, PruneLayout
-from fedpeft.strategies.base import StrategyContext
-from fedpeft.strategies.registry import build_strategy, registered, resolve
 from fedpeft.testing import ConformanceError, check_strategy
 from fedpeft.testing.conformance import CHECKS
 from fedpeft.wire.messages import ClientInfo, Header, LoraSpec
@@ -70,8 +70,8 @@ def test_options_reach_the_checks():
 BROKEN = """
 from dataclasses import dataclass
 from fedpeft.algorithms.capabilities import Capabilities
-from fedpeft.strategies.fedavg import FedAvg
-from fedpeft.strategies.base import AggregateResult
+from fedpeft.algorithms.fedavg import FedAvg
+from fedpeft.algorithms.base import AggregateResult
 
 
 class NoOp(FedAvg):

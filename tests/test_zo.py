@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from fedpeft.algorithms.zo_state import Coefficients
 from fedpeft.config import ModelConfig
 from fedpeft.data.tasks import TextPair
 from fedpeft.data.tokenize import collate, encode_pairs
 from fedpeft.models import load_model
-from fedpeft.strategies.zo_state import Coefficients
 from fedpeft.wire.messages import LoraSpec
 from fedpeft.wire.zo import ZoSpec, ZoSync
 from fedpeft.zo.local import LocalZo, allocate, fedkseed_local, project, reconstruct

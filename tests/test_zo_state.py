@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedpeft.strategies.zo_state import Coefficients
+from fedpeft.algorithms.zo_state import Coefficients
 
 
 def _delta(blocks: int, k: int, entries: dict[tuple[int, int], float]) -> np.ndarray:

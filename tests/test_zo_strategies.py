@@ -8,11 +8,11 @@ import dataclasses
 import numpy as np
 import pytest
 
+from fedpeft.algorithms.base import StrategyContext
 from fedpeft.algorithms.capabilities import capabilities_of
+from fedpeft.algorithms.fedkseed import pro_probabilities
+from fedpeft.algorithms.registry import build_strategy, registered, resolve
 from fedpeft.errors import AggregationError
-from fedpeft.strategies.base import StrategyContext
-from fedpeft.strategies.fedkseed import pro_probabilities
-from fedpeft.strategies.registry import build_strategy, registered, resolve
 from fedpeft.wire.messages import ClientInfo, Header, LoraSpec
 from fedpeft.wire.zo import ZoSpec, ZoUpdate
 
@@ -254,7 +254,7 @@ def test_fedkseed_sync_policy_spec_and_unanswered_clients():
     """sync = "full" sends a full sync even to a confirmed client; a client that was asked
     but did not answer gets a full sync next time (its state is unknown); plans and results
     carry the run's spec."""
-    from fedpeft.strategies.fedkseed import FedKSeed
+    from fedpeft.algorithms.fedkseed import FedKSeed
 
     ctx = _ctx("fedkseed")
     strat = FedKSeed(FedKSeed.Config(), ctx)
@@ -283,7 +283,7 @@ def test_fedkseed_sync_policy_spec_and_unanswered_clients():
 
 def test_ferret_clips_below_one_and_plans_carry_the_spec():
     """scalar_clip 0.5 (server_lr 1): scalars 3 and -0.25 of one client become 0.5 and -0.25."""
-    from fedpeft.strategies.ferret import Ferret
+    from fedpeft.algorithms.ferret import Ferret
 
     ctx = _ctx("ferret")
     strat = Ferret(Ferret.Config(scalar_clip=0.5, server_lr=1.0), ctx)

@@ -31,6 +31,7 @@ from typing import Any
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedpeft.algorithms.registry import resolve
 from fedpeft.cache import PROCESS_CACHE, ProcessCache
 from fedpeft.client.feedback_state import load_feedback, save_feedback
 from fedpeft.client.prune_trainer import PruneTrainer
@@ -45,7 +46,6 @@ from fedpeft.errors import ConfigError, ProtocolError
 from fedpeft.evaluation import EvalSet, Evaluator
 from fedpeft.lora.handle import ModelHandle
 from fedpeft.models import get_model, model_key
-from fedpeft.strategies.registry import resolve
 from fedpeft.wire.messages import (
     HEADER,
     ClientInfo,

@@ -18,11 +18,11 @@ from typing import Any
 
 import tomllib
 
+from fedpeft.algorithms.registry import check_strategy_config, strategy_capabilities
 from fedpeft.config.build import build_dataclass
 from fedpeft.config.rules import cross_section_problems
 from fedpeft.config.sections import RunConfig
 from fedpeft.errors import ConfigError
-from fedpeft.strategies.registry import check_strategy_config, strategy_capabilities
 
 __all__ = [
     "build_dataclass",

@@ -19,6 +19,10 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedpeft.algorithms.base import AggregateResult
+from fedpeft.algorithms.registry import build_strategy, resolve, strategy_capabilities
+from fedpeft.algorithms.wrappers.dp import DpAggregation
+from fedpeft.algorithms.wrappers.robust import RobustAggregation
 from fedpeft.cache import PROCESS_CACHE, ProcessCache
 from fedpeft.config import RunConfig
 from fedpeft.config.load import config_hash
@@ -29,10 +33,6 @@ from fedpeft.server.checkpoint import CHECKPOINT
 from fedpeft.server.coordinator import Coordinator, clients_per_round, new_run_id
 from fedpeft.server.results import RunReporter, summarize
 from fedpeft.server.start import initial_global, save_global
-from fedpeft.strategies.base import AggregateResult
-from fedpeft.strategies.dp import DpAggregation
-from fedpeft.strategies.registry import build_strategy, resolve, strategy_capabilities
-from fedpeft.strategies.robust import RobustAggregation
 from fedpeft.zo.trainer import direction_mask
 
 __all__ = ["Outcome", "make_server_app", "run_server"]

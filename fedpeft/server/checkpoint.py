@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedpeft.algorithms.base import AggregateResult, ZoGlobal, adapter_from_state, adapter_state
 from fedpeft.errors import FedpeftError
-from fedpeft.strategies.base import AggregateResult, ZoGlobal, adapter_from_state, adapter_state
 from fedpeft.wire.messages import LoraSpec
 from fedpeft.wire.zo import ZoSpec
 

@@ -2,7 +2,7 @@
 
 The loop talks to clients only through a Flower ``Grid`` (the in-process grid, Flower's Ray
 simulation or a real SuperLink) and to the algorithm only through the
-:class:`~fedpeft.strategies.base.Strategy` protocol. It stamps every instruction with the
+:class:`~fedpeft.algorithms.base.Strategy` protocol. It stamps every instruction with the
 header, counts the bytes of every message it sends and receives (Flower's serialized object
 tree, as pushed over the network), validates each update against its instruction and keeps
 per-client failures and rejections in the round's metrics. LoRA and seed/scalar strategies
@@ -34,6 +34,8 @@ from typing import Any
 
 from flwr.serverapp import Grid
 
+from fedpeft.algorithms.base import AggregateResult, Strategy
+from fedpeft.algorithms.registry import strategy_capabilities
 from fedpeft.config import RunConfig, TrainConfig
 from fedpeft.devices import DeviceProfile, assign_profiles, simulated_times
 from fedpeft.errors import ProtocolError, RoundError
@@ -53,8 +55,6 @@ from fedpeft.server.fedeval import federated_eval
 from fedpeft.server.rows import client_choices, round_row
 from fedpeft.server.secure_round import secure_aggregate
 from fedpeft.server.validate import Limits, cap_weights
-from fedpeft.strategies.base import AggregateResult, Strategy
-from fedpeft.strategies.registry import strategy_capabilities
 from fedpeft.wire.messages import ClientInfo, Header
 
 __all__ = ["Coordinator", "EvalFn", "RunResult", "clients_per_round", "new_run_id", "scenario_of"]

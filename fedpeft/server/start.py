@@ -18,14 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedpeft.algorithms.base import AggregateResult, StrategyContext, ZoGlobal
+from fedpeft.algorithms.registry import strategy_capabilities
 from fedpeft.cache import PROCESS_CACHE, ProcessCache
 from fedpeft.config import RunConfig
 from fedpeft.lora.handle import ModelHandle, init_factors
 from fedpeft.lora.ranks import make_rank_policy
 from fedpeft.prune.layout import PruneLayout
 from fedpeft.seeding import derive_seed
-from fedpeft.strategies.base import AggregateResult, StrategyContext, ZoGlobal
-from fedpeft.strategies.registry import strategy_capabilities
 from fedpeft.wire.messages import LoraSpec
 from fedpeft.wire.zo import ZoSpec
 from fedpeft.zo.runtime import DirectionMask, get_runtime, mask_id

@@ -39,12 +39,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedpeft.algorithms.base import StrategyContext
 from fedpeft.algorithms.capabilities import Capabilities
+from fedpeft.algorithms.registry import build_strategy, strategy_capabilities
 from fedpeft.errors import AggregationError, FedpeftError
 from fedpeft.prune.layout import LayerLayout, PruneLayout
 from fedpeft.seeding import torch_generator
-from fedpeft.strategies.base import StrategyContext
-from fedpeft.strategies.registry import build_strategy, strategy_capabilities
 from fedpeft.wire.messages import Adapter, ClientInfo, Header, LoraFactors, LoraSpec, LoraUpdate
 from fedpeft.wire.zo import ZoSpec, ZoUpdate
 
@@ -130,7 +130,7 @@ class _Harness:
 
 
 def _zo_algorithm(name: str) -> str:
-    from fedpeft.strategies.registry import resolve
+    from fedpeft.algorithms.registry import resolve
 
     return str(getattr(resolve(name), "zo_algorithm", "fedkseed"))
 

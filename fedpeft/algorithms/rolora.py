@@ -8,7 +8,7 @@ the average is exact every round (the product of the averages is the average of 
     even: A = sum_k p_k pad(A_k)       ->  B~ A  = sum_k p_k B~[:, :r_k] A_k
 
 Each round uploads one factor (half of FedIT's bytes) while both factors learn, unlike
-FFA-LoRA. Heterogeneous ranks are handled as in :mod:`fedpeft.strategies.ffa` (zero-padding
+FFA-LoRA. Heterogeneous ranks are handled as in :mod:`fedpeft.algorithms.ffa` (zero-padding
 of the trained factor; not in the paper).
 """
 
@@ -18,14 +18,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fedpeft.algorithms.capabilities import weighted_linear
-from fedpeft.errors import ConfigError
-from fedpeft.strategies.base import (
+from fedpeft.algorithms.base import (
     AggregateResult,
     LoraPlan,
     StrategyContext,
 )
-from fedpeft.strategies.hetero import (
+from fedpeft.algorithms.capabilities import weighted_linear
+from fedpeft.algorithms.hetero import (
     UnitGlobal,
     example_weights,
     one_factor_update,
@@ -33,7 +32,8 @@ from fedpeft.strategies.hetero import (
     plans_from_global,
     ranks_for,
 )
-from fedpeft.strategies.registry import register_strategy
+from fedpeft.algorithms.registry import register_strategy
+from fedpeft.errors import ConfigError
 from fedpeft.wire.messages import ClientInfo, LoraUpdate
 
 __all__ = ["RoLora"]

@@ -51,7 +51,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedpeft.algorithms.base import AggregateResult, LoraPlan, StrategyContext
 from fedpeft.algorithms.capabilities import Capabilities
+from fedpeft.algorithms.hetero import UnitGlobal, client_spec, example_weights
+from fedpeft.algorithms.registry import register_strategy
 from fedpeft.bandit import Arm, Bandit, make_bandit
 from fedpeft.errors import AggregationError, ConfigError
 from fedpeft.lora.rank_ops import for_client, unit_scale, unit_spec
@@ -59,9 +62,6 @@ from fedpeft.prune.layout import PruneLayout, cut_adapter
 from fedpeft.prune.masked import Slice, masked_average
 from fedpeft.prune.schedule import default_protect
 from fedpeft.prune.structure import Keep
-from fedpeft.strategies.base import AggregateResult, LoraPlan, StrategyContext
-from fedpeft.strategies.hetero import UnitGlobal, client_spec, example_weights
-from fedpeft.strategies.registry import register_strategy
 from fedpeft.wire.messages import ClientInfo, LoraFactors, LoraUpdate
 from fedpeft.wire.prune import PrunePlan
 

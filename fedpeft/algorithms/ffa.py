@@ -18,13 +18,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fedpeft.algorithms.capabilities import weighted_linear
-from fedpeft.strategies.base import (
+from fedpeft.algorithms.base import (
     AggregateResult,
     LoraPlan,
     StrategyContext,
 )
-from fedpeft.strategies.hetero import (
+from fedpeft.algorithms.capabilities import weighted_linear
+from fedpeft.algorithms.hetero import (
     UnitGlobal,
     WeightedConfig,
     example_weights,
@@ -33,7 +33,7 @@ from fedpeft.strategies.hetero import (
     plans_from_global,
     ranks_for,
 )
-from fedpeft.strategies.registry import register_strategy
+from fedpeft.algorithms.registry import register_strategy
 from fedpeft.wire.messages import ClientInfo, LoraUpdate
 
 __all__ = ["FfaLora"]

@@ -29,11 +29,11 @@ from typing import Any
 
 import numpy as np
 
+from fedpeft.algorithms.base import AggregateResult, StrategyContext, ZoGlobal, ZoPlan
 from fedpeft.algorithms.capabilities import Capabilities, weighted_linear
+from fedpeft.algorithms.registry import register_strategy
+from fedpeft.algorithms.zo_state import Coefficients
 from fedpeft.errors import AggregationError
-from fedpeft.strategies.base import AggregateResult, StrategyContext, ZoGlobal, ZoPlan
-from fedpeft.strategies.registry import register_strategy
-from fedpeft.strategies.zo_state import Coefficients
 from fedpeft.wire.messages import ClientInfo
 from fedpeft.wire.zo import ZoSpec, ZoUpdate
 from fedpeft.zo.trainer import ZoTrainer

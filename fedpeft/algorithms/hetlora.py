@@ -23,15 +23,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fedpeft.algorithms.capabilities import Capabilities
-from fedpeft.errors import ConfigError
-from fedpeft.lora.rank_ops import product_norm
-from fedpeft.strategies.base import (
+from fedpeft.algorithms.base import (
     AggregateResult,
     LoraPlan,
     StrategyContext,
 )
-from fedpeft.strategies.hetero import (
+from fedpeft.algorithms.capabilities import Capabilities
+from fedpeft.algorithms.hetero import (
     UnitGlobal,
     example_weights,
     ordered,
@@ -39,7 +37,9 @@ from fedpeft.strategies.hetero import (
     plans_from_global,
     ranks_for,
 )
-from fedpeft.strategies.registry import register_strategy
+from fedpeft.algorithms.registry import register_strategy
+from fedpeft.errors import ConfigError
+from fedpeft.lora.rank_ops import product_norm
 from fedpeft.wire.messages import ClientInfo, LoraFactors, LoraUpdate
 
 __all__ = ["HetLora"]

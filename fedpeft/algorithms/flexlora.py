@@ -19,16 +19,15 @@ from typing import Any
 
 import torch
 
-from fedpeft.algorithms.capabilities import Capabilities
-from fedpeft.lora.rank_ops import svd_from_stacks, unit_spec
-from fedpeft.strategies.base import (
+from fedpeft.algorithms.base import (
     AggregateResult,
     LoraPlan,
     StrategyContext,
     adapter_from_state,
     adapter_state,
 )
-from fedpeft.strategies.hetero import (
+from fedpeft.algorithms.capabilities import Capabilities
+from fedpeft.algorithms.hetero import (
     WeightedConfig,
     client_spec,
     example_weights,
@@ -39,7 +38,8 @@ from fedpeft.strategies.hetero import (
     ranks_for,
     stacked_updates,
 )
-from fedpeft.strategies.registry import register_strategy
+from fedpeft.algorithms.registry import register_strategy
+from fedpeft.lora.rank_ops import svd_from_stacks, unit_spec
 from fedpeft.wire.messages import Adapter, ClientInfo, LoraFactors, LoraUpdate
 
 __all__ = ["FlexLora"]

@@ -27,11 +27,11 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from fedpeft.algorithms.base import Strategy, StrategyContext
 from fedpeft.algorithms.capabilities import Capabilities, capabilities_of
 from fedpeft.config.build import build_dataclass
 from fedpeft.errors import StrategyError
 from fedpeft.plugins import load_object
-from fedpeft.strategies.base import Strategy, StrategyContext
 
 __all__ = [
     "build_strategy",

@@ -23,18 +23,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fedpeft.algorithms.capabilities import Capabilities
-from fedpeft.lora.handle import init_factors
-from fedpeft.lora.rank_ops import unit_spec
-from fedpeft.seeding import derive_seed
-from fedpeft.strategies.base import (
+from fedpeft.algorithms.base import (
     AggregateResult,
     LoraPlan,
     StrategyContext,
     adapter_from_state,
     adapter_state,
 )
-from fedpeft.strategies.hetero import (
+from fedpeft.algorithms.capabilities import Capabilities
+from fedpeft.algorithms.hetero import (
     WeightedConfig,
     example_weights,
     ordered,
@@ -43,7 +40,10 @@ from fedpeft.strategies.hetero import (
     shapes_of,
     stacked_updates,
 )
-from fedpeft.strategies.registry import register_strategy
+from fedpeft.algorithms.registry import register_strategy
+from fedpeft.lora.handle import init_factors
+from fedpeft.lora.rank_ops import unit_spec
+from fedpeft.seeding import derive_seed
 from fedpeft.wire.messages import Adapter, ClientInfo, LoraUpdate
 
 __all__ = ["FLora"]

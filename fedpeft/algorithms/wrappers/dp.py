@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedpeft.algorithms.base import AggregateResult, LoraPlan, Strategy
 from fedpeft.changes import (
     combined_update,
     direction_sums,
@@ -45,7 +46,6 @@ from fedpeft.changes import (
 from fedpeft.config import DpConfig
 from fedpeft.errors import AggregationError
 from fedpeft.privacy import PrivacyAccountant, gaussian
-from fedpeft.strategies.base import AggregateResult, LoraPlan, Strategy
 from fedpeft.wire.messages import Adapter, ClientInfo, LoraUpdate
 from fedpeft.wire.zo import ZoUpdate
 

@@ -12,9 +12,7 @@ from typing import Any
 
 import torch
 
-from fedpeft.lora.handle import init_factors
-from fedpeft.lora.rank_ops import check_modules, for_client, pad, stack, unit_scale, unit_spec
-from fedpeft.strategies.base import (
+from fedpeft.algorithms.base import (
     AggregateResult,
     LoraPlan,
     StrategyContext,
@@ -22,6 +20,8 @@ from fedpeft.strategies.base import (
     adapter_state,
     weights_of,
 )
+from fedpeft.lora.handle import init_factors
+from fedpeft.lora.rank_ops import check_modules, for_client, pad, stack, unit_scale, unit_spec
 from fedpeft.wire.messages import Adapter, ClientInfo, LoraFactors, LoraSpec, LoraUpdate
 
 __all__ = [

@@ -26,8 +26,7 @@ from typing import Any
 
 import torch
 
-from fedpeft.algorithms.capabilities import weighted_linear
-from fedpeft.strategies.base import (
+from fedpeft.algorithms.base import (
     AggregateResult,
     LoraPlan,
     StrategyContext,
@@ -36,7 +35,8 @@ from fedpeft.strategies.base import (
     check_same_structure,
     weights_of,
 )
-from fedpeft.strategies.registry import register_strategy
+from fedpeft.algorithms.capabilities import weighted_linear
+from fedpeft.algorithms.registry import register_strategy
 from fedpeft.wire.messages import Adapter, ClientInfo, LoraFactors, LoraUpdate
 
 __all__ = ["FedAvg"]

@@ -37,10 +37,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedpeft.algorithms.base import AggregateResult, LoraPlan, Strategy
 from fedpeft.changes import combined_update, flat_change, shared_sent, with_change
 from fedpeft.config import RobustConfig
 from fedpeft.errors import AggregationError
-from fedpeft.strategies.base import AggregateResult, LoraPlan, Strategy
 from fedpeft.wire.messages import Adapter, ClientInfo, LoraUpdate
 from fedpeft.wire.zo import ZoUpdate
 

@@ -8,7 +8,7 @@ live in the coordinator, not here.
 
 A strategy class has a ``Config`` dataclass (its options, from ``[strategy.options]``) and is
 built as ``Strategy(config, ctx)``; its constructor only stores what it is given. Register it
-beside its definition with :func:`fedpeft.strategies.registry.register_strategy`, or load it
+beside its definition with :func:`fedpeft.algorithms.registry.register_strategy`, or load it
 from outside the package by file or dotted path (see ``strategies/README.md``).
 """
 

@@ -1,0 +1,2 @@
+"""Wrappers that compose around any strategy over the linear seam: Byzantine-robust rules
+(:mod:`.robust`) and client-level differential privacy (:mod:`.dp`)."""
