@@ -157,6 +157,7 @@ class FedKSeedPro:
     """FedKSeed-Pro: FedKSeed with importance-weighted seed sampling."""
 
     zo_algorithm = "fedkseed"
+    trainer = ZoTrainer()  # the shared seed/scalar client loop, unmasked
     capabilities = staticmethod(
         weighted_linear("zo", client_statistics=True, codecs=frozenset({"none"}))
     )

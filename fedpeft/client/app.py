@@ -60,7 +60,7 @@ from fedpeft.wire.messages import (
 )
 from fedpeft.wire.zo import decode_zo_instruction, encode_zo_update
 from fedpeft.zo.runtime import get_runtime
-from fedpeft.zo.trainer import ZoTrainer
+from fedpeft.zo.trainer import zo_trainer_of
 
 __all__ = [
     "NODE_OVERRIDES",
@@ -272,12 +272,7 @@ def make_client_app(cfg: RunConfig | None = None, cache: ProcessCache = PROCESS_
         ins = decode_zo_instruction(msg.content)
         _check_fingerprint(ins.header.model_fingerprint, handle)
         data = client_data(run, handle, partition_id(context), cache, own_data(context))
-        trainer = resolve(run.strategy.name).trainer
-        if not isinstance(trainer, ZoTrainer):
-            raise ProtocolError(
-                f"strategy {run.strategy.name!r} has no seed/scalar client half "
-                f"(its trainer is {trainer!r}, not a ZoTrainer)"
-            )
+        trainer = zo_trainer_of(resolve(run.strategy.name))
         update = trainer.fit(handle, ins, data, cache)
         if ins.secure:
             blocks = get_runtime(handle, ins.spec, cache, trainer.mask).num_blocks

@@ -32,7 +32,7 @@ from fedpeft.wire.zo import ZoInstruction, ZoUpdate, index_dtype
 from fedpeft.zo.local import LocalResult, fedkseed_local, ferret_local
 from fedpeft.zo.runtime import DirectionMask, ZoRuntime, get_runtime
 
-__all__ = ["LOOPS", "ZoTrainer", "direction_mask"]
+__all__ = ["LOOPS", "ZoTrainer", "direction_mask", "zo_trainer_of"]
 
 Batches = Callable[[list[int]], dict[str, torch.Tensor]]
 
@@ -80,6 +80,25 @@ class ZoTrainer:
     ) -> ZoUpdate:
         """Run one seed/scalar round on this client and build its update."""
         return fit_zo(handle, ins, data, cache, self.mask)
+
+
+def zo_trainer_of(algorithm: type[Any]) -> ZoTrainer:
+    """A seed/scalar algorithm's client half: its ``trainer``, or the plain shared loop.
+
+    Raises
+    ------
+    ProtocolError
+        If its ``trainer`` is not a :class:`ZoTrainer` (a LoRA client half, say).
+    """
+    trainer = getattr(algorithm, "trainer", None)
+    if trainer is None:
+        return ZoTrainer()
+    if not isinstance(trainer, ZoTrainer):
+        raise ProtocolError(
+            f"{algorithm.__name__} is a seed/scalar algorithm but its trainer {trainer!r} is "
+            "not a fedpeft.zo.trainer.ZoTrainer"
+        )
+    return trainer
 
 
 def direction_mask(algorithm: type[Any]) -> DirectionMask | None:
