@@ -371,11 +371,11 @@ def test_plans_share_one_object_per_rank_and_caps_apply():
     assert ranks_for(ctx, 1, clients, {}) == dict(zip(IDS, RANKS, strict=True))
     assert ranks_for(ctx, 1, clients, {"3": 5, "0": 9}) == {"0": 2, "1": 4, "2": 8, "3": 5}
     glob = initial_unit(ctx, 16)
-    plans = plans_from_global(ctx, glob, {"a": 4, "b": 4, "c": 2}, parts="A", reg=(0.5, 0.9))
+    reg = {"reg_lambda": 0.5, "reg_gamma": 0.9}
+    plans = plans_from_global(ctx, glob, {"a": 4, "b": 4, "c": 2}, parts="A", options=reg)
     assert plans["a"] is plans["b"] and plans["a"] is not plans["c"]  # encoded once per rank
     p = plans["c"]
-    assert (p.spec.rank, p.spec.alpha, p.parts, p.reg_lambda, p.reg_gamma) == (2, 16.0, "A", 0.5,
-                                                                               0.9)  # fmt: skip
+    assert (p.spec.rank, p.spec.alpha, p.parts, p.options) == (2, 16.0, "A", reg)
     # the rank-16 start's first 8 components are the run's rank-8 init (A), B = 0
     for m, f in ctx.initial.items():
         assert torch.equal(glob[m].a[:8], f.a) and not glob[m].b.any() and glob[m].alpha == 16.0
@@ -436,7 +436,7 @@ def test_hetlora_example_weights_small_norms_and_the_all_zero_fallback_by_hand()
 def test_hetlora_sends_its_self_pruning_options_and_asks_the_policy_with_the_round():
     strat = _hetlora({"reg_lambda": 0.1, "reg_gamma": 0.5}, ranks=_RoundRanks())
     plans = strat.configure_train(1, TWO)
-    assert {(p.reg_lambda, p.reg_gamma) for p in plans.values()} == {(0.1, 0.5)}
+    assert [p.options for p in plans.values()] == [{"reg_lambda": 0.1, "reg_gamma": 0.5}] * 2
     assert {p.parts for p in plans.values()} == {"AB"}
     assert {c: p.spec.rank for c, p in plans.items()} == {"0": 1, "1": 1}
     assert {c: p.spec.rank for c, p in strat.configure_train(2, TWO).items()} == {

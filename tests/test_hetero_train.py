@@ -242,3 +242,30 @@ def test_compressed_download_decodes_within_its_bound_and_shrinks_the_tensors(co
         assert _tensor_bytes(content) == 2 * numel
     else:  # one int8 per value, one float32 scale per rank component of each factor
         assert _tensor_bytes(content) == numel + 4 * 4 * 2 * len(sent.factors)
+
+
+def test_hetlora_client_half_refuses_bad_self_pruning_options_and_skips_when_off(tiny_handle):
+    """The self-pruning values travel as the instruction's options; the client half checks
+    them (gamma in (0, 1], lambda >= 0) and adds no term when lambda is 0 or g = r."""
+    from fedpeft.algorithms.hetlora import tail_penalty, tail_report
+    from fedpeft.config import TrainConfig
+    from fedpeft.errors import ProtocolError
+    from fedpeft.wire.messages import Header, LoraSpec, TrainInstruction
+
+    spec = LoraSpec(4, 8.0, ("q_proj", "v_proj"))
+    name = tiny_handle.ensure_adapter(spec)
+
+    def ins(**options):
+        return TrainInstruction(Header("r", 1, "fp", "h", 1, "0"), spec, TrainConfig(), {}, 0,
+                                options=options)  # fmt: skip
+
+    for bad in ({"reg_lambda": 1.0, "reg_gamma": 1.5}, {"reg_lambda": -1.0}):
+        with pytest.raises(ProtocolError, match="reg_gamma must be in"):
+            tail_penalty(tiny_handle, name, ins(**bad))
+    assert tail_penalty(tiny_handle, name, ins()) is None  # lambda 0: HetLoRA without pruning
+    assert tail_penalty(tiny_handle, name, ins(reg_lambda=1.0, reg_gamma=1.0)) is None  # g = r
+    term = tail_penalty(tiny_handle, name, ins(reg_lambda=2.0, reg_gamma=0.5))  # g = 2
+    want = sum(float(layer.lora_A[name].weight[2:].norm() + layer.lora_B[name].weight[:, 2:].norm())
+               for _, layer in tiny_handle.lora_layers(name))  # fmt: skip
+    assert term is not None and want > 0 and float(term()) == pytest.approx(2.0 * want)
+    assert tail_report(tiny_handle, name, ins())() == {}

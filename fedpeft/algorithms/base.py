@@ -111,7 +111,7 @@ class LoraPlan:
 
     ``parts`` names the factors it trains and sends back (``AB``, ``A`` or ``B``; the other
     stays as sent). ``base`` is merged into the client's base weights for the round (FLoRA).
-    ``reg_lambda`` / ``reg_gamma`` switch on HetLoRA's rank self-pruning. ``prune`` asks for
+    ``prune`` asks for
     structured pruning (FedSpine); ``adapter`` then has the shapes of ``prune.keep``.
     ``options`` are the algorithm's own values for this client (bool, int, float or str); they
     travel as one record and its trainer reads them from the instruction.
@@ -122,8 +122,6 @@ class LoraPlan:
     adapter: Adapter
     parts: str = "AB"
     base: Adapter | None = None
-    reg_lambda: float = 0.0
-    reg_gamma: float = 1.0
     prune: PrunePlan | None = None
     options: Mapping[str, bool | int | float | str] = field(default_factory=dict)
 

@@ -154,10 +154,11 @@ def plans_by_rank(
     adapter_for: Callable[[LoraSpec], Adapter],
     parts: str = "AB",
     base: Adapter | None = None,
-    reg: tuple[float, float] = (0.0, 1.0),
+    options: Mapping[str, bool | int | float | str] | None = None,
 ) -> dict[str, LoraPlan]:
     """One plan per distinct rank (its adapter built once, so encoded once), shared by the
-    clients of that rank; ``adapter_for`` gives the starting factors of a client spec."""
+    clients of that rank; ``adapter_for`` gives the starting factors of a client spec;
+    ``options``: the algorithm's values for its client half, the same for every client."""
     by_rank: dict[int, LoraPlan] = {}
     out: dict[str, LoraPlan] = {}
     for cid, r in sorted(ranks.items()):
@@ -168,8 +169,7 @@ def plans_by_rank(
                 adapter=adapter_for(spec),
                 parts=parts,
                 base=base,
-                reg_lambda=reg[0],
-                reg_gamma=reg[1],
+                options=dict(options or {}),
             )
         out[cid] = by_rank[r]
     return out
@@ -180,10 +180,11 @@ def plans_from_global(
     global_: Adapter,
     ranks: dict[str, int],
     parts: str = "AB",
-    reg: tuple[float, float] = (0.0, 1.0),
+    options: Mapping[str, bool | int | float | str] | None = None,
 ) -> dict[str, LoraPlan]:
-    """Each client gets the first ``r_k`` components of the unit-scale global, in its scale."""
-    return plans_by_rank(ctx, ranks, lambda spec: for_client(global_, spec), parts, reg=reg)
+    """Each client gets the first ``r_k`` components of the unit-scale global, in its scale
+    (``options``: the algorithm's values for its client half)."""
+    return plans_by_rank(ctx, ranks, lambda spec: for_client(global_, spec), parts, options=options)
 
 
 def stacked_updates(

@@ -13,15 +13,20 @@ how far. **Rank self-pruning** runs on the client: the loss gains
 ``lambda (||A[g:]|| + ||B[:, g:]||)`` with ``g = floor(gamma r_k)`` (the form community code
 uses; the paper's exact regulariser is not public in full), and when that tail norm ends a
 round lower than it started the client reports ``prune_rank = g``; it trains at that rank
-from the next round on. With ``weighting = "examples"`` and ``reg_lambda = 0`` this is the
+from the next round on (the client half: :data:`HetLora.trainer`, the shared LoRA loop with
+:func:`tail_penalty` and :func:`tail_report`; ``reg_lambda`` and ``reg_gamma`` travel in the
+instruction's options). With ``weighting = "examples"`` and ``reg_lambda = 0`` this is the
 zero-padding FedIT baseline of the FLoRA paper.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from fedpeft.algorithms.base import (
     AggregateResult,
@@ -38,15 +43,70 @@ from fedpeft.algorithms.hetero import (
     ranks_for,
 )
 from fedpeft.algorithms.registry import register_strategy
-from fedpeft.errors import ConfigError
+from fedpeft.client.trainer import LoraTrainer
+from fedpeft.errors import ConfigError, ProtocolError
+from fedpeft.lora.handle import ModelHandle
 from fedpeft.lora.rank_ops import product_norm
-from fedpeft.wire.messages import ClientInfo, LoraFactors, LoraUpdate
+from fedpeft.wire.messages import ClientInfo, LoraFactors, LoraUpdate, TrainInstruction
 
-__all__ = ["HetLora"]
+__all__ = ["HetLora", "tail_penalty", "tail_report"]
+
+
+def _self_pruning(ins: TrainInstruction) -> tuple[float, int] | None:
+    """``(lambda, g)`` when this round self-prunes (``reg_lambda > 0`` and ``g < r``)."""
+    lam = float(ins.options.get("reg_lambda", 0.0))
+    gamma = float(ins.options.get("reg_gamma", 1.0))
+    if not (lam >= 0 and 0 < gamma <= 1):
+        raise ProtocolError(
+            f"reg_gamma must be in (0, 1] and reg_lambda >= 0, got {gamma} and {lam}"
+        )
+    keep = max(1, math.floor(gamma * ins.lora.rank))
+    return (lam, keep) if lam > 0 and keep < ins.lora.rank else None
+
+
+def _tail_norm(handle: ModelHandle, name: str, keep: int) -> torch.Tensor:
+    """``sum_m ||A_m[keep:]||_F + ||B_m[:, keep:]||_F`` (differentiable)."""
+    total = torch.zeros((), device=handle.device)
+    for _, layer in handle.lora_layers(name):
+        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight  # (r, in), (out, r)
+        total = total + a[keep:].norm() + b[:, keep:].norm()
+    return total
+
+
+def tail_penalty(
+    handle: ModelHandle, name: str, ins: TrainInstruction
+) -> Callable[[], torch.Tensor] | None:
+    """The self-pruning term ``lambda * tail norm`` (None when this round does not prune)."""
+    pruning = _self_pruning(ins)
+    if pruning is None:
+        return None
+    lam, keep = pruning
+    return lambda: lam * _tail_norm(handle, name, keep)
+
+
+def tail_report(
+    handle: ModelHandle, name: str, ins: TrainInstruction
+) -> Callable[[], dict[str, float]]:
+    """After training: ``prune_rank = g`` if the tail norm ended below where it started."""
+    pruning = _self_pruning(ins)
+    if pruning is None:
+        return lambda: {}
+    keep = pruning[1]
+    with torch.no_grad():
+        start = float(_tail_norm(handle, name, keep))
+
+    def report() -> dict[str, float]:
+        with torch.no_grad():
+            end = float(_tail_norm(handle, name, keep))
+        return {"prune_rank": float(keep)} if end < start else {}
+
+    return report
 
 
 class HetLora:
     """HetLoRA: zero-padded, norm-weighted averaging; truncation to each client's rank."""
+
+    trainer = LoraTrainer(penalty=tail_penalty, report=tail_report)  # the client half
 
     @staticmethod
     def capabilities(config: HetLora.Config) -> Capabilities:
@@ -87,8 +147,9 @@ class HetLora:
     ) -> Mapping[str, LoraPlan]:
         """Each client gets the global truncated to its (possibly self-pruned) rank."""
         ranks = ranks_for(self.ctx, server_round, clients, self._pruned)
-        reg = (self.config.reg_lambda, self.config.reg_gamma)
-        return plans_from_global(self.ctx, self._global.adapter, ranks, reg=reg)
+        c = self.config
+        options = {"reg_lambda": c.reg_lambda, "reg_gamma": c.reg_gamma} if c.reg_lambda else {}
+        return plans_from_global(self.ctx, self._global.adapter, ranks, options=options)
 
     def _weights(self, ups: Sequence[LoraUpdate], modules: Sequence[str]) -> list[float]:
         if self.config.weighting == "examples":

@@ -35,6 +35,7 @@ __all__ = [
     "LoraTrainer",
     "NoopTrainer",
     "PenaltyHook",
+    "ReportHook",
     "Trainer",
     "batch_stream",
     "local_steps",
@@ -87,15 +88,6 @@ def reply_header(ins: TrainInstruction, handle: ModelHandle, data: ClientData) -
     )
 
 
-def _tail_norm(handle: ModelHandle, name: str, keep: int) -> torch.Tensor:
-    """HetLoRA's penalty: ``sum_m ||A_m[keep:]||_F + ||B_m[:, keep:]||_F`` (differentiable)."""
-    total = torch.zeros((), device=handle.device)
-    for _, layer in handle.lora_layers(name):
-        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
-        total = total + a[keep:].norm() + b[:, keep:].norm()
-    return total
-
-
 def run_steps(
     handle: ModelHandle,
     name: str,
@@ -139,26 +131,32 @@ def batch_stream(ins: TrainInstruction, data: ClientData) -> Iterator[list[int]]
     return _batches(len(data.examples), ins.train.batch_size, torch_generator(ins.seed, "batches"))
 
 
-PenaltyHook = Callable[[ModelHandle, str, TrainInstruction], Callable[[], torch.Tensor]]
+# an algorithm's hooks, called once the round's factors are loaded, before the first step:
+# the penalty hook returns the term added to every micro-batch loss (None: no term this round);
+# the report hook returns what to call after the last step for metrics to add to the reply
+PenaltyHook = Callable[[ModelHandle, str, TrainInstruction], Callable[[], torch.Tensor] | None]
+ReportHook = Callable[[ModelHandle, str, TrainInstruction], Callable[[], dict[str, float]]]
 
 
 class LoraTrainer:
     """AdamW on the LoRA factors the instruction asks to train (``parts``).
 
-    ``penalty``: an algorithm's hook, called once the round's factors are loaded (so it can
-    keep them), returning the term added to every micro-batch loss.
-
+    An algorithm's hooks, each called once the round's factors are loaded (so it can keep
+    them): ``penalty`` returns the term added to every micro-batch loss (FedProx's proximal
+    term, HetLoRA's tail norm), ``report`` returns a function called after the last step whose
+    metrics join the reply (HetLoRA's ``prune_rank``). Both read the algorithm's per-client
+    values from ``ins.options``.
 
     FLoRA's frozen global adapter (``ins.base``) is merged into the base weights for the
-    round. HetLoRA's rank self-pruning (Cho et al. 2024): with ``reg_lambda > 0`` the loss
-    gains ``lambda * (||A[g:]|| + ||B[:, g:]||)`` with ``g = floor(gamma r)``; when that tail
-    norm ends the round below where it started, the client reports ``prune_rank = g`` and
-    the coordinator trains it at that rank from then on. An instruction with a pruning plan
-    goes to :class:`~fedpeft.client.prune_trainer.PruneTrainer` (the client app decides).
+    round. An instruction with a pruning plan goes to
+    :class:`~fedpeft.client.prune_trainer.PruneTrainer` (FedSpine's client half).
     """
 
-    def __init__(self, penalty: PenaltyHook | None = None) -> None:
+    def __init__(
+        self, penalty: PenaltyHook | None = None, report: ReportHook | None = None
+    ) -> None:
         self.penalty = penalty
+        self.report = report
 
     def fit(self, handle: ModelHandle, ins: TrainInstruction, data: ClientData) -> LoraUpdate:
         """Run the instruction's local steps and return the trained factors."""
@@ -170,48 +168,27 @@ class LoraTrainer:
         name = handle.ensure_adapter(ins.lora)
         handle.set_factors(name, ins.adapter)
         steps = local_steps(ins.train, len(data.examples))
-        keep = max(1, math.floor(ins.reg_gamma * ins.lora.rank))
-        prune = ins.reg_lambda > 0 and keep < ins.lora.rank
         losses: list[float] = []
         with (
             scoped_torch_seed(derive_seed(ins.seed, "dropout")),
             handle.merged(ins.base),
             handle.training(name),
         ):
-            with torch.no_grad():
-                tail_start = float(_tail_norm(handle, name, keep)) if prune else 0.0
-            terms: list[Callable[[], torch.Tensor]] = []
-            if prune:
-                terms.append(lambda: ins.reg_lambda * _tail_norm(handle, name, keep))
-            if self.penalty is not None:
-                terms.append(self.penalty(handle, name, ins))
-            penalty = _summed(terms) if terms else None
+            penalty = self.penalty(handle, name, ins) if self.penalty is not None else None
+            report = self.report(handle, name, ins) if self.report is not None else None
             run_steps(handle, name, ins, data, batch_stream(ins, data), steps, losses, penalty)
             metrics = {
                 "train_loss": sum(losses) / len(losses),
                 "steps": float(steps),
             }
-            if prune:
-                with torch.no_grad():
-                    tail_end = float(_tail_norm(handle, name, keep))
-                if tail_end < tail_start:
-                    metrics["prune_rank"] = float(keep)
+            if report is not None:
+                metrics.update(report())
         metrics["train_s"] = time.perf_counter() - t0
         return LoraUpdate(
             header=reply_header(ins, handle, data),
             factors=handle.get_factors(name),
             metrics=metrics,
         )
-
-
-def _summed(terms: list[Callable[[], torch.Tensor]]) -> Callable[[], torch.Tensor]:
-    def total() -> torch.Tensor:
-        out = terms[0]()
-        for term in terms[1:]:
-            out = out + term()
-        return out
-
-    return total
 
 
 class NoopTrainer:

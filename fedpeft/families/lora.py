@@ -36,7 +36,7 @@ class LoraFamily:
         return TrainInstruction(
             stamp.header, plan.spec, stamp.train, plan.adapter, stamp.seed,
             parts=plan.parts, base=plan.base, compress=stamp.compress,
-            reg_lambda=plan.reg_lambda, reg_gamma=plan.reg_gamma, prune=plan.prune,
+            prune=plan.prune,
             secure=stamp.secure, dp_clip=stamp.dp_clip, dp_noise=stamp.dp_noise,
             options=dict(plan.options),
         )  # fmt: skip

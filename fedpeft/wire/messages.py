@@ -144,8 +144,6 @@ class TrainInstruction:
     parts: str = "AB"  # factors to train and send back: AB, A (B frozen) or B (A frozen)
     base: Adapter | None = None  # merged into the base weights before training (FLoRA)
     compress: CompressConfig = field(default_factory=CompressConfig)
-    reg_lambda: float = 0.0  # HetLoRA rank self-pruning: weight of the tail-norm penalty
-    reg_gamma: float = 1.0  # HetLoRA: the tail is ranks [floor(gamma r), r)
     prune: PrunePlan | None = None  # FedSpine: structured pruning; adapter cut to prune.keep
     secure: bool = False  # keep the change for secure aggregation; reply with no tensors
     dp_clip: float = 0.0  # secure + DP: clip the kept change to this L2 norm
@@ -159,11 +157,6 @@ class TrainInstruction:
             raise ProtocolError(f"instruction options must be bool, int, float or str: {bad}")
         if self.parts not in PARTS:
             raise ProtocolError(f"parts must be one of {PARTS}, got {self.parts!r}")
-        if not 0 < self.reg_gamma <= 1 or self.reg_lambda < 0:
-            raise ProtocolError(
-                f"reg_gamma must be in (0, 1] and reg_lambda >= 0, got "
-                f"{self.reg_gamma} and {self.reg_lambda}"
-            )
         if self.prune is not None and (self.compress.up != "none" or self.parts != "AB"):
             raise ProtocolError(
                 "a pruning instruction trains both factors and sends them exactly "
@@ -330,8 +323,6 @@ def encode_instruction(ins: TrainInstruction, shared: SharedRecords | None = Non
             "mode": ins.mode,
             "with_metric": ins.with_metric,
             "parts": ins.parts,
-            "reg_lambda": float(ins.reg_lambda),
-            "reg_gamma": float(ins.reg_gamma),
             "secure": ins.secure,
             "dp_clip": float(ins.dp_clip),
             "dp_noise": float(ins.dp_noise),
@@ -381,8 +372,6 @@ def decode_instruction(content: RecordDict) -> TrainInstruction:
         parts=get_field(lora, "parts", str, LORA),
         base=base,
         compress=_decode_fields(content, COMPRESS, CompressConfig),
-        reg_lambda=get_field(lora, "reg_lambda", float, LORA),
-        reg_gamma=get_field(lora, "reg_gamma", float, LORA),
         prune=decode_plan(content),
         secure=get_flag(lora, "secure", LORA),
         dp_clip=get_float(lora, "dp_clip", LORA),
