@@ -488,6 +488,18 @@ def test_tiny_fedspine_simulation_learns_with_mixed_arms(tiny_config, tmp_path, 
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
 
 
+def test_the_noop_trainer_echoes_fedspine_plans_at_the_structure_it_was_sent(
+    tiny_config, tmp_path, cache
+):
+    """``train.trainer = "noop"`` (the overhead benchmarks) applies to FedSpine too: every
+    client echoes the factors at the structure it was sent, so the global stays as it was."""
+    cfg = tiny_config("strategy.name=fedspine", "train.trainer=noop", "federation.rounds=2")
+    summary = simulate(cfg, tmp_path, quiet=True, cache=cache)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["failures"] == {} and r["clients"] > 0 for r in rows[1:]), rows[1]
+    assert summary["after"]["eval_loss"] == summary["before"]["eval_loss"]
+
+
 def test_validation_reward_scores_each_update_on_the_whole_model():
     """With validation records the reward is how much each device's update alone lowers the
     coordinator's validation loss; devices then skip the probe forward."""

@@ -56,6 +56,7 @@ from fedpeft.algorithms.capabilities import Capabilities
 from fedpeft.algorithms.hetero import UnitGlobal, client_spec, example_weights
 from fedpeft.algorithms.registry import register_strategy
 from fedpeft.bandit import Arm, Bandit, make_bandit
+from fedpeft.client.prune_trainer import PruneTrainer
 from fedpeft.errors import AggregationError, ConfigError
 from fedpeft.lora.rank_ops import for_client, unit_scale, unit_spec
 from fedpeft.prune.layout import PruneLayout, cut_adapter
@@ -87,6 +88,7 @@ def fedspine_reward(
 class FedSpine:
     """Bandit-chosen pruning ratio and rank per device, masked averaging of pruned updates."""
 
+    trainer = PruneTrainer()  # the client half: prune in stages, then tune (LoRAPrune scores)
     capabilities = Capabilities(
         family="lora",
         heterogeneous_ranks=True,

@@ -34,7 +34,6 @@ from flwr.clientapp import ClientApp
 from fedpeft.algorithms.registry import resolve
 from fedpeft.cache import PROCESS_CACHE, ProcessCache
 from fedpeft.client.feedback_state import load_feedback, save_feedback
-from fedpeft.client.prune_trainer import PruneTrainer
 from fedpeft.client.secure import keep_lora, keep_zo, secagg_query
 from fedpeft.client.trainer import ClientData, make_trainer
 from fedpeft.config import RunConfig
@@ -249,12 +248,7 @@ def make_client_app(cfg: RunConfig | None = None, cache: ProcessCache = PROCESS_
     def train(msg: Message, context: Context) -> Message:
         run, handle, ins = _decode(cfg, context, cache, msg)
         data = client_data(run, handle, partition_id(context), cache, own_data(context))
-        if ins.prune is not None:  # FedSpine's structured pruning has its own loop
-            update = PruneTrainer().fit(handle, ins, data)
-        else:
-            update = make_trainer(ins.train.trainer, resolve(run.strategy.name)).fit(
-                handle, ins, data
-            )
+        update = make_trainer(ins.train.trainer, resolve(run.strategy.name)).fit(handle, ins, data)
         if ins.secure:
             kept = keep_lora(context, update, ins)
             return Message(encode_update(kept), reply_to=msg)

@@ -162,7 +162,8 @@ class LoraTrainer:
         """Run the instruction's local steps and return the trained factors."""
         if ins.prune is not None:
             raise ProtocolError(
-                "an instruction with a pruning plan goes to PruneTrainer, not LoraTrainer"
+                "an instruction with a pruning plan needs a pruning client half "
+                "(fedpeft.client.prune_trainer.PruneTrainer, FedSpine's), not LoraTrainer"
             )
         t0 = time.perf_counter()
         name = handle.ensure_adapter(ins.lora)
@@ -192,12 +193,17 @@ class LoraTrainer:
 
 
 class NoopTrainer:
-    """Returns the instruction's factors unchanged (measures framework overhead)."""
+    """Returns the instruction's factors unchanged (measures framework overhead); with a
+    pruning plan, at the structure it was sent (no pruning, no training)."""
 
     def fit(self, handle: ModelHandle, ins: TrainInstruction, data: ClientData) -> LoraUpdate:
         """Echo the global factors back."""
+        plan = ins.prune
         return LoraUpdate(
-            header=reply_header(ins, handle, data), factors=ins.adapter, metrics={"steps": 0.0}
+            header=reply_header(ins, handle, data),
+            factors=ins.adapter,
+            metrics={"steps": 0.0},
+            keep=plan.layout.encode(plan.start()) if plan is not None else None,
         )
 
 
