@@ -5,7 +5,8 @@
 - The coordinator and the clients ask an update family (fedpeft.families) instead of
   branching on message types.
 - A throwaway heterogeneous-rank strategy, a throwaway FedSpine bandit and a throwaway
-  seed/scalar variant, each one file written here, plug in and run a round.
+  seed/scalar variant, each one file written here, plug in and run a round; a throwaway
+  upload codec is two edits to a copy of the package.
 """
 
 from __future__ import annotations
@@ -311,3 +312,62 @@ def test_a_seed_scalar_variant_is_one_file(tiny_config, tmp_path):
     assert 0 < moved <= kept < sum(rt.numels) / 2
     with pytest.raises(ProtocolError, match="masked by SmallWeights"):
         ZoRuntime(load_model(ModelConfig(name="tiny")), spec)  # a node without the mask
+
+
+# The two edits a new upload codec takes (docs/architecture.md): its name in CODECS, and its
+# encode/decode branches. Here a 1-bit "sign" codec: sign(x) as packed bits, one mean |x|.
+SIGN_ENCODE = """    if codec.name == "sign":
+        m = np.asarray([float(x.abs().mean()) if x.numel() else 0.0], np.float32)
+        return {"g": np.packbits((x.reshape(-1) > 0).numpy()), "s": m}
+"""
+SIGN_DECODE = """    if codec.name == "sign":
+        bits = np.unpackbits(_field(fields, "g", np.uint8, where))[:n]
+        s = float(_field(fields, "s", np.float32, where)[0])
+        return torch.from_numpy((bits.astype(np.float32) * 2 - 1) * s).reshape(shape)
+"""
+ENCODE_AT = "    flat = x.reshape(-1)\n    idx = _topk_indices("
+DECODE_AT = '    out = torch.zeros(n, dtype=torch.float32)\n    if codec.name == "topk":'
+SIGN_CODEC_EDITS = {
+    "fedpeft/config/sections.py": [
+        ('CODECS = ("none", "fp16", "int8", "topk", "compeft")',
+         'CODECS = ("none", "fp16", "int8", "topk", "compeft", "sign")'),
+    ],
+    "fedpeft/wire/codecs.py": [(ENCODE_AT, SIGN_ENCODE + ENCODE_AT),
+                               (DECODE_AT, SIGN_DECODE + DECODE_AT)],
+}  # fmt: skip
+
+
+def test_a_new_upload_codec_is_two_files(tmp_path):
+    """A copy of the package with only the two edits runs a round with ``compress.up=sign``:
+    every client's upload is the 1-bit codec's size, and the round learns."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    copy = tmp_path / "pkg"
+    shutil.copytree(ROOT, copy / "fedpeft", ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "simulations").symlink_to(ROOT.parent / "simulations")
+    for rel, edits in SIGN_CODEC_EDITS.items():
+        path = copy / rel
+        text = path.read_text()
+        for old, new in edits:
+            assert text.count(old) == 1, (rel, old)  # the anchor is still there, once
+            text = text.replace(old, new)
+        path.write_text(text)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fedpeft.cli", "simulate", "--config", "simulations/tiny.toml",
+           "--out", str(out), "compress.up=sign", "federation.rounds=2", "eval.examples=8",
+           "data.max_examples_per_client=32", "eval.max_new_tokens=4"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(copy)}
+    done = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True,
+                          timeout=1800)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["failures"] == {} for r in rows[1:]), rows[1]
+    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
+    from safetensors.torch import load_file
+
+    factors = load_file(str(out / "adapter" / "adapter_model.safetensors")).values()
+    per_client = sum((t.numel() + 7) // 8 + 4 for t in factors)  # sign bits + one float32
+    assert rows[1]["payload_up"] == rows[1]["clients"] * per_client, (rows[1], per_client)

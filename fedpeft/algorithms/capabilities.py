@@ -13,11 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from fedpeft.config import CODECS
 from fedpeft.errors import StrategyError
 
 __all__ = ["ALL_CODECS", "Capabilities", "capabilities_of", "weighted_linear"]
 
-ALL_CODECS = frozenset({"none", "fp16", "int8", "topk", "compeft"})
+ALL_CODECS = frozenset(CODECS)  # every upload codec [compress] knows, new ones included
 
 
 @dataclass(frozen=True)
