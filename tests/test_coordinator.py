@@ -200,3 +200,16 @@ def test_sampling_fraction_and_minimum(tiny_config, tmp_path, cache):
     picked = [tuple(r["client_ids"]) for r in rows[1:]]
     assert all(len(p) == 2 for p in picked)
     assert len(set(picked)) > 1  # different clients in different rounds
+
+
+def test_a_node_whose_scenario_runs_another_algorithm_refuses_the_instruction(
+    tiny_config, tmp_path, cache
+):
+    """Instructions name the coordinator's algorithm; a node resolves its client half from
+    its own scenario and refuses when the two differ, instead of training the wrong way."""
+    cfg = tiny_config("federation.rounds=1", "federation.min_clients=1")
+    other = tiny_config("federation.rounds=1", "strategy.name=ffa")
+    with pytest.raises(RoundError) as err:
+        _run(cfg, tmp_path, make_client_app(other, cache), cache)
+    said = "the coordinator runs algorithm 'fedavg', this node's scenario runs 'ffa'"
+    assert "0 valid updates" in str(err.value) and str(err.value).count(said) == 3, err.value

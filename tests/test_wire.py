@@ -71,8 +71,11 @@ def test_instruction_round_trip(make_update):
         adapter=adapter,
         seed=2**62 + 11,
         with_metric=True,
+        options={"mu": 0.5},
+        strategy="strategies/fedprox.py:FedProx",
     )
     back = decode_instruction(_through_flower(encode_instruction(ins)))
+    assert back.strategy == ins.strategy and back.options == {"mu": 0.5}
     assert back.header == ins.header
     assert back.lora == ins.lora
     assert back.train == ins.train

@@ -148,6 +148,16 @@ def _decode(
     return run, handle, ins
 
 
+def _check_strategy(theirs: str, run: RunConfig) -> None:
+    """The coordinator's algorithm must be the one whose client half this node runs (its own
+    scenario's; a name from the network never picks code to load)."""
+    if theirs and theirs != run.strategy.name:
+        raise ProtocolError(
+            f"the coordinator runs algorithm {theirs!r}, this node's scenario runs "
+            f"{run.strategy.name!r}; run the same scenario on both sides"
+        )
+
+
 def _check_fingerprint(theirs: str, handle: ModelHandle) -> None:
     if theirs != handle.fingerprint:
         raise ProtocolError(
@@ -247,6 +257,7 @@ def make_client_app(cfg: RunConfig | None = None, cache: ProcessCache = PROCESS_
     @app.train("lora")
     def train(msg: Message, context: Context) -> Message:
         run, handle, ins = _decode(cfg, context, cache, msg)
+        _check_strategy(ins.strategy, run)
         data = client_data(run, handle, partition_id(context), cache, own_data(context))
         update = make_trainer(ins.train.trainer, resolve(run.strategy.name)).fit(handle, ins, data)
         if ins.secure:
@@ -265,6 +276,7 @@ def make_client_app(cfg: RunConfig | None = None, cache: ProcessCache = PROCESS_
         handle = get_model(run.model, cache)
         ins = decode_zo_instruction(msg.content)
         _check_fingerprint(ins.header.model_fingerprint, handle)
+        _check_strategy(ins.strategy, run)
         data = client_data(run, handle, partition_id(context), cache, own_data(context))
         trainer = zo_trainer_of(resolve(run.strategy.name))
         update = trainer.fit(handle, ins, data, cache)

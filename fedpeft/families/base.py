@@ -34,6 +34,7 @@ class Stamp:
     secure: bool = False
     dp_clip: float = 0.0
     dp_noise: float = 0.0
+    strategy: str = ""  # the algorithm's registered name (strategy.name)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ class ZoFamily:
         return ZoInstruction(
             stamp.header, plan.spec, stamp.train, plan.sync, stamp.seed, plan.probs,
             secure=stamp.secure, dp_clip=stamp.dp_clip, dp_noise=stamp.dp_noise,
+            strategy=stamp.strategy,
         )  # fmt: skip
 
     def encode(self, ins: ZoInstruction, shared: SharedRecords) -> RecordDict:

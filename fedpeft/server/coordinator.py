@@ -264,7 +264,10 @@ class Coordinator:
             if secure and self.cfg.dp.active:  # distributed DP: each client clips and adds
                 dp, fewest = self.cfg.dp, self.cfg.federation.min_clients
                 clip, noise = dp.clip_norm, dp.noise_multiplier * dp.clip_norm / math.sqrt(fewest)
-            stamp = Stamp(header, train, seed, self.cfg.compress, secure, clip, noise)
+            stamp = Stamp(
+                header, train, seed, self.cfg.compress, secure, clip, noise,
+                strategy=self.cfg.strategy.name,
+            )  # fmt: skip
             out[cid] = family.instruction(plan, stamp)
         return out
 

@@ -53,6 +53,7 @@ from fedpeft.wire.types import (
     get_flag,
     get_float,
     get_record,
+    get_text,
 )
 
 __all__ = [
@@ -150,6 +151,7 @@ class TrainInstruction:
     dp_noise: float = 0.0  # secure + DP: std of the Gaussian noise this client adds
     # the algorithm's own options for this client (its trainer reads them; e.g. FedProx's mu)
     options: Mapping[str, OptionValue] = field(default_factory=dict)
+    strategy: str = ""  # the algorithm the coordinator runs (strategy.name); "": not stamped
 
     def __post_init__(self) -> None:
         bad = {k: v for k, v in self.options.items() if not isinstance(v, (bool, int, float, str))}
@@ -324,6 +326,7 @@ def encode_instruction(ins: TrainInstruction, shared: SharedRecords | None = Non
             "with_metric": ins.with_metric,
             "parts": ins.parts,
             "secure": ins.secure,
+            "strategy": ins.strategy,
             "dp_clip": float(ins.dp_clip),
             "dp_noise": float(ins.dp_noise),
         }
@@ -374,6 +377,7 @@ def decode_instruction(content: RecordDict) -> TrainInstruction:
         compress=_decode_fields(content, COMPRESS, CompressConfig),
         prune=decode_plan(content),
         secure=get_flag(lora, "secure", LORA),
+        strategy=get_text(lora, "strategy", LORA),
         dp_clip=get_float(lora, "dp_clip", LORA),
         dp_noise=get_float(lora, "dp_noise", LORA),
         options=_decode_options(content),

@@ -14,7 +14,16 @@ from flwr.app import RecordDict
 
 from fedpeft.errors import ProtocolError
 
-__all__ = ["Adapter", "LoraFactors", "LoraSpec", "get_field", "get_flag", "get_float", "get_record"]
+__all__ = [
+    "Adapter",
+    "LoraFactors",
+    "LoraSpec",
+    "get_field",
+    "get_flag",
+    "get_float",
+    "get_record",
+    "get_text",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +107,11 @@ def get_field(rec: Mapping[str, Any], key: str, tp: type[Any], where: str) -> An
 def get_flag(rec: Mapping[str, Any], key: str, where: str) -> bool:
     """An optional bool field (``False`` when absent: older senders did not write it)."""
     return bool(get_field(rec, key, bool, where)) if key in rec else False
+
+
+def get_text(rec: Mapping[str, Any], key: str, where: str) -> str:
+    """An optional str field (``""`` when absent: older senders did not write it)."""
+    return str(get_field(rec, key, str, where)) if key in rec else ""
 
 
 def get_float(rec: Mapping[str, Any], key: str, where: str) -> float:

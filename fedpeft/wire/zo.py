@@ -43,7 +43,7 @@ from fedpeft.wire.messages import (
     _decode_train,
     _encode_header,
 )
-from fedpeft.wire.types import get_field, get_flag, get_float, get_record
+from fedpeft.wire.types import get_field, get_flag, get_float, get_record, get_text
 
 __all__ = [
     "ZoInstruction",
@@ -148,6 +148,7 @@ class ZoInstruction:
     secure: bool = False  # keep the scalars for secure aggregation; reply with no pairs
     dp_clip: float = 0.0  # secure + DP: clip the kept direction vector to this L2 norm
     dp_noise: float = 0.0  # secure + DP: std of the Gaussian noise this client adds
+    strategy: str = ""  # the algorithm the coordinator runs (strategy.name); "": not stamped
 
     @property
     def message_type(self) -> str:
@@ -248,6 +249,7 @@ def encode_zo_instruction(ins: ZoInstruction) -> RecordDict:
     }
     zo = {
         **_spec_record(ins.spec), "seed": ins.seed, "mode": ins.mode, "secure": ins.secure,
+        "strategy": ins.strategy,
         "dp_clip": float(ins.dp_clip), "dp_noise": float(ins.dp_noise),
     }  # fmt: skip
     if ins.probs is not None:
@@ -305,6 +307,7 @@ def decode_zo_instruction(content: RecordDict) -> ZoInstruction:
         secure=get_flag(zo, "secure", ZO),
         dp_clip=get_float(zo, "dp_clip", ZO),
         dp_noise=get_float(zo, "dp_noise", ZO),
+        strategy=get_text(zo, "strategy", ZO),
     )
 
 
