@@ -79,7 +79,39 @@ class ZoTrainer:
         cache: ProcessCache = PROCESS_CACHE,
     ) -> ZoUpdate:
         """Run one seed/scalar round on this client and build its update."""
-        return fit_zo(handle, ins, data, cache, self.mask)
+        t0 = time.perf_counter()
+        spec, n = ins.spec, len(data.examples)
+        loop = LOOPS.get(spec.algorithm)
+        if loop is None:
+            raise ProtocolError(
+                f"zo spec names local loop {spec.algorithm!r}; this node runs {sorted(LOOPS)}"
+            )
+        rt = get_runtime(handle, spec, cache, self.mask)
+        sync_regens = rt.sync(ins.sync)
+        pad = handle.tokenizer.pad_token_id
+
+        def batch_of(idx: list[int]) -> dict[str, torch.Tensor]:
+            return collate([data.examples[i] for i in idx], pad, handle.device)
+
+        res = loop(rt, ins, batch_of, n)
+        blocks = res.blocks.astype(index_dtype(rt.num_blocks))
+        header = Header(
+            run_id=ins.header.run_id,
+            server_round=ins.header.server_round,
+            model_fingerprint=handle.fingerprint,
+            adapter_hash=spec.config_hash(),
+            num_examples=n,
+            client_id=data.client_id,
+        )
+        metrics = {**res.metrics, "sync_regens": sync_regens, "train_s": time.perf_counter() - t0}
+        return ZoUpdate(
+            header=header,
+            seeds=res.seeds.astype(index_dtype(spec.num_seeds)),
+            scalars=res.scalars.astype(spec.scalar_dtype),
+            blocks=blocks,
+            synced_version=rt.version,
+            metrics=metrics,
+        )
 
 
 def zo_trainer_of(algorithm: type[Any]) -> ZoTrainer:
@@ -105,46 +137,3 @@ def direction_mask(algorithm: type[Any]) -> DirectionMask | None:
     """The direction mask of a seed/scalar algorithm class (its ``trainer``'s), or None."""
     trainer = getattr(algorithm, "trainer", None)
     return trainer.mask if isinstance(trainer, ZoTrainer) else None
-
-
-def fit_zo(
-    handle: ModelHandle,
-    ins: ZoInstruction,
-    data: ClientData,
-    cache: ProcessCache = PROCESS_CACHE,
-    mask: DirectionMask | None = None,
-) -> ZoUpdate:
-    """Run one seed/scalar round on this client and build its update."""
-    t0 = time.perf_counter()
-    spec, n = ins.spec, len(data.examples)
-    loop = LOOPS.get(spec.algorithm)
-    if loop is None:
-        raise ProtocolError(
-            f"zo spec names local loop {spec.algorithm!r}; this node runs {sorted(LOOPS)}"
-        )
-    rt = get_runtime(handle, spec, cache, mask)
-    sync_regens = rt.sync(ins.sync)
-    pad = handle.tokenizer.pad_token_id
-
-    def batch_of(idx: list[int]) -> dict[str, torch.Tensor]:
-        return collate([data.examples[i] for i in idx], pad, handle.device)
-
-    res = loop(rt, ins, batch_of, n)
-    blocks = res.blocks.astype(index_dtype(rt.num_blocks))
-    header = Header(
-        run_id=ins.header.run_id,
-        server_round=ins.header.server_round,
-        model_fingerprint=handle.fingerprint,
-        adapter_hash=spec.config_hash(),
-        num_examples=n,
-        client_id=data.client_id,
-    )
-    metrics = {**res.metrics, "sync_regens": sync_regens, "train_s": time.perf_counter() - t0}
-    return ZoUpdate(
-        header=header,
-        seeds=res.seeds.astype(index_dtype(spec.num_seeds)),
-        scalars=res.scalars.astype(spec.scalar_dtype),
-        blocks=blocks,
-        synced_version=rt.version,
-        metrics=metrics,
-    )
