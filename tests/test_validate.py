@@ -14,7 +14,7 @@ import torch
 
 from fedpeft.config import TrainConfig, ValidationConfig
 from fedpeft.errors import ProtocolError
-from fedpeft.families import family_of
+from fedpeft.families import reply_limit
 from fedpeft.server.validate import (
     Limits,
     cap_weights,
@@ -27,10 +27,6 @@ from fedpeft.wire.zo import ZoInstruction, ZoSpec, ZoSync, ZoUpdate
 
 SPEC = LoraSpec(rank=2, alpha=4.0, target_modules=("q_proj",))
 SENT = {"m.q_proj": LoraFactors(a=torch.zeros(2, 3), b=torch.zeros(4, 2), alpha=4.0)}
-
-
-def reply_limit(ins, limits):
-    return family_of(ins).reply_limit(ins, limits)
 
 
 def _header(adapter_hash: str, n: int = 5, client: str = "c1") -> Header:

@@ -8,8 +8,9 @@ from fedpeft.errors import ProtocolError
 from fedpeft.families.base import FlatLayout, Stamp, UpdateFamily
 from fedpeft.families.lora import LORA
 from fedpeft.families.zo import ZO
+from fedpeft.server.validate import MB, Limits
 
-__all__ = ["FAMILIES", "FlatLayout", "Stamp", "UpdateFamily", "family_of"]
+__all__ = ["FAMILIES", "FlatLayout", "Stamp", "UpdateFamily", "family_of", "reply_limit"]
 
 FAMILIES: dict[str, UpdateFamily] = {LORA.name: LORA, ZO.name: ZO}
 
@@ -23,3 +24,11 @@ def family_of(thing: Any) -> UpdateFamily:
             f"seed/scalar plan, instruction or update; families: {sorted(FAMILIES)})"
         )
     return FAMILIES[name]
+
+
+def reply_limit(ins: Any, limits: Limits) -> int:
+    """Largest reply in bytes accepted for ``ins``: ``validation.max_reply_mb``, else its
+    family's automatic bound."""
+    if limits.rules.max_reply_mb > 0:
+        return int(limits.rules.max_reply_mb * MB)
+    return family_of(ins).auto_reply_limit(ins, limits)

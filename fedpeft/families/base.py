@@ -66,8 +66,9 @@ class UpdateFamily(Protocol):
         """Payload bytes of an encoded instruction (besides Flower's framing)."""
         ...
 
-    def reply_limit(self, ins: Any, limits: Limits) -> int:
-        """Largest reply in bytes accepted for ``ins``."""
+    def auto_reply_limit(self, ins: Any, limits: Limits) -> int:
+        """Largest reply in bytes accepted for ``ins`` when ``validation.max_reply_mb`` is 0
+        (see :func:`fedpeft.families.reply_limit`)."""
         ...
 
     def decode(self, content: RecordDict, ins: Any, limits: Limits) -> tuple[Any, int]:

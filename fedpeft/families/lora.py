@@ -49,10 +49,8 @@ class LoraFamily:
         """The bytes of the encoded adapter arrays."""
         return instruction_payload(content)
 
-    def reply_limit(self, ins: TrainInstruction, limits: Limits) -> int:
-        """``validation.max_reply_mb``, else 1 MB + twice the float32 factors sent."""
-        if limits.rules.max_reply_mb > 0:
-            return int(limits.rules.max_reply_mb * MB)
+    def auto_reply_limit(self, ins: TrainInstruction, limits: Limits) -> int:
+        """1 MB + twice the float32 factors sent."""
         numel = sum(f.a.numel() + f.b.numel() for f in ins.adapter.values())
         return MB + 2 * 4 * numel
 

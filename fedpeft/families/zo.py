@@ -44,10 +44,8 @@ class ZoFamily:
         """The sync's bytes and FedKSeed-Pro's probabilities (4 bytes each)."""
         return ins.sync.nbytes + (ins.probs.size * 4 if ins.probs is not None else 0)
 
-    def reply_limit(self, ins: ZoInstruction, limits: Limits) -> int:
-        """``validation.max_reply_mb``, else 1 MB + 16 bytes per pair the spec allows."""
-        if limits.rules.max_reply_mb > 0:
-            return int(limits.rules.max_reply_mb * MB)
+    def auto_reply_limit(self, ins: ZoInstruction, limits: Limits) -> int:
+        """1 MB + 16 bytes per pair the spec allows."""
         pairs = ins.spec.num_seeds * max(limits.zo_blocks, 1) + ins.spec.local_steps
         return MB + 16 * pairs
 

@@ -19,7 +19,7 @@ from flwr.serverapp import Grid
 
 from fedpeft._flwr import REPLY_TOO_LARGE, UNAVAILABLE_CODES, message_nbytes, send_bounded
 from fedpeft.errors import ProtocolError, clip
-from fedpeft.families import family_of
+from fedpeft.families import family_of, reply_limit
 from fedpeft.server.validate import Limits
 from fedpeft.wire.messages import LoraUpdate, SharedRecords, TrainInstruction
 from fedpeft.wire.zo import ZoInstruction, ZoUpdate
@@ -68,8 +68,7 @@ def check_error(reply: Message) -> None:
 
 
 def _decode(reply: Message, ins: Instruction, limits: Limits, nbytes: int) -> tuple[Update, int]:
-    family = family_of(ins)
-    limit = family.reply_limit(ins, limits)
+    limit = reply_limit(ins, limits)
     if nbytes > limit:  # error replies too: their text is as much the client's as an update
         raise ProtocolError(
             f"reply is {nbytes} bytes, the limit for this instruction is {limit} "
@@ -77,7 +76,7 @@ def _decode(reply: Message, ins: Instruction, limits: Limits, nbytes: int) -> tu
             "payload_size",
         )
     check_error(reply)
-    return family.decode(reply.content, ins, limits)
+    return family_of(ins).decode(reply.content, ins, limits)
 
 
 def exchange(
@@ -115,9 +114,7 @@ def exchange(
         for ins, m in zip(instructions.values(), msgs, strict=True)
     )
     held = {cid: (limits or {}).get(cid, Limits()) for cid in instructions}
-    bounds = {
-        nodes[cid]: family_of(ins).reply_limit(ins, held[cid]) for cid, ins in instructions.items()
-    }
+    bounds = {nodes[cid]: reply_limit(ins, held[cid]) for cid, ins in instructions.items()}
     replies = send_bounded(grid, msgs, bounds, timeout)
     # a reply belongs to the instruction it answers; the runtime's own error replies (node
     # unavailable, message expired) come from the SuperLink, not from the node
