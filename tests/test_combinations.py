@@ -132,6 +132,8 @@ SECTIONS: dict[str, list[str]] = {
     "secagg": ["secagg.enabled=true"],
     "pruning": ["strategy.name=fedspine"],
     "centralized": ["federation.centralized=true", "federation.min_clients=1"],
+    "server_opt": ["server_opt.name=adam", "server_opt.lr=0.01"],
+    "schedule": ["train.lr_schedule=cosine", "train.lr_end_factor=0.1"],
     "backend": ["simulation.backend=ray", "simulation.ray_num_cpus=1"],
 }
 PAIRS = list(itertools.combinations(SECTIONS, 2))
@@ -207,7 +209,7 @@ def test_docs_combinations_is_generated_from_the_rules():
     assert len(RULES) == doc.count("\n| `")
 
 
-CAPABILITY_SECTIONS = ("ranks", "compress", "robust", "attack", "dp", "secagg")
+CAPABILITY_SECTIONS = ("ranks", "compress", "robust", "attack", "dp", "secagg", "server_opt")
 ZO_NAMES = ("fedkseed", "fedkseed-pro", "ferret")
 
 

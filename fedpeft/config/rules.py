@@ -86,6 +86,11 @@ _robust_shapes = _one_shape(
     "robust rules compare the clients' changes coordinate by coordinate",
     "robust.rule = 'mean' with robust.clip_norm = 0",
 )
+_server_opt_shapes = _one_shape(
+    lambda c: c.server_opt.active,
+    "server_opt steps one set of factors every client was sent",
+    "server_opt.name = 'none'",
+)
 _secagg_shapes = _one_shape(
     lambda c: c.secagg.enabled, "secagg sums one shape for all clients", "secagg.enabled = false"
 )
@@ -264,6 +269,35 @@ def _centralized_clients(cfg: RunConfig, caps: Capabilities) -> str | None:
     )
 
 
+def _server_opt(cfg: RunConfig, caps: Capabilities) -> str | None:
+    if not cfg.server_opt.active or (caps.family == "lora" and caps.linear):
+        return None
+    kind = "a seed/scalar strategy" if caps.family == "zo" else "not linear"
+    return (
+        f"server_opt.name = {cfg.server_opt.name!r} steps the mean change of a linear LoRA "
+        f"strategy, but {cfg.strategy.name!r} is {kind}: use fedavg, ffa or rolora, or "
+        "server_opt.name = 'none'"
+    )
+
+
+def _lr_schedule(cfg: RunConfig, caps: Capabilities) -> str | None:
+    train = cfg.train
+    scheduled = train.lr_schedule != "constant" or train.warmup_rounds > 0
+    if scheduled and caps.family == "zo":
+        return (
+            f"train.lr_schedule = {train.lr_schedule!r} / train.warmup_rounds = "
+            f"{train.warmup_rounds} schedule train.lr of LoRA training; {cfg.strategy.name!r} "
+            "is a seed/scalar strategy: set train.lr_schedule = 'constant' and "
+            "train.warmup_rounds = 0"
+        )
+    if train.warmup_rounds >= cfg.federation.rounds > 0 and scheduled:
+        return (
+            f"train.warmup_rounds = {train.warmup_rounds} leaves no round of the "
+            f"federation.rounds = {cfg.federation.rounds} after warmup: lower it"
+        )
+    return None
+
+
 def _devices(cfg: RunConfig, caps: Capabilities) -> str | None:
     if not cfg.devices.tiers and not cfg.devices.file:
         return None
@@ -318,6 +352,13 @@ RULES: tuple[Rule, ...] = (
          "strategy", _eval_federated),
     Rule(("federation.centralized", "federation.min_clients"), "centralized mode waiting for "
          "more than one client", _centralized_clients),
+    Rule(("server_opt.name", "strategy.name"), "a server optimizer over a strategy that is "
+         "not linear, or a seed/scalar one", _server_opt),
+    Rule(("server_opt.name", "ranks.mode", "strategy.name"), "a server optimizer when LoRA "
+         "clients train different shapes", _server_opt_shapes),
+    Rule(("train.lr_schedule", "train.warmup_rounds", "federation.rounds", "strategy.name"),
+         "a round learning-rate schedule with a seed/scalar strategy, or warmup that takes "
+         "every round", _lr_schedule),
     Rule(("devices.tiers", "devices.file", "federation.num_clients"), "device tiers or a "
          "device file that name an unknown profile or are malformed", _devices),
 )  # fmt: skip

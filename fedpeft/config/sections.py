@@ -27,6 +27,7 @@ __all__ = [
     "RobustConfig",
     "RunConfig",
     "SecAggConfig",
+    "ServerOptConfig",
     "SimulationConfig",
     "StrategyConfig",
     "TrainConfig",
@@ -52,6 +53,8 @@ def _raise(problems: list[str]) -> None:
 
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+SERVER_OPTIMIZERS = ("none", "avgm", "adam", "yogi", "adagrad")
 
 
 @dataclass(frozen=True)
@@ -121,9 +124,29 @@ class TrainConfig:
     max_seq_len: int = _help("token budget of prompt + response; longer pairs are cut", 64)
     weight_decay: float = _help("AdamW weight decay", 0.0)
     max_grad_norm: float = _help("clip the adapter gradient to this norm (0: no clipping)", 1.0)
+    lr_schedule: str = _help(
+        "learning rate over the run's rounds (clients restart their optimizer each round): "
+        "constant | linear | cosine, after warmup_rounds of linear warmup",
+        "constant",
+    )
+    warmup_rounds: int = _help("rounds of linear warmup from lr / (warmup_rounds + 1)", 0)
+    lr_end_factor: float = _help(
+        "linear / cosine: the learning rate decays toward lr * lr_end_factor", 0.0
+    )
 
     def __post_init__(self) -> None:
         p: list[str] = []
+        _check(
+            p,
+            self.lr_schedule in LR_SCHEDULES,
+            f"train.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}",
+        )
+        _check(p, self.warmup_rounds >= 0, "train.warmup_rounds must be >= 0")
+        _check(
+            p,
+            0 <= self.lr_end_factor <= 1,
+            f"train.lr_end_factor must be in [0, 1], got {self.lr_end_factor}",
+        )
         _check(
             p,
             self.trainer in ("lora", "noop"),
@@ -650,6 +673,51 @@ class SecAggConfig:
 
 
 @dataclass(frozen=True)
+class ServerOptConfig:
+    """``[server_opt]``: a server optimizer over the mean change of a linear LoRA strategy
+    (Reddi et al. 2021; FedAvgM: Hsu et al. 2019); see docs/quality.md."""
+
+    name: str = _help(
+        "none (the strategy's own mean) | avgm (momentum) | adam | yogi | adagrad", "none"
+    )
+    lr: float = _help(
+        "server learning rate eta (0: 1.0 for avgm, 1e-3 for adam / yogi / adagrad)", 0.0
+    )
+    momentum: float = _help("avgm: momentum beta", 0.9)
+    beta1: float = _help("adam / yogi / adagrad: first-moment decay", 0.9)
+    beta2: float = _help("adam / yogi: second-moment decay", 0.99)
+    tau: float = _help("adam / yogi / adagrad: adaptivity tau (also the start of v: tau^2)", 1e-3)
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        _check(
+            p,
+            self.name in SERVER_OPTIMIZERS,
+            f"server_opt.name must be one of {SERVER_OPTIMIZERS}, got {self.name!r}",
+        )
+        _check(p, self.lr >= 0, f"server_opt.lr must be >= 0, got {self.lr}")
+        _check(
+            p, 0 <= self.momentum < 1, f"server_opt.momentum must be in [0, 1), got {self.momentum}"
+        )
+        _check(p, 0 <= self.beta1 < 1, f"server_opt.beta1 must be in [0, 1), got {self.beta1}")
+        _check(p, 0 <= self.beta2 < 1, f"server_opt.beta2 must be in [0, 1), got {self.beta2}")
+        _check(p, self.tau > 0, f"server_opt.tau must be > 0, got {self.tau}")
+        _raise(p)
+
+    @property
+    def active(self) -> bool:
+        """Whether a server optimizer replaces the strategy's plain mean step."""
+        return self.name != "none"
+
+    @property
+    def step_size(self) -> float:
+        """``lr``, or the optimizer's default."""
+        if self.lr > 0:
+            return self.lr
+        return 1.0 if self.name == "avgm" else 1e-3
+
+
+@dataclass(frozen=True)
 class SimulationConfig:
     """``[simulation]``: how virtual clients are run."""
 
@@ -698,4 +766,5 @@ class RunConfig:
     attack: AttackConfig = field(default_factory=AttackConfig)
     dp: DpConfig = field(default_factory=DpConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    server_opt: ServerOptConfig = field(default_factory=ServerOptConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)

@@ -23,6 +23,7 @@ from fedpeft.algorithms.base import AggregateResult
 from fedpeft.algorithms.registry import build_strategy, resolve, strategy_capabilities
 from fedpeft.algorithms.wrappers.dp import DpAggregation
 from fedpeft.algorithms.wrappers.robust import RobustAggregation
+from fedpeft.algorithms.wrappers.server_opt import ServerOptimizer
 from fedpeft.cache import PROCESS_CACHE, ProcessCache
 from fedpeft.config import RunConfig
 from fedpeft.config.load import config_hash
@@ -85,6 +86,8 @@ def run_server(
             ctx = replace(ctx, validation_loss=lambda s, a: validator(s, a, False)["eval_loss"])
     strategy = build_strategy(cfg.strategy.name, cfg.strategy.options, ctx)
     zo = caps.family == "zo"
+    if cfg.server_opt.active:
+        strategy = ServerOptimizer(strategy, cfg.server_opt, caps.example_weighted)
     if cfg.robust.active:
         strategy = RobustAggregation(strategy, cfg.robust, zo=zo)
     if cfg.dp.active:

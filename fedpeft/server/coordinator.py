@@ -36,11 +36,12 @@ from flwr.serverapp import Grid
 
 from fedpeft.algorithms.base import AggregateResult, Strategy
 from fedpeft.algorithms.registry import strategy_capabilities
-from fedpeft.config import RunConfig, TrainConfig
+from fedpeft.config import RunConfig
 from fedpeft.devices import DeviceProfile, assign_profiles, simulated_times
 from fedpeft.errors import ProtocolError, RoundError
 from fedpeft.families import Stamp, family_of
 from fedpeft.privacy import PrivacyBudgetExhausted
+from fedpeft.rounds import clients_per_round, round_train
 from fedpeft.seeding import derive_seed, np_rng
 from fedpeft.server.checkpoint import (
     CheckpointError,
@@ -74,12 +75,6 @@ def new_run_id(scenario: str) -> str:
 def scenario_of(run_id: str) -> str:
     """The scenario part of a run id (:func:`new_run_id`)."""
     return run_id.split("-", 1)[0]
-
-
-def clients_per_round(cfg: RunConfig, available: int) -> int:
-    """``min(available, max(min_clients, ceil(fraction_train * available)))``."""
-    fed = cfg.federation
-    return min(available, max(fed.min_clients, math.ceil(fed.fraction_train * available)))
 
 
 @dataclass
@@ -223,14 +218,6 @@ class Coordinator:
         picked = rng.choice(len(clients), k, replace=False)
         return sorted((clients[int(i)] for i in picked), key=lambda c: c.client_id)
 
-    def _train_config(self) -> TrainConfig:
-        train = self.cfg.train
-        if self.cfg.federation.centralized and train.epochs == 0:
-            # Same total optimizer steps as the federated run it is the reference for.
-            federated = clients_per_round(self.cfg, self.cfg.federation.num_clients)
-            train = replace(train, local_steps=train.local_steps * federated)
-        return train
-
     def _header(self, server_round: int, cid: str, adapter_hash: str) -> Header:
         return Header(
             run_id=self.run_id,
@@ -249,7 +236,7 @@ class Coordinator:
         unknown = sorted(set(plans) - {c.client_id for c in clients})
         if unknown:
             raise RoundError(server_round, f"strategy planned for unsampled clients {unknown}")
-        train = self._train_config()
+        train = round_train(self.cfg, server_round)
         out: dict[str, Instruction] = {}
         for cid, plan in sorted(plans.items()):
             seed = derive_seed(self.cfg.federation.seed, "client-round", server_round, cid)
@@ -329,6 +316,8 @@ class Coordinator:
         row["weights_capped"] = capped
         row.update(got.metrics)
         row["attempts"] = attempt
+        if self.cfg.train.lr_schedule != "constant" or self.cfg.train.warmup_rounds:
+            row["lr"] = instructions[next(iter(instructions))].train.lr if instructions else None
         row.update(client_choices(instructions))
         row.update(sim)
         row.update({k: float(v) for k, v in self.current.metrics.items()})

@@ -42,6 +42,8 @@ import torch
 from fedpeft.algorithms.base import StrategyContext
 from fedpeft.algorithms.capabilities import Capabilities
 from fedpeft.algorithms.registry import build_strategy, strategy_capabilities
+from fedpeft.algorithms.wrappers.server_opt import ServerOptimizer
+from fedpeft.config import ServerOptConfig
 from fedpeft.errors import AggregationError, FedpeftError
 from fedpeft.prune.layout import LayerLayout, PruneLayout
 from fedpeft.seeding import torch_generator
@@ -84,12 +86,18 @@ def _clients(n: int) -> list[ClientInfo]:
 
 
 class _Harness:
-    """Builds the strategy and synthetic updates of its family."""
+    """Builds the strategy (wrapped in a server optimizer if one is given) and synthetic
+    updates of its family."""
 
-    def __init__(self, name: str, options: Mapping[str, Any]) -> None:
+    def __init__(
+        self, name: str, options: Mapping[str, Any], server_opt: ServerOptConfig | None = None
+    ) -> None:
         self.name, self.options = name, dict(options)
         self.caps: Capabilities = strategy_capabilities(name, self.options)
         self.zo = self.caps.family == "zo"
+        self.server_opt = server_opt if server_opt is not None and server_opt.active else None
+        if self.server_opt is not None:  # its step is not the mean change; one shape only
+            self.caps = replace(self.caps, linear=False, heterogeneous_ranks=False)
 
     def build(self) -> Any:
         if self.zo:
@@ -105,7 +113,10 @@ class _Harness:
         else:
             layout = LAYOUT if self.caps.needs_layout else None
             ctx = StrategyContext(initial=_initial(), spec=SPEC, seed=0, layout=layout)
-        return build_strategy(self.name, self.options, ctx)
+        strategy = build_strategy(self.name, self.options, ctx)
+        if self.server_opt is None:
+            return strategy
+        return ServerOptimizer(strategy, self.server_opt, self.caps.example_weighted)
 
     def updates(
         self, strategy: Any, rnd: int, n: int, seed: int, examples: Sequence[int] | None = None
@@ -212,7 +223,9 @@ def _identical(h: _Harness) -> None:
         )
         for i in range(3)
     ]
-    if h.zo:  # three identical uploads average to one upload's coefficients
+    if h.zo or h.server_opt is not None:
+        # three identical uploads give what one does (seed/scalar: its coefficients; a server
+        # optimizer: its step on that one change)
         ref = h.build()
         ref.configure_train(1, _clients(1))
         want = _value(ref.aggregate_train(1, [one]))
@@ -346,8 +359,10 @@ def _state(h: _Harness) -> None:
 
 def _refusals(h: _Harness) -> None:
     def refused(updates: list[Any]) -> bool:
+        s = h.build()
+        s.configure_train(1, _clients(max(1, len(updates))))
         try:
-            h.build().aggregate_train(1, updates)
+            s.aggregate_train(1, updates)
         except AggregationError:
             return True
         return False
@@ -398,8 +413,13 @@ CHECKS: dict[str, Callable[[_Harness], None]] = {
 }
 
 
-def check_strategy(strategy: str, options: Mapping[str, Any] | None = None) -> list[str]:
-    """Run every conformance check on ``strategy`` built with ``options``.
+def check_strategy(
+    strategy: str,
+    options: Mapping[str, Any] | None = None,
+    server_opt: ServerOptConfig | None = None,
+) -> list[str]:
+    """Run every conformance check on ``strategy`` built with ``options`` (wrapped in the
+    server optimizer ``server_opt``, a ``[server_opt]`` section, when one is given).
 
     Returns
     -------
@@ -413,7 +433,7 @@ def check_strategy(strategy: str, options: Mapping[str, Any] | None = None) -> l
     StrategyError
         If the strategy cannot be found or built.
     """
-    h = _Harness(strategy, options or {})
+    h = _Harness(strategy, options or {}, server_opt)
     failures: dict[str, str] = {}
     for name, check in CHECKS.items():
         try:
