@@ -35,7 +35,12 @@ def runs(tmp_path_factory, repo) -> dict[str, Path]:
     for name, extra in {
         "seed0": ["federation.seed=0"],
         "seed1": ["federation.seed=1"],
-        "hetero": ["strategy.name=hetlora", "ranks.mode=tiers", "ranks.tiers=[2,4]"],
+        "hetero": [
+            "strategy.name=hetlora",
+            "ranks.mode=tiers",
+            "ranks.tiers=[2,4]",
+            "eval.personalized=true",
+        ],
     }.items():
         cfg = load_config(toml, [*small, *extra])
         simulate(cfg, base / name, quiet=True, cache=cache, tensorboard=name == "seed0")
@@ -53,6 +58,7 @@ def test_every_plot_renders_as_a_png(runs, tmp_path):
     assert {"eval_loss.png", "bytes_vs_loss.png", "time_vs_loss.png"} <= pngs
     assert any(n.startswith("participation-") for n in pngs)
     assert any(n.startswith("ranks-2-hetero") for n in pngs)  # per-client rank choices
+    assert {"personal_eval_loss_mean.png", "personal_eval_loss_worst10.png"} <= pngs
     import matplotlib.image
 
     for name in pngs:
@@ -94,6 +100,12 @@ def test_summary_table_numbers_equal_the_metrics_files(runs):
     ups = [sum(r["bytes_up"] for r in _rows(runs[s])) / 1e6 for s in ("seed0", "seed1")]
     assert row.values["mb_up"] == pytest.approx(statistics.fmean(ups))
     assert row.cells[1] == "2" and row.cells[2] == "2"
+    assert row.cells[7] == "-"  # no personalized evaluation in these runs
+    (hetero,) = summary_rows(group_runs([load_run(runs["hetero"])]))
+    last = _rows(runs["hetero"])[-1]
+    assert hetero.values["own_mean"] == pytest.approx(last["personal_eval_loss_mean"])
+    assert hetero.values["own_worst"] == pytest.approx(last["personal_eval_loss_worst10"])
+    assert last["personal_eval_loss_worst10"] >= last["personal_eval_loss_mean"]
 
 
 def test_report_cli_prints_the_table_and_a_reference_line(runs, tmp_path, capsys):

@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from fedpeft.config import TrainConfig
 from fedpeft.errors import AggregationError
 from fedpeft.lora.ranks import FixedRanks, RankPolicy
 from fedpeft.prune.layout import PruneLayout
@@ -89,6 +90,12 @@ class StrategyContext:
         Strategies with ``needs_validation = True``: the loss of an adapter on the
         coordinator's validation records (``eval.validation_examples``, disjoint from the
         evaluated ones), on the unpruned base model; ``None`` when there are none.
+    train : Callable[[int], TrainConfig] | None
+        The ``[train]`` section round ``r``'s instructions carry (learning-rate schedule and
+        centralized step budget applied; :func:`fedpeft.rounds.round_train`); ``None``
+        outside a run (the section's defaults).
+    num_clients : int
+        All clients of the federation (0: unknown).
     """
 
     initial: Adapter
@@ -99,6 +106,12 @@ class StrategyContext:
     ranks: RankPolicy | None = None
     layout: PruneLayout | None = None
     validation_loss: Callable[[LoraSpec, Adapter], float] | None = None
+    train: Callable[[int], TrainConfig] | None = None
+    num_clients: int = 0
+
+    def round_train(self, server_round: int) -> TrainConfig:
+        """``train(server_round)``, or the ``[train]`` defaults."""
+        return self.train(server_round) if self.train is not None else TrainConfig()
 
     def rank_policy(self) -> RankPolicy:
         """``ranks``, or everyone at ``spec.rank``."""
@@ -114,7 +127,8 @@ class LoraPlan:
     ``prune`` asks for
     structured pruning (FedSpine); ``adapter`` then has the shapes of ``prune.keep``.
     ``options`` are the algorithm's own values for this client (bool, int, float or str); they
-    travel as one record and its trainer reads them from the instruction.
+    travel as one record and its trainer reads them from the instruction. ``aux`` are its own
+    tensors laid out like the adapter (SCAFFOLD's server control variate).
     """
 
     family: ClassVar[str] = "lora"  # its update family (fedpeft.families)
@@ -124,6 +138,7 @@ class LoraPlan:
     base: Adapter | None = None
     prune: PrunePlan | None = None
     options: Mapping[str, bool | int | float | str] = field(default_factory=dict)
+    aux: Adapter | None = None
 
 
 @dataclass(frozen=True)

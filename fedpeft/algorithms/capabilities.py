@@ -49,6 +49,13 @@ class Capabilities:
         Prunes the base model per client (FedSpine): clients train different shapes.
     needs_validation : bool
         Scores adapters on the coordinator's validation records (``eval.validation_examples``).
+    fixed_steps : bool
+        Derives quantities from the local steps the coordinator asks for (SCAFFOLD's control
+        variates), so every client must run ``train.local_steps`` (``train.epochs = 0``).
+    personal : bool
+        Clients keep a personal part of the model that never leaves them (FedSA-LoRA's
+        ``B``): the global model alone is not what a client runs; evaluate with
+        ``eval.personalized``.
     """
 
     family: Literal["lora", "zo"] = "lora"
@@ -60,6 +67,8 @@ class Capabilities:
     chooses_ranks: bool = False
     needs_layout: bool = False
     needs_validation: bool = False
+    fixed_steps: bool = False
+    personal: bool = False
 
     def __post_init__(self) -> None:
         if self.family not in ("lora", "zo"):
@@ -71,11 +80,11 @@ class Capabilities:
                 f"got {sorted(self.codecs)}"
             )
         if self.family == "zo" and (
-            self.heterogeneous_ranks or self.needs_layout or self.chooses_ranks
+            self.heterogeneous_ranks or self.needs_layout or self.chooses_ranks or self.personal
         ):
             raise StrategyError(
-                "a seed/scalar (zo) strategy cannot declare heterogeneous_ranks, chooses_ranks "
-                "or needs_layout"
+                "a seed/scalar (zo) strategy cannot declare heterogeneous_ranks, chooses_ranks, "
+                "needs_layout or personal"
             )
 
 

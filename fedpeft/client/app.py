@@ -34,6 +34,7 @@ from flwr.clientapp import ClientApp
 from fedpeft.algorithms.registry import resolve
 from fedpeft.cache import PROCESS_CACHE, ProcessCache
 from fedpeft.client.feedback_state import load_feedback, save_feedback
+from fedpeft.client.node_state import NodeState
 from fedpeft.client.secure import keep_lora, keep_zo, secagg_query
 from fedpeft.client.trainer import ClientData, make_trainer
 from fedpeft.config import RunConfig
@@ -47,6 +48,7 @@ from fedpeft.lora.handle import ModelHandle
 from fedpeft.models import get_model, model_key
 from fedpeft.wire.messages import (
     HEADER,
+    PERSONAL,
     ClientInfo,
     EvalReport,
     Header,
@@ -259,7 +261,12 @@ def make_client_app(cfg: RunConfig | None = None, cache: ProcessCache = PROCESS_
         run, handle, ins = _decode(cfg, context, cache, msg)
         _check_strategy(ins.strategy, run)
         data = client_data(run, handle, partition_id(context), cache, own_data(context))
-        update = make_trainer(ins.train.trainer, resolve(run.strategy.name)).fit(handle, ins, data)
+        trainer = make_trainer(ins.train.trainer, resolve(run.strategy.name))
+        if getattr(trainer, "stateful", False):  # keeps per-node state in Context.state
+            stateful: Any = trainer  # fit(handle, ins, data, node=...)
+            update = stateful.fit(handle, ins, data, node=NodeState(context, ins.header.run_id))
+        else:
+            update = trainer.fit(handle, ins, data)
         if ins.secure:
             kept = keep_lora(context, update, ins)
             return Message(encode_update(kept), reply_to=msg)
@@ -300,7 +307,13 @@ def make_client_app(cfg: RunConfig | None = None, cache: ProcessCache = PROCESS_
     def evaluate(msg: Message, context: Context) -> Message:
         run, handle, ins = _decode(cfg, context, cache, msg)
         evalset = client_evalset(run, handle, partition_id(context), cache, own_data(context))
-        metrics = Evaluator(run, handle, evalset)(ins.lora, ins.adapter, ins.with_metric)
+        adapter = ins.adapter
+        if ins.options.get(PERSONAL):  # this node's own model: the global plus its own part
+            trainer = make_trainer("lora", resolve(run.strategy.name))
+            own = getattr(trainer, "own_adapter", None)
+            if own is not None:
+                adapter = own(adapter, NodeState(context, ins.header.run_id))
+        metrics = Evaluator(run, handle, evalset)(ins.lora, adapter, ins.with_metric)
         header = Header(
             run_id=ins.header.run_id,
             server_round=ins.header.server_round,

@@ -11,6 +11,9 @@ An algorithm's client half is its strategy class's ``trainer`` attribute (any ob
 most algorithms hook into the shared loop instead of writing one: ``LoraTrainer(penalty=f)``
 adds ``f(handle, adapter_name, ins)()`` to every micro-batch loss (FedProx's proximal term,
 ``strategies/fedprox.py``), and ``ins.options`` carries the algorithm's per-client values.
+``LoraTrainer(begin=g)`` gets the node's own state (:class:`~fedpeft.client.node_state.
+NodeState`) and returns :class:`RoundHooks` for the round (SCAFFOLD's control variate,
+FedSA-LoRA's personal ``B``).
 """
 
 from __future__ import annotations
@@ -23,19 +26,23 @@ from typing import Any, Protocol
 
 import torch
 
+from fedpeft.client.node_state import NodeState
 from fedpeft.config import TrainConfig
 from fedpeft.data.tokenize import Example, collate
 from fedpeft.errors import ProtocolError
 from fedpeft.lora.handle import ModelHandle
 from fedpeft.seeding import derive_seed, scoped_torch_seed, torch_generator
-from fedpeft.wire.messages import Header, LoraUpdate, TrainInstruction
+from fedpeft.wire.messages import Adapter, Header, LoraUpdate, TrainInstruction
 
 __all__ = [
+    "BeginHook",
     "ClientData",
     "LoraTrainer",
     "NoopTrainer",
     "PenaltyHook",
+    "PersonalHook",
     "ReportHook",
+    "RoundHooks",
     "Trainer",
     "batch_stream",
     "local_steps",
@@ -54,7 +61,11 @@ class ClientData:
 
 
 class Trainer(Protocol):
-    """Local training protocol."""
+    """Local training protocol.
+
+    A trainer that keeps per-node state between rounds sets ``stateful = True``; the client
+    then calls ``fit(handle, ins, data, node=NodeState(...))``.
+    """
 
     def fit(self, handle: ModelHandle, ins: TrainInstruction, data: ClientData) -> LoraUpdate:
         """Train from ``ins`` on ``data`` and return the update."""
@@ -98,16 +109,20 @@ def run_steps(
     losses: list[float],
     penalty: Callable[[], torch.Tensor] | None = None,
     after_backward: Callable[[], None] | None = None,
+    after_step: Callable[[], None] | None = None,
+    parts: str | None = None,
 ) -> None:
-    """``steps`` AdamW steps (fresh optimizer) on the factors ``ins.parts`` of adapter ``name``.
+    """``steps`` AdamW steps (fresh optimizer) on the factors ``parts`` (default
+    ``ins.parts``) of adapter ``name``.
 
     Inside ``handle.training(name)``; appends every micro-batch loss to ``losses``;
-    ``penalty`` is added to each micro-batch loss, ``after_backward`` runs before each step.
+    ``penalty`` is added to each micro-batch loss, ``after_backward`` runs before each step
+    and ``after_step`` after it.
     """
     train = ins.train
     pad = handle.tokenizer.pad_token_id
     model = handle.peft_model(name)
-    params = handle.trainable_parameters(name, ins.parts)
+    params = handle.trainable_parameters(name, parts or ins.parts)
     opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
@@ -123,6 +138,8 @@ def run_steps(
         if train.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
         opt.step()
+        if after_step is not None:
+            after_step()
     opt.zero_grad(set_to_none=True)
 
 
@@ -136,6 +153,36 @@ def batch_stream(ins: TrainInstruction, data: ClientData) -> Iterator[list[int]]
 # the report hook returns what to call after the last step for metrics to add to the reply
 PenaltyHook = Callable[[ModelHandle, str, TrainInstruction], Callable[[], torch.Tensor] | None]
 ReportHook = Callable[[ModelHandle, str, TrainInstruction], Callable[[], dict[str, float]]]
+
+
+@dataclass
+class RoundHooks:
+    """What an algorithm adds to one round of the shared LoRA loop (all optional).
+
+    Attributes
+    ----------
+    parts : str | None
+        The factors to train (``None``: the instruction's ``parts``, which are also what
+        travels back; FedSA-LoRA trains ``AB`` and sends ``A``).
+    penalty : Callable[[], torch.Tensor] | None
+        Added to every micro-batch loss.
+    after_step : Callable[[], None] | None
+        Runs after every optimizer step (SCAFFOLD's correction).
+    finish : Callable[[], dict[str, float]] | None
+        Runs after the last step, before the factors are read; its metrics join the reply.
+    """
+
+    parts: str | None = None
+    penalty: Callable[[], torch.Tensor] | None = None
+    after_step: Callable[[], None] | None = None
+    finish: Callable[[], dict[str, float]] | None = None
+
+
+# called once the round's factors are loaded, with the node's own state (None: the node has
+# none, e.g. a caller outside a ClientApp); returns the round's hooks
+BeginHook = Callable[[ModelHandle, str, TrainInstruction, NodeState | None], RoundHooks]
+# the adapter a node evaluates as its own model: the global one plus its personal part
+PersonalHook = Callable[[Adapter, NodeState | None], Adapter]
 
 
 class LoraTrainer:
@@ -153,12 +200,29 @@ class LoraTrainer:
     """
 
     def __init__(
-        self, penalty: PenaltyHook | None = None, report: ReportHook | None = None
+        self,
+        penalty: PenaltyHook | None = None,
+        report: ReportHook | None = None,
+        begin: BeginHook | None = None,
+        personal: PersonalHook | None = None,
     ) -> None:
         self.penalty = penalty
         self.report = report
+        self.begin = begin
+        self.personal = personal
+        self.stateful = begin is not None or personal is not None
 
-    def fit(self, handle: ModelHandle, ins: TrainInstruction, data: ClientData) -> LoraUpdate:
+    def own_adapter(self, adapter: Adapter, node: NodeState | None) -> Adapter:
+        """The adapter this node evaluates as its own model (``personal``'s, else ``adapter``)."""
+        return adapter if self.personal is None else self.personal(adapter, node)
+
+    def fit(
+        self,
+        handle: ModelHandle,
+        ins: TrainInstruction,
+        data: ClientData,
+        node: NodeState | None = None,
+    ) -> LoraUpdate:
         """Run the instruction's local steps and return the trained factors."""
         if ins.prune is not None:
             raise ProtocolError(
@@ -175,13 +239,19 @@ class LoraTrainer:
             handle.merged(ins.base),
             handle.training(name),
         ):
+            hooks = self.begin(handle, name, ins, node) if self.begin else RoundHooks()
             penalty = self.penalty(handle, name, ins) if self.penalty is not None else None
             report = self.report(handle, name, ins) if self.report is not None else None
-            run_steps(handle, name, ins, data, batch_stream(ins, data), steps, losses, penalty)
+            run_steps(
+                handle, name, ins, data, batch_stream(ins, data), steps, losses,
+                penalty or hooks.penalty, after_step=hooks.after_step, parts=hooks.parts,
+            )  # fmt: skip
             metrics = {
                 "train_loss": sum(losses) / len(losses),
                 "steps": float(steps),
             }
+            if hooks.finish is not None:
+                metrics.update(hooks.finish())
             if report is not None:
                 metrics.update(report())
         metrics["train_s"] = time.perf_counter() - t0
@@ -195,6 +265,8 @@ class LoraTrainer:
 class NoopTrainer:
     """Returns the instruction's factors unchanged (measures framework overhead); with a
     pruning plan, at the structure it was sent (no pruning, no training)."""
+
+    stateful = False
 
     def fit(self, handle: ModelHandle, ins: TrainInstruction, data: ClientData) -> LoraUpdate:
         """Echo the global factors back."""

@@ -259,6 +259,25 @@ def _eval_federated(cfg: RunConfig, caps: Capabilities) -> str | None:
     )
 
 
+def _eval_personalized(cfg: RunConfig, caps: Capabilities) -> str | None:
+    if not (cfg.eval.personalized and caps.family == "zo"):
+        return None
+    return (
+        f"eval.personalized is for LoRA strategies; {cfg.strategy.name!r} is a seed/scalar "
+        "strategy: set eval.personalized = false"
+    )
+
+
+def _fixed_steps(cfg: RunConfig, caps: Capabilities) -> str | None:
+    if not (caps.fixed_steps and cfg.train.epochs > 0):
+        return None
+    return (
+        f"train.epochs = {cfg.train.epochs} gives clients different numbers of local steps, "
+        f"but {cfg.strategy.name!r} derives its state from the steps it asks for: set "
+        "train.epochs = 0 and train.local_steps"
+    )
+
+
 def _centralized_clients(cfg: RunConfig, caps: Capabilities) -> str | None:
     if not (cfg.federation.centralized and cfg.federation.min_clients > 1):
         return None
@@ -350,6 +369,10 @@ RULES: tuple[Rule, ...] = (
          _attack_zo),
     Rule(("eval.federated", "strategy.name"), "federated evaluation with a seed/scalar "
          "strategy", _eval_federated),
+    Rule(("eval.personalized", "strategy.name"), "personalized evaluation with a seed/scalar "
+         "strategy", _eval_personalized),
+    Rule(("train.epochs", "strategy.name"), "local epochs with a strategy that derives its "
+         "state from a fixed number of local steps (SCAFFOLD)", _fixed_steps),
     Rule(("federation.centralized", "federation.min_clients"), "centralized mode waiting for "
          "more than one client", _centralized_clients),
     Rule(("server_opt.name", "strategy.name"), "a server optimizer over a strategy that is "

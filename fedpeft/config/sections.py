@@ -283,6 +283,13 @@ class EvalConfig:
         "held-out split (fed_eval_* in metrics), whenever the loss is evaluated",
         False,
     )
+    personalized: bool = _help(
+        "also ask every client to evaluate its own model (the global adapter, plus its "
+        "personal part for personalized strategies such as fedsa's B) on its own share of the "
+        "held-out split: personal_eval_*_mean and _worst10 (the worst tenth of clients) in "
+        "metrics, whenever the loss is evaluated",
+        False,
+    )
     validation_examples: int = _help(
         "held-out records, disjoint from the evaluated ones, that the coordinator may use to "
         "score client updates (FedSpine's bandit reward); 0: none",

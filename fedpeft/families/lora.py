@@ -38,7 +38,7 @@ class LoraFamily:
             parts=plan.parts, base=plan.base, compress=stamp.compress,
             prune=plan.prune,
             secure=stamp.secure, dp_clip=stamp.dp_clip, dp_noise=stamp.dp_noise,
-            options=dict(plan.options), strategy=stamp.strategy,
+            options=dict(plan.options), aux=plan.aux, strategy=stamp.strategy,
         )  # fmt: skip
 
     def encode(self, ins: TrainInstruction, shared: SharedRecords) -> RecordDict:

@@ -17,9 +17,11 @@ def write_report(
 
     Returns every written file by name. Plots: ``eval_loss.png``, the task metric's
     (``eval_<metric>.png``) when the runs have one, ``bytes_vs_loss.png``,
-    ``time_vs_loss.png``, and per run ``participation-<run>.png`` and, when present,
-    ``ranks-<run>.png`` / ``prune-<run>.png``. ``reference`` (a centralized run) adds a line
-    at its final eval loss and a row to the table.
+    ``time_vs_loss.png``, ``personal_eval_loss_mean.png`` / ``_worst10.png`` when the runs
+    evaluated each client's own model (``eval.personalized``), and per run
+    ``participation-<run>.png`` and, when present, ``ranks-<run>.png`` / ``prune-<run>.png``.
+    ``reference`` (a centralized run) adds a line at its final eval loss and a row to the
+    table.
     """
     from fedpeft.report.plots import plot_choices, plot_metric, plot_participation, plot_tradeoff
     from fedpeft.report.tables import summary_rows, to_html, to_markdown
@@ -40,6 +42,10 @@ def write_report(
     metric = runs[0].metric
     if metric and any(r.series(metric)[1] for r in runs):
         plot_metric(groups, metric, metric[5:], put(f"{metric}.png"))
+    for stat, what in (("mean", "mean over clients"), ("worst10", "worst 10% of clients")):
+        key = f"personal_eval_loss_{stat}"  # eval.personalized: each client's own model
+        if any(r.series(key)[1] for r in runs):
+            plot_metric(groups, key, f"own-model eval loss, {what}", put(f"{key}.png"))
     plot_tradeoff(groups, "bytes", put("bytes_vs_loss.png"), ref_loss)
     plot_tradeoff(groups, "time", put("time_vs_loss.png"), ref_loss)
     for i, run in enumerate(runs):

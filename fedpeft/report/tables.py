@@ -17,8 +17,8 @@ from fedpeft.report.runs import Run, RunGroup, mean_spread
 __all__ = ["Row", "summary_rows", "to_html", "to_markdown"]
 
 COLUMNS = (
-    "run", "seeds", "rounds", "eval loss", "Δ loss", "metric", "Δ metric", "MB up", "MB down",
-    "time s",
+    "run", "seeds", "rounds", "eval loss", "Δ loss", "metric", "Δ metric", "own loss mean",
+    "own loss worst 10%", "MB up", "MB down", "time s",
 )  # fmt: skip
 
 
@@ -74,13 +74,17 @@ def summary_rows(groups: Sequence[RunGroup], reference: Run | None = None) -> li
                 [r.cumulative("bytes_down")[-1] / 1e6 for r in g.runs if r.rows]
             ),
             "time": mean_spread([_time(r) for r in g.runs if r.rows]),
+            # eval.personalized: each client's own model on its own records
+            "own_mean": mean_spread(g.values("personal_eval_loss_mean")),
+            "own_worst": mean_spread(g.values("personal_eval_loss_worst10")),
         }
         rounds = max((int(r.rows[-1]["round"]) for r in g.runs if r.rows), default=0)
         cells = [
             g.name, str(len(g.runs)), str(rounds), _fmt(pairs["eval_loss"], 4),
             _fmt(pairs["d_loss"], 4),
             (_fmt(pairs["metric"], 4) + f" ({metric[5:]})") if pairs["metric"] else "-",
-            _fmt(pairs["d_metric"], 4), _fmt(pairs["mb_up"], 2), _fmt(pairs["mb_down"], 2),
+            _fmt(pairs["d_metric"], 4), _fmt(pairs["own_mean"], 4), _fmt(pairs["own_worst"], 4),
+            _fmt(pairs["mb_up"], 2), _fmt(pairs["mb_down"], 2),
             _fmt(pairs["time"], 1),
         ]  # fmt: skip
         values = {k: (v[0] if v else None) for k, v in pairs.items()}

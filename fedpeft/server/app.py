@@ -31,7 +31,7 @@ from fedpeft.data.clients import get_task
 from fedpeft.evaluation import EvalSet, Evaluator
 from fedpeft.models import get_model
 from fedpeft.server.checkpoint import CHECKPOINT
-from fedpeft.server.coordinator import Coordinator, clients_per_round, new_run_id
+from fedpeft.server.coordinator import Coordinator, SimulatedNodes, clients_per_round, new_run_id
 from fedpeft.server.results import RunReporter, summarize
 from fedpeft.server.start import initial_global, save_global
 from fedpeft.zo.trainer import direction_mask
@@ -57,6 +57,7 @@ def run_server(
     cache: ProcessCache = PROCESS_CACHE,
     resume: bool = False,
     outcome: Outcome | None = None,
+    nodes: SimulatedNodes | None = None,
 ) -> dict[str, Any]:
     """Run the whole federated job on ``grid``; returns the summary (and records the final
     global model in ``outcome.model`` when given).
@@ -110,6 +111,7 @@ def run_server(
         zo_blocks=ctx.zo_blocks,
         checkpoint=out_dir / CHECKPOINT,
         resume=resume,
+        nodes=nodes,
     )
     result = coordinator.run()
     if outcome is not None:
@@ -129,6 +131,7 @@ def make_server_app(
     cache: ProcessCache = PROCESS_CACHE,
     resume: bool = False,
     wrap_grid: Callable[[Grid], Grid] | None = None,
+    nodes: SimulatedNodes | None = None,
 ) -> ServerApp:
     """A ``ServerApp`` whose ``main`` runs :func:`run_server` and records the outcome.
 
@@ -141,7 +144,9 @@ def make_server_app(
         if wrap_grid is not None:
             grid = wrap_grid(grid)
         try:
-            outcome.summary = run_server(grid, cfg, out_dir, reporter, cache, resume, outcome)
+            outcome.summary = run_server(
+                grid, cfg, out_dir, reporter, cache, resume, outcome, nodes
+            )
         except BaseException as err:
             outcome.error = err
             reporter.bar.close()

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from flwr.serverapp import Grid
 
@@ -58,7 +58,15 @@ from fedpeft.server.secure_round import secure_aggregate
 from fedpeft.server.validate import Limits, cap_weights
 from fedpeft.wire.messages import ClientInfo, Header
 
-__all__ = ["Coordinator", "EvalFn", "RunResult", "clients_per_round", "new_run_id", "scenario_of"]
+__all__ = [
+    "Coordinator",
+    "EvalFn",
+    "RunResult",
+    "SimulatedNodes",
+    "clients_per_round",
+    "new_run_id",
+    "scenario_of",
+]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +98,20 @@ class RunResult:
     discovery: dict[str, Any] = field(default_factory=dict)  # Roster.report() of this run
 
 
+class SimulatedNodes(Protocol):
+    """A simulation's virtual nodes, whose own state (``Context.state``) the checkpoint keeps
+    for them: a real device keeps it on its own disk when the coordinator dies, a simulated
+    one dies with it."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every node's state."""
+        ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        ...
+
+
 class Coordinator:
     """Runs federated rounds over a Flower ``Grid``.
 
@@ -117,6 +139,10 @@ class Coordinator:
         Where the state is written after every round (``None``: nowhere).
     resume : bool
         Continue from ``checkpoint`` instead of starting at round 0.
+    nodes : SimulatedNodes | None
+        In-process simulation: the virtual nodes, whose state is checkpointed with the
+        coordinator's so a resumed run continues exactly (per-node state such as SCAFFOLD's
+        control variates and FedSA-LoRA's personal ``B``).
     """
 
     def __init__(
@@ -132,6 +158,7 @@ class Coordinator:
         zo_blocks: int = 1,
         checkpoint: Path | None = None,
         resume: bool = False,
+        nodes: SimulatedNodes | None = None,
     ) -> None:
         self.cfg = cfg
         self.grid = grid
@@ -145,6 +172,7 @@ class Coordinator:
         self.zo_blocks = zo_blocks
         self.checkpoint = checkpoint
         self.resume = resume
+        self.nodes = nodes
         self.server_round = 0
         self.examples_behind_global = 0
         self.rows: list[dict[str, Any]] = []
@@ -363,13 +391,15 @@ class Coordinator:
             t0 = time.perf_counter()
             out.update(self.evaluate(self.current, metric))
             out["eval_s"] = time.perf_counter() - t0
-        cur = self.current
-        if loss and self.cfg.eval.federated and cur.spec is not None and cur.adapter is not None:
-            header = self._header(server_round, "", cur.spec.config_hash())
-            timeout = self.cfg.federation.round_timeout_s
+        cur, ev = self.current, self.cfg.eval
+        if not loss or cur.spec is None or cur.adapter is None:
+            return out
+        header = self._header(server_round, "", cur.spec.config_hash())
+        timeout = self.cfg.federation.round_timeout_s
+        for personal in [False] * ev.federated + [True] * ev.personalized:
             out.update(
                 federated_eval(self.grid, self.clients, header, cur.spec, cur.adapter,
-                               self.cfg.train, metric, timeout)
+                               self.cfg.train, metric, timeout, personal)
             )  # fmt: skip
         return out
 
@@ -452,6 +482,7 @@ class Coordinator:
             "rows": copy.deepcopy(self.rows),
             "current": result_state(self.current),
             "strategy": self.strategy.state_dict(),
+            **({"nodes": self.nodes.state_dict()} if self.nodes is not None else {}),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -475,6 +506,8 @@ class Coordinator:
         self.rows = list(state["rows"])
         self.current = result_from_state(state["current"])
         self.strategy.load_state_dict(state["strategy"])
+        if self.nodes is not None and "nodes" in state:
+            self.nodes.load_state_dict(state["nodes"])
 
     def _save(self) -> None:
         if self.checkpoint is not None:

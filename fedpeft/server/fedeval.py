@@ -2,10 +2,18 @@
 
 Complements the coordinator's centralized evaluation where the coordinator has no data of its
 own, or to see how the global adapter does on each client's distribution. LoRA runs only.
+
+Personalized evaluation (``eval.personalized``) asks every client for the numbers of its own
+model: the global adapter, plus the client's personal part where the algorithm keeps one
+(FedSA-LoRA's ``B``). What a user deploying on a device cares about is that device's model,
+so these are reported per client and summarized as the mean over clients (each counts once)
+and the worst decile: the mean over the worst ``ceil(n / 10)`` clients (highest loss, lowest
+task metric).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +24,7 @@ from fedpeft._flwr import message_nbytes, send_bounded
 from fedpeft.config import TrainConfig
 from fedpeft.errors import ProtocolError, clip
 from fedpeft.wire.messages import (
+    PERSONAL,
     Adapter,
     ClientInfo,
     EvalReport,
@@ -66,6 +75,21 @@ def _weighted(reports: Sequence[EvalReport]) -> dict[str, Any]:
     return out
 
 
+def _personal(reports: Sequence[EvalReport]) -> dict[str, Any]:
+    """Mean over clients and worst decile of every ``eval_*`` value (see the module docstring)."""
+    out: dict[str, Any] = {}
+    keys = sorted(
+        {k for r in reports for k in r.metrics if k.startswith("eval_")} - {"eval_tokens"}
+    )
+    for key in keys:
+        values = [float(r.metrics[key]) for r in reports if key in r.metrics]
+        worst_first = sorted(values, reverse=key == "eval_loss")  # loss: high is bad
+        worst = worst_first[: math.ceil(len(values) / 10)]
+        out[f"personal_{key}_mean"] = sum(values) / len(values)
+        out[f"personal_{key}_worst10"] = sum(worst) / len(worst)
+    return out
+
+
 def federated_eval(
     grid: Grid,
     clients: Sequence[ClientInfo],
@@ -75,19 +99,25 @@ def federated_eval(
     train: TrainConfig,
     metric: bool,
     timeout: float,
+    personal: bool = False,
 ) -> dict[str, Any]:
     """Send ``evaluate.lora`` to every client and combine their reports.
 
     ``header`` is stamped with each client's id. Returns ``fed_eval_loss`` (weighted by target
     tokens), ``fed_eval_<metric>`` (weighted by records), ``fed_eval_clients``,
-    ``fed_eval_failures`` and the bytes both ways.
+    ``fed_eval_failures`` and the bytes both ways. ``personal``: each client evaluates its own
+    model; the keys start with ``personal_`` and give the mean over clients and the worst
+    decile (``personal_eval_loss_mean``, ``personal_eval_loss_worst10``, ...).
     """
     msgs, asked = [], {}
     shared: SharedRecords = {}
     for c in clients:
         h = Header(header.run_id, header.server_round, header.model_fingerprint, spec.config_hash(),
                    header.num_examples, c.client_id)  # fmt: skip
-        ins = TrainInstruction(h, spec, train, adapter, seed=0, with_metric=metric)
+        ins = TrainInstruction(
+            h, spec, train, adapter, seed=0, with_metric=metric,
+            options={PERSONAL: True} if personal else {},
+        )  # fmt: skip
         msgs.append(Message(encode_instruction(ins, shared), c.node_id, f"evaluate.{ins.mode}"))
         asked[c.node_id] = c.client_id
     replies = send_bounded(grid, msgs, dict.fromkeys(asked, REPORT_LIMIT), timeout)
@@ -98,10 +128,12 @@ def federated_eval(
             reports.append(_report(reply, header.run_id, header.server_round, cid))
         except ProtocolError as err:
             failures[cid] = clip(err.reason)
+    prefix = "personal_eval" if personal else "fed_eval"
+    summary = (_personal if personal else _weighted)(reports) if reports else {}
     return {
-        "fed_eval_bytes_down": sum(message_nbytes(m) for m in msgs),
-        "fed_eval_bytes_up": sum(message_nbytes(r) for r in replies),
-        "fed_eval_clients": len(reports),
-        "fed_eval_failures": failures,
-        **_weighted(reports),
+        f"{prefix}_bytes_down": sum(message_nbytes(m) for m in msgs),
+        f"{prefix}_bytes_up": sum(message_nbytes(r) for r in replies),
+        f"{prefix}_clients": len(reports),
+        f"{prefix}_failures": failures,
+        **summary,
     }

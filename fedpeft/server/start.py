@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from fedpeft.config import RunConfig
 from fedpeft.lora.handle import ModelHandle, init_factors
 from fedpeft.lora.ranks import make_rank_policy
 from fedpeft.prune.layout import PruneLayout
+from fedpeft.rounds import round_train
 from fedpeft.seeding import derive_seed
 from fedpeft.wire.messages import LoraSpec
 from fedpeft.wire.zo import ZoSpec
@@ -99,7 +101,10 @@ def initial_global(
         return AggregateResult(zo=ZoGlobal(zspec, 0, zeros)), ctx
     layout = PruneLayout.of(handle.base_model) if caps.needs_layout else None
     adapter = init_factors(handle.module_shapes(handle.ensure_adapter(spec)), spec, seed)
-    ctx = StrategyContext(adapter, spec, seed, ranks=make_rank_policy(cfg), layout=layout)
+    ctx = StrategyContext(
+        adapter, spec, seed, ranks=make_rank_policy(cfg), layout=layout,
+        train=partial(round_train, cfg), num_clients=cfg.federation.num_clients,
+    )  # fmt: skip
     return AggregateResult(adapter=adapter, spec=spec), ctx
 
 

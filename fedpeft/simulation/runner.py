@@ -111,7 +111,6 @@ def simulate(
     )
     outcome = outcome if outcome is not None else Outcome()
     attack = (lambda grid: AttackGrid(grid, cfg)) if cfg.attack.kind != "none" else None
-    server_app = make_server_app(cfg, out, reporter, outcome, cache, resume, wrap_grid=attack)
     client_app = make_client_app(cfg, cache)
     n = num_nodes(cfg)
     try:
@@ -122,9 +121,13 @@ def simulate(
                 serialize=cfg.simulation.serialize,
                 on_reply=reporter.on_reply,
             )
+            server_app = make_server_app(
+                cfg, out, reporter, outcome, cache, resume, wrap_grid=attack, nodes=grid
+            )
             ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
             server_app(grid, ctx)
         else:
+            server_app = make_server_app(cfg, out, reporter, outcome, cache, resume, attack)
             _ray(server_app, client_app, cfg)
     finally:
         discard_changed_models(cache)  # the next run in this process gets the true base

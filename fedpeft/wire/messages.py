@@ -92,9 +92,12 @@ TENSORS: Final = "fedpeft.tensors"
 META: Final = "fedpeft.meta"
 BASE: Final = "fedpeft.base"
 BASE_META: Final = "fedpeft.base_meta"
+AUX: Final = "fedpeft.aux"  # an algorithm's tensors laid out like the adapter (SCAFFOLD's c)
+AUX_META: Final = "fedpeft.aux_meta"
 COMPRESS: Final = "fedpeft.compress"
 LORA: Final = "fedpeft.lora"
 TRAIN: Final = "fedpeft.train"
+PERSONAL: Final = "personal"  # option of an evaluation: the node evaluates its own model
 OPTIONS: Final = "fedpeft.options"  # the algorithm's own per-client options (one record)
 OptionValue = bool | int | float | str
 METRICS: Final = "fedpeft.metrics"
@@ -151,6 +154,8 @@ class TrainInstruction:
     dp_noise: float = 0.0  # secure + DP: std of the Gaussian noise this client adds
     # the algorithm's own options for this client (its trainer reads them; e.g. FedProx's mu)
     options: Mapping[str, OptionValue] = field(default_factory=dict)
+    # the algorithm's own tensors, laid out like the adapter (SCAFFOLD's server control variate)
+    aux: Adapter | None = None
     strategy: str = ""  # the algorithm the coordinator runs (strategy.name); "": not stamped
 
     def __post_init__(self) -> None:
@@ -337,6 +342,8 @@ def encode_instruction(ins: TrainInstruction, shared: SharedRecords | None = Non
     content[TENSORS], content[META] = encode_adapter(ins.adapter, codec=codec, shared=shared)
     if ins.base is not None:
         content[BASE], content[BASE_META] = encode_adapter(ins.base, codec=codec, shared=shared)
+    if ins.aux is not None:
+        content[AUX], content[AUX_META] = encode_adapter(ins.aux, codec=codec, shared=shared)
     if ins.prune is not None:
         content[PRUNE] = encode_plan(ins.prune)
     if ins.options:
@@ -347,7 +354,9 @@ def encode_instruction(ins: TrainInstruction, shared: SharedRecords | None = Non
 def instruction_payload(content: RecordDict) -> int:
     """Payload bytes of an encoded instruction: its adapters' arrays as they travel."""
     return sum(
-        records_nbytes(get_record(content, r, ArrayRecord)) for r in (TENSORS, BASE) if r in content
+        records_nbytes(get_record(content, r, ArrayRecord))
+        for r in (TENSORS, BASE, AUX)
+        if r in content
     )
 
 
@@ -364,6 +373,7 @@ def decode_instruction(content: RecordDict) -> TrainInstruction:
     spec = _decode_lora_spec(lora, LORA, ("rank", "alpha", "target_modules", "dropout"))
     train = _decode_train(content)
     base = decode_adapter(content, BASE, BASE_META) if BASE in content else None
+    aux = decode_adapter(content, AUX, AUX_META) if AUX in content else None
     return TrainInstruction(
         header=header,
         lora=spec,
@@ -381,6 +391,7 @@ def decode_instruction(content: RecordDict) -> TrainInstruction:
         dp_clip=get_float(lora, "dp_clip", LORA),
         dp_noise=get_float(lora, "dp_noise", LORA),
         options=_decode_options(content),
+        aux=aux,
     )
 
 
