@@ -15,6 +15,7 @@ the same singular values (tested against the dense SVD).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,7 +29,6 @@ from fedpeft.algorithms.base import (
 )
 from fedpeft.algorithms.capabilities import Capabilities
 from fedpeft.algorithms.hetero import (
-    WeightedConfig,
     client_spec,
     example_weights,
     initial_unit,
@@ -38,7 +38,9 @@ from fedpeft.algorithms.hetero import (
     ranks_for,
     stacked_updates,
 )
+from fedpeft.algorithms.nested import NESTED, nested_round
 from fedpeft.algorithms.registry import register_strategy
+from fedpeft.client.trainer import LoraTrainer
 from fedpeft.lora.rank_ops import svd_from_stacks, unit_spec
 from fedpeft.wire.messages import Adapter, ClientInfo, LoraFactors, LoraUpdate
 
@@ -49,10 +51,16 @@ class FlexLora:
     """FlexLoRA: exact weighted sum of client products, truncated SVD to each client's rank."""
 
     capabilities = Capabilities(family="lora", heterogeneous_ranks=True)
+    trainer = LoraTrainer(begin=nested_round)  # the client half: nested-rank training on option
 
-    Config = WeightedConfig
+    @dataclass(frozen=True)
+    class Config:
+        """Options of :class:`FlexLora`."""
 
-    def __init__(self, config: WeightedConfig, ctx: StrategyContext) -> None:
+        weighted: bool = True  # weight clients by num_examples (False: plain mean)
+        nested: bool = False  # DyLoRA-style nested-rank training (fedpeft.algorithms.nested)
+
+    def __init__(self, config: Config, ctx: StrategyContext) -> None:
         self.config = config
         self.ctx = ctx
         self._global: Adapter | None = None  # stacked, unit scale; None until round 1 ends
@@ -86,10 +94,13 @@ class FlexLora:
     ) -> Mapping[str, LoraPlan]:
         """Round 1: the initial adapter at each rank; later: the SVD truncation of the global."""
         ranks = ranks_for(self.ctx, server_round, clients, {})
+        options = {NESTED: True} if self.config.nested else {}
         if self._global is None:
             init = initial_unit(self.ctx, self.ctx.rank_policy().max_rank)
-            return plans_from_global(self.ctx, init, ranks)
-        return plans_by_rank(self.ctx, ranks, lambda spec: self.for_rank(spec.rank))
+            return plans_from_global(self.ctx, init, ranks, options=options)
+        return plans_by_rank(
+            self.ctx, ranks, lambda spec: self.for_rank(spec.rank), options=options
+        )
 
     def aggregate_train(self, server_round: int, updates: Sequence[LoraUpdate]) -> AggregateResult:
         """Stack the clients' factors: the global is ``Delta W*`` exactly, at rank ``sum r_k``."""

@@ -42,6 +42,7 @@ from fedpeft.algorithms.hetero import (
     plans_from_global,
     ranks_for,
 )
+from fedpeft.algorithms.nested import NESTED, nested_round
 from fedpeft.algorithms.registry import register_strategy
 from fedpeft.client.trainer import LoraTrainer
 from fedpeft.errors import ConfigError, ProtocolError
@@ -106,7 +107,8 @@ def tail_report(
 class HetLora:
     """HetLoRA: zero-padded, norm-weighted averaging; truncation to each client's rank."""
 
-    trainer = LoraTrainer(penalty=tail_penalty, report=tail_report)  # the client half
+    # the client half: self-pruning's penalty and report, nested-rank training (option nested)
+    trainer = LoraTrainer(penalty=tail_penalty, report=tail_report, begin=nested_round)
 
     @staticmethod
     def capabilities(config: HetLora.Config) -> Capabilities:
@@ -124,6 +126,7 @@ class HetLora:
         weighting: str = "norm"  # norm (sparsity-weighted, the paper) | examples (FedIT weights)
         reg_lambda: float = 0.0  # self-pruning penalty weight (0: no self-pruning)
         reg_gamma: float = 0.99  # self-pruning keeps floor(gamma r) ranks (paper's decay factor)
+        nested: bool = False  # DyLoRA-style nested-rank training (fedpeft.algorithms.nested)
 
         def __post_init__(self) -> None:
             problems = []
@@ -148,7 +151,11 @@ class HetLora:
         """Each client gets the global truncated to its (possibly self-pruned) rank."""
         ranks = ranks_for(self.ctx, server_round, clients, self._pruned)
         c = self.config
-        options = {"reg_lambda": c.reg_lambda, "reg_gamma": c.reg_gamma} if c.reg_lambda else {}
+        options: dict[str, bool | int | float | str] = (
+            {"reg_lambda": c.reg_lambda, "reg_gamma": c.reg_gamma} if c.reg_lambda else {}
+        )
+        if c.nested:
+            options[NESTED] = True
         return plans_from_global(self.ctx, self._global.adapter, ranks, options=options)
 
     def _weights(self, ups: Sequence[LoraUpdate], modules: Sequence[str]) -> list[float]:

@@ -170,12 +170,16 @@ class RoundHooks:
         Runs after every optimizer step (SCAFFOLD's correction).
     finish : Callable[[], dict[str, float]] | None
         Runs after the last step, before the factors are read; its metrics join the reply.
+    close : Callable[[], None] | None
+        Runs when the round ends, also when it fails (removes what the hooks attached to the
+        shared model, e.g. nested-rank masks).
     """
 
     parts: str | None = None
     penalty: Callable[[], torch.Tensor] | None = None
     after_step: Callable[[], None] | None = None
     finish: Callable[[], dict[str, float]] | None = None
+    close: Callable[[], None] | None = None
 
 
 # called once the round's factors are loaded, with the node's own state (None: the node has
@@ -240,20 +244,24 @@ class LoraTrainer:
             handle.training(name),
         ):
             hooks = self.begin(handle, name, ins, node) if self.begin else RoundHooks()
-            penalty = self.penalty(handle, name, ins) if self.penalty is not None else None
-            report = self.report(handle, name, ins) if self.report is not None else None
-            run_steps(
-                handle, name, ins, data, batch_stream(ins, data), steps, losses,
-                penalty or hooks.penalty, after_step=hooks.after_step, parts=hooks.parts,
-            )  # fmt: skip
-            metrics = {
-                "train_loss": sum(losses) / len(losses),
-                "steps": float(steps),
-            }
-            if hooks.finish is not None:
-                metrics.update(hooks.finish())
-            if report is not None:
-                metrics.update(report())
+            try:
+                penalty = self.penalty(handle, name, ins) if self.penalty is not None else None
+                report = self.report(handle, name, ins) if self.report is not None else None
+                run_steps(
+                    handle, name, ins, data, batch_stream(ins, data), steps, losses,
+                    penalty or hooks.penalty, after_step=hooks.after_step, parts=hooks.parts,
+                )  # fmt: skip
+                metrics = {
+                    "train_loss": sum(losses) / len(losses),
+                    "steps": float(steps),
+                }
+                if hooks.finish is not None:
+                    metrics.update(hooks.finish())
+                if report is not None:
+                    metrics.update(report())
+            finally:
+                if hooks.close is not None:
+                    hooks.close()
         metrics["train_s"] = time.perf_counter() - t0
         return LoraUpdate(
             header=reply_header(ins, handle, data),

@@ -162,3 +162,28 @@ def check_modules(adapters: Mapping[str, Adapter], strategy: str) -> list[str]:
                     f"{ref_id} as ({ref[m].b.shape[0]} x {ref[m].a.shape[1]})"
                 )
     return sorted(ref)
+
+
+def rank_energy(adapter: Mapping[str, LoraFactors], keep: int = 32) -> tuple[list[float], float]:
+    """How the update ``Delta W = s B A`` spreads over its rank components.
+
+    Per module the singular values of ``s B A`` (:func:`svd_from_stacks`); component ``i``'s
+    energy is ``sum_m sigma_{m,i}^2`` (modules of lower rank add nothing past their rank).
+    Returns the first ``keep`` components' shares of the total energy (singular values
+    descend, so the shares do) and the effective rank ``exp(entropy of the shares)`` over all
+    components: ``R`` when every component carries the same energy, 1 when one carries all
+    ("rank collapse", raFLoRA 2026).
+    """
+    width = max((f.rank for f in adapter.values()), default=0)
+    energy = torch.zeros(width, dtype=torch.float64)  # (R,)
+    for f in adapter.values():
+        a, b = unit_scale(f)  # (r, in), (out, r): the scale folded into B
+        _, sv, _ = svd_from_stacks(a, b)  # (r,)
+        energy[: sv.numel()] += sv.pow(2)
+    total = float(energy.sum())
+    if total <= 0:
+        return [0.0] * min(keep, width), 0.0
+    shares = energy / total  # (R,)
+    nonzero = shares[shares > 0]
+    effective = float(torch.exp(-(nonzero * nonzero.log()).sum()))
+    return [float(x) for x in shares[:keep]], effective

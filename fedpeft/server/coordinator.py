@@ -40,6 +40,7 @@ from fedpeft.config import RunConfig
 from fedpeft.devices import DeviceProfile, assign_profiles, simulated_times
 from fedpeft.errors import ProtocolError, RoundError
 from fedpeft.families import Stamp, family_of
+from fedpeft.lora.rank_ops import rank_energy
 from fedpeft.privacy import PrivacyBudgetExhausted
 from fedpeft.rounds import clients_per_round, round_train
 from fedpeft.seeding import derive_seed, np_rng
@@ -349,6 +350,9 @@ class Coordinator:
         row.update(client_choices(instructions))
         row.update(sim)
         row.update({k: float(v) for k, v in self.current.metrics.items()})
+        if self.capabilities.heterogeneous_ranks and self.current.adapter is not None:
+            # the global update's energy per rank component (rank collapse across ranks)
+            row["rank_energy"], row["rank_energy_effective"] = rank_energy(self.current.adapter)
         row.update(self._eval_row(server_round))
         row["wall_s"] = time.perf_counter() - t0
         return row
