@@ -50,11 +50,15 @@ QUICK_OVERRIDES = [
 ]
 
 
-def simulate_cli(scenario: str | Path, out: Path, overrides: list[str]) -> None:
-    """One ``fedpeft simulate --quiet`` in its own process (a clean state); exits on failure."""
+def simulate_cli(
+    scenario: str | Path, out: Path, overrides: list[str], env: dict[str, str] | None = None
+) -> None:
+    """One ``fedpeft simulate --quiet`` in its own process (a clean state); exits on failure.
+
+    ``env``: variables to set in that process (e.g. ``OMP_NUM_THREADS``)."""
     scenario = REPO / "simulations" / scenario
     cmd = [sys.executable, "-m", "fedpeft.cli", "simulate", "--quiet",
            "--config", str(scenario), "--out", str(out), *overrides]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if proc.returncode != 0:
         sys.exit(f"{out.name} failed:\n{proc.stderr[-3000:]}")

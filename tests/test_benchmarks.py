@@ -152,6 +152,27 @@ def test_hetero(tmp_path: Path) -> None:
     assert all(math.isfinite(s["after"]["eval_loss"]) for s in got.values())
 
 
+def test_quality(tmp_path: Path) -> None:
+    out, results = _run(tmp_path, "quality.py", "--out", str(tmp_path / "runs"), "--jobs", "2")
+    got = _json(results, "quality.json")
+    lines = {x["row"]: x for x in got["lines"]}
+    assert list(lines) == ["centralized", "fedavg", "scaffold", "fedsa"]
+    runs = {r["row"]: r for r in got["runs"]}
+    before = runs["centralized"]["summary"]["before"]["eval_loss"]
+    assert all(r["summary"]["before"]["eval_loss"] == before for r in runs.values())  # one start
+    assert lines["centralized"]["gain"] == [1.0]  # the reference recovers all of its own gain
+    fedavg = runs["fedavg"]["summary"]["after"]["eval_loss"]
+    assert lines["fedavg"]["gain"] == [
+        (before - fedavg) / (before - runs["centralized"]["summary"]["after"]["eval_loss"])
+    ]
+    # FedSA-LoRA: B stays on the clients, so the global model is the base model and the
+    # uploads carry A only (q: A 8x64; v: A 8x64 per layer, of the tiny model's 2 layers)
+    assert runs["fedsa"]["summary"]["after"]["eval_loss"] == before
+    assert runs["fedsa"]["summary"]["payload_up_per_client_round"] == 4 * 2 * (8 * 64 + 8 * 64)
+    assert all(x["own_mean"] and x["own_worst"][0] >= x["own_mean"][0] for x in lines.values())
+    assert "| fedsa | natural | 1 |" in out
+
+
 def test_bandit(tmp_path: Path) -> None:
     _, results = _run(tmp_path, "bandit.py", "--out", str(tmp_path / "runs"))
     got = _json(results, "bandit.json")

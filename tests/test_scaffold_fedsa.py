@@ -139,8 +139,12 @@ def _ins(adapter, parts="AB", aux=None, lr=1e-2, steps=3, run="run") -> TrainIns
     )  # fmt: skip
 
 
-def _node(run: str = "run") -> NodeState:
-    return NodeState(Context(1, 1, {}, RecordDict(), {}), run)
+def _ctx() -> Context:
+    return Context(1, 1, {}, RecordDict(), {})
+
+
+def _node(ctx: Context | None = None, rnd: int = 1, run: str = "run") -> NodeState:
+    return NodeState(ctx if ctx is not None else _ctx(), run, rnd)
 
 
 def _start(h):
@@ -150,29 +154,27 @@ def _start(h):
 
 
 def test_scaffold_client_keeps_option_ii_variate_and_applies_the_correction(tiny_handle):
-    h, data, node = tiny_handle, _data(tiny_handle), _node()
+    h, data, ctx = tiny_handle, _data(tiny_handle), _ctx()
     start = _start(h)
     zero = {m: LoraFactors(torch.zeros_like(f.a), torch.zeros_like(f.b), f.alpha)
             for m, f in start.items()}  # fmt: skip
     trainer = Scaffold.trainer
-    up = trainer.fit(h, _ins(start, aux=zero), data, node=node)
-    plain = FedAvg.trainer if hasattr(FedAvg, "trainer") else None
-    assert plain is None  # FedAvg uses the shared LoraTrainer
-    ci = node.load(STATE)
-    assert ci is not None
+    up = trainer.fit(h, _ins(start, aux=zero), data, node=_node(ctx, 1))
+    ci = _node(ctx, 2).load(STATE)
+    assert ci is not None and _node(ctx, 1).load(STATE) is None  # round 1 reads nothing older
     for m, f in up.factors.items():  # c = c_i = 0: c_i+ = (x - y) / (K lr)
         want = (start[m].a - f.a) / (3 * 1e-2)
         assert torch.allclose(ci[f"{m}.A"], want, atol=1e-5)
     # round 2 with c = c_i: no correction, the same as with c = c_i = 0 from the same start
     same = {m: LoraFactors(ci[f"{m}.A"], ci[f"{m}.B"], f.alpha) for m, f in start.items()}
-    corrected = trainer.fit(h, _ins(start, aux=same), data, node=node)
+    corrected = trainer.fit(h, _ins(start, aux=same), data, node=_node(ctx, 2))
     fresh = trainer.fit(h, _ins(start, aux=zero), data, node=_node())
     for m in start:
         assert torch.allclose(corrected.factors[m].a, fresh.factors[m].a, atol=1e-6)
+    # round 2 again (a retried round) reads round 1's c_i, not what the first try wrote;
     # c != c_i moves every step by -lr (c - c_i): a known shift on top of the same steps
     other = {m: LoraFactors(f.a + 1.0, f.b, f.alpha) for m, f in same.items()}
-    node.save(STATE, {k: v for k, v in ci.items()})
-    shifted = trainer.fit(h, _ins(start, aux=other), data, node=node)
+    shifted = trainer.fit(h, _ins(start, aux=other), data, node=_node(ctx, 2))
     moved = [float((shifted.factors[m].a - corrected.factors[m].a).mean()) for m in start]
     assert moved == pytest.approx([-3 * 1e-2] * len(start), rel=0.2)  # AdamW steps differ a bit
     with pytest.raises(ProtocolError, match="server control variate"):
@@ -182,34 +184,47 @@ def test_scaffold_client_keeps_option_ii_variate_and_applies_the_correction(tiny
 
 
 def test_fedsa_client_trains_both_sends_a_and_keeps_b(tiny_handle):
-    h, data, node = tiny_handle, _data(tiny_handle), _node()
+    h, data, ctx = tiny_handle, _data(tiny_handle), _ctx()
     start = _start(h)
     trainer = FedSaLora.trainer
-    first = trainer.fit(h, _ins(start, parts="A"), data, node=node)
-    own = node.load("fedsa-personal-b")
+    first = trainer.fit(h, _ins(start, parts="A"), data, node=_node(ctx, 1))
+    own = _node(ctx, 2).load("fedsa-personal-b")
     assert own is not None
     for m, f in first.factors.items():
         assert not torch.equal(f.a, start[m].a)  # A trained and sent
         assert torch.equal(f.b, start[m].b)  # the reply's B is the one sent
         assert not torch.equal(own[m], start[m].b)  # B trained, kept on the node
-    mine = personal_adapter(start, node)
+    mine = personal_adapter(start, _node(ctx, 2))
     assert all(torch.equal(mine[m].b, own[m]) and torch.equal(mine[m].a, start[m].a)
                for m in start)  # fmt: skip
     assert personal_adapter(start, _node()) is start  # no state yet: the global adapter
     # round 2 starts from the kept B: training differs from a node without it
-    again = trainer.fit(h, _ins(start, parts="A"), data, node=node)
+    again = trainer.fit(h, _ins(start, parts="A"), data, node=_node(ctx, 2))
     fresh = trainer.fit(h, _ins(start, parts="A"), data, node=_node())
     assert any(not torch.equal(again.factors[m].a, fresh.factors[m].a) for m in start)
-    assert node.load("fedsa-personal-b") is not None and _node("other").load("x") is None
     with pytest.raises(ProtocolError, match="sends back A only"):
         trainer.fit(h, _ins(start, parts="AB"), data, node=_node())
 
 
-def test_node_state_of_another_run_reads_as_absent():
-    ctx = Context(1, 1, {}, RecordDict(), {})
-    NodeState(ctx, "a").save("x", {"t": torch.ones(2)})
-    assert torch.equal(NodeState(ctx, "a").load("x")["t"], torch.ones(2))
-    assert NodeState(ctx, "b").load("x") is None
+def test_node_state_is_per_run_and_a_round_reads_what_earlier_rounds_wrote():
+    ctx = _ctx()
+
+    def put(rnd: int, value: float, run: str = "a") -> None:
+        NodeState(ctx, run, rnd).save("x", {"t": torch.full((2,), value)})
+
+    def get(rnd: int, run: str = "a") -> float | None:
+        got = NodeState(ctx, run, rnd).load("x")
+        return None if got is None else float(got["t"][0])
+
+    put(1, 1.0)
+    assert get(1) is None and get(2) == 1.0 and get(2, run="b") is None
+    put(2, 2.0)
+    put(2, 2.5)  # round 2 again: replaces its own version, reads round 1's
+    assert get(2) == 1.0 and get(3) == 2.5 and get(9) == 2.5
+    put(5, 5.0)  # keeps 5 and the newest older one (2); round 1's version is dropped
+    assert get(2) is None and get(5) == 2.5 and get(6) == 5.0
+    put(6, 6.0, run="b")  # another run's save drops this run's versions
+    assert get(7) is None and get(7, run="b") == 6.0
 
 
 @pytest.mark.parametrize("name", ["scaffold", "fedsa"])

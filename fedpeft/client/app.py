@@ -264,7 +264,8 @@ def make_client_app(cfg: RunConfig | None = None, cache: ProcessCache = PROCESS_
         trainer = make_trainer(ins.train.trainer, resolve(run.strategy.name))
         if getattr(trainer, "stateful", False):  # keeps per-node state in Context.state
             stateful: Any = trainer  # fit(handle, ins, data, node=...)
-            update = stateful.fit(handle, ins, data, node=NodeState(context, ins.header.run_id))
+            node = NodeState(context, ins.header.run_id, ins.header.server_round)
+            update = stateful.fit(handle, ins, data, node=node)
         else:
             update = trainer.fit(handle, ins, data)
         if ins.secure:
@@ -312,7 +313,9 @@ def make_client_app(cfg: RunConfig | None = None, cache: ProcessCache = PROCESS_
             trainer = make_trainer("lora", resolve(run.strategy.name))
             own = getattr(trainer, "own_adapter", None)
             if own is not None:
-                adapter = own(adapter, NodeState(context, ins.header.run_id))
+                # the model after round r is what round r + 1 would read
+                after = ins.header.server_round + 1
+                adapter = own(adapter, NodeState(context, ins.header.run_id, after))
         metrics = Evaluator(run, handle, evalset)(ins.lora, adapter, ins.with_metric)
         header = Header(
             run_id=ins.header.run_id,
