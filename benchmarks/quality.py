@@ -20,8 +20,9 @@ time with one torch thread each (faster on 2 cores; wall seconds are then under 
 Evaluation is before and after only, on ``--eval-examples`` records. Writes
 ``benchmarks/results/quality.json`` and prints the table.
 
-    .venv/bin/python benchmarks/quality.py [--rounds 5] [--local-steps 5] [--seeds 0 1]
-        [--jobs 2] [--only NAME ...] [--splits natural dirichlet] [--out runs/quality]
+    .venv/bin/python benchmarks/quality.py [--rounds 3] [--local-steps 2] [--seeds 0 1]
+        [--eval-examples 16] [--jobs 2] [--only NAME ...] [--splits natural dirichlet]
+        [--out runs/quality]
         [--quick]   # tiny model, 1 round, a few rows, one seed
 """
 
@@ -42,22 +43,28 @@ PROX = "strategy.name='strategies/fedprox.py:FedProx'"
 # name -> (overrides, splits it runs on); the centralized reference runs once per seed
 ROWS: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "fedavg": ([], ("natural", "dirichlet")),
-    "fedavgm": (["server_opt.name=avgm", "server_opt.momentum=0.5"], ("natural",)),
-    "fedadam": (["server_opt.name=adam", "server_opt.lr=0.003"], ("natural", "dirichlet")),
-    "fedyogi": (["server_opt.name=yogi", "server_opt.lr=0.003"], ("natural",)),
-    "fedprox": ([PROX, "strategy.options.mu=0.01"], ("natural", "dirichlet")),
+    "fedavgm (m 0.9)": (
+        ["server_opt.name=avgm", "server_opt.momentum=0.9"],
+        ("natural", "dirichlet"),
+    ),  # fmt: skip
+    "fedavg, server lr 2": (
+        ["server_opt.name=avgm", "server_opt.momentum=0", "server_opt.lr=2"],
+        ("natural",),
+    ),
+    "fedadam (lr 1e-2)": (["server_opt.name=adam", "server_opt.lr=0.01"], ("natural",)),
+    "fedyogi (lr 1e-2)": (["server_opt.name=yogi", "server_opt.lr=0.01"], ("natural",)),
+    "fedprox (mu 0.01)": ([PROX, "strategy.options.mu=0.01"], ("natural",)),
     "scaffold": (["strategy.name=scaffold"], ("natural", "dirichlet")),
     "fedsa": (["strategy.name=fedsa"], ("natural", "dirichlet")),
     "ffa": (["strategy.name=ffa"], ("natural",)),
-    "flora": (["strategy.name=flora"], ("natural",)),
-    "best: fedavgm + cosine lr": (
+    "fedavgm (m 0.9) + cosine lr 3e-3": (
         [
             "server_opt.name=avgm",
-            "server_opt.momentum=0.5",
+            "server_opt.momentum=0.9",
             "train.lr_schedule=cosine",
             "train.lr=3e-3",
         ],
-        ("natural", "dirichlet"),
+        ("natural",),
     ),  # fmt: skip
     "hetlora 2/4/8/16": ([*MIXED, "strategy.name=hetlora"], ("natural",)),
     "hetlora nested": (
@@ -176,9 +183,9 @@ def markdown(lines: list[dict[str, Any]], metric: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--local-steps", type=int, default=5)
-    ap.add_argument("--eval-examples", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--local-steps", type=int, default=2)
+    ap.add_argument("--eval-examples", type=int, default=16)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--splits", nargs="+", default=list(SPLITS), choices=list(SPLITS))
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (one thread each if > 1)")

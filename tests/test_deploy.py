@@ -39,6 +39,7 @@ LORA = ("federation.num_clients=2", "federation.rounds=3", "data.max_examples_pe
         "train.local_steps=3", "eval.examples=16", "eval.max_new_tokens=8")  # fmt: skip
 ZO = ("federation.num_clients=2", "federation.rounds=2", "data.max_examples_per_client=40",
       "eval.examples=16", "zo.local_steps=10")  # fmt: skip
+SCAFFOLD = (*LORA, "federation.rounds=2", "strategy.name=scaffold", "eval.personalized=true")
 # name -> (partition id, extra flags): the honest nodes first
 NODES = {
     "node0": (0, []),
@@ -210,6 +211,13 @@ def federation(tmp_path_factory, free_port) -> dict:  # noqa: PLR0915 (one story
                          "--control-port", str(control), *ZO], tmp / "attach.log")  # fmt: skip
         procs.append(attach)
         res["zo_rc"] = attach.wait(timeout=WAIT_S)
+        # --- per-node state on real nodes: SCAFFOLD's control variates in Context.state
+        stateful = _start(["server", "--attach", "--config", "simulations/tiny.toml",
+                           "--out", str(tmp / "scaffold"), "--keys", str(keys), "--port",
+                           str(port), "--control-port", str(control), *SCAFFOLD],
+                          tmp / "scaffold.log")  # fmt: skip
+        procs.append(stateful)
+        res["scaffold_rc"] = stateful.wait(timeout=WAIT_S)
         res["workers"] = {n: json.loads((tmp / n / "worker.json").read_text()) for n in clients}
         res["control_listeners"] = [
             c.laddr.ip for c in psutil.net_connections("tcp")
@@ -346,6 +354,23 @@ def test_zeroth_order_run_on_the_same_link_equals_the_simulation(federation, tmp
     cfg = load_config(REPO / "simulations" / "tiny_fedkseed.toml", ZO)
     simulate(cfg, tmp_path, quiet=True, cache=cache)
     _same_tensors(federation["zo"], tmp_path, ["zo_state.safetensors"])
+
+
+@pytest.mark.deploy
+def test_per_node_state_on_real_nodes_equals_the_simulation(federation, tmp_path, cache):
+    """SCAFFOLD keeps each client's control variate in its node's Context.state, which the
+    deployed SuperNode carries between the ClientApp processes of its messages: round 2 and
+    the personalized evaluation (each node's own model) equal the in-process run's."""
+    assert federation["scaffold_rc"] == 0, federation["logs"]["scaffold"][-4000:]
+    cfg = load_config(REPO / "simulations" / "tiny.toml", SCAFFOLD)
+    simulate(cfg, tmp_path, quiet=True, cache=cache)
+    dep = federation["tmp"] / "scaffold"
+    _same_tensors(dep, tmp_path, ["adapter/adapter_model.safetensors"])
+    rows = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+            for d in (dep, tmp_path)]  # fmt: skip
+    for k in ("personal_eval_loss_mean", "personal_eval_loss_worst10", "scaffold_c_norm"):
+        assert [r.get(k) for r in rows[0]] == [r.get(k) for r in rows[1]], k
+    assert rows[0][-1]["scaffold_c_norm"] > 0
 
 
 @pytest.mark.deploy

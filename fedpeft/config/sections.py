@@ -286,8 +286,8 @@ class EvalConfig:
     personalized: bool = _help(
         "also ask every client to evaluate its own model (the global adapter, plus its "
         "personal part for personalized strategies such as fedsa's B) on its own share of the "
-        "held-out split: personal_eval_*_mean and _worst10 (the worst tenth of clients) in "
-        "metrics, whenever the loss is evaluated",
+        "held-out split: personal_eval_loss_mean and _worst10 (the worst tenth of clients) "
+        "in metrics, whenever the loss is evaluated (the loss only: no generation)",
         False,
     )
     validation_examples: int = _help(

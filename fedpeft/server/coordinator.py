@@ -401,9 +401,11 @@ class Coordinator:
         header = self._header(server_round, "", cur.spec.config_hash())
         timeout = self.cfg.federation.round_timeout_s
         for personal in [False] * ev.federated + [True] * ev.personalized:
+            # each client's own model: the loss only (the task metric would generate text on
+            # every client at every evaluation)
             out.update(
                 federated_eval(self.grid, self.clients, header, cur.spec, cur.adapter,
-                               self.cfg.train, metric, timeout, personal)
+                               self.cfg.train, metric and not personal, timeout, personal)
             )  # fmt: skip
         return out
 

@@ -36,9 +36,9 @@ def summarize(cfg: RunConfig, result: RunResult, adapter_dir: str) -> dict[str, 
     evaluated = [r for r in rows if r.get("eval_loss") is not None]
     metric = f"eval_{cfg.data.metric}"
 
-    personal = [
-        f"personal_{k}_{s}" for k in ("eval_loss", metric) for s in ("mean", "worst10")
-    ] if cfg.eval.personalized else []  # fmt: skip
+    personal = (
+        ["personal_eval_loss_mean", "personal_eval_loss_worst10"] if cfg.eval.personalized else []
+    )
 
     def pick(row: dict[str, Any] | None) -> dict[str, Any]:
         return {k: row.get(k) for k in ("round", "eval_loss", metric, *personal)} if row else {}
@@ -92,12 +92,11 @@ def format_summary(s: dict[str, Any], metric: str) -> str:
     ]
     if metric != "none":
         lines.append(f"  {'eval ' + metric:28}{_fmt(b.get(key)):>10}{_fmt(a.get(key)):>10}")
-    for k, label in (("eval_loss", "loss"), (key, metric)):
-        for stat, what in (("mean", "mean"), ("worst10", "worst 10%")):
-            name = f"personal_{k}_{stat}"
-            if name in a:
-                text = f"own model {label}, {what}"
-                lines.append(f"  {text:28}{_fmt(b.get(name)):>10}{_fmt(a.get(name)):>10}")
+    for stat, what in (("mean", "mean"), ("worst10", "worst 10%")):
+        name = f"personal_eval_loss_{stat}"  # eval.personalized: each client's own model
+        if name in a:
+            text = f"own-model loss, {what}"
+            lines.append(f"  {text:28}{_fmt(b.get(name)):>10}{_fmt(a.get(name)):>10}")
     lines += [
         f"  {'bytes up / client-round':28}{_fmt_bytes(s['bytes_up_per_client_round']):>20}"
         f"  (tensors {_fmt_bytes(s['payload_up_per_client_round'])})",
