@@ -227,4 +227,5 @@ def test_every_strategy_with_each_section_its_capabilities_decide(
     """The capabilities each strategy declares are true: what they let through runs."""
     own = [o for o in SECTIONS[section] if not o.startswith("strategy.name")]
     zo = FEDKSEED[1:] if strategy in ZO_NAMES else []
+    own += ["eval.personalized=true"] if strategy == "fedsa" else []  # its clients keep B
     _run_or_refused([*SMALL, f"strategy.name={strategy!r}", *zo, *own], tmp_path, capsys)

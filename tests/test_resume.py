@@ -229,12 +229,14 @@ def _checkpointed_round(run: Path) -> int:
 
 @pytest.mark.parametrize(
     "extra",
-    [(), ("strategy.name=scaffold",), ("strategy.name=fedsa", "eval.personalized=true")],
-    ids=["fedavg", "scaffold", "fedsa"],
-)
+    [(), ("strategy.name=scaffold",), ("strategy.name=fedsa", "eval.personalized=true"),
+     ("server_opt.name=adam", "server_opt.lr=0.01", "train.lr_schedule=cosine")],
+    ids=["fedavg", "scaffold", "fedsa", "fedadam-cosine"],
+)  # fmt: skip
 def test_sigkill_mid_run_then_resume_gives_the_bit_identical_adapter(extra, tmp_path):
     """Per-node state (SCAFFOLD's variates, FedSA-LoRA's personal B) is checkpointed with the
-    coordinator for the simulated nodes, so it resumes exactly too."""
+    coordinator for the simulated nodes, and a server optimizer's moments with the strategy,
+    so they resume exactly too (the schedule depends on the round alone)."""
     scenario = ("--config", "simulations/tiny.toml", "rounds=5", "eval.examples=8", *extra)
     clean, crashed = tmp_path / "clean", tmp_path / "crashed"
     with _cli(*scenario, "--out", str(clean)) as ref:

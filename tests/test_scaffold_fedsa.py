@@ -266,6 +266,7 @@ def _rows_up_fedavg(tmp_path: Path) -> int:
          "train.epochs = 1.0 gives clients different numbers of local steps, but 'scaffold'"),
         (["strategy.name=fedkseed", "zo.num_seeds=64", "eval.personalized=true"],
          "eval.personalized is for LoRA strategies"),
+        (["strategy.name=fedsa"], "'fedsa' keeps part of each client's model on the client"),
         (["strategy.name=scaffold", "ranks.mode=tiers", "ranks.tiers=[2,4]"],
          "ranks.mode = 'tiers' assigns clients different ranks, but 'scaffold' is a one-rank"),
     ],

@@ -268,6 +268,15 @@ def _eval_personalized(cfg: RunConfig, caps: Capabilities) -> str | None:
     )
 
 
+def _personal_eval(cfg: RunConfig, caps: Capabilities) -> str | None:
+    if not caps.personal or cfg.eval.personalized:
+        return None
+    return (
+        f"{cfg.strategy.name!r} keeps part of each client's model on the client, so the "
+        "global model alone shows none of the training: set eval.personalized = true"
+    )
+
+
 def _fixed_steps(cfg: RunConfig, caps: Capabilities) -> str | None:
     if not (caps.fixed_steps and cfg.train.epochs > 0):
         return None
@@ -371,6 +380,8 @@ RULES: tuple[Rule, ...] = (
          "strategy", _eval_federated),
     Rule(("eval.personalized", "strategy.name"), "personalized evaluation with a seed/scalar "
          "strategy", _eval_personalized),
+    Rule(("eval.personalized", "strategy.name"), "a personalized strategy (FedSA-LoRA) "
+         "without personalized evaluation", _personal_eval),
     Rule(("train.epochs", "strategy.name"), "local epochs with a strategy that derives its "
          "state from a fixed number of local steps (SCAFFOLD)", _fixed_steps),
     Rule(("federation.centralized", "federation.min_clients"), "centralized mode waiting for "
