@@ -229,9 +229,10 @@ def _checkpointed_round(run: Path) -> int:
 
 @pytest.mark.parametrize(
     "extra",
-    [(), ("strategy.name=scaffold",), ("strategy.name=fedsa", "eval.personalized=true"),
-     ("server_opt.name=adam", "server_opt.lr=0.01", "train.lr_schedule=cosine")],
-    ids=["fedavg", "scaffold", "fedsa", "fedadam-cosine"],
+    [(), ("strategy.name=fedsa", "eval.personalized=true"),
+     ("strategy.name=scaffold", "server_opt.name=adam", "server_opt.lr=0.01",
+      "train.lr_schedule=cosine")],
+    ids=["fedavg", "fedsa", "scaffold-fedadam-cosine"],
 )  # fmt: skip
 def test_sigkill_mid_run_then_resume_gives_the_bit_identical_adapter(extra, tmp_path):
     """Per-node state (SCAFFOLD's variates, FedSA-LoRA's personal B) is checkpointed with the
