@@ -116,3 +116,10 @@ def test_rank_energy_known_values():
     flat, eff = rank_energy({"m": LoraFactors(a, torch.eye(3)[:, :2] * 2, 2.0)})
     assert flat == pytest.approx([0.5, 0.5]) and eff == pytest.approx(2.0)
     assert rank_energy({"m": LoraFactors(a, torch.zeros(3, 2), 2.0)}) == ([0.0, 0.0], 0.0)
+
+
+@pytest.mark.parametrize("name", ["hetlora", "flexlora"])
+def test_the_nested_option_passes_the_conformance_checks(name):
+    from fedpeft.testing import check_strategy
+
+    assert "refusals" in check_strategy(name, {"nested": True})
