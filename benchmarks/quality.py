@@ -52,12 +52,7 @@ ROWS: dict[str, tuple[list[str], tuple[str, ...]]] = {
         ["server_opt.name=avgm", "server_opt.momentum=0", "server_opt.lr=2"],
         ("natural",),
     ),
-    "fedavg, server lr 4": (
-        ["server_opt.name=avgm", "server_opt.momentum=0", "server_opt.lr=4"],
-        ("natural",),
-    ),
     "fedadam (lr 1e-2)": (["server_opt.name=adam", "server_opt.lr=0.01"], ("natural",)),
-    "fedadam (lr 3e-2)": (["server_opt.name=adam", "server_opt.lr=0.03"], ("natural",)),
     "fedyogi (lr 1e-2)": (["server_opt.name=yogi", "server_opt.lr=0.01"], ("natural",)),
     "fedprox (mu 0.01)": ([PROX, "strategy.options.mu=0.01"], ("natural",)),
     "scaffold": (["strategy.name=scaffold"], ("natural", "dirichlet")),
@@ -72,6 +67,11 @@ ROWS: dict[str, tuple[list[str], tuple[str, ...]]] = {
         ],
         ("natural",),
     ),  # fmt: skip
+    "fedavg, client lr 4e-3": (["train.lr=4e-3"], ("natural",)),
+    "fedavgm (m 0.9), client lr 4e-3": (
+        ["server_opt.name=avgm", "server_opt.momentum=0.9", "train.lr=4e-3"],
+        ("natural",),
+    ),
     "hetlora 2/4/8/16": ([*MIXED, "strategy.name=hetlora"], ("natural",)),
     "hetlora nested": (
         [*MIXED, "strategy.name=hetlora", "strategy.options.nested=true"],
