@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ __all__ = [
     "combined_update",
     "direction_sums",
     "flat_change",
+    "sent_factors",
     "shared_sent",
     "trained_mask",
     "with_change",
@@ -61,6 +63,17 @@ def trained_mask(sent: Adapter, parts: str) -> torch.Tensor:
             for part, f in (("A", sent[m].a), ("B", sent[m].b))
         ]
     )
+
+
+def sent_factors(plans: Mapping[str, Any]) -> dict[str, tuple[Adapter, str]]:
+    """What each client of LoRA ``plans`` was sent: its factors and the ``parts`` it trains
+    (a wrapper keeps this from ``configure_train`` to read the changes in ``aggregate_train``;
+    seed/scalar plans have none)."""
+    return {
+        cid: (p.adapter, p.parts)
+        for cid, p in plans.items()
+        if getattr(p, "family", None) == "lora"
+    }
 
 
 def shared_sent(sent_of: Mapping[str, Adapter], cids: Sequence[str], refusal: str) -> Adapter:

@@ -30,7 +30,7 @@ from fedpeft.algorithms.base import AggregateResult, LoraPlan, StrategyContext
 from fedpeft.algorithms.capabilities import weighted_linear
 from fedpeft.algorithms.fedavg import FedAvg
 from fedpeft.algorithms.registry import register_strategy
-from fedpeft.client.node_state import NodeState
+from fedpeft.client.node_state import NodeState, require_node
 from fedpeft.client.trainer import LoraTrainer, RoundHooks
 from fedpeft.errors import ProtocolError
 from fedpeft.lora.handle import ModelHandle
@@ -67,11 +67,7 @@ def fedsa_round(
     handle: ModelHandle, name: str, ins: TrainInstruction, node: NodeState | None
 ) -> RoundHooks:
     """Load this node's ``B``, train ``A`` and ``B``, keep ``B``; only ``A`` travels back."""
-    if node is None:
-        raise ProtocolError(
-            "fedsa keeps each client's B in its node's state; run it in a ClientApp "
-            "(fit(..., node=NodeState(context, run_id)))"
-        )
+    node = require_node(node, "fedsa", "each client's B")
     if ins.parts != "A":
         raise ProtocolError(f"a fedsa instruction sends back A only, this one asks {ins.parts!r}")
     layers = dict(handle.lora_layers(name))

@@ -47,7 +47,7 @@ from fedpeft.algorithms.base import (
 from fedpeft.algorithms.capabilities import Capabilities
 from fedpeft.algorithms.fedavg import FedAvg
 from fedpeft.algorithms.registry import register_strategy
-from fedpeft.client.node_state import NodeState
+from fedpeft.client.node_state import NodeState, require_node
 from fedpeft.client.trainer import LoraTrainer, RoundHooks
 from fedpeft.errors import AggregationError, ProtocolError
 from fedpeft.lora.handle import ModelHandle
@@ -73,11 +73,7 @@ def scaffold_round(
     handle: ModelHandle, name: str, ins: TrainInstruction, node: NodeState | None
 ) -> RoundHooks:
     """SCAFFOLD's client half for one round: correct every step, then update ``c_i``."""
-    if node is None:
-        raise ProtocolError(
-            "scaffold keeps each client's control variate in its node's state; run it in a "
-            "ClientApp (fit(..., node=NodeState(context, run_id)))"
-        )
+    node = require_node(node, "scaffold", "each client's control variate")
     if ins.aux is None:
         raise ProtocolError("a scaffold instruction carries the server control variate (aux)")
     lr = ins.train.lr

@@ -23,7 +23,9 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 
-__all__ = ["NodeState"]
+from fedpeft.errors import ProtocolError
+
+__all__ = ["NodeState", "require_node"]
 
 PREFIX = "fedpeft.node."
 
@@ -91,3 +93,13 @@ class NodeState:
                 for k, t in sorted(tensors.items())
             }
         )
+
+
+def require_node(node: NodeState | None, algorithm: str, keeps: str) -> NodeState:
+    """``node``, or a clear error when a stateful client half runs without one."""
+    if node is None:
+        raise ProtocolError(
+            f"{algorithm} keeps {keeps} in its node's state; run it in a ClientApp "
+            "(fit(..., node=NodeState(context, run_id, server_round)))"
+        )
+    return node

@@ -34,11 +34,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedpeft.algorithms.base import AggregateResult, LoraPlan, Strategy
+from fedpeft.algorithms.base import AggregateResult, Strategy
 from fedpeft.changes import (
     combined_update,
     direction_sums,
     flat_change,
+    sent_factors,
     shared_sent,
     trained_mask,
     with_every_direction,
@@ -108,9 +109,7 @@ class DpAggregation:
         """The inner plans, unless the round would pass the privacy budget."""
         self.accountant.check_next()
         plans = self.inner.configure_train(server_round, clients)
-        self._sent = {
-            cid: (p.adapter, p.parts) for cid, p in plans.items() if isinstance(p, LoraPlan)
-        }
+        self._sent = sent_factors(plans)
         return plans
 
     def aggregate_train(self, server_round: int, updates: Sequence[Any]) -> AggregateResult:

@@ -39,8 +39,14 @@ from typing import Any
 
 import torch
 
-from fedpeft.algorithms.base import AggregateResult, LoraPlan, Strategy, weights_of
-from fedpeft.changes import combined_update, flat_change, shared_sent, trained_mask
+from fedpeft.algorithms.base import AggregateResult, Strategy, weights_of
+from fedpeft.changes import (
+    combined_update,
+    flat_change,
+    sent_factors,
+    shared_sent,
+    trained_mask,
+)
 from fedpeft.config import ServerOptConfig
 from fedpeft.errors import AggregationError
 from fedpeft.wire.messages import Adapter, ClientInfo, LoraUpdate
@@ -102,9 +108,7 @@ class ServerOptimizer:
     def configure_train(self, server_round: int, clients: Sequence[ClientInfo]) -> Any:
         """The inner plans; remembers what each client was sent."""
         plans = self.inner.configure_train(server_round, clients)
-        self._sent = {
-            cid: (p.adapter, p.parts) for cid, p in plans.items() if isinstance(p, LoraPlan)
-        }
+        self._sent = sent_factors(plans)
         return plans
 
     def aggregate_train(self, server_round: int, updates: Sequence[LoraUpdate]) -> AggregateResult:
