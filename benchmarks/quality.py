@@ -67,11 +67,6 @@ ROWS: dict[str, tuple[list[str], tuple[str, ...]]] = {
         ],
         ("natural",),
     ),  # fmt: skip
-    "fedavg, client lr 4e-3": (["train.lr=4e-3"], ("natural",)),
-    "fedavgm (m 0.9), client lr 4e-3": (
-        ["server_opt.name=avgm", "server_opt.momentum=0.9", "train.lr=4e-3"],
-        ("natural",),
-    ),
     "hetlora 2/4/8/16": ([*MIXED, "strategy.name=hetlora"], ("natural",)),
     "hetlora nested": (
         [*MIXED, "strategy.name=hetlora", "strategy.options.nested=true"],
