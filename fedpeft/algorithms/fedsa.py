@@ -72,9 +72,9 @@ def fedsa_round(
         raise ProtocolError(f"a fedsa instruction sends back A only, this one asks {ins.parts!r}")
     layers = dict(handle.lora_layers(name))
     own = _own_b(ins.adapter, node)
-    with torch.no_grad():
-        for m, layer in layers.items():
-            if own is not None:
+    if own is not None:
+        with torch.no_grad():
+            for m, layer in layers.items():
                 w = layer.lora_B[name].weight
                 w.copy_(own[m].to(w.device, w.dtype))
 
