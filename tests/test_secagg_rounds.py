@@ -81,8 +81,12 @@ ZO_SMALL = ("zo.num_seeds=64", "zo.local_steps=4", "zo.lr=1e-4", "zo.eps=1e-3")
 
 @pytest.mark.parametrize(
     ("strategy", "atol"),
-    # seed/scalar coefficients are float32 (up to ~0.04 here): measured max difference 2.2e-8
-    [("fedavg", 1e-6), ("ffa", 1e-6), ("rolora", 1e-6), ("fedkseed", 1e-7), ("ferret", 1e-7)],
+    # LoRA: one round, so the adapter is the aggregate itself (B up to ~0.06: float32 steps of
+    # 3.7e-9; measured max difference 3.7e-9). A second round's local AdamW at lr 1e-2 turns
+    # that last-bit difference into up to 1.6e-6 (fedavg), a property of the training, not of
+    # the aggregation. Seed/scalar coefficients are float32 (up to ~0.04 here), two rounds:
+    # measured max difference 2.2e-8.
+    [("fedavg", 1e-8), ("ffa", 1e-8), ("rolora", 1e-8), ("fedkseed", 1e-7), ("ferret", 1e-7)],
 )
 def test_secure_equals_clear_with_clients_of_16_32_64_96_examples(
     tiny_config, tmp_path, strategy, atol
@@ -90,10 +94,10 @@ def test_secure_equals_clear_with_clients_of_16_32_64_96_examples(
     """Example-weighted: each client contributes p_k x_k; the clear strategy weights the same."""
     from fedpeft.cache import ProcessCache
 
-    zo = ZO_SMALL if strategy in ("fedkseed", "ferret") else ()
+    zo = strategy in ("fedkseed", "ferret")
     data = ("federation.num_clients=4", f"data.path={_unequal_data(tmp_path / 'u.jsonl')!r}",
             "data.max_examples_per_client=0", "federation.partition=natural",
-            f"strategy.name={strategy}", *zo)  # fmt: skip
+            f"strategy.name={strategy}", *(ZO_SMALL if zo else ["federation.rounds=1"]))  # fmt: skip
     simulate(tiny_config(*data), tmp_path / "clear", quiet=True, cache=ProcessCache())
     simulate(tiny_config(*data, "secagg.enabled=true"), tmp_path / "secure", quiet=True,
              cache=ProcessCache())  # fmt: skip

@@ -70,8 +70,10 @@ def _weighted(reports: Sequence[EvalReport]) -> dict[str, Any]:
             for r in reports
             if key in r.metrics
         ]
-        total = sum(w for _, w in pairs)
-        out[f"fed_{key}"] = sum(v * w for v, w in pairs) / total if total else None
+        # fsum: correctly rounded, so the order replies arrive in (Ray, real nodes) cannot
+        # change the last bits
+        total = math.fsum(w for _, w in pairs)
+        out[f"fed_{key}"] = math.fsum(v * w for v, w in pairs) / total if total else None
     return out
 
 
@@ -85,8 +87,8 @@ def _personal(reports: Sequence[EvalReport]) -> dict[str, Any]:
         values = [float(r.metrics[key]) for r in reports if key in r.metrics]
         worst_first = sorted(values, reverse=key == "eval_loss")  # loss: high is bad
         worst = worst_first[: math.ceil(len(values) / 10)]
-        out[f"personal_{key}_mean"] = sum(values) / len(values)
-        out[f"personal_{key}_worst10"] = sum(worst) / len(worst)
+        out[f"personal_{key}_mean"] = math.fsum(values) / len(values)  # order-independent
+        out[f"personal_{key}_worst10"] = math.fsum(worst) / len(worst)
     return out
 
 

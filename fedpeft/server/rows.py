@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,7 +26,8 @@ def round_row(server_round: int, got: Exchange, asked: int, examples: int) -> di
     total = sum(n for n, _ in losses)
     row = {
         "round": server_round,
-        "train_loss": sum(n * v for n, v in losses) / total if total else None,
+        # fsum: the order replies arrive in cannot change the last bits
+        "train_loss": math.fsum(n * v for n, v in losses) / total if total else None,
         "clients": len(updates),
         "client_ids": sorted(u.header.client_id for u in updates),
         "failures": dict(sorted(got.failures.items())),
