@@ -374,10 +374,16 @@ def test_per_node_state_on_real_nodes_equals_the_simulation(federation, tmp_path
 
 
 @pytest.mark.deploy
-def test_each_node_loads_the_base_model_once(federation):
-    workers = federation["workers"]
-    for name in ("node0", "node1"):
-        assert workers[name]["model_loads"] == 1 and workers[name]["requests"] >= 4, workers
+def test_each_node_loads_the_base_model_once_per_stretch_of_runs(federation):
+    """Once for the LoRA runs and the zeroth-order run after them; once more for the SCAFFOLD
+    run on a node that trained in the full-model zeroth-order run (which tuned the loaded
+    weights in place): node0 holds partition 0 in every run; node1 and dup share the rest."""
+    workers, logs = federation["workers"], federation["logs"]
+    assert workers["node0"]["model_loads"] == 2, workers
+    for name in ("node0", "node1", "dup"):
+        again = logs[name].count("loading the base model again")
+        assert workers[name]["model_loads"] == 1 + again, (name, workers)
+        assert workers[name]["requests"] >= 4, workers
     assert workers["unregistered"]["requests"] == 0
 
 

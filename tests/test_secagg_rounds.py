@@ -97,7 +97,8 @@ def test_secure_equals_clear_with_clients_of_16_32_64_96_examples(
     zo = strategy in ("fedkseed", "ferret")
     data = ("federation.num_clients=4", f"data.path={_unequal_data(tmp_path / 'u.jsonl')!r}",
             "data.max_examples_per_client=0", "federation.partition=natural",
-            f"strategy.name={strategy}", *(ZO_SMALL if zo else ["federation.rounds=1"]))  # fmt: skip
+            f"strategy.name={strategy}",
+            *(ZO_SMALL if zo else ["federation.rounds=1"]))  # fmt: skip
     simulate(tiny_config(*data), tmp_path / "clear", quiet=True, cache=ProcessCache())
     simulate(tiny_config(*data, "secagg.enabled=true"), tmp_path / "secure", quiet=True,
              cache=ProcessCache())  # fmt: skip

@@ -59,8 +59,8 @@ from fedpeft.wire.messages import (
     encode_eval_report,
     encode_update,
 )
-from fedpeft.wire.zo import decode_zo_instruction, encode_zo_update
-from fedpeft.zo.runtime import get_runtime
+from fedpeft.wire.zo import ZoSpec, decode_zo_instruction, encode_zo_update
+from fedpeft.zo.runtime import discard_changed_models, get_runtime
 from fedpeft.zo.trainer import zo_trainer_of
 
 __all__ = [
@@ -140,11 +140,36 @@ def client_evalset(
     )
 
 
+def base_model(run: RunConfig, cache: ProcessCache, spec: ZoSpec | None = None) -> ModelHandle:
+    """The base model to serve a message with: a LoRA message (``spec`` None), or a
+    zeroth-order one with ``spec``.
+
+    A full-model zeroth-order run tunes the process's shared base weights in place, and a
+    deployed node's worker (or any process) serves the runs that follow it with the same
+    model. Rewinding those weights by subtracting the coefficients again is exact only up to
+    float32 rounding, so a message that needs other weights than that run's (any LoRA
+    message, or a zeroth-order run with another spec) gets the model loaded again, bit for
+    bit the true base: one load per switch away from a full-model run, which a node serves
+    rarely (between runs), never per message of a run.
+    """
+    handle = get_model(run.model, cache)
+    active = getattr(handle, "zo_active", None)
+    if active is not None and active.spec.target == "full" and active.spec != spec:
+        log.warning(
+            "fedpeft: a full-model zeroth-order run changed %s's weights in place; loading "
+            "the base model again for this message",
+            handle.name,
+        )
+        discard_changed_models(cache)
+        handle = get_model(run.model, cache)
+    return handle
+
+
 def _decode(
     fixed: RunConfig | None, context: Context, cache: ProcessCache, msg: Message
 ) -> tuple[RunConfig, ModelHandle, TrainInstruction]:
     run = _config(fixed, context, cache)
-    handle = get_model(run.model, cache)
+    handle = base_model(run, cache)
     ins = decode_instruction(msg.content)
     _check_fingerprint(ins.header.model_fingerprint, handle)
     return run, handle, ins
@@ -281,8 +306,8 @@ def make_client_app(cfg: RunConfig | None = None, cache: ProcessCache = PROCESS_
     @app.train("zo")
     def train_zo(msg: Message, context: Context) -> Message:
         run = _config(cfg, context, cache)
-        handle = get_model(run.model, cache)
         ins = decode_zo_instruction(msg.content)
+        handle = base_model(run, cache, ins.spec)
         _check_fingerprint(ins.header.model_fingerprint, handle)
         _check_strategy(ins.strategy, run)
         data = client_data(run, handle, partition_id(context), cache, own_data(context))
