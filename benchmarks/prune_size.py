@@ -22,6 +22,7 @@ import time
 import torch
 from _bench import add_quick, results_path
 
+from fedpeft.client.memory import MIB, MemoryMeter
 from fedpeft.config import ModelConfig
 from fedpeft.models import load_model
 from fedpeft.prune.importance import GroupScores, choose_keep, reduce_groups
@@ -53,30 +54,20 @@ def forward_s(model: torch.nn.Module, ids: torch.Tensor, repeats: int = 5) -> fl
 def activation_mib(model: torch.nn.Module, ids: torch.Tensor) -> float:
     """MiB of tensors autograd saves for the backward pass of one LoRA training step.
 
-    Counted exactly with ``saved_tensors_hooks`` (each storage once, the model's own weights
-    left out): the activation memory that training adds on top of the weights.
+    Counted exactly by :class:`fedpeft.client.memory.MemoryMeter` (``saved_tensors_hooks``,
+    each storage once, the model's own weights left out): the activation memory that
+    training adds on top of the weights.
     """
     from peft import LoraConfig, get_peft_model
 
     peft_model = get_peft_model(
         model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"])
     )
-    weights = {p.untyped_storage().data_ptr() for p in peft_model.parameters()}
-    seen: set[int] = set()
-    total = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in weights and ptr not in seen:
-            seen.add(ptr)
-            total += t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    meter = MemoryMeter(peft_model, "default", torch.device("cpu"))
+    with meter.forward():
         loss = peft_model(input_ids=ids, labels=ids).loss
     loss.backward()
-    return total / 2**20
+    return meter.activations / MIB
 
 
 def main() -> None:

@@ -58,6 +58,7 @@ def test_every_plot_renders_as_a_png(runs, tmp_path):
     assert {"eval_loss.png", "bytes_vs_loss.png", "time_vs_loss.png"} <= pngs
     assert any(n.startswith("participation-") for n in pngs)
     assert any(n.startswith("ranks-2-hetero") for n in pngs)  # per-client rank choices
+    assert {f"memory-{i}-{n}.png" for i, n in enumerate(["seed0", "seed1", "hetero"])} <= pngs
     assert {"personal_eval_loss_mean.png", "personal_eval_loss_worst10.png"} <= pngs
     import matplotlib.image
 

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from fedpeft.client.memory import MemoryMeter
 from fedpeft.client.trainer import (
     ClientData,
     batch_stream,
@@ -168,6 +169,7 @@ class PruneTrainer:
         batches: Iterator[list[int]] = itertools.chain([first], stream)
         losses: list[float] = []
         done, cuts = 0, 0
+        meter = MemoryMeter(sub.base_model, name, handle.device)  # the device's own model
         with scoped_torch_seed(derive_seed(ins.seed, "dropout")):
             for ratio in stage_ratios(plan.ratio, plan.stages):
                 counts = target_counts(layout, ratio, protect)
@@ -176,7 +178,8 @@ class PruneTrainer:
                 scorer = _Scorer(sub, name, layout.pruned(keeps))
                 n = max(0, min(plan.warmup_steps, steps - done - 1))
                 with sub.training(name):
-                    run_steps(sub, name, ins, data, batches, n, losses, None, scorer.after_backward)
+                    run_steps(sub, name, ins, data, batches, n, losses, None,
+                              scorer.after_backward, meter=meter)  # fmt: skip
                 done += n
                 scorer.fill_magnitude()
                 new = shrink(keeps, scorer.scores, counts)
@@ -184,8 +187,9 @@ class PruneTrainer:
                 sub, keeps, cuts = pruned_handle(handle, layout, new), new, cuts + 1
                 name = sub.ensure_adapter(ins.lora)
                 sub.set_factors(name, factors)
+                meter.use(sub.base_model, name)
             with sub.training(name):
-                run_steps(sub, name, ins, data, batches, steps - done, losses)
+                run_steps(sub, name, ins, data, batches, steps - done, losses, meter=meter)
             loss_end = None
             if plan.measure and losses:  # the first batch again, after training
                 pad = handle.tokenizer.pad_token_id
@@ -202,6 +206,7 @@ class PruneTrainer:
             "prune_ratio": layout.removed_share(keeps),
             "prune_cuts": float(cuts),
             "prune_params": kept_params / max(full_params, 1),
+            **meter.report(),
         }
         if loss_start is not None and loss_end is not None:
             metrics["probe_loss_start"], metrics["probe_loss_end"] = loss_start, loss_end

@@ -18,6 +18,7 @@ FedSA-LoRA's personal ``B``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ from typing import Any, Protocol
 
 import torch
 
+from fedpeft.client.memory import MemoryMeter
 from fedpeft.client.node_state import NodeState
 from fedpeft.config import TrainConfig
 from fedpeft.data.tokenize import Example, collate
@@ -111,13 +113,14 @@ def run_steps(
     after_backward: Callable[[], None] | None = None,
     after_step: Callable[[], None] | None = None,
     parts: str | None = None,
+    meter: MemoryMeter | None = None,
 ) -> None:
     """``steps`` AdamW steps (fresh optimizer) on the factors ``parts`` (default
     ``ins.parts``) of adapter ``name``.
 
     Inside ``handle.training(name)``; appends every micro-batch loss to ``losses``;
     ``penalty`` is added to each micro-batch loss, ``after_backward`` runs before each step
-    and ``after_step`` after it.
+    and ``after_step`` after it; ``meter`` measures the steps' memory.
     """
     train = ins.train
     pad = handle.tokenizer.pad_token_id
@@ -128,16 +131,21 @@ def run_steps(
         opt.zero_grad(set_to_none=True)
         for _ in range(train.grad_accum):
             batch = collate([data.examples[i] for i in next(batches)], pad, handle.device)
-            loss = model(**batch).loss
-            losses.append(float(loss.detach()))
-            if penalty is not None:
-                loss = loss + penalty()
+            with meter.forward() if meter is not None else contextlib.nullcontext():
+                loss = model(**batch).loss
+                losses.append(float(loss.detach()))
+                if penalty is not None:
+                    loss = loss + penalty()
             (loss / train.grad_accum).backward()
+        if meter is not None:
+            meter.after_backward(params)
         if after_backward is not None:
             after_backward()
         if train.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
         opt.step()
+        if meter is not None:
+            meter.after_step(opt)
         if after_step is not None:
             after_step()
     opt.zero_grad(set_to_none=True)
@@ -244,16 +252,19 @@ class LoraTrainer:
             handle.training(name),
         ):
             hooks = self.begin(handle, name, ins, node) if self.begin else RoundHooks()
+            meter = MemoryMeter(handle.base_model, name, handle.device)
             try:
                 penalty = self.penalty(handle, name, ins) if self.penalty is not None else None
                 report = self.report(handle, name, ins) if self.report is not None else None
                 run_steps(
                     handle, name, ins, data, batch_stream(ins, data), steps, losses,
                     penalty or hooks.penalty, after_step=hooks.after_step, parts=hooks.parts,
+                    meter=meter,
                 )  # fmt: skip
                 metrics = {
                     "train_loss": sum(losses) / len(losses),
                     "steps": float(steps),
+                    **meter.report(),
                 }
                 if hooks.finish is not None:
                     metrics.update(hooks.finish())

@@ -55,6 +55,9 @@ def write_report(
             plot_choices(run, "client_ranks", "LoRA rank", put(f"ranks-{tag}.png"))
         if any("client_prune" in r for r in run.rows):
             plot_choices(run, "client_prune", "pruning ratio", put(f"prune-{tag}.png"))
+        if any("client_peak_mem_mb" in r for r in run.rows):
+            label = "peak training memory (MiB)"
+            plot_choices(run, "client_peak_mem_mb", label, put(f"memory-{tag}.png"))
     rows = summary_rows(groups, ref)
     put("summary.md").write_text(to_markdown(rows), encoding="utf-8")
     images = [n for n in files if n.endswith(".png")]

@@ -165,7 +165,8 @@ def plot_participation(run: Run, path: Path) -> Figure:
 
 
 def plot_choices(run: Run, key: str, label: str, path: Path) -> Figure:
-    """A per-client choice over rounds (``client_ranks`` or ``client_prune``)."""
+    """A per-client value over rounds (``client_ranks``, ``client_prune``,
+    ``client_peak_mem_mb``); blank where a client did not train."""
 
     def value(row: dict[str, Any], cid: str) -> float | None:
         v = row.get(key, {}).get(cid)

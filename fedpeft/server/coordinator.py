@@ -305,7 +305,7 @@ class Coordinator:
             If fewer than ``min_clients`` valid updates came back.
         """
         t0 = time.perf_counter()
-        sampled = self.sample(server_round, clients)
+        sampled = self._with_budgets(self.sample(server_round, clients))
         instructions = self.instructions(server_round, sampled)
         nodes = {c.client_id: c.node_id for c in sampled}
         limits = {
@@ -357,6 +357,17 @@ class Coordinator:
         row["wall_s"] = time.perf_counter() - t0
         return row
 
+    def _with_budgets(self, clients: Sequence[ClientInfo]) -> list[ClientInfo]:
+        """``clients`` with their simulated device's memory budget in ``properties``
+        (``memory_mb``), as a deployed node advertises its own (``--memory-mb``), which wins."""
+        out = []
+        for c in clients:
+            prof = self.profiles.get(c.client_id)
+            if prof is not None and "memory_mb" not in c.properties:
+                c = replace(c, properties={**c.properties, "memory_mb": prof.memory_mb})
+            out.append(c)
+        return out
+
     def _simulate_devices(self, got: Exchange) -> dict[str, Any]:
         """Simulated device time of this round; drops updates past ``devices.deadline_s``.
 
@@ -373,6 +384,14 @@ class Coordinator:
         ]
         if not self.profiles:
             return {}
+        for u in list(got.updates):  # a device whose training does not fit its memory fails
+            cid, peak = u.header.client_id, u.metrics.get("peak_mem_mb")
+            budget = self.profiles[cid].memory_mb if cid in self.profiles else None
+            if peak is not None and budget is not None and peak > budget:
+                got.fail(cid, "memory", f"out of memory: measured peak {peak:.0f} MiB > the "
+                                        f"device's {budget:.0f} MiB (devices)")  # fmt: skip
+                got.updates.remove(u)
+                times.pop(cid, None)  # it stopped at its first step, it holds no round up
         deadline = self.cfg.devices.deadline_s
         if deadline > 0:
             late = {c for c, t in times.items() if t > deadline}

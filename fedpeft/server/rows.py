@@ -42,6 +42,11 @@ def round_row(server_round: int, got: Exchange, asked: int, examples: int) -> di
         "train_s_max": max((u.metrics.get("train_s", 0.0) for u in updates), default=0.0),
         "local_steps_max": max((u.metrics.get("steps", 0.0) for u in updates), default=0.0),
     }
+    peaks = {u.header.client_id: u.metrics["peak_mem_mb"] for u in updates
+             if "peak_mem_mb" in u.metrics}  # fmt: skip
+    if peaks:  # each client's measured peak training memory (fedpeft.client.memory)
+        row["peak_mem_mb_max"] = max(peaks.values())
+        row["client_peak_mem_mb"] = dict(sorted(peaks.items()))
     for key in ZO_KEYS:  # seed/scalar measurements reported by clients
         values = [u.metrics[key] for u in updates if key in u.metrics]
         if values:
