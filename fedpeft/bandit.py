@@ -18,11 +18,14 @@ sums and a resumed bandit makes the same choices.
 - ``PinnedArms``: no learning: each device plays the arm it is pinned to (arm 0 if none) -
   a known assignment, or an oracle baseline to compare a learner with.
 
-Unplayed arms are played first (in a seeded random order).
+Unplayed arms are played first (in a seeded random order). A device plays only the arms it is
+allowed (``select(device, allowed)``: FedSpine leaves out the arms whose memory footprint
+exceeds the device's budget); the statistics of the others are kept, not used.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -60,8 +63,9 @@ class Bandit(Protocol):
 
     arms: Sequence[Arm]
 
-    def select(self, device: str) -> int:
-        """Index of the arm ``device`` plays next."""
+    def select(self, device: str, allowed: Sequence[int]) -> int:
+        """Index of the arm ``device`` plays next, one of ``allowed`` (not empty: the arms
+        that fit the device, e.g. its memory budget)."""
         ...
 
     def update(self, device: str, arm: int, reward: float) -> None:
@@ -92,12 +96,19 @@ class _Base:
     def _rng(self, device: str) -> np.random.Generator:
         return np_rng(self.seed, "bandit", device, len(self.history.get(device, [])))
 
-    def _unplayed(self, device: str) -> list[int]:
+    def _unplayed(self, device: str, allowed: Sequence[int]) -> list[int]:
         played = {a for a, _ in self.history.get(device, [])}
-        return [i for i in range(len(self.arms)) if i not in played]
+        return [i for i in self._allowed(allowed) if i not in played]
 
-    def _first_unplayed(self, device: str) -> int | None:
-        unplayed = self._unplayed(device)
+    def _allowed(self, allowed: Sequence[int]) -> list[int]:
+        out = sorted({int(i) for i in allowed})
+        if not out or not all(0 <= i < len(self.arms) for i in out):
+            raise ValueError(f"allowed arms {list(allowed)} must be a non-empty subset of "
+                             f"0..{len(self.arms) - 1}")  # fmt: skip
+        return out
+
+    def _first_unplayed(self, device: str, allowed: Sequence[int]) -> int | None:
+        unplayed = self._unplayed(device, allowed)
         if not unplayed:
             return None
         return int(self._rng(device).choice(unplayed))
@@ -120,8 +131,11 @@ class _Base:
             str(d): [(int(a), float(r)) for a, r in h] for d, h in state["history"].items()
         }
 
-    def _argmax(self, device: str, scores: np.ndarray) -> int:
-        best = np.flatnonzero(scores >= scores.max() - 1e-12)
+    def _argmax(self, device: str, scores: np.ndarray, allowed: Sequence[int]) -> int:
+        masked = np.full(len(self.arms), -np.inf)
+        idx = self._allowed(allowed)
+        masked[idx] = scores[idx]
+        best = np.flatnonzero(masked >= masked[idx].max() - 1e-12)
         return int(self._rng(device).choice(best))
 
 
@@ -140,18 +154,18 @@ class SlidingWindowUCB(_Base):
     window: int = 20
     c: float = 1.0  # exploration scale (rewards are not in [0, 1] in general)
 
-    def select(self, device: str) -> int:
+    def select(self, device: str, allowed: Sequence[int]) -> int:
         """The arm with the largest mean + c sqrt(2 ln t / n) in the window."""
-        first = self._first_unplayed(device)
+        first = self._first_unplayed(device, allowed)
         if first is not None:
             return first
         recent = self.history[device][-self.window :]
         n, s = _stats(recent, len(self.arms), np.ones(len(recent)))
-        unseen = np.flatnonzero(n == 0)
-        if unseen.size:  # fell out of the window: play it again
+        unseen = [i for i in self._allowed(allowed) if n[i] == 0]
+        if unseen:  # fell out of the window: play it again
             return int(self._rng(device).choice(unseen))
-        bonus = self.c * np.sqrt(2 * math.log(len(recent)) / n)
-        return self._argmax(device, s / n + bonus)
+        bonus = self.c * np.sqrt(2 * math.log(len(recent)) / np.maximum(n, 1))
+        return self._argmax(device, s / np.maximum(n, 1) + bonus, allowed)
 
 
 @dataclass
@@ -161,9 +175,9 @@ class DiscountedUCB(_Base):
     gamma: float = 0.95
     c: float = 1.0
 
-    def select(self, device: str) -> int:
+    def select(self, device: str, allowed: Sequence[int]) -> int:
         """The arm with the largest discounted mean + c sqrt(2 ln n_total / n)."""
-        first = self._first_unplayed(device)
+        first = self._first_unplayed(device, allowed)
         if first is not None:
             return first
         pulls = self.history[device]
@@ -171,7 +185,7 @@ class DiscountedUCB(_Base):
         n, s = _stats(pulls, len(self.arms), w)
         n = np.maximum(n, 1e-12)
         bonus = self.c * np.sqrt(2 * math.log(max(n.sum(), 1.0 + 1e-9)) / n)
-        return self._argmax(device, s / n + bonus)
+        return self._argmax(device, s / n + bonus, allowed)
 
 
 @dataclass
@@ -180,17 +194,20 @@ class EpsilonGreedy(_Base):
 
     epsilon: float = 0.1
 
-    def select(self, device: str) -> int:
+    def select(self, device: str, allowed: Sequence[int]) -> int:
         """Explore or exploit."""
-        first = self._first_unplayed(device)
+        first = self._first_unplayed(device, allowed)
         if first is not None:
             return first
         rng = self._rng(device)
         if rng.random() < self.epsilon:
-            return int(rng.integers(len(self.arms)))
+            ok = self._allowed(allowed)
+            if len(ok) == len(self.arms):  # (the draw every arm allowed has always made)
+                return int(rng.integers(len(self.arms)))
+            return int(rng.choice(ok))
         pulls = self.history[device]
         n, s = _stats(pulls, len(self.arms), np.ones(len(pulls)))
-        return self._argmax(device, s / np.maximum(n, 1))
+        return self._argmax(device, s / np.maximum(n, 1), allowed)
 
 
 @dataclass
@@ -199,9 +216,9 @@ class ThompsonSampling(_Base):
 
     prior_var: float = 1.0
 
-    def select(self, device: str) -> int:
+    def select(self, device: str, allowed: Sequence[int]) -> int:
         """The arm with the largest posterior draw."""
-        first = self._first_unplayed(device)
+        first = self._first_unplayed(device, allowed)
         if first is not None:
             return first
         pulls = self.history[device]
@@ -211,7 +228,7 @@ class ThompsonSampling(_Base):
         post_var = 1.0 / (1.0 / self.prior_var + n / noise)
         post_mean = post_var * (s / noise)
         draws = self._rng(device).normal(post_mean, np.sqrt(post_var))
-        return self._argmax(device, draws)
+        return self._argmax(device, draws, allowed)
 
 
 @dataclass
@@ -226,9 +243,11 @@ class PinnedArms(_Base):
         if bad:
             raise ConfigError(f"pinned arms {bad} are outside 0..{len(self.arms) - 1}")
 
-    def select(self, device: str) -> int:
-        """The device's pinned arm."""
-        return self.pins.get(device, 0)
+    def select(self, device: str, allowed: Sequence[int]) -> int:
+        """The device's pinned arm; if it is not allowed, the first allowed arm."""
+        ok = self._allowed(allowed)
+        pin = self.pins.get(device, 0)
+        return pin if pin in ok else ok[0]
 
 
 def make_bandit(kind: str, arms: Sequence[Arm], seed: int, **options: float) -> Bandit:
@@ -273,4 +292,9 @@ def make_bandit(kind: str, arms: Sequence[Arm], seed: int, **options: float) -> 
         raise ConfigError(f"bandit {kind!r}: {err}") from None
     if not isinstance(bandit, Bandit):
         raise ConfigError(f"bandit {kind!r} built a {type(bandit).__name__}, not a Bandit")
+    if len(inspect.signature(bandit.select).parameters) != 2:
+        raise ConfigError(
+            f"bandit {kind!r}: select must take (device, allowed): the arms the device may play "
+            "(those that fit its memory budget)"
+        )
     return bandit

@@ -220,8 +220,8 @@ class AlwaysFirst:
     seed: int
     told: dict = field(default_factory=dict)
 
-    def select(self, device):
-        return 0
+    def select(self, device, allowed):
+        return allowed[0]
 
     def update(self, device, arm, reward):
         self.told[device] = self.told.get(device, 0) + 1

@@ -20,11 +20,13 @@ KINDS = {
 }
 
 
-def _play(bandit: Bandit, device: str, rounds: int, seed: int, means=MEANS) -> list[int]:
+def _play(
+    bandit: Bandit, device: str, rounds: int, seed: int, means=MEANS, allowed=None
+) -> list[int]:
     rng = np.random.default_rng(seed)
     picks = []
     for _ in range(rounds):
-        arm = bandit.select(device)
+        arm = bandit.select(device, range(len(ARMS)) if allowed is None else allowed)
         bandit.update(device, arm, float(means[arm] + rng.normal(0, 0.2)))
         picks.append(arm)
     return picks
@@ -88,10 +90,41 @@ def test_bad_input_is_rejected():
 def test_pinned_arms_play_the_pinned_arm_and_refuse_bad_pins():
     arms = [Arm(0.0, 8), Arm(0.75, 4)]
     bandit = make_bandit("pinned", arms, 0, **{"3": 1.0})
-    assert [bandit.select(d) for d in ("3", "0", "3")] == [1, 0, 1]
+    assert [bandit.select(d, [0, 1]) for d in ("3", "0", "3")] == [1, 0, 1]
+    assert bandit.select("3", [0]) == 0  # its pin does not fit: the first arm that does
     bandit.update("3", 1, 0.5)
     assert bandit.state_dict()["history"]["3"] == [[1, 0.5]]
     with pytest.raises(ConfigError, match="outside"):
         make_bandit("pinned", arms, 0, **{"3": 2.0})
     with pytest.raises(ConfigError, match="arm index"):
         make_bandit("pinned", arms, 0, **{"3": 0.5})
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_a_device_plays_only_the_arms_it_is_allowed(kind):
+    """Arm 3 (the best) does not fit the device: it is never played, and the bandit converges
+    to the best of the rest (arm 5 here); allowed again, arm 3 is explored and learned."""
+    bandit = make_bandit(kind, ARMS, seed=0, **KINDS[kind])
+    means = MEANS.copy()
+    means[5] = 0.85  # the best allowed arm, 0.35 ahead of the next
+    picks = _play(bandit, "dev", 300, seed=1, means=means, allowed=[0, 1, 2, 4, 5])
+    assert 3 not in picks
+    assert np.mean(np.array(picks[-100:]) == 5) >= 0.8, (kind, picks[-100:])
+    later = _play(bandit, "dev", 300, seed=2)
+    assert np.mean(np.array(later[-100:]) == 3) >= 0.8, (kind, later[-100:])
+    with pytest.raises(ValueError, match="non-empty subset"):
+        bandit.select("dev", [])
+
+
+def test_a_plugin_bandit_without_allowed_is_refused(tmp_path):
+    plugin = tmp_path / "old_bandit.py"
+    plugin.write_text(
+        "class Old:\n"
+        "    def __init__(self, arms, seed): self.arms = arms\n"
+        "    def select(self, device): return 0\n"
+        "    def update(self, device, arm, reward): pass\n"
+        "    def state_dict(self): return {}\n"
+        "    def load_state_dict(self, state): pass\n"
+    )
+    with pytest.raises(ConfigError, match=r"select must take \(device, allowed\)"):
+        make_bandit(f"{plugin}:Old", ARMS, seed=0)

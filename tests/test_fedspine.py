@@ -531,3 +531,41 @@ def test_validation_reward_scores_each_update_on_the_whole_model():
         FedSpine(
             FedSpine.Config(reward="validation"), replace(ctx, validation_loss=None)
         ).configure_train(1, _clients(["x"]))
+
+
+def test_a_device_never_plays_an_arm_its_memory_budget_excludes():
+    """Footprints measured by any device (the big one explores every arm) rule arms out for a
+    device whose budget they exceed, and also an arm pruning no more with no lower rank than
+    one that does; the memory table survives a state round trip."""
+    from fedpeft.wire.messages import ClientInfo
+
+    arms = [[0.0, 2.0], [0.5, 2.0], [0.5, 1.0]]
+    foot = {0: 150.0, 1: 120.0, 2: 90.0}  # MiB at each arm's own structure
+    small = ClientInfo(Header("r", 0, "fp", "", 10, "small"), "cpu", {"memory_mb": 100.0})
+    big = ClientInfo(Header("r", 0, "fp", "", 10, "big"), "cpu", {"memory_mb": 1000.0})
+    strat = _strategy(arms)
+    measured: set[int] = set()
+    played: list[int] = []
+    for rnd in range(1, 9):
+        over = [j for j in measured if foot[j] > 100]
+        excluded = {
+            i for i, (r, k) in enumerate(arms) for j in over if r <= arms[j][0] and k >= arms[j][1]
+        }
+        assert strat.fitting("small", 100.0) == sorted(set(range(3)) - excluded)
+        strat.configure_train(rnd, [big, small])
+        pending = dict(strat._pending)
+        assert pending["small"] not in excluded, (rnd, pending, excluded)
+        played.append(pending["small"])
+        ups = []
+        for cid, i in sorted(pending.items()):
+            u = _pruned_update(cid, LAYOUT.full(), int(arms[i][1]), 10, rnd)
+            metrics = {"probe_loss_start": 2.0, "probe_loss_end": 1.5, "client_s": 1.0,
+                       "peak_mem_mb": foot[i], "prune_cuts": 0.0}  # fmt: skip
+            ups.append(replace(u, keep=None, metrics=metrics))
+            measured.add(i)
+        strat.aggregate_train(rnd, ups)
+    assert excluded == {0, 1} and played[-3:] == [2, 2, 2]
+    copy_ = _strategy(arms)
+    copy_.load_state_dict(copy.deepcopy(strat.state_dict()))
+    assert copy_.fitting("small", 100.0) == [2] and copy_.fitting("big", None) == [0, 1, 2]
+    assert copy_.footprint("small", 0) == 150.0  # measured by the big device only

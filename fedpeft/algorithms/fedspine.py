@@ -16,7 +16,14 @@ Per round and sampled device ``k``:
    components are treated like pruned features (a rank-4 device does not dilute components
    5..8 with zeros, unlike HetLoRA's zero padding). With one arm ``(0, r)`` for everyone
    this is FedAvg of the factors.
-4. **Reward.** FedSpine's exact reward is not public. Ours, per device ``k`` of the round,
+4. **Memory.** A device with a memory budget (``ClientInfo.properties["memory_mb"]``: a node's
+   ``--memory-mb``, or its simulated device profile) plays only arms that fit it
+   (:meth:`FedSpine.fitting`): every client reports its measured peak training memory
+   (:mod:`fedpeft.client.memory`), kept per device and arm; an arm is left out when its
+   footprint, or that of an arm pruning at least as much with no larger rank, exceeds the
+   budget. A device no arm fits sits the round out. The simulation fails a device whose
+   measured peak exceeds its profile's memory (``memory``), as the device would.
+5. **Reward.** FedSpine's exact reward is not public. Ours, per device ``k`` of the round,
    with ``T`` the round's median device time::
 
        rate_k   = gain_k / T                         # loss gain per second of a typical round
@@ -152,6 +159,7 @@ class FedSpine:
         )
         self._keeps: dict[str, tuple[float, bytes]] = {}  # device -> (target ratio, structure)
         self._pending: dict[str, int] = {}  # device -> arm played this round
+        self._peaks: dict[str, dict[int, float]] = {}  # device -> arm -> measured peak MiB
 
     @property
     def reward_kind(self) -> str:
@@ -201,10 +209,43 @@ class FedSpine:
         self._pending = {}
         plans = {}
         for c in sorted(clients, key=lambda c: c.client_id):
-            i = self.bandit.select(c.client_id)
+            allowed = self.fitting(c.client_id, c.properties.get("memory_mb"))
+            if not allowed:  # no arm fits the device: it sits the round out
+                continue
+            i = self.bandit.select(c.client_id, allowed)
             self._pending[c.client_id] = i
             plans[c.client_id] = self._plan(c.client_id, self.arms[i])
         return plans
+
+    def footprint(self, cid: str, i: int) -> float | None:
+        """What arm ``i`` is known to need on device ``cid`` (MiB): the device's own last
+        measurement, else the largest any device measured (the same model and batches, so
+        mostly a property of the arm), else ``None``. Measured in rounds that trained at the
+        arm's own structure (no cut): a round that prunes on the device starts from a larger
+        model, and that transient is the simulation's to charge (``devices``), not the arm's."""
+        own = self._peaks.get(cid, {}).get(i)
+        if own is not None:
+            return own
+        seen = [p[i] for p in self._peaks.values() if i in p]
+        return max(seen) if seen else None
+
+    def fitting(self, cid: str, budget: float | None) -> list[int]:
+        """The arms device ``cid`` may play under a memory ``budget`` (MiB; None: all).
+
+        Left out: an arm whose footprint (:meth:`footprint`) exceeds the budget, and an arm
+        that prunes no more and has no lower rank than one whose footprint does (memory
+        does not shrink with less pruning or a larger rank). An arm nobody measured yet,
+        with no such arm beside it, is allowed: playing it measures it.
+        """
+        if budget is None:
+            return list(range(len(self.arms)))
+        known = {i: f for i in range(len(self.arms)) if (f := self.footprint(cid, i)) is not None}
+        over = [self.arms[j] for j, f in known.items() if f > budget]
+        return [
+            i
+            for i, a in enumerate(self.arms)
+            if not any(a.ratio <= o.ratio and a.rank >= o.rank for o in over)
+        ]
 
     def _structures(self, ups: Sequence[LoraUpdate]) -> list[list[Keep]]:
         """Each update's kept structure, decoded once per round."""
@@ -295,6 +336,9 @@ class FedSpine:
             metrics[f"arm_ratio/{cid}"] = arm.ratio
             metrics[f"arm_rank/{cid}"] = float(arm.rank)
             kept.append(u.metrics.get("prune_params", 1.0))
+            if "peak_mem_mb" in u.metrics and not u.metrics.get("prune_cuts", 0.0):
+                # a round that cut nothing ran at the arm's own structure: its steady footprint
+                self._peaks.setdefault(cid, {})[arm_i] = u.metrics["peak_mem_mb"]
             if "probe_loss_start" in u.metrics and "probe_loss_end" in u.metrics:
                 drops[cid] = u.metrics["probe_loss_start"] - u.metrics["probe_loss_end"]
             times[cid] = u.metrics.get("client_s", u.metrics.get("train_s", 0.0))
@@ -311,12 +355,14 @@ class FedSpine:
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
-        """Global adapter, bandit statistics, each device's structure, this round's arms."""
+        """Global adapter, bandit statistics, each device's structure, this round's arms, the
+        measured memory of each device's arms."""
         return {
             **self._global.state(),
             "bandit": self.bandit.state_dict(),
             "keeps": {c: [r, k] for c, (r, k) in self._keeps.items()},
             "pending": dict(self._pending),
+            "peaks": {c: {str(i): v for i, v in p.items()} for c, p in self._peaks.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -325,6 +371,10 @@ class FedSpine:
         self.bandit.load_state_dict(state["bandit"])
         self._keeps = {str(c): (float(r), bytes(k)) for c, (r, k) in state["keeps"].items()}
         self._pending = {str(c): int(i) for c, i in state["pending"].items()}
+        self._peaks = {
+            str(c): {int(i): float(v) for i, v in p.items()}
+            for c, p in state.get("peaks", {}).items()
+        }
 
 
 register_strategy("fedspine", FedSpine)
