@@ -92,6 +92,13 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("runs", nargs="+", metavar="DIR", help="run folders (metrics.jsonl)")
     rep.add_argument("--out", required=True, help="report folder (PNGs, summary.md, index.html)")
     rep.add_argument("--reference", default=None, help="a centralized run to draw as a line")
+    exp = sub.add_parser(
+        "export-device",
+        help="write a device's deployed model (pruning runs) for transformers + peft",
+    )
+    exp.add_argument("run", metavar="DIR", help="a finished fedspine run folder")
+    exp.add_argument("--client", required=True, help="the device's client id")
+    exp.add_argument("--out", required=True, help="folder for model/, adapter/, device.json")
     val = sub.add_parser("validate", help="check a scenario and print it fully resolved")
     _add_config_args(val)
     sub.add_parser("config-help", help="list every configuration key with default and help")
@@ -236,6 +243,19 @@ def _run(args: argparse.Namespace) -> int:
         files = write_report(args.runs, args.out, args.reference)
         print((Path(args.out) / "summary.md").read_text(encoding="utf-8"), end="")
         print(f"wrote {len(files)} files to {args.out} (open index.html)")
+        return 0
+    if args.verb == "export-device":
+        from fedpeft.prune.export import export_device
+
+        out = export_device(args.run, args.client, args.out)
+        import json
+
+        info = json.loads((out / "device.json").read_text(encoding="utf-8"))
+        print(
+            f"wrote client {args.client}'s model to {out} ({info['params_deployed']:,} of "
+            f"{info['params_base']:,} base parameters deployed; written at the base shapes "
+            "with the pruned parts zeroed)"
+        )
         return 0
     if args.verb == "server":
         from fedpeft.deploy.server_role import ServerRole

@@ -7,7 +7,10 @@ from __future__ import annotations
 import copy
 import json
 import re
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,13 +18,15 @@ import torch
 from fedpeft.algorithms.base import StrategyContext
 from fedpeft.algorithms.fedspine import FedSpine, fedspine_reward
 from fedpeft.bandit import Arm
-from fedpeft.client.prune_trainer import PruneTrainer, plain_copy, pruned_handle
+from fedpeft.cache import ProcessCache
+from fedpeft.client.prune_trainer import PruneTrainer
 from fedpeft.client.trainer import ClientData
 from fedpeft.config import TrainConfig, ValidationConfig
 from fedpeft.data.tasks import TextPair
 from fedpeft.data.tokenize import encode_pairs
 from fedpeft.errors import ConfigError, ProtocolError
 from fedpeft.lora.handle import ModelHandle, init_factors
+from fedpeft.prune.deployed import plain_copy, pruned_handle
 from fedpeft.prune.layout import LayerLayout, PruneLayout, cut_adapter
 from fedpeft.prune.schedule import default_protect, needs_pruning, target_counts
 from fedpeft.prune.structure import Keep, prune_layers
@@ -315,6 +320,7 @@ def test_pruning_instruction_round_trips_on_the_wire(cache):
 
 # ---------------------------------------------------------------------------- strategy
 
+REPO = Path(__file__).resolve().parents[1]
 LAYOUT = PruneLayout("llama", (LayerLayout(groups=2, per_group=1, head_dim=2, ffn=4),) * 3)
 MODULES = {"model.layers.1.self_attn.q_proj": (4, 6), "model.layers.1.mlp.down_proj": (6, 4)}
 SPEC = LoraSpec(rank=2, alpha=4.0, target_modules=("q_proj", "down_proj"))
@@ -486,6 +492,29 @@ def test_tiny_fedspine_simulation_learns_with_mixed_arms(tiny_config, tmp_path, 
     ratios = {r[f"arm_ratio/{c}"] for r in rows[1:] for c in r["client_ids"]}
     assert len(ratios) > 1 and "fedspine_reward_mean" in rows[1]
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    # the deployment view: every device's own model (its structure, its rank's slice)
+    from fedpeft.models import get_model
+    from fedpeft.prune.deployed import base_params
+
+    full = base_params(get_model(cfg.model, cache).base_model)
+    tiers = {"0": "tx2", "1": "xavier-nx", "2": "agx"}
+    pruned = 0
+    for r in rows[1:]:
+        assert sorted(r["device_eval_loss"]) == ["0", "1", "2"]  # all three trained in round 1
+        for c, loss in r["device_eval_loss"].items():
+            last = max(x["round"] for x in rows[1 : r["round"] + 1] if c in x["client_ids"])
+            arm = (rows[last][f"arm_ratio/{c}"], rows[last][f"arm_rank/{c}"])
+            params = r["device_params"][c]
+            if arm == (0.0, 8.0):  # unpruned at the global's rank: the global model itself
+                assert params == full and loss == r["eval_loss"], (r["round"], c)
+            else:
+                assert params < full or arm[1] < 8.0, (r["round"], c, arm, params)
+                pruned += params < full
+            assert r["device_eval_loss_tier"][tiers[c]] == loss
+        assert r["device_eval_loss_mean"] == pytest.approx(
+            sum(r["device_eval_loss"].values()) / 3, abs=1e-12
+        )
+    assert pruned > 0, rows
 
 
 def test_the_noop_trainer_echoes_fedspine_plans_at_the_structure_it_was_sent(
@@ -569,3 +598,59 @@ def test_a_device_never_plays_an_arm_its_memory_budget_excludes():
     copy_.load_state_dict(copy.deepcopy(strat.state_dict()))
     assert copy_.fitting("small", 100.0) == [2] and copy_.fitting("big", None) == [0, 1, 2]
     assert copy_.footprint("small", 0) == 150.0  # measured by the big device only
+
+
+def test_an_exported_device_model_loads_with_transformers_and_peft_alone(tiny_config, tmp_path):
+    """``fedpeft export-device``: a pruned device's model, loaded by ``transformers`` and
+    ``peft`` only, gives the loss fedpeft reported for that device (its structurally pruned
+    model) to 1e-5, and ``device.json`` counts the parameters the device holds."""
+    cfg = tiny_config(
+        "strategy.name=fedspine",
+        "model.tiny_layers=4",
+        'lora.target_modules=["q_proj","v_proj","up_proj","down_proj","o_proj"]',
+        "strategy.options.arms=[[0.5, 4.0]]",
+        "federation.rounds=2",
+        "federation.num_clients=2",
+    )
+    simulate(cfg, tmp_path / "run", quiet=True, cache=ProcessCache())
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    cmd = [sys.executable, "-m", "fedpeft.cli", "export-device", str(tmp_path / "run"),
+           "--client", "1", "--out", str(tmp_path / "dev")]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "dev" / "model")
+    model = PeftModel.from_pretrained(model, tmp_path / "dev" / "adapter").eval()
+    from fedpeft.data.clients import get_task
+    from fedpeft.evaluation import EvalSet, eval_loss
+    from fedpeft.models import get_model
+
+    handle = get_model(cfg.model, ProcessCache())
+    evalset = EvalSet.build(cfg, get_task(cfg.data, 0, ProcessCache()).eval, handle.tokenizer)
+    with torch.no_grad():
+        loss, _ = eval_loss(model, evalset.examples, cfg.eval.batch_size,
+                            handle.tokenizer.pad_token_id, torch.device("cpu"))  # fmt: skip
+    assert abs(loss - last["device_eval_loss"]["1"]) <= 1e-5, (loss, last["device_eval_loss"])
+    assert abs(loss - last["eval_loss"]) > 1e-4  # the pruned model, not the global (3e-4 off)
+    info = json.loads((tmp_path / "dev" / "device.json").read_text())
+    assert info["params_deployed"] == last["device_params"]["1"] < info["params_base"]
+    missing = subprocess.run(cmd[:-4] + ["--client", "7", "--out", str(tmp_path / "x")],
+                             capture_output=True, text=True, timeout=600, cwd=REPO)  # fmt: skip
+    assert missing.returncode != 0 and "devices that have one: ['0', '1']" in missing.stderr
+
+
+def test_a_device_whose_update_does_not_come_back_is_a_failed_pull():
+    """No gain, charged as a straggler that doubled the round: -delay_penalty x n."""
+    strat = _strategy([[0.0, 2.0], [0.5, 1.0]], delay_penalty=0.5)
+    strat.configure_train(1, _clients(["x", "y", "z"]))
+    arms = dict(strat._pending)
+    ups = []
+    for cid in ("x", "y"):  # z missed the deadline
+        u = _pruned_update(cid, LAYOUT.full(), int(strat.arms[arms[cid]].rank), 10, 1)
+        metrics = {"probe_loss_start": 2.0, "probe_loss_end": 1.5, "client_s": 1.0}
+        ups.append(replace(u, keep=None, metrics=metrics))
+    got = strat.aggregate_train(1, ups)
+    assert got.metrics["fedspine_failed_pulls"] == 1.0
+    assert strat.bandit.state_dict()["history"]["z"] == [[arms["z"], -0.5 * 3]]

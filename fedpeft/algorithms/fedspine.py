@@ -46,7 +46,9 @@ Per round and sampled device ``k``:
    whole round's gain, ``n`` typical gains, which is why the charge scales with ``n``
    (``delay_penalty`` 0.5: half that first-order cost, since only the slowest device sets the
    round time while every device above the median is charged). This is FedSpine's
-   straggler term in our form.
+   straggler term in our form. A device whose update does not come back (it missed
+   ``devices.deadline_s``, ran out of memory, or went away) earns ``-delay_penalty x n``: no
+   gain, charged as a straggler that doubled the round.
    Dividing by the round's median rate makes rewards scale-free as the loss flattens (UCB's
    bonus assumes rewards of order 1). With a single arm nothing is learned or measured.
 """
@@ -66,6 +68,7 @@ from fedpeft.bandit import Arm, Bandit, make_bandit
 from fedpeft.client.prune_trainer import PruneTrainer
 from fedpeft.errors import AggregationError, ConfigError
 from fedpeft.lora.rank_ops import for_client, unit_scale, unit_spec
+from fedpeft.prune.deployed import DeviceModel
 from fedpeft.prune.layout import PruneLayout, cut_adapter
 from fedpeft.prune.masked import Slice, masked_average
 from fedpeft.prune.schedule import default_protect
@@ -160,6 +163,7 @@ class FedSpine:
         self._keeps: dict[str, tuple[float, bytes]] = {}  # device -> (target ratio, structure)
         self._pending: dict[str, int] = {}  # device -> arm played this round
         self._peaks: dict[str, dict[int, float]] = {}  # device -> arm -> measured peak MiB
+        self._arm_of: dict[str, int] = {}  # device -> the arm it trained last
 
     @property
     def reward_kind(self) -> str:
@@ -201,6 +205,26 @@ class FedSpine:
             measure=len(self.arms) > 1 and self.reward_kind == "probe",
         )
         return LoraPlan(spec=spec, adapter=adapter, prune=prune)
+
+    @property
+    def failed_reward(self) -> float:
+        """The reward of a device whose update did not come back: no gain, charged as a
+        straggler that doubled the round (``delay_penalty x n`` with a 100 % delay), ``n``
+        the devices the round asked."""
+        return -self.config.delay_penalty * max(len(self._pending), 1)
+
+    def device_models(self) -> dict[str, DeviceModel]:
+        """Each device's deployed model: the structure it trained at last, with its last
+        arm's rank slice of the current global adapter cut to that structure."""
+        layout, full = self.layout, self.layout.full()
+        out = {}
+        for cid, i in sorted(self._arm_of.items()):
+            keep = self._keeps[cid][1]
+            spec = client_spec(self.ctx, self.arms[i].rank)
+            keeps = layout.decode(keep) if keep else full
+            adapter = cut_adapter(for_client(self._global.adapter, spec), layout, full, keeps)
+            out[cid] = DeviceModel(spec=spec, adapter=adapter, layout=layout, keep=keep)
+        return out
 
     def configure_train(
         self, server_round: int, clients: Sequence[ClientInfo]
@@ -333,6 +357,7 @@ class FedSpine:
             arm = self.arms[arm_i]
             played.append(arm)
             self._keeps[cid] = (arm.ratio, u.keep or b"")
+            self._arm_of[cid] = arm_i
             metrics[f"arm_ratio/{cid}"] = arm.ratio
             metrics[f"arm_rank/{cid}"] = float(arm.rank)
             kept.append(u.metrics.get("prune_params", 1.0))
@@ -348,6 +373,11 @@ class FedSpine:
                 self.bandit.update(cid, self._pending[cid], r)
             metrics["fedspine_reward_mean"] = sum(rewards.values()) / len(rewards)
             metrics["fedspine_gain_mean"] = sum(drops.values()) / len(drops)
+        failed = sorted(set(self._pending) - {u.header.client_id for u in ups})
+        if learning and failed:  # missed the deadline, ran out of memory, or went away
+            for cid in failed:
+                self.bandit.update(cid, self._pending[cid], self.failed_reward)
+            metrics["fedspine_failed_pulls"] = float(len(failed))
         if played:
             metrics["fedspine_ratio_mean"] = sum(a.ratio for a in played) / len(played)
             metrics["fedspine_rank_mean"] = sum(a.rank for a in played) / len(played)
@@ -363,6 +393,7 @@ class FedSpine:
             "keeps": {c: [r, k] for c, (r, k) in self._keeps.items()},
             "pending": dict(self._pending),
             "peaks": {c: {str(i): v for i, v in p.items()} for c, p in self._peaks.items()},
+            "arm_of": dict(self._arm_of),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -375,6 +406,7 @@ class FedSpine:
             str(c): {int(i): float(v) for i, v in p.items()}
             for c, p in state.get("peaks", {}).items()
         }
+        self._arm_of = {str(c): int(i) for c, i in state.get("arm_of", {}).items()}
 
 
 register_strategy("fedspine", FedSpine)

@@ -26,10 +26,9 @@ forward). The FedSpine strategy turns their difference into the bandit's reward.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -44,39 +43,14 @@ from fedpeft.client.trainer import (
 )
 from fedpeft.data.tokenize import collate
 from fedpeft.lora.handle import ModelHandle
+from fedpeft.prune.deployed import base_params, pruned_handle
 from fedpeft.prune.importance import GroupScores, element_importance
 from fedpeft.prune.layout import PruneLayout, cut_adapter
 from fedpeft.prune.schedule import needs_pruning, shrink, stage_ratios, target_counts
-from fedpeft.prune.structure import Keep, prune_layers
 from fedpeft.seeding import derive_seed, scoped_torch_seed
 from fedpeft.wire.messages import LoraUpdate, TrainInstruction
 
-__all__ = ["PruneTrainer", "plain_copy", "pruned_handle"]
-
-
-def plain_copy(handle: ModelHandle) -> Any:
-    """A copy of the base model without LoRA layers whose tensors are the base's own (shared)."""
-    from peft.tuners.lora import LoraLayer
-
-    base = handle.base_model
-    memo: dict[int, Any] = {id(t): t for t in itertools.chain(base.parameters(), base.buffers())}
-    model = copy.deepcopy(base, memo)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoraLayer):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, module.get_base_layer())
-    if hasattr(model, "peft_config"):  # set on the shared model by peft's injection
-        del model.peft_config
-    return model
-
-
-def pruned_handle(handle: ModelHandle, layout: PruneLayout, keeps: Sequence[Keep]) -> ModelHandle:
-    """A handle on ``handle``'s base model pruned to ``keeps``."""
-    full = layout.full()
-    model = plain_copy(handle)
-    prune_layers(model, {i: k for i, k in enumerate(keeps) if k != full[i]})
-    return ModelHandle(model, handle.tokenizer, handle.fingerprint, handle.name, handle.device)
+__all__ = ["PruneTrainer"]
 
 
 def _weight_out_in(layout: PruneLayout, module: Any) -> torch.Tensor:
@@ -129,11 +103,6 @@ class _Scorer:
                     _accumulate(found, (role.layer, kind), s)
         for (i, kind), s in found.items():
             (self.scores.attn if kind == "attn" else self.scores.ffn)[i] = s
-
-
-def _base_params(model: Any) -> int:
-    """Parameters of a model without its LoRA factors."""
-    return sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
 
 
 def _probe_loss(sub: ModelHandle, name: str, batch: dict[str, torch.Tensor]) -> float:
@@ -196,8 +165,8 @@ class PruneTrainer:
                 probe = collate([data.examples[i] for i in first], pad, handle.device)
                 loss_end = _probe_loss(sub, name, probe)
         loss_start = losses[0] if losses else None  # the first micro-batch is the probe batch
-        full_params = _base_params(handle.base_model)
-        kept_params = _base_params(sub.base_model)
+        full_params = base_params(handle.base_model)
+        kept_params = base_params(sub.base_model)
         metrics = {
             "train_loss": sum(losses) / len(losses) if losses else float("nan"),
             "steps": float(steps),

@@ -19,7 +19,7 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedpeft.algorithms.base import AggregateResult
+from fedpeft.algorithms.base import AggregateResult, Strategy, StrategyContext
 from fedpeft.algorithms.registry import build_strategy, resolve, strategy_capabilities
 from fedpeft.algorithms.wrappers.dp import DpAggregation
 from fedpeft.algorithms.wrappers.robust import RobustAggregation
@@ -29,14 +29,16 @@ from fedpeft.config import RunConfig
 from fedpeft.config.load import config_hash
 from fedpeft.data.clients import get_task
 from fedpeft.evaluation import EvalSet, Evaluator
+from fedpeft.lora.handle import ModelHandle
 from fedpeft.models import get_model
+from fedpeft.prune.deployed import device_evaluator
 from fedpeft.server.checkpoint import CHECKPOINT
 from fedpeft.server.coordinator import Coordinator, SimulatedNodes, clients_per_round, new_run_id
 from fedpeft.server.results import RunReporter, summarize
 from fedpeft.server.start import initial_global, save_global
 from fedpeft.zo.trainer import direction_mask
 
-__all__ = ["Outcome", "make_server_app", "run_server"]
+__all__ = ["Outcome", "make_server_app", "run_server", "run_strategy"]
 
 
 @dataclass
@@ -73,8 +75,45 @@ def run_server(
         If ``resume`` finds no checkpoint, or one of another scenario.
     """
     t0 = time.perf_counter()
-    seed = cfg.federation.seed
     handle = get_model(cfg.model, cache)
+    cls = resolve(cfg.strategy.name)
+    strategy, initial, ctx = run_strategy(cfg, handle, cache)
+    caps = strategy_capabilities(cfg.strategy.name, cfg.strategy.options)
+    held_out = get_task(cfg.data, cfg.federation.seed, cache).eval
+    evalset = EvalSet.build(cfg, held_out, handle.tokenizer)
+    devices = device_evaluator(cfg, handle, evalset, cache) if caps.needs_layout else None
+    coordinator = Coordinator(
+        cfg,
+        grid,
+        strategy,
+        initial,
+        fingerprint=handle.fingerprint,
+        run_id=new_run_id(config_hash(cfg)),
+        evaluate=Evaluator(cfg, handle, evalset, cache, direction_mask(cls)).global_model,
+        on_row=reporter.on_row,
+        zo_blocks=ctx.zo_blocks,
+        checkpoint=out_dir / CHECKPOINT,
+        resume=resume,
+        nodes=nodes,
+        evaluate_devices=devices,
+    )
+    result = coordinator.run()
+    if outcome is not None:
+        outcome.model = result.model
+    saved = save_global(result.model, handle, out_dir, cache, direction_mask(cls))
+    result.wall_s = time.perf_counter() - t0
+    summary = summarize(cfg, result, saved)
+    reporter.finish(summary, cfg.data.metric)
+    return summary
+
+
+def run_strategy(
+    cfg: RunConfig, handle: ModelHandle, cache: ProcessCache = PROCESS_CACHE
+) -> tuple[Strategy, AggregateResult, StrategyContext]:
+    """The run's strategy as its coordinator runs it (with validation records when it needs
+    them, wrapped in the server optimizer, robust rules and DP the scenario asks for), the
+    initial global model and the strategy's context."""
+    seed = cfg.federation.seed
     cls = resolve(cfg.strategy.name)
     per_round = clients_per_round(cfg, cfg.federation.num_clients)
     initial, ctx = initial_global(cfg, handle, cls, per_round, cache)
@@ -98,29 +137,7 @@ def run_server(
             strategy, cfg.dp, per_round, n, seed, zo=zo, zo_shape=shape,
             distributed=cfg.secagg.enabled,
         )  # fmt: skip
-    evalset = EvalSet.build(cfg, held_out, handle.tokenizer)
-    coordinator = Coordinator(
-        cfg,
-        grid,
-        strategy,
-        initial,
-        fingerprint=handle.fingerprint,
-        run_id=new_run_id(config_hash(cfg)),
-        evaluate=Evaluator(cfg, handle, evalset, cache, direction_mask(cls)).global_model,
-        on_row=reporter.on_row,
-        zo_blocks=ctx.zo_blocks,
-        checkpoint=out_dir / CHECKPOINT,
-        resume=resume,
-        nodes=nodes,
-    )
-    result = coordinator.run()
-    if outcome is not None:
-        outcome.model = result.model
-    saved = save_global(result.model, handle, out_dir, cache, direction_mask(cls))
-    result.wall_s = time.perf_counter() - t0
-    summary = summarize(cfg, result, saved)
-    reporter.finish(summary, cfg.data.metric)
-    return summary
+    return strategy, initial, ctx
 
 
 def make_server_app(

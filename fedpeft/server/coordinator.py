@@ -42,6 +42,7 @@ from fedpeft.errors import ProtocolError, RoundError
 from fedpeft.families import Stamp, family_of
 from fedpeft.lora.rank_ops import rank_energy
 from fedpeft.privacy import PrivacyBudgetExhausted
+from fedpeft.prune.deployed import DeviceEval, device_models
 from fedpeft.rounds import clients_per_round, round_train
 from fedpeft.seeding import derive_seed, np_rng
 from fedpeft.server.checkpoint import (
@@ -144,6 +145,9 @@ class Coordinator:
         In-process simulation: the virtual nodes, whose state is checkpointed with the
         coordinator's so a resumed run continues exactly (per-node state such as SCAFFOLD's
         control variates and FedSA-LoRA's personal ``B``).
+    evaluate_devices : DeviceEval | None
+        Evaluation of each device's deployed model (a pruning strategy's ``device_models``,
+        :mod:`fedpeft.prune.deployed`) whenever the loss is evaluated.
     """
 
     def __init__(
@@ -160,8 +164,10 @@ class Coordinator:
         checkpoint: Path | None = None,
         resume: bool = False,
         nodes: SimulatedNodes | None = None,
+        evaluate_devices: DeviceEval | None = None,
     ) -> None:
         self.cfg = cfg
+        self.evaluate_devices = evaluate_devices
         self.grid = grid
         self.strategy = strategy
         self.capabilities = strategy_capabilities(cfg.strategy.name, cfg.strategy.options)
@@ -417,6 +423,8 @@ class Coordinator:
         cur, ev = self.current, self.cfg.eval
         if not loss or cur.spec is None or cur.adapter is None:
             return out
+        if self.evaluate_devices is not None and (models := device_models(self.strategy)):
+            out.update(self._device_row(self.evaluate_devices(models)))
         header = self._header(server_round, "", cur.spec.config_hash())
         timeout = self.cfg.federation.round_timeout_s
         for personal in [False] * ev.federated + [True] * ev.personalized:
@@ -426,6 +434,23 @@ class Coordinator:
                 federated_eval(self.grid, self.clients, header, cur.spec, cur.adapter,
                                self.cfg.train, metric and not personal, timeout, personal)
             )  # fmt: skip
+        return out
+
+    def _device_row(self, got: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
+        """The deployment view: each device model's loss and kept parameters, their mean
+        over devices and per device tier (simulated profiles)."""
+        losses = {c: v["loss"] for c, v in got.items()}
+        out: dict[str, Any] = {
+            "device_eval_loss": dict(losses),
+            "device_params": {c: v["params"] for c, v in got.items()},
+            "device_eval_loss_mean": math.fsum(losses.values()) / len(losses),
+        }
+        tiers: dict[str, list[float]] = {}
+        for c, v in sorted(losses.items()):
+            if c in self.profiles:
+                tiers.setdefault(self.profiles[c].name, []).append(v)
+        if tiers:
+            out["device_eval_loss_tier"] = {t: math.fsum(v) / len(v) for t, v in tiers.items()}
         return out
 
     def _report(self, row: dict[str, Any]) -> None:
