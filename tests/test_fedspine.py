@@ -511,6 +511,7 @@ def test_tiny_fedspine_simulation_learns_with_mixed_arms(tiny_config, tmp_path, 
                 assert params < full or arm[1] < 8.0, (r["round"], c, arm, params)
                 pruned += params < full
             assert r["device_eval_loss_tier"][tiers[c]] == loss
+            assert r["device_forward_s"][c] > 0
         assert r["device_eval_loss_mean"] == pytest.approx(
             sum(r["device_eval_loss"].values()) / 3, abs=1e-12
         )

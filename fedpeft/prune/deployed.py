@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -61,7 +62,8 @@ class DeviceModel:
         return self.layout.decode(self.keep) if self.keep else self.layout.full()
 
 
-# per device: {"loss": eval loss, "params": base parameters kept}
+# per device: {"loss": eval loss, "params": base parameters kept, "forward_s": seconds of
+# forward (with the adapter) per held-out example on the coordinator's machine}
 DeviceEval = Callable[[Mapping[str, DeviceModel]], dict[str, dict[str, float]]]
 
 
@@ -112,14 +114,17 @@ def device_evaluator(
     cfg: RunConfig, handle: ModelHandle, evalset: EvalSet, cache: ProcessCache = PROCESS_CACHE
 ) -> DeviceEval:
     """Evaluate device models on ``evalset`` with ``handle``'s base model pruned to each
-    device's structure (the unpruned tensors shared, not copied)."""
+    device's structure (the unpruned tensors shared, not copied), timing their forward."""
 
     def evaluate(models: Mapping[str, DeviceModel]) -> dict[str, dict[str, float]]:
         out = {}
         for cid, m in sorted(models.items()):
             sub = pruned_handle(handle, m.layout, m.keeps())
+            t0 = time.perf_counter()
             got = Evaluator(cfg, sub, evalset, cache)(m.spec, m.adapter, False)
-            out[cid] = {"loss": got["eval_loss"], "params": float(base_params(sub.base_model))}
+            forward_s = (time.perf_counter() - t0) / max(len(evalset.examples), 1)
+            params = float(base_params(sub.base_model))
+            out[cid] = {"loss": got["eval_loss"], "params": params, "forward_s": forward_s}
         return out
 
     return evaluate

@@ -437,12 +437,13 @@ class Coordinator:
         return out
 
     def _device_row(self, got: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
-        """The deployment view: each device model's loss and kept parameters, their mean
-        over devices and per device tier (simulated profiles)."""
+        """The deployment view: each device model's loss, kept parameters and forward time
+        per example, the loss's mean over devices and per device tier (simulated profiles)."""
         losses = {c: v["loss"] for c, v in got.items()}
         out: dict[str, Any] = {
             "device_eval_loss": dict(losses),
             "device_params": {c: v["params"] for c, v in got.items()},
+            "device_forward_s": {c: v["forward_s"] for c, v in got.items()},
             "device_eval_loss_mean": math.fsum(losses.values()) / len(losses),
         }
         tiers: dict[str, list[float]] = {}

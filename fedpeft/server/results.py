@@ -22,7 +22,7 @@ from fedpeft.server.coordinator import RunResult
 
 __all__ = ["RunReporter", "format_summary", "summarize"]
 
-TIME_KEYS = ("wall_s", "eval_s", "train_s_max")
+TIME_KEYS = ("wall_s", "eval_s", "train_s_max", "device_forward_s")
 
 
 def _mean(values: Sequence[float]) -> float:
