@@ -655,3 +655,62 @@ def test_a_device_whose_update_does_not_come_back_is_a_failed_pull():
     got = strat.aggregate_train(1, ups)
     assert got.metrics["fedspine_failed_pulls"] == 1.0
     assert strat.bandit.state_dict()["history"]["z"] == [[arms["z"], -0.5 * 3]]
+
+
+def test_a_device_that_cannot_hold_the_whole_model_starts_from_the_coordinators_structure(
+    tiny_config, tmp_path
+):
+    """A model whose weights dominate its training memory (short sequences): device 0's
+    15 MiB hold a 0.75-pruned start (12 MiB measured) but not a round begun on the whole model
+    (about 20 MiB). It fails round 1 (nothing is measured yet), then never plays the unpruned
+    arm, begins the pruned arm from the coordinator's magnitude structure and trains every
+    round; the others, with room, keep pruning on the device."""
+    devices = tmp_path / "devices.json"
+    link = {"speed": 1.0, "up_mbps": 100.0, "down_mbps": 100.0}
+    devices.write_text(json.dumps({"0": {**link, "memory_mb": 15.0},
+                                   "1": {**link, "memory_mb": 4096.0},
+                                   "2": {**link, "memory_mb": 4096.0}}))  # fmt: skip
+    cfg = tiny_config(
+        "strategy.name=fedspine",
+        "model.tiny_layers=6",
+        "model.tiny_hidden_size=256",
+        "train.batch_size=2",
+        "train.max_seq_len=32",
+        'lora.target_modules=["q_proj","v_proj","up_proj"]',
+        "strategy.options.arms=[[0.0, 8.0], [0.75, 4.0]]",
+        "federation.rounds=4",
+        "federation.min_clients=1",
+        f"devices.file={str(devices)!r}",
+    )
+    simulate(cfg, tmp_path / "run", quiet=True, cache=ProcessCache())
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert set(rows[1]["failures"]) <= {"0"}
+    assert all(f.startswith("memory:") for f in rows[1]["failures"].values())
+    for r in rows[2:]:
+        assert r["failures"] == {} and "0" in r["client_ids"], r
+        assert r["arm_ratio/0"] == 0.75 and r["client_peak_mem_mb"]["0"] <= 15.0, r
+    whole = [r["client_peak_mem_mb"][c] for r in rows[1:2] for c in r["client_ids"]]
+    assert min(whole) > 15.0  # what a round begun on the whole model needs here
+
+
+def test_magnitude_structure_keeps_the_groups_of_largest_weights(small_model):
+    """Layer 1 of a 3-layer model (the ends are protected): attention groups 0 and 2 and FFN
+    channels 0..47 are made the largest; ratio 0.5 keeps 2 of 3 groups and 48 of 96 channels,
+    exactly those. LoRA layers on the model (as on the coordinator's shared model) change
+    nothing."""
+    from peft import LoraConfig, get_peft_model
+
+    from fedpeft.prune.magnitude import magnitude_structure
+
+    model = small_model("llama", 3)
+    layer = model.model.layers[1]
+    with torch.no_grad():
+        layer.self_attn.o_proj.weight[:, 0:16] *= 100  # group 0: query heads 0, 1 (dim 8)
+        layer.self_attn.o_proj.weight[:, 32:48] *= 50  # group 2: heads 4, 5
+        layer.mlp.down_proj.weight[:, :48] *= 100
+    layout = PruneLayout.of(model)
+    got = magnitude_structure(model, layout, 0.5, (0, 2))
+    assert got[1] == Keep(attn=(0, 2), ffn=tuple(range(48)))
+    assert got[0] == layout.full()[0] and got[2] == layout.full()[2]
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "down_proj"]))
+    assert magnitude_structure(wrapped, layout, 0.5, (0, 2)) == got

@@ -21,7 +21,11 @@ Per round and sampled device ``k``:
    (:meth:`FedSpine.fitting`): every client reports its measured peak training memory
    (:mod:`fedpeft.client.memory`), kept per device and arm; an arm is left out when its
    footprint, or that of an arm pruning at least as much with no larger rank, exceeds the
-   budget. A device no arm fits sits the round out. The simulation fails a device whose
+   budget; an unpruned arm needs at least the largest peak measured in a round begun on the
+   whole model. A device whose budget is below that peak begins a pruned arm from the
+   structure magnitude pruning of the base weights gives at the arm's ratio, computed by the
+   coordinator (:mod:`fedpeft.prune.magnitude`), instead of from the whole model, which it
+   could not hold. A device no arm fits sits the round out. The simulation fails a device whose
    measured peak exceeds its profile's memory (``memory``), as the device would.
 5. **Reward.** FedSpine's exact reward is not public. Ours, per device ``k`` of the round,
    with ``T`` the round's median device time::
@@ -164,6 +168,8 @@ class FedSpine:
         self._pending: dict[str, int] = {}  # device -> arm played this round
         self._peaks: dict[str, dict[int, float]] = {}  # device -> arm -> measured peak MiB
         self._arm_of: dict[str, int] = {}  # device -> the arm it trained last
+        self._whole_peak: float | None = None  # largest peak of a round begun on the whole model
+        self._started_whole: set[str] = set()  # devices of this round that begin whole
 
     @property
     def reward_kind(self) -> str:
@@ -187,10 +193,15 @@ class FedSpine:
             )
         return self.ctx.layout
 
-    def _plan(self, cid: str, arm: Arm) -> LoraPlan:
+    def _plan(self, cid: str, arm: Arm, budget: float | None = None) -> LoraPlan:
         layout = self.layout
         ratio, keep = self._keeps.get(cid, (0.0, b""))
         start = keep if 0 < ratio <= arm.ratio else b""
+        if not start and arm.ratio > 0 and not self._holds_whole(budget):
+            assert self.ctx.magnitude_start is not None  # (_holds_whole is True without it)
+            start = self.ctx.magnitude_start(arm.ratio)  # the coordinator prunes for it
+        if not start:
+            self._started_whole.add(cid)
         full = layout.full()
         keeps = layout.decode(start) if start else full
         spec = client_spec(self.ctx, arm.rank)
@@ -231,15 +242,24 @@ class FedSpine:
     ) -> Mapping[str, LoraPlan]:
         """Each device's arm from the bandit, its start structure and its slice of the global."""
         self._pending = {}
+        self._started_whole = set()
         plans = {}
         for c in sorted(clients, key=lambda c: c.client_id):
-            allowed = self.fitting(c.client_id, c.properties.get("memory_mb"))
+            budget = c.properties.get("memory_mb")
+            allowed = self.fitting(c.client_id, budget)
             if not allowed:  # no arm fits the device: it sits the round out
                 continue
             i = self.bandit.select(c.client_id, allowed)
             self._pending[c.client_id] = i
-            plans[c.client_id] = self._plan(c.client_id, self.arms[i])
+            plans[c.client_id] = self._plan(c.client_id, self.arms[i], budget)
         return plans
+
+    def _holds_whole(self, budget: float | None) -> bool:
+        """Whether a device with ``budget`` can begin a round on the whole model: unless a
+        round begun on it was measured above the budget (and a coordinator start exists)."""
+        if budget is None or self.ctx.magnitude_start is None or self._whole_peak is None:
+            return True
+        return self._whole_peak <= budget
 
     def footprint(self, cid: str, i: int) -> float | None:
         """What arm ``i`` is known to need on device ``cid`` (MiB): the device's own last
@@ -264,6 +284,9 @@ class FedSpine:
         if budget is None:
             return list(range(len(self.arms)))
         known = {i: f for i in range(len(self.arms)) if (f := self.footprint(cid, i)) is not None}
+        if self._whole_peak is not None:  # an unpruned arm needs what a whole-model round did
+            known |= {i: self._whole_peak for i, a in enumerate(self.arms)
+                      if a.ratio == 0 and i not in known}  # fmt: skip
         over = [self.arms[j] for j, f in known.items() if f > budget]
         return [
             i
@@ -364,6 +387,9 @@ class FedSpine:
             if "peak_mem_mb" in u.metrics and not u.metrics.get("prune_cuts", 0.0):
                 # a round that cut nothing ran at the arm's own structure: its steady footprint
                 self._peaks.setdefault(cid, {})[arm_i] = u.metrics["peak_mem_mb"]
+            if "peak_mem_mb" in u.metrics and cid in self._started_whole:
+                peak = u.metrics["peak_mem_mb"]
+                self._whole_peak = max(self._whole_peak or 0.0, peak)
             if "probe_loss_start" in u.metrics and "probe_loss_end" in u.metrics:
                 drops[cid] = u.metrics["probe_loss_start"] - u.metrics["probe_loss_end"]
             times[cid] = u.metrics.get("client_s", u.metrics.get("train_s", 0.0))
@@ -394,6 +420,8 @@ class FedSpine:
             "pending": dict(self._pending),
             "peaks": {c: {str(i): v for i, v in p.items()} for c, p in self._peaks.items()},
             "arm_of": dict(self._arm_of),
+            "whole_peak": self._whole_peak,
+            "started_whole": sorted(self._started_whole),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -407,6 +435,9 @@ class FedSpine:
             for c, p in state.get("peaks", {}).items()
         }
         self._arm_of = {str(c): int(i) for c, i in state.get("arm_of", {}).items()}
+        whole = state.get("whole_peak")
+        self._whole_peak = float(whole) if whole is not None else None
+        self._started_whole = {str(c) for c in state.get("started_whole", [])}
 
 
 register_strategy("fedspine", FedSpine)

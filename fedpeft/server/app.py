@@ -10,6 +10,7 @@ strategies also ``zo_state.safetensors``).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -32,6 +33,8 @@ from fedpeft.evaluation import EvalSet, Evaluator
 from fedpeft.lora.handle import ModelHandle
 from fedpeft.models import get_model
 from fedpeft.prune.deployed import device_evaluator
+from fedpeft.prune.magnitude import magnitude_structure
+from fedpeft.prune.schedule import default_protect
 from fedpeft.server.checkpoint import CHECKPOINT
 from fedpeft.server.coordinator import Coordinator, SimulatedNodes, clients_per_round, new_run_id
 from fedpeft.server.results import RunReporter, summarize
@@ -124,6 +127,15 @@ def run_strategy(
         if valset.examples:
             validator = Evaluator(cfg, handle, valset, cache)
             ctx = replace(ctx, validation_loss=lambda s, a: validator(s, a, False)["eval_loss"])
+    if caps.needs_layout and ctx.layout is not None:
+        layout = ctx.layout
+
+        @functools.cache
+        def start(ratio: float) -> bytes:
+            keeps = magnitude_structure(handle.base_model, layout, ratio, default_protect(layout))
+            return layout.encode(keeps)
+
+        ctx = replace(ctx, magnitude_start=start)
     strategy = build_strategy(cfg.strategy.name, cfg.strategy.options, ctx)
     zo = caps.family == "zo"
     if cfg.server_opt.active:
