@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -251,12 +252,26 @@ def test_fedsa_personalized_eval_beats_its_unchanged_global_and_is_in_the_summar
     assert rows[-1]["personal_eval_clients"] == 4
     assert summary["after"]["personal_eval_loss_mean"] == rows[-1]["personal_eval_loss_mean"]
     assert summary["before"]["personal_eval_loss_worst10"] == rows[0]["personal_eval_loss_worst10"]
-    assert rows[1]["bytes_up"] < 0.6 * _rows_up_fedavg(tmp_path)  # A only
+    _rows_up_fedavg(tmp_path, "payload_up")
+    # A only: FedAvg's tensor bytes times A's share of the adapter's elements (the whole
+    # message also carries the header and the client's metrics)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "avg" / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        sizes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118
+    numel = {k: math.prod(v) for k, v in sizes.items()}
+    a_share = sum(n for k, n in numel.items() if "lora_A" in k) / sum(numel.values())
+    assert rows[1]["payload_up"] == a_share * _rows_up_fedavg(tmp_path, "payload_up") < 0.6 * (
+        _rows_up_fedavg(tmp_path, "payload_up")
+    )
+    assert rows[1]["bytes_up"] < _rows_up_fedavg(tmp_path, "bytes_up")
 
 
-def _rows_up_fedavg(tmp_path: Path) -> int:
-    simulate(load_config(TINY, SMALL), tmp_path / "avg", quiet=True, cache=ProcessCache())
-    return int(_rows(tmp_path / "avg")[1]["bytes_up"])
+def _rows_up_fedavg(tmp_path: Path, key: str) -> int:
+    out = tmp_path / "avg"
+    if not (out / "metrics.jsonl").exists():
+        simulate(load_config(TINY, SMALL), out, quiet=True, cache=ProcessCache())
+    return int(_rows(out)[1][key])
 
 
 @pytest.mark.parametrize(
