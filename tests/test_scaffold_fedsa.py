@@ -261,8 +261,10 @@ def test_fedsa_personalized_eval_beats_its_unchanged_global_and_is_in_the_summar
         sizes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118
     numel = {k: math.prod(v) for k, v in sizes.items()}
     a_share = sum(n for k, n in numel.items() if "lora_A" in k) / sum(numel.values())
-    assert rows[1]["payload_up"] == a_share * _rows_up_fedavg(tmp_path, "payload_up") < 0.6 * (
-        _rows_up_fedavg(tmp_path, "payload_up")
+    assert (
+        rows[1]["payload_up"]
+        == a_share * _rows_up_fedavg(tmp_path, "payload_up")
+        < 0.6 * (_rows_up_fedavg(tmp_path, "payload_up"))
     )
     assert rows[1]["bytes_up"] < _rows_up_fedavg(tmp_path, "bytes_up")
 
