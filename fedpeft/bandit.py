@@ -1,11 +1,12 @@
-"""Online bandits that pick an arm per device: sliding-window / discounted UCB, epsilon-greedy,
-Thompson sampling, behind one small protocol.
+"""Online bandits that pick an arm per device: a pooled model-based UCB, sliding-window /
+discounted UCB, epsilon-greedy, Thompson sampling, behind one small protocol.
 
 FedSpine (2025) picks each device's (structured pruning ratio, LoRA rank) arm with a bandit
 that learns, without prior knowledge of the device, which arm makes the most progress per
-second. Every bandit here keeps independent statistics per device id, so one object serves a
-whole federation; rewards are whatever the caller measures (see the FedSpine issue for the
-reward used there). Randomness (tie breaks, exploration, posterior draws) comes from a
+second. One object serves a whole federation: ``PooledUCB`` shares what devices learn about
+an arm's quality and keeps their speed apart; the others keep independent statistics per
+device id. Rewards are whatever the caller measures (see :mod:`fedpeft.algorithms.fedspine`
+for the reward used there). Randomness (tie breaks, exploration, posterior draws) comes from a
 generator seeded by ``(seed, "bandit", device, t)``, so ``state_dict`` holds only counts and
 sums and a resumed bandit makes the same choices.
 
@@ -15,6 +16,15 @@ sums and a resumed bandit makes the same choices.
 - ``EpsilonGreedy``: the best mean with probability ``1 - epsilon``, else a uniform arm.
 - ``ThompsonSampling``: Gaussian posterior per arm (unit prior, noise from the observed
   spread), the arm with the largest draw.
+- ``PooledUCB``: one model for the whole federation. An arm's quality (its scale-free gain)
+  is mostly a property of the arm, so it is pooled over every device's pulls of the arm, with
+  a UCB bonus from the pooled count; a device's speed is its own, so its slowness on an arm
+  (device time over the round's median) comes from its own recent pulls of the arm, or,
+  for an arm it has not played, from a log-additive fit ``log slowness = device + arm`` over
+  every pull (how slow this device is, times how slow the arm is everywhere). The score is
+  the reward the pull is expected to earn (:class:`Outcome`). Arms nobody has played are
+  played first, spread over the devices of a round, so exploration costs one round, not one
+  per arm per device.
 - ``PinnedArms``: no learning: each device plays the arm it is pinned to (arm 0 if none) -
   a known assignment, or an oracle baseline to compare a learner with.
 
@@ -42,7 +52,10 @@ __all__ = [
     "Bandit",
     "DiscountedUCB",
     "EpsilonGreedy",
+    "Outcome",
+    "OutcomeBandit",
     "PinnedArms",
+    "PooledUCB",
     "SlidingWindowUCB",
     "ThompsonSampling",
     "make_bandit",
@@ -55,6 +68,30 @@ class Arm:
 
     ratio: float
     rank: int
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one pull measured, in the parts FedSpine's reward combines.
+
+    Attributes
+    ----------
+    gain : float
+        Scale-free quality: the device's gain over the round's median absolute gain.
+    slowness : float
+        The device's time over the round's median device time (> 0).
+    weight : float
+        The charge per unit of delay (``delay_penalty`` x devices in the round).
+    """
+
+    gain: float
+    slowness: float
+    weight: float
+
+    @property
+    def reward(self) -> float:
+        """``gain - weight * max(0, slowness - 1)``."""
+        return self.gain - self.weight * max(0.0, self.slowness - 1.0)
 
 
 @runtime_checkable
@@ -78,6 +115,16 @@ class Bandit(Protocol):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
+        ...
+
+
+@runtime_checkable
+class OutcomeBandit(Bandit, Protocol):
+    """A bandit that learns from the parts of a reward (FedSpine calls ``observe`` when the
+    bandit has it, else ``update`` with ``outcome.reward``)."""
+
+    def observe(self, device: str, arm: int, outcome: Outcome) -> None:
+        """Record what ``device`` measured with ``arm``."""
         ...
 
 
@@ -232,6 +279,104 @@ class ThompsonSampling(_Base):
 
 
 @dataclass
+class PooledUCB(_Base):
+    """Arm quality pooled over devices, speed per device (see the module docstring).
+
+    ``window``: pulls of an arm (over all devices) its quality is averaged over, and pulls of
+    a device its own speed is read from; ``c``: exploration scale of the quality bonus.
+    """
+
+    window: int = 40
+    c: float = 1.0
+    outcomes: list[tuple[str, int, float, float, float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.window < 1 or self.c < 0:
+            raise ConfigError(f"pooled-ucb needs window >= 1 and c >= 0, got {self.window}, "
+                              f"{self.c}")  # fmt: skip
+
+    def observe(self, device: str, arm: int, outcome: Outcome) -> None:
+        """Record the pull's reward and its parts."""
+        if not (outcome.slowness > 0 and math.isfinite(outcome.slowness)):
+            raise ValueError(f"slowness must be finite and > 0, got {outcome.slowness}")
+        if not (math.isfinite(outcome.gain) and math.isfinite(outcome.weight)):
+            raise ValueError(f"outcome must be finite, got {outcome}")
+        super().update(device, arm, outcome.reward)
+        self.outcomes.append(
+            (device, int(arm), float(outcome.gain), float(outcome.slowness), float(outcome.weight))
+        )
+
+    def update(self, device: str, arm: int, reward: float) -> None:
+        """A bare reward: all quality, on time."""
+        self.observe(device, arm, Outcome(gain=reward, slowness=1.0, weight=0.0))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Pull history and the outcomes behind it."""
+        return {**super().state_dict(), "outcomes": [list(o) for o in self.outcomes]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        super().load_state_dict(state)
+        self.outcomes = [
+            (str(d), int(a), float(g), float(s), float(w)) for d, a, g, s, w in state["outcomes"]
+        ]
+
+    def quality(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per arm: mean gain over its last ``window`` pulls on any device, and their count."""
+        k = len(self.arms)
+        gains: list[list[float]] = [[] for _ in range(k)]
+        for _, a, g, _, _ in self.outcomes:
+            gains[a].append(g)
+        recent = [x[-self.window :] for x in gains]
+        n = np.array([len(x) for x in recent], dtype=np.float64)
+        mean = np.array([sum(x) / len(x) if x else 0.0 for x in recent])
+        return mean, n
+
+    def slowness(self, device: str) -> np.ndarray:
+        """Predicted slowness of ``device`` on every arm: the mean (in log) of its own last
+        pulls of the arm within its last ``window``, else ``exp(device + arm)`` from a
+        log-additive fit over every pull (a device nobody has seen is typical: 0)."""
+        k = len(self.arms)
+        logs = [(d, a, math.log(s)) for d, a, _, s, _ in self.outcomes]
+        dev: dict[str, float] = {}
+        arm = np.zeros(k)
+        for _ in range(20):  # alternating means: converges fast for this two-way layout
+            res: list[list[float]] = [[] for _ in range(k)]
+            for d, a, y in logs:
+                res[a].append(y - dev.get(d, 0.0))
+            arm = np.array([sum(r) / len(r) if r else 0.0 for r in res])
+            per: dict[str, list[float]] = {}
+            for d, a, y in logs:
+                per.setdefault(d, []).append(y - arm[a])
+            dev = {d: sum(r) / len(r) for d, r in per.items()}
+        pred = np.exp(dev.get(device, 0.0) + arm)
+        own: list[list[float]] = [[] for _ in range(k)]
+        mine = [(a, math.log(s)) for d, a, _, s, _ in self.outcomes if d == device]
+        for a, y in mine[-self.window :]:
+            own[a].append(y)
+        for a, ys in enumerate(own):
+            if ys:
+                pred[a] = math.exp(sum(ys) / len(ys))
+        return pred
+
+    def select(self, device: str, allowed: Sequence[int]) -> int:
+        """The arm of largest expected reward (pooled quality + bonus, minus the device's
+        predicted delay charge); arms nobody has played first."""
+        ok = self._allowed(allowed)
+        pulled = {a for _, a, _, _, _ in self.outcomes}
+        fresh = [i for i in ok if i not in pulled]
+        if fresh:
+            return int(self._rng(device).choice(fresh))
+        mean, n = self.quality()
+        total = max(float(n.sum()), 2.0)
+        bonus = self.c * np.sqrt(2 * math.log(total) / np.maximum(n, 1))
+        weight = self.outcomes[-1][4] if self.outcomes else 0.0
+        delay = weight * np.maximum(0.0, self.slowness(device) - 1.0)
+        return self._argmax(device, mean + bonus - delay, allowed)
+
+
+@dataclass
 class PinnedArms(_Base):
     """Every device plays its pinned arm (``pins``: device id -> arm index; others arm 0)."""
 
@@ -251,9 +396,9 @@ class PinnedArms(_Base):
 
 
 def make_bandit(kind: str, arms: Sequence[Arm], seed: int, **options: float) -> Bandit:
-    """A bandit by name: ``sw-ucb``, ``d-ucb``, ``epsilon-greedy``, ``thompson`` or ``pinned``
-    (whose options are ``device id = arm index``), or an out-of-tree :class:`Bandit` class
-    named ``path/to/file.py:Class`` or ``package.module:Class``, built as
+    """A bandit by name: ``pooled-ucb``, ``sw-ucb``, ``d-ucb``, ``epsilon-greedy``, ``thompson``
+    or ``pinned`` (whose options are ``device id = arm index``), or an out-of-tree
+    :class:`Bandit` class named ``path/to/file.py:Class`` or ``package.module:Class``, built as
     ``Class(arms=..., seed=..., **options)``.
 
     Raises
@@ -262,6 +407,7 @@ def make_bandit(kind: str, arms: Sequence[Arm], seed: int, **options: float) -> 
         For an unknown name or option.
     """
     classes: dict[str, type[_Base]] = {
+        "pooled-ucb": PooledUCB,
         "sw-ucb": SlidingWindowUCB,
         "d-ucb": DiscountedUCB,
         "epsilon-greedy": EpsilonGreedy,

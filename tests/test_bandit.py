@@ -13,6 +13,7 @@ from fedpeft.errors import ConfigError
 ARMS = [Arm(r, k) for r in (0.0, 0.25, 0.5) for k in (4, 8)]
 MEANS = np.array([0.2, 0.35, 0.5, 0.9, 0.4, 0.1])  # arm 3 is best
 KINDS = {
+    "pooled-ucb": {"window": 100, "c": 0.3},
     "sw-ucb": {"window": 100, "c": 0.3},  # c near the reward noise (0.2)
     "d-ucb": {"gamma": 0.99, "c": 0.3},
     "epsilon-greedy": {"epsilon": 0.1},
@@ -128,3 +129,74 @@ def test_a_plugin_bandit_without_allowed_is_refused(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"select must take \(device, allowed\)"):
         make_bandit(f"{plugin}:Old", ARMS, seed=0)
+
+
+def test_pooled_ucb_shares_arm_quality_so_a_new_device_plays_the_best_arm_at_once():
+    """Ten devices learn that arm 3 is best; an eleventh, never seen, plays it on its first
+    pull. A per-device bandit would first play every arm on it."""
+    pooled = make_bandit("pooled-ucb", ARMS, seed=0, c=0.3)
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        for d in range(10):
+            arm = pooled.select(str(d), range(len(ARMS)))
+            pooled.update(str(d), arm, float(MEANS[arm] + rng.normal(0, 0.2)))
+    assert pooled.select("new", range(len(ARMS))) == 3
+    alone = make_bandit("sw-ucb", ARMS, seed=0, **KINDS["sw-ucb"])
+    assert sorted(_play(alone, "new", len(ARMS), seed=2)) == list(range(len(ARMS)))
+
+
+def test_pooled_ucb_first_round_spreads_the_arms_over_the_devices():
+    pooled = make_bandit("pooled-ucb", ARMS, seed=0)
+    picks = {pooled.select(str(d), range(len(ARMS))) for d in range(24)}
+    assert len(picks) >= 5  # (seeded draws of 24 devices over 6 fresh arms)
+
+
+def test_pooled_ucb_predicts_a_devices_slowness_on_an_arm_it_never_played():
+    """Log-additive speed: arm 1 takes half of arm 0's time on every device seen; 'slow' is 3x
+    typical on arm 0 and never played arm 1: predicted 1.5 there. With a delay charge it plays
+    arm 1, while fast devices keep the better arm 0."""
+    from fedpeft.bandit import Outcome
+
+    arms = [Arm(0.0, 8), Arm(0.5, 8)]
+    b = make_bandit("pooled-ucb", arms, seed=0, c=0.0)
+    for d in ("f1", "f2", "f3"):
+        b.observe(d, 0, Outcome(gain=1.0, slowness=1.0, weight=2.0))
+        b.observe(d, 1, Outcome(gain=0.6, slowness=0.5, weight=2.0))
+    b.observe("slow", 0, Outcome(gain=1.0, slowness=3.0, weight=2.0))
+    np.testing.assert_allclose(b.slowness("slow"), [3.0, 1.5], rtol=1e-9)
+    np.testing.assert_allclose(b.slowness("f1"), [1.0, 0.5], rtol=1e-9)
+    # slow: arm 0 earns 1 - 2 x 2 = -3, arm 1 0.6 - 2 x 0.5 = -0.4; fast: 1 vs 0.6
+    assert b.select("slow", [0, 1]) == 1
+    assert b.select("f1", [0, 1]) == 0
+    assert b.select("slow", [0]) == 0  # only what is allowed
+
+
+def test_pooled_ucb_resumes_exactly():
+    import json
+
+    from fedpeft.bandit import Outcome
+
+    a = make_bandit("pooled-ucb", ARMS, seed=5, c=0.5)
+    rng = np.random.default_rng(0)
+
+    def step(bandit, rng_state):
+        r = np.random.default_rng(rng_state)
+        out = []
+        for d in ("a", "b", "c"):
+            arm = bandit.select(d, range(len(ARMS)))
+            bandit.observe(d, arm, Outcome(float(MEANS[arm] + r.normal(0, 0.2)),
+                                           float(r.uniform(0.5, 2.0)), 1.5))  # fmt: skip
+            out.append(arm)
+        return out
+
+    for _ in range(8):
+        step(a, int(rng.integers(1 << 30)))
+    b = make_bandit("pooled-ucb", ARMS, seed=5, c=0.5)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    seeds = [int(rng.integers(1 << 30)) for _ in range(6)]
+    assert [step(a, s) for s in seeds] == [step(b, s) for s in seeds]
+    assert a.state_dict() == b.state_dict()
+    with pytest.raises(ValueError, match="slowness"):
+        a.observe("a", 0, Outcome(1.0, 0.0, 1.0))
+    with pytest.raises(ConfigError, match="window"):
+        make_bandit("pooled-ucb", ARMS, seed=0, window=0)

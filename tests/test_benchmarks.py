@@ -176,15 +176,30 @@ def test_quality(tmp_path: Path) -> None:
 def test_bandit(tmp_path: Path) -> None:
     _, results = _run(tmp_path, "bandit.py", "--out", str(tmp_path / "runs"))
     got = _json(results, "bandit.json")
-    assert list(got["table"]) == ["(a) no pruning r8", "(c) bandit sw-ucb"]
-    assert got["table"]["(a) no pruning r8"]["params_kept"] == 1.0
-    assert got["table"]["(c) bandit sw-ucb"]["params_kept"] <= 1.0
-    bandit_rows = got["rows"]["(c) bandit sw-ucb"]
-    assert len(bandit_rows) == 3  # the evaluation before round 1, then 2 rounds
-    arms = {(0.0, 8.0), (0.5, 8.0), (0.75, 4.0)}
-    for row in bandit_rows[1:]:
+    fits, pooled = "(i) least pruning that fits", "(iii) FedSpine pooled"
+    assert list(got["table"]) == [fits, pooled] and got["reference"] == fits
+    rows = got["rows"]
+    assert len(rows[pooled]) == 3  # the evaluation before round 1, then 2 rounds
+    arms = {(r, float(k)) for r, k in got["grid"]}
+    tiers = {"0": "tx2", "1": "xavier-nx", "2": "agx"}
+    for row in rows[fits][1:]:  # the TX2 pinned to the least pruned arm, the others whole
+        assert {c: row[f"arm_ratio/{c}"] for c in row["client_ids"]} == {
+            "0": 0.25,
+            "1": 0.0,
+            "2": 0.0,
+        }
+        assert set(row["device_eval_loss_tier"]) == set(tiers.values())
+    for row in rows[pooled][1:]:
         for cid in row["client_ids"]:
             assert (row[f"arm_ratio/{cid}"], row[f"arm_rank/{cid}"]) in arms
+    last = got["table"][fits]
+    assert last["final_device_loss_mean"] == rows[fits][-1]["device_eval_loss_mean"]
+    assert 0 <= last["final_device_rougeL_mean"] <= 1 and last["params_kept_last_round"] < 1
+    assert got["targets"] == [rows[fits][1]["device_eval_loss_mean"],
+                              rows[fits][2]["device_eval_loss_mean"]]  # fmt: skip
+    final = got["targets"][1]  # the reference reaches its own final loss in its last round
+    first = next(r["sim_wall_s"] for r in rows[fits][1:] if r["device_eval_loss_mean"] <= final)
+    assert last["time_to_targets_s"]["all->" + format(final, ".4f")] == first
 
 
 def test_attacks(tmp_path: Path) -> None:

@@ -516,6 +516,17 @@ def test_tiny_fedspine_simulation_learns_with_mixed_arms(tiny_config, tmp_path, 
             sum(r["device_eval_loss"].values()) / 3, abs=1e-12
         )
     assert pruned > 0, rows
+    # the task metric of each device model where the global one was computed (the last round)
+    metric = f"eval_{cfg.data.metric}"
+    assert all(f"device_{metric}" not in r for r in rows[1:-1])
+    last = rows[-1]
+    scores = last[f"device_{metric}"]
+    assert sorted(scores) == ["0", "1", "2"] and all(0 <= v <= 1 for v in scores.values())
+    assert last[f"device_{metric}_mean"] == pytest.approx(sum(scores.values()) / 3, abs=1e-12)
+    assert last[f"device_{metric}_tier"] == {tiers[c]: v for c, v in scores.items()}
+    for c, loss in last["device_eval_loss"].items():
+        if loss == last["eval_loss"] and last["device_params"][c] == full:
+            assert scores[c] == last[metric]  # the global model itself: the same generations
 
 
 def test_the_noop_trainer_echoes_fedspine_plans_at_the_structure_it_was_sent(
@@ -714,3 +725,68 @@ def test_magnitude_structure_keeps_the_groups_of_largest_weights(small_model):
     assert got[0] == layout.full()[0] and got[2] == layout.full()[2]
     wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "down_proj"]))
     assert magnitude_structure(wrapped, layout, 0.5, (0, 2)) == got
+
+
+def test_regrow_keeps_the_devices_groups_and_adds_back_those_of_largest_weight(small_model):
+    """Layer 1 keeps attention group 1 and FFN channels 60..83 (not the largest); grown to
+    ratio 0.5 it keeps all of them and gets back group 0 (the largest of the removed) and 24
+    channels from the largest removed ones (0..47); grown to 0 it is whole; a layer already
+    small enough at the target is unchanged."""
+    from fedpeft.prune.magnitude import magnitude_scores, regrow
+
+    model = small_model("llama", 3)
+    layer = model.model.layers[1]
+    with torch.no_grad():
+        layer.self_attn.o_proj.weight[:, 0:16] *= 100  # group 0
+        layer.mlp.down_proj.weight[:, :48] *= 100  # channels 0..47
+    layout = PruneLayout.of(model)
+    scores = magnitude_scores(model, layout)
+    full = layout.full()
+    mine = [full[0], Keep(attn=(1,), ffn=tuple(range(60, 84))), full[2]]
+    got = regrow(layout, mine, scores, 0.5, (0, 2))
+    assert got[1].attn == (0, 1) and set(mine[1].ffn) <= set(got[1].ffn)
+    assert len(got[1].ffn) == 48 and set(got[1].ffn) - set(mine[1].ffn) <= set(range(48))
+    assert got[0] == full[0] and got[2] == full[2]
+    assert regrow(layout, mine, scores, 0.0, (0, 2)) == full
+    assert regrow(layout, mine, scores, 0.75, (0, 2)) == mine
+
+
+def test_a_device_moving_to_a_less_pruned_arm_grows_its_structure_back():
+    """From 0.5 to 0.25 the device continues from its structure grown back by the coordinator
+    (not the whole model); without regrow, or to the unpruned arm, it starts whole."""
+    keeps = [LAYOUT.full()[0], Keep(attn=(1,), ffn=(0, 3)), LAYOUT.full()[2]]
+    asked = []
+
+    def start(ratio, keep=b""):
+        asked.append((ratio, keep))
+        return LAYOUT.encode([LAYOUT.full()[0], Keep(attn=(1,), ffn=(0, 2, 3)), LAYOUT.full()[2]])
+
+    for regrow, want in ((True, True), (False, False)):
+        asked.clear()
+        initial = init_factors(MODULES, SPEC, 0)
+        ctx = StrategyContext(initial=initial, spec=SPEC, seed=0, layout=LAYOUT,
+                              magnitude_start=start)  # fmt: skip
+        strat = FedSpine(FedSpine.Config(arms=[[0.0, 2.0], [0.25, 2.0], [0.5, 2.0]],
+                                         regrow=regrow), ctx)  # fmt: skip
+        strat._keeps["a"] = (0.5, LAYOUT.encode(keeps))
+        plan = strat._plan("a", Arm(0.25, 2))
+        assert (plan.prune.keep != b"") == want and bool(asked) == want
+        if want:
+            assert asked == [(0.25, LAYOUT.encode(keeps))]
+            assert plan.adapter["model.layers.1.mlp.down_proj"].a.shape == (2, 3)
+        assert strat._plan("a", Arm(0.0, 2)).prune.keep == b""
+
+
+def test_start_magnitude_prunes_once_on_the_coordinator():
+    """``start = "magnitude"``: a pruned arm begins from the coordinator's structure at its
+    ratio, so the device has nothing left to cut; without the base weights it is refused."""
+    target = LAYOUT.encode([LAYOUT.full()[0], Keep(attn=(0,), ffn=(1, 2)), LAYOUT.full()[2]])
+    initial = init_factors(MODULES, SPEC, 0)
+    ctx = StrategyContext(initial=initial, spec=SPEC, seed=0, layout=LAYOUT,
+                          magnitude_start=lambda ratio, keep=b"": target)  # fmt: skip
+    strat = FedSpine(FedSpine.Config(arms=[[0.5, 2.0]], start="magnitude"), ctx)
+    assert strat._plan("a", Arm(0.5, 2)).prune.keep == target
+    with pytest.raises(ConfigError, match="magnitude"):
+        _strategy([[0.5, 2.0]], start="magnitude")
+    with pytest.raises(ConfigError, match="start"):
+        FedSpine.Config(start="lottery")

@@ -96,10 +96,11 @@ class StrategyContext:
         outside a run (the section's defaults).
     num_clients : int
         All clients of the federation (0: unknown).
-    magnitude_start : Callable[[float], bytes] | None
-        Pruning strategies: the structure at a ratio that magnitude pruning of the base
-        weights gives (encoded with ``layout``), a start for a device that cannot hold the
-        whole model (:mod:`fedpeft.prune.magnitude`).
+    magnitude_start : Callable[[float, bytes], bytes] | None
+        Pruning strategies: ``magnitude_start(ratio, keep=b"")``, the structure at a ratio
+        that magnitude pruning of the base weights gives (encoded with ``layout``), a start
+        for a device that cannot hold the whole model; with a device's pruned ``keep``, that
+        structure grown back to ``ratio`` by the same ranking (:mod:`fedpeft.prune.magnitude`).
     """
 
     initial: Adapter
@@ -112,7 +113,7 @@ class StrategyContext:
     validation_loss: Callable[[LoraSpec, Adapter], float] | None = None
     train: Callable[[int], TrainConfig] | None = None
     num_clients: int = 0
-    magnitude_start: Callable[[float], bytes] | None = None
+    magnitude_start: Callable[..., bytes] | None = None
 
     def round_train(self, server_round: int) -> TrainConfig:
         """``train(server_round)``, or the ``[train]`` defaults."""

@@ -68,7 +68,7 @@ from fedpeft.algorithms.base import AggregateResult, LoraPlan, StrategyContext
 from fedpeft.algorithms.capabilities import Capabilities
 from fedpeft.algorithms.hetero import UnitGlobal, client_spec, example_weights
 from fedpeft.algorithms.registry import register_strategy
-from fedpeft.bandit import Arm, Bandit, make_bandit
+from fedpeft.bandit import Arm, Bandit, Outcome, OutcomeBandit, make_bandit
 from fedpeft.client.prune_trainer import PruneTrainer
 from fedpeft.errors import AggregationError, ConfigError
 from fedpeft.lora.rank_ops import for_client, unit_scale, unit_spec
@@ -80,23 +80,33 @@ from fedpeft.prune.structure import Keep
 from fedpeft.wire.messages import ClientInfo, LoraFactors, LoraUpdate
 from fedpeft.wire.prune import PrunePlan
 
-__all__ = ["FedSpine", "fedspine_reward"]
+__all__ = ["FedSpine", "fedspine_outcomes", "fedspine_reward"]
 
 DEFAULT_ARMS = [[0.0, 8.0], [0.25, 8.0], [0.5, 4.0], [0.75, 4.0]]
+
+
+def fedspine_outcomes(
+    gains: Mapping[str, float], times: Mapping[str, float], delay_penalty: float
+) -> dict[str, Outcome]:
+    """Every device's reward of a round, in its parts (see the module docstring)."""
+    t_med = statistics.median(times[c] for c in gains) if gains else 0.0
+    rates = {c: gains[c] / max(t_med, 1e-9) for c in gains}
+    scale = statistics.median(abs(r) for r in rates.values()) if rates else 0.0
+    return {
+        c: Outcome(
+            gain=rate / scale if scale > 0 else 0.0,
+            slowness=max(times[c] / t_med, 1e-6) if t_med > 0 else 1.0,
+            weight=delay_penalty * len(gains),
+        )
+        for c, rate in rates.items()
+    }
 
 
 def fedspine_reward(
     gains: Mapping[str, float], times: Mapping[str, float], delay_penalty: float
 ) -> dict[str, float]:
     """The reward of every device of a round (see the module docstring)."""
-    t_med = statistics.median(times[c] for c in gains) if gains else 0.0
-    rates = {c: gains[c] / max(t_med, 1e-9) for c in gains}
-    scale = statistics.median(abs(r) for r in rates.values()) if rates else 0.0
-    out = {}
-    for c, rate in rates.items():
-        delay = max(0.0, times[c] / t_med - 1.0) if t_med > 0 else 0.0
-        out[c] = (rate / scale if scale > 0 else 0.0) - delay_penalty * len(gains) * delay
-    return out
+    return {c: o.reward for c, o in fedspine_outcomes(gains, times, delay_penalty).items()}
 
 
 class FedSpine:
@@ -117,16 +127,20 @@ class FedSpine:
         """Options of :class:`FedSpine`."""
 
         arms: list[list[float]] = field(default_factory=lambda: [list(a) for a in DEFAULT_ARMS])
-        bandit: str = "sw-ucb"  # sw-ucb | d-ucb | epsilon-greedy | thompson
+        bandit: str = "pooled-ucb"  # pooled-ucb | sw-ucb | d-ucb | epsilon-greedy | thompson
         bandit_options: dict[str, float] = field(default_factory=dict)  # e.g. {window = 10}
         delay_penalty: float = 0.5  # straggler charge, in typical gains per device per 100 % delay
         stages: int = 2  # a device reaches its ratio in this many cuts
         warmup_steps: int = 2  # local steps of tuning and scoring before each cut
         weighted: bool = True  # weight devices by num_examples (False: plain mean)
         reward: str = "auto"  # validation | probe | auto (validation when records exist)
+        start: str = "own"  # own: prune on the device | magnitude: the coordinator's structure
+        regrow: bool = True  # a move to a less pruned arm grows the device's structure back
 
         def __post_init__(self) -> None:
             p = []
+            if self.start not in ("own", "magnitude"):
+                p.append(f"start must be own|magnitude, got {self.start!r}")
             if not self.arms:
                 p.append("arms must list at least one [ratio, rank]")
             for arm in self.arms:
@@ -170,6 +184,11 @@ class FedSpine:
         self._arm_of: dict[str, int] = {}  # device -> the arm it trained last
         self._whole_peak: float | None = None  # largest peak of a round begun on the whole model
         self._started_whole: set[str] = set()  # devices of this round that begin whole
+        if config.start == "magnitude" and ctx.magnitude_start is None:
+            raise ConfigError(
+                "strategy.options.start = 'magnitude' needs the coordinator's base weights "
+                "(StrategyContext.magnitude_start)"
+            )
 
     @property
     def reward_kind(self) -> str:
@@ -196,9 +215,18 @@ class FedSpine:
     def _plan(self, cid: str, arm: Arm, budget: float | None = None) -> LoraPlan:
         layout = self.layout
         ratio, keep = self._keeps.get(cid, (0.0, b""))
-        start = keep if 0 < ratio <= arm.ratio else b""
-        if not start and arm.ratio > 0 and not self._holds_whole(budget):
-            assert self.ctx.magnitude_start is not None  # (_holds_whole is True without it)
+        grow = self.ctx.magnitude_start if self.config.regrow else None
+        start = b""
+        if 0 < ratio <= arm.ratio:  # prune further from where the device is
+            start = keep
+        elif 0 < arm.ratio < ratio and grow is not None:  # less pruned: grow back, keep the rest
+            start = grow(arm.ratio, keep)
+        if (
+            not start
+            and arm.ratio > 0
+            and (self.config.start == "magnitude" or not self._holds_whole(budget))
+        ):
+            assert self.ctx.magnitude_start is not None  # (checked at start, or _holds_whole)
             start = self.ctx.magnitude_start(arm.ratio)  # the coordinator prunes for it
         if not start:
             self._started_whole.add(cid)
@@ -394,21 +422,29 @@ class FedSpine:
                 drops[cid] = u.metrics["probe_loss_start"] - u.metrics["probe_loss_end"]
             times[cid] = u.metrics.get("client_s", u.metrics.get("train_s", 0.0))
         if learning and drops:
-            rewards = fedspine_reward(drops, times, self.config.delay_penalty)
-            for cid, r in sorted(rewards.items()):
-                self.bandit.update(cid, self._pending[cid], r)
-            metrics["fedspine_reward_mean"] = sum(rewards.values()) / len(rewards)
+            outcomes = fedspine_outcomes(drops, times, self.config.delay_penalty)
+            for cid, o in sorted(outcomes.items()):
+                self._observe(cid, o)
+            metrics["fedspine_reward_mean"] = sum(o.reward for o in outcomes.values()) / len(
+                outcomes
+            )
             metrics["fedspine_gain_mean"] = sum(drops.values()) / len(drops)
         failed = sorted(set(self._pending) - {u.header.client_id for u in ups})
         if learning and failed:  # missed the deadline, ran out of memory, or went away
-            for cid in failed:
-                self.bandit.update(cid, self._pending[cid], self.failed_reward)
+            for cid in failed:  # no gain, charged as a straggler that doubled the round
+                self._observe(cid, Outcome(0.0, 2.0, -self.failed_reward))
             metrics["fedspine_failed_pulls"] = float(len(failed))
         if played:
             metrics["fedspine_ratio_mean"] = sum(a.ratio for a in played) / len(played)
             metrics["fedspine_rank_mean"] = sum(a.rank for a in played) / len(played)
             metrics["fedspine_params_mean"] = sum(kept) / len(kept)
         return metrics
+
+    def _observe(self, cid: str, outcome: Outcome) -> None:
+        if isinstance(self.bandit, OutcomeBandit):
+            self.bandit.observe(cid, self._pending[cid], outcome)
+        else:
+            self.bandit.update(cid, self._pending[cid], outcome.reward)
 
     def state_dict(self) -> dict[str, Any]:
         """Global adapter, bandit statistics, each device's structure, this round's arms, the

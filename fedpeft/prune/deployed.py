@@ -63,8 +63,9 @@ class DeviceModel:
 
 
 # per device: {"loss": eval loss, "params": base parameters kept, "forward_s": seconds of
-# forward (with the adapter) per held-out example on the coordinator's machine}
-DeviceEval = Callable[[Mapping[str, DeviceModel]], dict[str, dict[str, float]]]
+# forward (with the adapter) per held-out example on the coordinator's machine, and with
+# ``with_metric`` "metric": the task metric of its generations}
+DeviceEval = Callable[[Mapping[str, DeviceModel], bool], dict[str, dict[str, float]]]
 
 
 def base_params(model: Any) -> int:
@@ -114,17 +115,30 @@ def device_evaluator(
     cfg: RunConfig, handle: ModelHandle, evalset: EvalSet, cache: ProcessCache = PROCESS_CACHE
 ) -> DeviceEval:
     """Evaluate device models on ``evalset`` with ``handle``'s base model pruned to each
-    device's structure (the unpruned tensors shared, not copied), timing their forward."""
+    device's structure (the unpruned tensors shared, not copied), timing their forward.
+    Devices with the same structure and rank hold the same model (the global adapter's
+    slice): it is evaluated once."""
 
-    def evaluate(models: Mapping[str, DeviceModel]) -> dict[str, dict[str, float]]:
-        out = {}
+    def evaluate(
+        models: Mapping[str, DeviceModel], with_metric: bool = False
+    ) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {}
+        seen: dict[tuple[bytes, int], str] = {}  # devices with one structure and rank: one model
+        metric = f"eval_{cfg.data.metric}"
         for cid, m in sorted(models.items()):
+            twin = seen.setdefault((m.keep, m.spec.rank), cid)
+            if twin != cid:
+                out[cid] = dict(out[twin])
+                continue
             sub = pruned_handle(handle, m.layout, m.keeps())
+            evaluator = Evaluator(cfg, sub, evalset, cache)
             t0 = time.perf_counter()
-            got = Evaluator(cfg, sub, evalset, cache)(m.spec, m.adapter, False)
+            got = evaluator(m.spec, m.adapter, False)
             forward_s = (time.perf_counter() - t0) / max(len(evalset.examples), 1)
             params = float(base_params(sub.base_model))
             out[cid] = {"loss": got["eval_loss"], "params": params, "forward_s": forward_s}
+            if with_metric and cfg.data.metric != "none":  # generation, not timed
+                out[cid]["metric"] = evaluator(m.spec, m.adapter, True)[metric]
         return out
 
     return evaluate

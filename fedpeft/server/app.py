@@ -33,8 +33,8 @@ from fedpeft.evaluation import EvalSet, Evaluator
 from fedpeft.lora.handle import ModelHandle
 from fedpeft.models import get_model
 from fedpeft.prune.deployed import device_evaluator
-from fedpeft.prune.magnitude import magnitude_structure
-from fedpeft.prune.schedule import default_protect
+from fedpeft.prune.magnitude import magnitude_scores, regrow
+from fedpeft.prune.schedule import default_protect, shrink, target_counts
 from fedpeft.server.checkpoint import CHECKPOINT
 from fedpeft.server.coordinator import Coordinator, SimulatedNodes, clients_per_round, new_run_id
 from fedpeft.server.results import RunReporter, summarize
@@ -129,11 +129,15 @@ def run_strategy(
             ctx = replace(ctx, validation_loss=lambda s, a: validator(s, a, False)["eval_loss"])
     if caps.needs_layout and ctx.layout is not None:
         layout = ctx.layout
+        protect = default_protect(layout)
+        scores = functools.cache(lambda: magnitude_scores(handle.base_model, layout))
 
         @functools.cache
-        def start(ratio: float) -> bytes:
-            keeps = magnitude_structure(handle.base_model, layout, ratio, default_protect(layout))
-            return layout.encode(keeps)
+        def start(ratio: float, keep: bytes = b"") -> bytes:
+            if keep:  # a pruned device moving to a less pruned arm: grow its structure back
+                return layout.encode(regrow(layout, layout.decode(keep), scores(), ratio, protect))
+            counts = target_counts(layout, ratio, protect)
+            return layout.encode(shrink(layout.full(), scores(), counts))
 
         ctx = replace(ctx, magnitude_start=start)
     strategy = build_strategy(cfg.strategy.name, cfg.strategy.options, ctx)

@@ -424,7 +424,7 @@ class Coordinator:
         if not loss or cur.spec is None or cur.adapter is None:
             return out
         if self.evaluate_devices is not None and (models := device_models(self.strategy)):
-            out.update(self._device_row(self.evaluate_devices(models)))
+            out.update(self._device_row(self.evaluate_devices(models, metric)))
         header = self._header(server_round, "", cur.spec.config_hash())
         timeout = self.cfg.federation.round_timeout_s
         for personal in [False] * ev.federated + [True] * ev.personalized:
@@ -438,7 +438,8 @@ class Coordinator:
 
     def _device_row(self, got: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
         """The deployment view: each device model's loss, kept parameters and forward time
-        per example, the loss's mean over devices and per device tier (simulated profiles)."""
+        per example, the loss's mean over devices and per device tier (simulated profiles);
+        where the task metric was computed, the same for it."""
         losses = {c: v["loss"] for c, v in got.items()}
         out: dict[str, Any] = {
             "device_eval_loss": dict(losses),
@@ -446,13 +447,24 @@ class Coordinator:
             "device_forward_s": {c: v["forward_s"] for c, v in got.items()},
             "device_eval_loss_mean": math.fsum(losses.values()) / len(losses),
         }
+        if tiers := self._tier_means(losses):
+            out["device_eval_loss_tier"] = tiers
+        scores = {c: v["metric"] for c, v in got.items() if "metric" in v}
+        if scores:  # the task metric of each device model's generations
+            key = f"device_eval_{self.cfg.data.metric}"
+            out[key] = scores
+            out[f"{key}_mean"] = math.fsum(scores.values()) / len(scores)
+            if tiers := self._tier_means(scores):
+                out[f"{key}_tier"] = tiers
+        return out
+
+    def _tier_means(self, values: Mapping[str, float]) -> dict[str, float]:
+        """The mean of ``values`` per simulated device tier (empty without profiles)."""
         tiers: dict[str, list[float]] = {}
-        for c, v in sorted(losses.items()):
+        for c, v in sorted(values.items()):
             if c in self.profiles:
                 tiers.setdefault(self.profiles[c].name, []).append(v)
-        if tiers:
-            out["device_eval_loss_tier"] = {t: math.fsum(v) / len(v) for t, v in tiers.items()}
-        return out
+        return {t: math.fsum(v) / len(v) for t, v in tiers.items()}
 
     def _report(self, row: dict[str, Any]) -> None:
         """Keep ``row``, checkpoint, then tell listeners: a row written to ``metrics.jsonl``
