@@ -82,11 +82,15 @@ class Outcome:
         The device's time over the round's median device time (> 0).
     weight : float
         The charge per unit of delay (``delay_penalty`` x devices in the round).
+    failed : bool
+        The update did not come back (deadline, memory, gone): a property of the device on
+        that arm, not of the arm's quality.
     """
 
     gain: float
     slowness: float
     weight: float
+    failed: bool = False
 
     @property
     def reward(self) -> float:
@@ -288,7 +292,8 @@ class PooledUCB(_Base):
 
     window: int = 40
     c: float = 1.0
-    outcomes: list[tuple[str, int, float, float, float]] = field(default_factory=list)
+    # (device, arm, gain, slowness, weight, failed) of every pull, in order
+    outcomes: list[tuple[str, int, float, float, float, bool]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -303,9 +308,8 @@ class PooledUCB(_Base):
         if not (math.isfinite(outcome.gain) and math.isfinite(outcome.weight)):
             raise ValueError(f"outcome must be finite, got {outcome}")
         super().update(device, arm, outcome.reward)
-        self.outcomes.append(
-            (device, int(arm), float(outcome.gain), float(outcome.slowness), float(outcome.weight))
-        )
+        o = outcome
+        self.outcomes.append((device, int(arm), o.gain, o.slowness, o.weight, bool(o.failed)))
 
     def update(self, device: str, arm: int, reward: float) -> None:
         """A bare reward: all quality, on time."""
@@ -319,15 +323,18 @@ class PooledUCB(_Base):
         """Restore what :meth:`state_dict` returned."""
         super().load_state_dict(state)
         self.outcomes = [
-            (str(d), int(a), float(g), float(s), float(w)) for d, a, g, s, w in state["outcomes"]
+            (str(d), int(a), float(g), float(s), float(w), bool(f))
+            for d, a, g, s, w, f in state["outcomes"]
         ]
 
     def quality(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per arm: mean gain over its last ``window`` pulls on any device, and their count."""
+        """Per arm: mean gain over its last ``window`` pulls on any device that came back,
+        and their count."""
         k = len(self.arms)
         gains: list[list[float]] = [[] for _ in range(k)]
-        for _, a, g, _, _ in self.outcomes:
-            gains[a].append(g)
+        for _, a, g, _, _, failed in self.outcomes:
+            if not failed:
+                gains[a].append(g)
         recent = [x[-self.window :] for x in gains]
         n = np.array([len(x) for x in recent], dtype=np.float64)
         mean = np.array([sum(x) / len(x) if x else 0.0 for x in recent])
@@ -335,10 +342,11 @@ class PooledUCB(_Base):
 
     def slowness(self, device: str) -> np.ndarray:
         """Predicted slowness of ``device`` on every arm: the mean (in log) of its own last
-        pulls of the arm within its last ``window``, else ``exp(device + arm)`` from a
-        log-additive fit over every pull (a device nobody has seen is typical: 0)."""
+        pulls of the arm within its last ``window`` (a failed pull counts as it was charged),
+        else ``exp(device + arm)`` from a log-additive fit over every pull that came back (a
+        device nobody has seen is typical: 0)."""
         k = len(self.arms)
-        logs = [(d, a, math.log(s)) for d, a, _, s, _ in self.outcomes]
+        logs = [(d, a, math.log(s)) for d, a, _, s, _, failed in self.outcomes if not failed]
         dev: dict[str, float] = {}
         arm = np.zeros(k)
         for _ in range(20):  # alternating means: converges fast for this two-way layout
@@ -352,7 +360,7 @@ class PooledUCB(_Base):
             dev = {d: sum(r) / len(r) for d, r in per.items()}
         pred = np.exp(dev.get(device, 0.0) + arm)
         own: list[list[float]] = [[] for _ in range(k)]
-        mine = [(a, math.log(s)) for d, a, _, s, _ in self.outcomes if d == device]
+        mine = [(a, math.log(s)) for d, a, _, s, _, _ in self.outcomes if d == device]
         for a, y in mine[-self.window :]:
             own[a].append(y)
         for a, ys in enumerate(own):
@@ -364,7 +372,7 @@ class PooledUCB(_Base):
         """The arm of largest expected reward (pooled quality + bonus, minus the device's
         predicted delay charge); arms nobody has played first."""
         ok = self._allowed(allowed)
-        pulled = {a for _, a, _, _, _ in self.outcomes}
+        pulled = {o[1] for o in self.outcomes}
         fresh = [i for i in ok if i not in pulled]
         if fresh:
             return int(self._rng(device).choice(fresh))

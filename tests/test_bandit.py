@@ -200,3 +200,21 @@ def test_pooled_ucb_resumes_exactly():
         a.observe("a", 0, Outcome(1.0, 0.0, 1.0))
     with pytest.raises(ConfigError, match="window"):
         make_bandit("pooled-ucb", ARMS, seed=0, window=0)
+
+
+def test_pooled_ucb_keeps_a_failed_pull_with_the_device_not_the_arm():
+    """A device that ran out of memory on arm 0 is charged there (its own slowness 2); the arm's
+    pooled quality, and what the other devices expect of it, do not change."""
+    from fedpeft.bandit import Outcome
+
+    arms = [Arm(0.0, 8), Arm(0.5, 8)]
+    b = make_bandit("pooled-ucb", arms, seed=0, c=0.0)
+    for d in ("f1", "f2"):
+        b.observe(d, 0, Outcome(gain=1.0, slowness=1.0, weight=2.0))
+        b.observe(d, 1, Outcome(gain=0.6, slowness=1.0, weight=2.0))
+    before = (b.quality()[0].copy(), b.slowness("f1").copy())
+    b.observe("weak", 0, Outcome(gain=0.0, slowness=2.0, weight=2.0, failed=True))
+    np.testing.assert_array_equal(b.quality()[0], before[0])
+    np.testing.assert_array_equal(b.slowness("f1"), before[1])
+    assert b.slowness("weak")[0] == pytest.approx(2.0)
+    assert b.select("weak", [0, 1]) == 1 and b.select("f1", [0, 1]) == 0

@@ -432,7 +432,7 @@ class FedSpine:
         failed = sorted(set(self._pending) - {u.header.client_id for u in ups})
         if learning and failed:  # missed the deadline, ran out of memory, or went away
             for cid in failed:  # no gain, charged as a straggler that doubled the round
-                self._observe(cid, Outcome(0.0, 2.0, -self.failed_reward))
+                self._observe(cid, Outcome(0.0, 2.0, -self.failed_reward, failed=True))
             metrics["fedspine_failed_pulls"] = float(len(failed))
         if played:
             metrics["fedspine_ratio_mean"] = sum(a.ratio for a in played) / len(played)
