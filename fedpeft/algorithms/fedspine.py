@@ -3,11 +3,15 @@ pruning ratio, LoRA rank); devices prune-then-tune; pruned updates are averaged 
 
 Per round and sampled device ``k``:
 
-1. **Arm.** The bandit (:mod:`fedpeft.bandit`, one statistics table per device) picks an arm
-   ``(p_k, r_k)`` from ``arms``. The device starts from the structure it ended at last time
-   when that was pruned no further than ``p_k`` (pruning continues from there), else from the
-   whole model. It receives the first ``r_k`` components of the unit-scale global adapter
-   (``B`` divided by its ``alpha / r_k``), cut to its starting structure.
+1. **Arm.** The bandit (:mod:`fedpeft.bandit`; by default ``pooled-ucb``: arm quality pooled
+   over devices, speed per device) picks an arm ``(p_k, r_k)`` from ``arms``. The device
+   starts from the structure it ended at last time when that was pruned no further than
+   ``p_k`` (pruning continues from there); moving to a less pruned arm, from that structure
+   grown back to ``p_k`` by base-weight magnitude (``regrow``); an unpruned arm, or a first
+   pruned arm, from the whole model (with ``start = "magnitude"``, or for a device that
+   cannot hold the whole model, from the coordinator's magnitude structure). It receives
+   the first ``r_k`` components of the unit-scale global adapter (``B`` divided by its
+   ``alpha / r_k``), cut to its starting structure.
 2. **Prune-then-tune** on the device (:mod:`fedpeft.client.prune_trainer`): LoRAPrune scores
    from LoRA gradients, pruning in ``stages`` with ``warmup_steps`` of tuning before each.
 3. **Masked aggregation** (:mod:`fedpeft.prune.masked`): every coordinate of the unit-scale
