@@ -790,3 +790,42 @@ def test_start_magnitude_prunes_once_on_the_coordinator():
         _strategy([[0.5, 2.0]], start="magnitude")
     with pytest.raises(ConfigError, match="start"):
         FedSpine.Config(start="lottery")
+
+
+def test_a_device_that_cannot_hold_the_whole_model_starts_from_a_scored_structure():
+    """Once a device that held the whole model has pruned to a ratio with its own scores, a
+    device that cannot hold the whole model begins that arm from that structure (the one
+    whose update gained most), not from the magnitude structure; with ``start = "magnitude"``
+    from the magnitude structure; the choice survives a state round trip."""
+    from fedpeft.wire.messages import ClientInfo
+
+    magnitude = LAYOUT.encode([LAYOUT.full()[0], Keep(attn=(0,), ffn=(0, 1)), LAYOUT.full()[2]])
+    scored = {
+        "a": [LAYOUT.full()[0], Keep(attn=(1,), ffn=(2, 3)), LAYOUT.full()[2]],
+        "b": [LAYOUT.full()[0], Keep(attn=(1,), ffn=(0, 3)), LAYOUT.full()[2]],
+    }
+    weak = ClientInfo(Header("r", 0, "fp", "", 10, "weak"), "cpu", {"memory_mb": 50.0})
+    for start, want in (("own", LAYOUT.encode(scored["b"])), ("magnitude", magnitude)):
+        initial = init_factors(MODULES, SPEC, 0)
+        ctx = StrategyContext(initial=initial, spec=SPEC, seed=0, layout=LAYOUT,
+                              magnitude_start=lambda ratio, keep=b"": magnitude)  # fmt: skip
+        pins = {"a": 1.0, "b": 1.0, "weak": 1.0}
+        strat = FedSpine(FedSpine.Config(arms=[[0.0, 2.0], [0.5, 2.0]], start=start,
+                                         bandit="pinned", bandit_options=pins), ctx)  # fmt: skip
+        plans = strat.configure_train(1, _clients(["a", "b"]))
+        assert all(p.prune.keep == (b"" if start == "own" else magnitude) for p in plans.values())
+        ups = []
+        for cid, drop in (("a", 0.1), ("b", 0.3)):  # b's update gained more
+            keeps = scored[cid] if start == "own" else LAYOUT.decode(magnitude)
+            u = _pruned_update(cid, keeps, 2, 10, 1)
+            metrics = {"probe_loss_start": 2.0, "probe_loss_end": 2.0 - drop, "client_s": 1.0,
+                       "peak_mem_mb": 100.0, "prune_cuts": 1.0}  # fmt: skip
+            ups.append(replace(u, metrics=metrics))
+        strat.aggregate_train(1, ups)
+        assert strat._whole_peak == (100.0 if start == "own" else None)
+        strat._whole_peak = 100.0  # (what a round begun whole measured: above weak's 50 MiB)
+        again = FedSpine(FedSpine.Config(arms=[[0.0, 2.0], [0.5, 2.0]], start=start,
+                                         bandit="pinned", bandit_options=pins), ctx)  # fmt: skip
+        again.load_state_dict(copy.deepcopy(strat.state_dict()))
+        for s in (strat, again):
+            assert s.configure_train(2, [weak])["weak"].prune.keep == want, start

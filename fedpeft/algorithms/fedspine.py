@@ -188,6 +188,9 @@ class FedSpine:
         self._arm_of: dict[str, int] = {}  # device -> the arm it trained last
         self._whole_peak: float | None = None  # largest peak of a round begun on the whole model
         self._started_whole: set[str] = set()  # devices of this round that begin whole
+        self._own_start: set[str] = set()  # devices of this round that begin on their own scores
+        self._scored: set[str] = set()  # devices whose structure their own scores chose
+        self._gains: dict[str, float] = {}  # device -> the gain of its last update
         if config.start == "magnitude" and ctx.magnitude_start is None:
             raise ConfigError(
                 "strategy.options.start = 'magnitude' needs the coordinator's base weights "
@@ -223,17 +226,19 @@ class FedSpine:
         start = b""
         if 0 < ratio <= arm.ratio:  # prune further from where the device is
             start = keep
+            if cid in self._scored:
+                self._own_start.add(cid)
         elif 0 < arm.ratio < ratio and grow is not None:  # less pruned: grow back, keep the rest
             start = grow(arm.ratio, keep)
-        if (
-            not start
-            and arm.ratio > 0
-            and (self.config.start == "magnitude" or not self._holds_whole(budget))
-        ):
+        weak = not self._holds_whole(budget)
+        if not start and arm.ratio > 0 and weak and self.config.start == "own":
+            start = self._donor(arm.ratio)  # what a device that could score found at the ratio
+        if not start and arm.ratio > 0 and (self.config.start == "magnitude" or weak):
             assert self.ctx.magnitude_start is not None  # (checked at start, or _holds_whole)
             start = self.ctx.magnitude_start(arm.ratio)  # the coordinator prunes for it
         if not start:
             self._started_whole.add(cid)
+            self._own_start.add(cid)
         full = layout.full()
         keeps = layout.decode(start) if start else full
         spec = client_spec(self.ctx, arm.rank)
@@ -275,6 +280,7 @@ class FedSpine:
         """Each device's arm from the bandit, its start structure and its slice of the global."""
         self._pending = {}
         self._started_whole = set()
+        self._own_start = set()
         plans = {}
         for c in sorted(clients, key=lambda c: c.client_id):
             budget = c.properties.get("memory_mb")
@@ -285,6 +291,17 @@ class FedSpine:
             self._pending[c.client_id] = i
             plans[c.client_id] = self._plan(c.client_id, self.arms[i], budget)
         return plans
+
+    def _donor(self, ratio: float) -> bytes:
+        """For a device that cannot hold the whole model: the structure at ``ratio`` that a
+        device which could chose with its own scores, the one whose last update gained most
+        (ties: the smallest id); empty when there is none."""
+        found = [
+            (-self._gains.get(c, 0.0), c)
+            for c in self._scored
+            if self._keeps.get(c, (0.0, b""))[0] == ratio and self._keeps[c][1]
+        ]
+        return self._keeps[min(found)[1]][1] if found else b""
 
     def _holds_whole(self, budget: float | None) -> bool:
         """Whether a device with ``budget`` can begin a round on the whole model: unless a
@@ -413,6 +430,10 @@ class FedSpine:
             played.append(arm)
             self._keeps[cid] = (arm.ratio, u.keep or b"")
             self._arm_of[cid] = arm_i
+            if arm.ratio > 0 and cid in self._own_start:
+                self._scored.add(cid)
+            else:
+                self._scored.discard(cid)
             metrics[f"arm_ratio/{cid}"] = arm.ratio
             metrics[f"arm_rank/{cid}"] = float(arm.rank)
             kept.append(u.metrics.get("prune_params", 1.0))
@@ -426,6 +447,7 @@ class FedSpine:
                 drops[cid] = u.metrics["probe_loss_start"] - u.metrics["probe_loss_end"]
             times[cid] = u.metrics.get("client_s", u.metrics.get("train_s", 0.0))
         if learning and drops:
+            self._gains.update(drops)
             outcomes = fedspine_outcomes(drops, times, self.config.delay_penalty)
             for cid, o in sorted(outcomes.items()):
                 self._observe(cid, o)
@@ -462,6 +484,9 @@ class FedSpine:
             "arm_of": dict(self._arm_of),
             "whole_peak": self._whole_peak,
             "started_whole": sorted(self._started_whole),
+            "own_start": sorted(self._own_start),
+            "scored": sorted(self._scored),
+            "gains": dict(self._gains),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -478,6 +503,9 @@ class FedSpine:
         whole = state.get("whole_peak")
         self._whole_peak = float(whole) if whole is not None else None
         self._started_whole = {str(c) for c in state.get("started_whole", [])}
+        self._own_start = {str(c) for c in state.get("own_start", [])}
+        self._scored = {str(c) for c in state.get("scored", [])}
+        self._gains = {str(c): float(g) for c, g in state.get("gains", {}).items()}
 
 
 register_strategy("fedspine", FedSpine)
