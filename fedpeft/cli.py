@@ -180,6 +180,13 @@ def _parser() -> argparse.ArgumentParser:
     cli.add_argument("--num-partitions", type=int, default=None, help="shares in total")
     cli.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N | mps")
     cli.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 | auto")
+    cli.add_argument(
+        "--quantization",
+        default=None,
+        choices=["none", "nf4", "nf4-dq", "fp4", "fp4-dq", "int8"],
+        help="load this node's base model quantized (bitsandbytes; -dq: double quantization); "
+        "the coordinator admits it if model.quantization or model.node_quantizations names it",
+    )
     cli.add_argument("--data-path", default=None, help="this node's copy of the data file")
     cli.add_argument(
         "--own-data",
@@ -333,6 +340,7 @@ def _client(args: argparse.Namespace) -> int:
         "num-partitions": args.num_partitions,
         "device": args.device,
         "dtype": args.dtype,
+        "quantization": args.quantization,
         "data-path": str(Path(args.data_path).resolve()) if args.data_path else None,
         "own-data": 1 if args.own_data else None,
         "max-rank": args.max_rank,

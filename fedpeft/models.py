@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -30,16 +31,20 @@ from fedpeft.cache import PROCESS_CACHE, ProcessCache
 from fedpeft.config import ModelConfig
 from fedpeft.errors import ModelError
 from fedpeft.lora.handle import ModelHandle
+from fedpeft.quantization import quantization_label, quantize
 from fedpeft.seeding import scoped_torch_seed
 
 __all__ = [
     "fingerprint",
+    "fingerprint_mismatch",
     "get_model",
     "handle_of",
     "load_model",
     "model_key",
     "resolve_device",
     "resolve_dtype",
+    "split_fingerprint",
+    "with_quantization",
 ]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -160,9 +165,52 @@ def handle_of(model: nn.Module, tokenizer: Any, name: str, cfg: ModelConfig) -> 
     model = model.to(device=device, dtype=dtype)
     model.requires_grad_(False)
     model.eval()
+    identity = fingerprint(model)  # of the full-precision weights, before quantizing them
+    if cfg.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        quantize(model, cfg.quantization, dtype, cfg.double_quant)
+        # peft's k-bit preparation (QLoRA's recipe): freezes the base and keeps the parts left
+        # in full precision (embeddings, norms, head) in float32. Gradient checkpointing is
+        # train.gradient_checkpointing's business, switched on per round, not here.
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # type: ignore[no-untyped-call]
+        label = quantization_label(cfg.quantization, cfg.double_quant)
+        identity = with_quantization(identity, label)
     return ModelHandle(
-        model=model, tokenizer=tokenizer, fingerprint=fingerprint(model), name=name, device=device
+        model=model, tokenizer=tokenizer, fingerprint=identity, name=name, device=device
     )
+
+
+def with_quantization(identity: str, label: str) -> str:
+    """A fingerprint that covers the quantization: ``<weights hash>/<label>`` (``none``: the
+    weights hash alone)."""
+    return identity if label == "none" else f"{identity}/{label}"
+
+
+def split_fingerprint(fp: str) -> tuple[str, str]:
+    """``(weights hash, quantization label)`` of a fingerprint from :func:`with_quantization`."""
+    identity, _, label = fp.partition("/")
+    return identity, label or "none"
+
+
+def fingerprint_mismatch(theirs: str, ours: str, accepted: Iterable[str] = ()) -> str | None:
+    """Why a node whose base model has fingerprint ``theirs`` may not train with ``ours``
+    (``None`` if it may): the weights must be the same; the quantization must be the same or
+    in ``accepted`` (``model.node_quantizations``). The message names both sides."""
+    w_theirs, q_theirs = split_fingerprint(theirs)
+    w_ours, q_ours = split_fingerprint(ours)
+    if w_theirs != w_ours:
+        return (
+            f"base model {w_theirs} ({q_theirs}) vs {w_ours} ({q_ours}): different weights; "
+            "load the same model on both sides"
+        )
+    if q_theirs != q_ours and q_theirs not in set(accepted):
+        return (
+            f"the base model is quantized {q_theirs!r} on the node and {q_ours!r} on the "
+            f"coordinator: start the node with --quantization matching model.quantization, or "
+            f"admit it with model.node_quantizations = [{q_theirs!r}]"
+        )
+    return None
 
 
 def fingerprint(model: nn.Module) -> str:

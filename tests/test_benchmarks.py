@@ -74,11 +74,58 @@ def test_overhead(tmp_path: Path) -> None:
 
 
 def test_memory(tmp_path: Path) -> None:
-    _, results = _run(tmp_path, "memory.py")
+    out, results = _run(tmp_path, "memory.py")
     got = _json(results, "memory_tiny.json")["results"]
     one, three = got["1"]["peak_rss_mib"], got["3"]["peak_rss_mib"]
     assert one > 100
     assert three < 1.5 * one  # clients share one base model: not three copies
+    table = _json(results, "memory_precision_tiny.json")["results"]
+    assert set(table) == {"float32", "nf4"}
+    f32, nf4 = table["float32"], table["nf4"]
+    # inference holds the weights: the tiny model's float32 parameters, 4 bytes each, and the
+    # rotary embedding's two buffers of 8 inverse frequencies
+    assert f32["inference"]["peak_mem_mib"] * 2**20 == 4 * TINY_PARAMS + 2 * 8 * 4
+    assert nf4["inference"]["peak_mem_mib"] < f32["inference"]["peak_mem_mib"]
+    for cases in (f32, nf4):
+        lora, ckpt, zo = cases["lora"], cases["lora+ckpt"], cases["zo-lora"]
+        assert ckpt["peak_mem_mib"] < lora["peak_mem_mib"]  # fewer activations kept
+        assert ckpt["loss_after"] == lora["loss_after"]  # and the same model
+        assert zo["peak_mem_mib"] < ckpt["peak_mem_mib"]  # forward passes only
+        assert zo["peak_mem_mib"] < 1.2 * cases["inference"]["peak_mem_mib"]
+    assert "refused" in nf4["zo-full"]  # a packed base cannot be perturbed in place
+    assert f32["zo-full"]["peak_mem_mib"] > f32["zo-lora"]["peak_mem_mib"]
+    assert "vs infer" in out
+
+
+def test_mixed_precision(tmp_path: Path) -> None:
+    out, results = _run(tmp_path, "mixed_precision.py")
+    got = _json(results, "mixed_precision.json")["results"]
+    full, half, nf4 = got["all float32"], got["half nf4"], got["all nf4"]
+    # one coordinator model (float32) and one eval set: the same loss before training
+    assert full["loss_before"] == half["loss_before"] == nf4["loss_before"]
+    assert full["loss_after"] != nf4["loss_after"]  # the nodes trained on other bases
+    # the same client on the same batches holds less on an nf4 base: even nodes in "half"
+    peaks, ref, low = half["peak_mem_mib"], full["peak_mem_mib"], nf4["peak_mem_mib"]
+    assert peaks["0"] < ref["0"] and peaks["2"] < ref["2"], (peaks, ref)
+    assert peaks["1"] == ref["1"] and peaks["3"] == ref["3"], (peaks, ref)
+    assert all(low[c] < ref[c] for c in ref), (low, ref)
+    assert "half nf4" in out
+
+
+def test_gpu_check_dry_run(tmp_path: Path) -> None:
+    """Without a GPU the CUDA parts say so and the CPU halves run: the directions of every
+    tiny-model parameter hash the same in two processes, rounds train on the CPU."""
+    out, results = _run(tmp_path, "gpu_check.py", "--dry-run")
+    got = _json(results, "gpu_check.json")
+    assert got["dry_run"] and got["model"] == "tiny"
+    assert got["directions"]["same"]
+    assert int(got["directions"]["cpu"]["elements"]) == TINY_PARAMS
+    assert set(got["rounds"]) == {"float32 lora", "float32 zo-lora", "nf4 lora", "nf4 zo-lora"}
+    for r in got["rounds"].values():
+        assert r["peak_mem_mib"] > 0 and r["loss_after"] <= r["loss_before"] + 1e-3, r
+    if not got["cuda"]:
+        assert got["cuda_tests"].startswith("skipped") and got["auto_dtype"].startswith("skipped")
+    assert "identical" in out
 
 
 def test_compare(tmp_path: Path) -> None:

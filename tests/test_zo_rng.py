@@ -48,6 +48,7 @@ def test_identical_across_processes(dist):
     assert _digest_in_subprocess(dist) == here
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("dist", DISTRIBUTIONS)
 def test_identical_on_cpu_and_cuda(dist):
     if not torch.cuda.is_available():

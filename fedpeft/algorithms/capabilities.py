@@ -56,6 +56,9 @@ class Capabilities:
         Clients keep a personal part of the model that never leaves them (FedSA-LoRA's
         ``B``): the global model alone is not what a client runs; evaluate with
         ``eval.personalized``.
+    merges_base : bool
+        Writes adapters into the base model's weights (FLoRA merges the stacked global into
+        the base before each round), which a quantized base cannot take.
     """
 
     family: Literal["lora", "zo"] = "lora"
@@ -69,6 +72,7 @@ class Capabilities:
     needs_validation: bool = False
     fixed_steps: bool = False
     personal: bool = False
+    merges_base: bool = False
 
     def __post_init__(self) -> None:
         if self.family not in ("lora", "zo"):

@@ -52,7 +52,7 @@ __all__ = ["FLora"]
 class FLora:
     """FLoRA: fresh LoRA per round, stacked aggregation, global merged into the base."""
 
-    capabilities = Capabilities(family="lora", heterogeneous_ranks=True)
+    capabilities = Capabilities(family="lora", heterogeneous_ranks=True, merges_base=True)
 
     Config = WeightedConfig
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from flwr.app import Context, Message, RecordDict
@@ -45,7 +45,7 @@ from fedpeft.data.tokenize import encode_pairs
 from fedpeft.errors import ConfigError, ProtocolError
 from fedpeft.evaluation import EvalSet, Evaluator
 from fedpeft.lora.handle import ModelHandle
-from fedpeft.models import get_model, model_key
+from fedpeft.models import fingerprint_mismatch, get_model, model_key
 from fedpeft.wire.messages import (
     HEADER,
     PERSONAL,
@@ -186,24 +186,34 @@ def _check_strategy(theirs: str, run: RunConfig) -> None:
 
 
 def _check_fingerprint(theirs: str, handle: ModelHandle) -> None:
-    if theirs != handle.fingerprint:
-        raise ProtocolError(
-            f"the coordinator trains base model {theirs}, this node has "
-            f"{handle.fingerprint} ({handle.name}); load the same model on both sides"
-        )
+    """The coordinator stamps each instruction with the base model it admitted this node with
+    (its own, or the same weights in a quantization it admits): this node must have it."""
+    if why := fingerprint_mismatch(handle.fingerprint, theirs):
+        raise ProtocolError(f"this node ({handle.name}) and the coordinator differ: {why}")
 
 
 # Node config keys a deployed node may set, and the scenario keys they override on that node.
-NODE_OVERRIDES = {"device": "model.device", "dtype": "model.dtype", "data-path": "data.path"}
+NODE_OVERRIDES = {
+    "device": "model.device",
+    "dtype": "model.dtype",
+    "data-path": "data.path",
+}
 # Node config keys advertised to the coordinator in ClientInfo.properties.
 NODE_PROPERTIES = {"max-rank": "max_rank", "memory-mb": "memory_mb"}
 
 
 def node_overrides(context: Context) -> dict[str, Any]:
-    """The scenario overrides this node's config asks for (``device``, ``dtype``, ``data-path``)."""
-    return {
-        NODE_OVERRIDES[k]: v for k, v in sorted(context.node_config.items()) if k in NODE_OVERRIDES
+    """The scenario overrides this node's config asks for (``device``, ``dtype``, ``data-path``,
+    ``quantization``: a label such as ``nf4`` or ``nf4-dq``, 4-bit with double quantization)."""
+    conf = context.node_config
+    out: dict[str, Any] = {
+        NODE_OVERRIDES[k]: v for k, v in sorted(conf.items()) if k in NODE_OVERRIDES
     }
+    if "quantization" in conf:
+        kind, _, dq = str(conf["quantization"]).partition("-")
+        out["model.quantization"] = kind
+        out["model.double_quant"] = dq == "dq"
+    return out
 
 
 def own_data(context: Context) -> bool:
@@ -212,9 +222,27 @@ def own_data(context: Context) -> bool:
     return bool(context.node_config.get("own-data", 0))
 
 
+def _simulated_node(cfg: RunConfig, context: Context) -> RunConfig:
+    """``cfg`` with this node's own base-model quantization: its node config's
+    ``quantization`` if it names one, else ``simulation.node_quantization`` cycled over
+    partition ids."""
+    conf, labels = context.node_config, cfg.simulation.node_quantization
+    if "quantization" in conf:
+        label = str(conf["quantization"])
+    elif labels:
+        label = labels[int(conf.get("partition-id", 0)) % len(labels)]
+    else:
+        return cfg
+    kind, _, dq = label.partition("-")
+    if (kind, dq == "dq") == (cfg.model.quantization, cfg.model.double_quant):
+        return cfg
+    model = replace(cfg.model, quantization=kind, double_quant=dq == "dq")
+    return replace(cfg, model=model)
+
+
 def _config(fixed: RunConfig | None, context: Context, cache: ProcessCache) -> RunConfig:
     if fixed is not None:
-        return fixed
+        return _simulated_node(fixed, context)
     run = context.run_config
     overrides = str(run.get("overrides", "")).split()
     local = node_overrides(context)
@@ -231,7 +259,7 @@ def _config(fixed: RunConfig | None, context: Context, cache: ProcessCache) -> R
             )
         return load_config(path, merged)
 
-    return cache.get(key, build)
+    return _simulated_node(cache.get(key, build), context)
 
 
 def make_client_app(cfg: RunConfig | None = None, cache: ProcessCache = PROCESS_CACHE) -> ClientApp:

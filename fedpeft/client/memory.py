@@ -6,10 +6,14 @@ count, so the meter adds up what training actually holds at its peak, each part 
 the tensors themselves, not estimated from a formula:
 
 - **weights**: every parameter and buffer of the model that trains (a pruned device's own
-  smaller model, with its LoRA factors), each storage once;
+  smaller model, with its LoRA factors; a quantized base's packed blocks and their constants),
+  each storage once, plus what a trainer holds beside the model (:meth:`MemoryMeter.hold`: a
+  seed/scalar runtime's snapshot of the tuned tensors);
 - **activations**: the tensors autograd saved for backward during a micro-batch's forward
   (seen through ``torch.autograd.graph.saved_tensors_hooks``; storages counted once, the
-  weights' own left out), largest micro-batch of the round;
+  weights' own left out), largest micro-batch of the round; with gradient checkpointing, what
+  the checkpointed layers keep instead (their inputs, seen by forward pre-hooks) plus what is
+  saved outside them;
 - **gradients**: the trainable parameters' ``.grad`` after backward, largest of the round;
 - **optimizer state**: the optimizer's state tensors after a step (AdamW: two moments per
   trainable parameter), largest of the round.
@@ -28,6 +32,8 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
+
+from fedpeft.quantization import quantized_extra_tensors
 
 __all__ = ["MIB", "MemoryMeter", "storage_bytes"]
 
@@ -67,6 +73,9 @@ class MemoryMeter:
         self.gradients = 0
         self.optimizer = 0
         self._weight_ptrs: set[int] = set()
+        # with gradient checkpointing: the layers whose inputs are kept for the recompute
+        # (autograd's hooks do not see them: checkpointing saves through its own hooks)
+        self.checkpointed: list[torch.nn.Module] = []
         self.use(model, adapter)
         if self.cuda:
             torch.cuda.synchronize(device)
@@ -82,8 +91,16 @@ class MemoryMeter:
             if "lora_" not in n or f".{adapter}." in n or n.endswith(f".{adapter}")
         ]
         tensors += list(model.buffers())
+        tensors += quantized_extra_tensors(model)
         self._weight_ptrs = {_storage(t)[0] for t in tensors}
         self.weights = max(self.weights, storage_bytes(tensors))
+
+    def hold(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Count tensors the trainer keeps besides the model (a seed/scalar runtime's snapshot
+        of the tuned weights, say) as part of the weights."""
+        extra = [t for t in tensors if _storage(t)[0] not in self._weight_ptrs]
+        self.weights += storage_bytes(extra)
+        self._weight_ptrs |= {_storage(t)[0] for t in extra}
 
     @contextlib.contextmanager
     def forward(self) -> Iterator[None]:
@@ -99,8 +116,20 @@ class MemoryMeter:
                 seen[ptr] = nbytes
             return t
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            yield
+        def keep_inputs(module: torch.nn.Module, args: Any, kwargs: Any) -> None:
+            for t in [*args, *kwargs.values()]:
+                if isinstance(t, torch.Tensor):
+                    pack(t)
+
+        hooks = [
+            m.register_forward_pre_hook(keep_inputs, with_kwargs=True) for m in self.checkpointed
+        ]
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                yield
+        finally:
+            for h in hooks:
+                h.remove()
         self.activations = max(self.activations, sum(seen.values()))
 
     def after_backward(self, params: Iterable[torch.Tensor]) -> None:

@@ -139,6 +139,7 @@ class PruneTrainer:
         losses: list[float] = []
         done, cuts = 0, 0
         meter = MemoryMeter(sub.base_model, name, handle.device)  # the device's own model
+        gc = ins.train.gradient_checkpointing
         with scoped_torch_seed(derive_seed(ins.seed, "dropout")):
             for ratio in stage_ratios(plan.ratio, plan.stages):
                 counts = target_counts(layout, ratio, protect)
@@ -146,7 +147,9 @@ class PruneTrainer:
                     continue
                 scorer = _Scorer(sub, name, layout.pruned(keeps))
                 n = max(0, min(plan.warmup_steps, steps - done - 1))
-                with sub.training(name):
+                with sub.training(name, gc):
+                    if gc:
+                        meter.checkpointed = sub.checkpointed_layers()
                     run_steps(sub, name, ins, data, batches, n, losses, None,
                               scorer.after_backward, meter=meter)  # fmt: skip
                 done += n
@@ -157,7 +160,9 @@ class PruneTrainer:
                 name = sub.ensure_adapter(ins.lora)
                 sub.set_factors(name, factors)
                 meter.use(sub.base_model, name)
-            with sub.training(name):
+            with sub.training(name, gc):
+                if gc:
+                    meter.checkpointed = sub.checkpointed_layers()
                 run_steps(sub, name, ins, data, batches, steps - done, losses, meter=meter)
             loss_end = None
             if plan.measure and losses:  # the first batch again, after training

@@ -249,10 +249,12 @@ class LoraTrainer:
         with (
             scoped_torch_seed(derive_seed(ins.seed, "dropout")),
             handle.merged(ins.base),
-            handle.training(name),
+            handle.training(name, ins.train.gradient_checkpointing),
         ):
             hooks = self.begin(handle, name, ins, node) if self.begin else RoundHooks()
             meter = MemoryMeter(handle.base_model, name, handle.device)
+            if ins.train.gradient_checkpointing:
+                meter.checkpointed = handle.checkpointed_layers()
             try:
                 penalty = self.penalty(handle, name, ins) if self.penalty is not None else None
                 report = self.report(handle, name, ins) if self.report is not None else None

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fedpeft.algorithms.capabilities import Capabilities
-from fedpeft.config.sections import RunConfig, ZoConfig
+from fedpeft.config.sections import RunConfig, ZoConfig, quantization_label
 from fedpeft.devices import assign_profiles
 from fedpeft.errors import ConfigError
 
@@ -337,6 +337,57 @@ def _devices(cfg: RunConfig, caps: Capabilities) -> str | None:
     return None
 
 
+def _quantized(cfg: RunConfig) -> list[str]:
+    """The quantizations this scenario's nodes load, other than ``none``."""
+    own = quantization_label(cfg.model.quantization, cfg.model.double_quant)
+    return sorted({own, *cfg.simulation.node_quantization} - {"none"})
+
+
+def _quant_zo_full(cfg: RunConfig, caps: Capabilities) -> str | None:
+    quantized = _quantized(cfg)
+    if not quantized or caps.family != "zo" or cfg.zo.target != "full":
+        return None
+    return (
+        f"zo.target = 'full' perturbs every base weight in place, and a {quantized[0]} base "
+        "holds packed integer blocks that cannot be perturbed and restored exactly: set "
+        "zo.target = 'lora' (seed/scalar over LoRA factors) or model.quantization = 'none'"
+    )
+
+
+def _quant_layout(cfg: RunConfig, caps: Capabilities) -> str | None:
+    quantized = _quantized(cfg)
+    if not quantized or not (caps.needs_layout or caps.merges_base):
+        return None
+    what = "prunes" if caps.needs_layout else "merges adapters into"
+    return (
+        f"{cfg.strategy.name!r} {what} the base model's linear layers, whose weights a "
+        f"{quantized[0]} base holds as packed blocks: set model.quantization = 'none' (and "
+        "leave simulation.node_quantization empty)"
+    )
+
+
+def _checkpointing_zo(cfg: RunConfig, caps: Capabilities) -> str | None:
+    if not cfg.train.gradient_checkpointing or caps.family != "zo":
+        return None
+    return (
+        f"train.gradient_checkpointing trades recomputation for the activations a backward "
+        f"needs; {cfg.strategy.name!r} runs the seed/scalar loops, which it does not reach: "
+        "set train.gradient_checkpointing = false"
+    )
+
+
+def _node_quantization(cfg: RunConfig, caps: Capabilities) -> str | None:
+    own = quantization_label(cfg.model.quantization, cfg.model.double_quant)
+    admitted = {own, *cfg.model.node_quantizations}
+    bad = sorted(set(cfg.simulation.node_quantization) - admitted)
+    if not bad:
+        return None
+    return (
+        f"simulation.node_quantization has {bad}, which the coordinator would refuse (it admits "
+        f"{sorted(admitted)}): add them to model.node_quantizations"
+    )
+
+
 RULES: tuple[Rule, ...] = (
     Rule(("ranks.mode", "strategy.name"), "different ranks with a strategy that has one rank "
          "(or none: seed/scalar)", _ranks),
@@ -393,6 +444,15 @@ RULES: tuple[Rule, ...] = (
     Rule(("train.lr_schedule", "train.warmup_rounds", "federation.rounds", "strategy.name"),
          "a round learning-rate schedule with a seed/scalar strategy, or warmup that takes "
          "every round", _lr_schedule),
+    Rule(("model.quantization", "simulation.node_quantization", "zo.target", "strategy.name"),
+         "a quantized base with seed/scalar training of every base weight", _quant_zo_full),
+    Rule(("model.quantization", "simulation.node_quantization", "strategy.name"), "a quantized "
+         "base with a strategy that prunes the base model (FedSpine) or merges adapters into "
+         "it (FLoRA)", _quant_layout),
+    Rule(("train.gradient_checkpointing", "strategy.name"), "gradient checkpointing with a "
+         "seed/scalar strategy", _checkpointing_zo),
+    Rule(("simulation.node_quantization", "model.node_quantizations"), "simulated nodes "
+         "loading a quantization the coordinator does not admit", _node_quantization),
     Rule(("devices.tiers", "devices.file", "federation.num_clients"), "device tiers or a "
          "device file that name an unknown profile or are malformed", _devices),
 )  # fmt: skip

@@ -53,6 +53,16 @@ def _raise(problems: list[str]) -> None:
 
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
+QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
+# what a node's quantization is called on the wire: 4-bit with double quantization gets "-dq"
+QUANTIZATION_LABELS = ("none", "nf4", "nf4-dq", "fp4", "fp4-dq", "int8")
+
+
+def quantization_label(kind: str, double_quant: bool) -> str:
+    """The name a node's quantization travels under: ``none``, ``nf4``, ``nf4-dq``, ``int8``..."""
+    return f"{kind}-dq" if double_quant and kind in ("nf4", "fp4") else kind
+
+
 LR_SCHEDULES = ("constant", "linear", "cosine")
 SERVER_OPTIMIZERS = ("none", "avgm", "adam", "yogi", "adagrad")
 
@@ -73,6 +83,22 @@ class ModelConfig:
         "float32",
     )
     device: str = _help("auto | cpu | cuda | cuda:N | mps", "auto")
+    quantization: str = _help(
+        "quantize the base model's linear layers with bitsandbytes (QLoRA): none | nf4 | fp4 | "
+        "int8; 4-bit layers compute in model.dtype; a node may load another one "
+        "(fedpeft client --quantization) if model.node_quantizations allows it",
+        "none",
+    )
+    double_quant: bool = _help(
+        "4-bit only: also quantize the blocks' absmax constants (QLoRA's double quantization)",
+        False,
+    )
+    node_quantizations: list[str] = _help(
+        "quantizations the coordinator also admits from nodes besides model.quantization "
+        "(e.g. ['nf4'] to mix 4-bit and full-precision nodes; 4-bit with double quantization "
+        "is written 'nf4-dq')",
+        [],
+    )
     tiny_hidden_size: int = _help("hidden size of the 'tiny' model", 64)
     tiny_layers: int = _help("number of layers of the 'tiny' model", 2)
     seed: int = _help("seed of the 'tiny' model's random weights", 0)
@@ -86,6 +112,19 @@ class ModelConfig:
             self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"),
             f"model.device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}",
         )
+        _check(
+            p,
+            self.quantization in QUANTIZATIONS,
+            f"model.quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}",
+        )
+        _check(
+            p,
+            not self.double_quant or self.quantization in ("nf4", "fp4"),
+            f"model.double_quant = true needs model.quantization = 'nf4' or 'fp4', got "
+            f"{self.quantization!r}",
+        )
+        bad = [q for q in self.node_quantizations if q not in QUANTIZATION_LABELS]
+        _check(p, not bad, f"model.node_quantizations: {bad} not among {QUANTIZATION_LABELS}")
         _check(p, self.tiny_hidden_size >= 8, "model.tiny_hidden_size must be >= 8")
         _check(p, self.tiny_layers >= 1, "model.tiny_layers must be >= 1")
         _raise(p)
@@ -124,6 +163,12 @@ class TrainConfig:
     max_seq_len: int = _help("token budget of prompt + response; longer pairs are cut", 64)
     weight_decay: float = _help("AdamW weight decay", 0.0)
     max_grad_norm: float = _help("clip the adapter gradient to this norm (0: no clipping)", 1.0)
+    gradient_checkpointing: bool = _help(
+        "keep only each decoder layer's input during the forward and recompute the rest in "
+        "backward (transformers' gradient checkpointing, non-reentrant): less activation "
+        "memory for about one more forward per step; LoRA strategies only",
+        False,
+    )
     lr_schedule: str = _help(
         "learning rate over the run's rounds (clients restart their optimizer each round): "
         "constant | linear | cosine, after warmup_rounds of linear warmup",
@@ -739,6 +784,12 @@ class SimulationConfig:
     ray_num_cpus: float = _help("ray: CPUs reserved per virtual client", 1.0)
     ray_num_gpus: float = _help("ray: GPUs per virtual client (fractions share a GPU)", 0.0)
     ray_address: str = _help("ray: address of an existing Ray cluster ('' starts a local one)", "")
+    node_quantization: list[str] = _help(
+        "simulated nodes' own base-model quantization, cycled over partition ids (['nf4', "
+        "'none']: even nodes 4-bit, odd full precision); each must be model.quantization or in "
+        "model.node_quantizations. Empty: every node loads model.quantization",
+        [],
+    )
 
     def __post_init__(self) -> None:
         p: list[str] = []
@@ -747,6 +798,8 @@ class SimulationConfig:
             self.backend in ("inprocess", "ray"),
             f"simulation.backend must be inprocess|ray, got {self.backend!r}",
         )
+        bad = [q for q in self.node_quantization if q not in QUANTIZATION_LABELS]
+        _check(p, not bad, f"simulation.node_quantization: {bad} not among {QUANTIZATION_LABELS}")
         _check(p, self.ray_num_cpus > 0, "simulation.ray_num_cpus must be > 0")
         _check(p, self.ray_num_gpus >= 0, "simulation.ray_num_gpus must be >= 0")
         _raise(p)

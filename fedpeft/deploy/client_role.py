@@ -13,8 +13,9 @@ The command runs, in one process:
 and starts ``flower-supernode`` as a child with node authentication
 (``--auth-supernode-private-key``), ``--trusted-entities`` (it runs only apps the operator
 signed) and a node config naming the worker's socket plus what the user gave
-(``partition-id``, ``num-partitions``, ``device``, ``dtype``, ``data-path``, ``own-data``,
-``max-rank``, ``memory-mb``). The SuperNode gets SIGTERM if this process dies.
+(``partition-id``, ``num-partitions``, ``device``, ``dtype``, ``quantization``,
+``data-path``, ``own-data``, ``max-rank``, ``memory-mb``). The SuperNode gets SIGTERM if this
+process dies.
 
 **Recovery.** When the SuperNode exits for any reason but a stop request (the coordinator
 restarted and forgot its session, its key is not registered yet, its previous session is still

@@ -242,14 +242,32 @@ class ModelHandle:
                     w.copy_(original)
 
     @contextlib.contextmanager
-    def training(self, name: str) -> Iterator[Any]:
-        """The peft model in train mode for a block, back in eval mode afterwards."""
+    def training(self, name: str, checkpointing: bool = False) -> Iterator[Any]:
+        """The peft model in train mode for a block, back in eval mode afterwards.
+
+        ``checkpointing``: transformers' gradient checkpointing (non-reentrant: the LoRA
+        factors get gradients without the inputs requiring any) inside the block only, so the
+        process's shared model is left as it was."""
         model = self.peft_model(name)
         model.train()
+        base: Any = self.base_model  # a transformers PreTrainedModel
+        use_cache = getattr(base.config, "use_cache", None)
+        if checkpointing:  # transformers >= 5 calls it activation checkpointing
+            base.config.use_cache = False  # no key/value cache in training (it would warn)
+            base.activation_checkpointing_enable({"use_reentrant": False})
         try:
             yield model
         finally:
+            if checkpointing:
+                base.activation_checkpointing_disable()
+                base.config.use_cache = use_cache
             model.eval()
+
+    def checkpointed_layers(self) -> list[nn.Module]:
+        """The layers whose inputs gradient checkpointing keeps (the decoder layers)."""
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        return [m for m in self.base_model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
     def save_adapter(self, spec: LoraSpec, adapter: Adapter, path: str | Path) -> Path:
         """Write ``adapter`` in peft's format so ``PeftModel.from_pretrained(base, path)`` loads it.

@@ -200,7 +200,12 @@ class Coordinator:
         in :attr:`roster`.
         """
         fed = self.cfg.federation
-        self.roster = Roster(tuple(str(i) for i in range(fed.nodes)), self.run_id, self.fingerprint)
+        self.roster = Roster(
+            tuple(str(i) for i in range(fed.nodes)),
+            self.run_id,
+            self.fingerprint,
+            tuple(self.cfg.model.node_quantizations),
+        )
         deadline = time.monotonic() + fed.connect_timeout_s
         while True:
             connected = set(self.grid.get_node_ids())
@@ -253,11 +258,17 @@ class Coordinator:
         picked = rng.choice(len(clients), k, replace=False)
         return sorted((clients[int(i)] for i in picked), key=lambda c: c.client_id)
 
+    def _node_fingerprint(self, cid: str) -> str:
+        """The base model client ``cid`` was admitted with: the coordinator's, or the same
+        weights in another quantization that ``model.node_quantizations`` admits."""
+        info = self.roster.clients.get(cid)
+        return info.header.model_fingerprint if info is not None else self.fingerprint
+
     def _header(self, server_round: int, cid: str, adapter_hash: str) -> Header:
         return Header(
             run_id=self.run_id,
             server_round=server_round,
-            model_fingerprint=self.fingerprint,
+            model_fingerprint=self._node_fingerprint(cid),
             adapter_hash=adapter_hash,
             num_examples=self.examples_behind_global,
             client_id=cid,

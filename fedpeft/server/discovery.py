@@ -31,6 +31,7 @@ from flwr.serverapp import Grid
 
 from fedpeft._flwr import message_nbytes, send_bounded
 from fedpeft.errors import ProtocolError, clip
+from fedpeft.models import fingerprint_mismatch
 from fedpeft.server.exchange import check_error
 from fedpeft.server.validate import MAX_NUM_EXAMPLES
 from fedpeft.wire.messages import ClientInfo, decode_client_info, encode_query, encode_refusal
@@ -57,11 +58,14 @@ class Roster:
         Stamped on the queries.
     fingerprint : str
         The coordinator's base-model fingerprint.
+    quantizations : tuple[str, ...]
+        Other quantizations of the same weights a node may load (``model.node_quantizations``).
     """
 
     expected: tuple[str, ...]
     run_id: str
     fingerprint: str
+    quantizations: tuple[str, ...] = ()
     clients: dict[str, ClientInfo] = field(default_factory=dict)
     refused: dict[int, str] = field(default_factory=dict)
     asked: set[int] = field(default_factory=set)
@@ -147,12 +151,9 @@ class Roster:
                 f"client id {clip(cid, 64)!r} is not one of the scenario's "
                 f"{_span(self.expected)} (federation.num_clients); check --partition-id"
             )
-        if info.header.model_fingerprint != self.fingerprint:
-            raise _Refused(
-                f"client {cid}: base model {clip(info.header.model_fingerprint, 64)}, the "
-                f"coordinator trains {self.fingerprint}: load the same model (and dtype "
-                "rounding) on both sides"
-            )
+        fp = clip(info.header.model_fingerprint, 64)
+        if differ := fingerprint_mismatch(fp, self.fingerprint, self.quantizations):
+            raise _Refused(f"client {cid}: {differ}")
         if not 1 <= info.num_examples <= MAX_NUM_EXAMPLES:
             raise _Refused(
                 f"client {cid}: reports {info.num_examples} examples, expected "

@@ -105,17 +105,20 @@ def federated_eval(
 ) -> dict[str, Any]:
     """Send ``evaluate.lora`` to every client and combine their reports.
 
-    ``header`` is stamped with each client's id. Returns ``fed_eval_loss`` (weighted by target
-    tokens), ``fed_eval_<metric>`` (weighted by records), ``fed_eval_clients``,
-    ``fed_eval_failures`` and the bytes both ways. ``personal``: each client evaluates its own
-    model; the keys start with ``personal_`` and give the mean over clients and the worst
-    decile (``personal_eval_loss_mean``, ``personal_eval_loss_worst10``, ...).
+    ``header`` is stamped with each client's id and base-model fingerprint. Returns
+    ``fed_eval_loss`` (weighted by target tokens), ``fed_eval_<metric>`` (weighted by
+    records), ``fed_eval_clients``, ``fed_eval_failures`` and the bytes both ways.
+    ``personal``: each client evaluates its own model; the keys start with ``personal_`` and
+    give the mean over clients and the worst decile (``personal_eval_loss_mean``,
+    ``personal_eval_loss_worst10``, ...).
     """
     msgs, asked = [], {}
     shared: SharedRecords = {}
     for c in clients:
-        h = Header(header.run_id, header.server_round, header.model_fingerprint, spec.config_hash(),
-                   header.num_examples, c.client_id)  # fmt: skip
+        # each client's base model as admitted at discovery (the coordinator's, or the same
+        # weights in a quantization model.node_quantizations admits)
+        h = Header(header.run_id, header.server_round, c.header.model_fingerprint,
+                   spec.config_hash(), header.num_examples, c.client_id)  # fmt: skip
         ins = TrainInstruction(
             h, spec, train, adapter, seed=0, with_metric=metric,
             options={PERSONAL: True} if personal else {},

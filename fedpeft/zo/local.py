@@ -25,6 +25,7 @@ remainder), at least one per block.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from fedpeft.client.memory import MemoryMeter
 from fedpeft.seeding import derive_seed, scoped_torch_seed
 from fedpeft.wire.zo import ZoSpec
 from fedpeft.zo.runtime import ZoRuntime
@@ -256,8 +258,11 @@ def ferret_local(
     grad_accum: int,
     budget: int,
     seed: int,
+    meter: MemoryMeter | None = None,
 ) -> LocalResult:
-    """First-order SGD from the synced global, then projection; parameters restored after."""
+    """First-order SGD from the synced global, then projection; parameters restored after.
+    ``meter`` (if given) counts each micro-batch's saved activations, the gradients and the
+    SGD state."""
     t0 = time.perf_counter()
     batches = _batches(num_examples, batch_size, torch.Generator().manual_seed(seed))
     was = [p.requires_grad for p in rt.params]
@@ -270,10 +275,15 @@ def ferret_local(
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
             for _ in range(grad_accum):
-                loss = model(**batch_of(next(batches))).loss
+                with meter.forward() if meter is not None else contextlib.nullcontext():
+                    loss = model(**batch_of(next(batches))).loss
                 (loss / grad_accum).backward()
                 losses.append(float(loss.detach()))
+            if meter is not None:
+                meter.after_backward(rt.params)
             opt.step()
+            if meter is not None:
+                meter.after_step(opt)
         model.eval()
     opt.zero_grad(set_to_none=True)
     for p, w in zip(rt.params, was, strict=True):

@@ -162,6 +162,15 @@ class ZoRuntime:
         self.version = 0
         self._seeds = [derive_seed(spec.pool_seed, "zo-pool", k) for k in range(spec.num_seeds)]
 
+    @property
+    def adapter(self) -> str:
+        """The LoRA adapter whose factors are tuned (``""`` when the target is the base)."""
+        return self._adapter or ""
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Tensors the runtime holds besides the model (the synced snapshot, direction masks)."""
+        return [*self.snapshot, *(m for m in self.masks if isinstance(m, torch.Tensor))]
+
     def seed(self, k: int) -> int:
         """The 63-bit seed of pool entry ``k``."""
         return self._seeds[k]

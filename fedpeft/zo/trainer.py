@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from fedpeft.cache import PROCESS_CACHE, ProcessCache
+from fedpeft.client.memory import MemoryMeter
 from fedpeft.client.trainer import ClientData, local_steps
 from fedpeft.data.tokenize import collate
 from fedpeft.errors import ProtocolError
@@ -37,22 +38,28 @@ __all__ = ["LOOPS", "ZoTrainer", "direction_mask", "zo_trainer_of"]
 Batches = Callable[[list[int]], dict[str, torch.Tensor]]
 
 
-def _two_point(rt: ZoRuntime, ins: ZoInstruction, batch_of: Batches, n: int) -> LocalResult:
+def _two_point(
+    rt: ZoRuntime, ins: ZoInstruction, batch_of: Batches, n: int, meter: MemoryMeter
+) -> LocalResult:
+    # forward passes only, under no_grad: nothing is saved for a backward, no optimizer state
     return fedkseed_local(rt, ins.spec, batch_of, n, ins.train.batch_size, ins.seed, ins.probs)
 
 
-def _projected(rt: ZoRuntime, ins: ZoInstruction, batch_of: Batches, n: int) -> LocalResult:
+def _projected(
+    rt: ZoRuntime, ins: ZoInstruction, batch_of: Batches, n: int, meter: MemoryMeter
+) -> LocalResult:
     spec, train = ins.spec, ins.train
     budget = spec.directions or spec.num_seeds
     steps = local_steps(train, n)
     return ferret_local(
         rt, spec, batch_of, n, train.lr, steps, train.batch_size, train.grad_accum, budget,
-        ins.seed,
+        ins.seed, meter,
     )  # fmt: skip
 
 
+Loop = Callable[[ZoRuntime, ZoInstruction, Batches, int, MemoryMeter], LocalResult]
 # the local loop each ``ZoSpec.algorithm`` names
-LOOPS: dict[str, Callable[[ZoRuntime, ZoInstruction, Batches, int], LocalResult]] = {
+LOOPS: dict[str, Loop] = {
     "fedkseed": _two_point,
     "ferret": _projected,
 }
@@ -93,7 +100,9 @@ class ZoTrainer:
         def batch_of(idx: list[int]) -> dict[str, torch.Tensor]:
             return collate([data.examples[i] for i in idx], pad, handle.device)
 
-        res = loop(rt, ins, batch_of, n)
+        meter = MemoryMeter(handle.base_model, rt.adapter, handle.device)
+        meter.hold(rt.state_tensors())  # the synced snapshot that restores exactly, masks
+        res = loop(rt, ins, batch_of, n, meter)
         blocks = res.blocks.astype(index_dtype(rt.num_blocks))
         header = Header(
             run_id=ins.header.run_id,
@@ -103,7 +112,12 @@ class ZoTrainer:
             num_examples=n,
             client_id=data.client_id,
         )
-        metrics = {**res.metrics, "sync_regens": sync_regens, "train_s": time.perf_counter() - t0}
+        metrics = {
+            **res.metrics,
+            **meter.report(),
+            "sync_regens": sync_regens,
+            "train_s": time.perf_counter() - t0,
+        }
         return ZoUpdate(
             header=header,
             seeds=res.seeds.astype(index_dtype(spec.num_seeds)),
