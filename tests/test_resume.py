@@ -231,8 +231,9 @@ def _checkpointed_round(run: Path) -> int:
     "extra",
     [(), ("strategy.name=fedsa", "eval.personalized=true"),
      ("strategy.name=scaffold", "server_opt.name=adam", "server_opt.lr=0.01",
-      "train.lr_schedule=cosine")],
-    ids=["fedavg", "fedsa", "scaffold-fedadam-cosine"],
+      "train.lr_schedule=cosine"),
+     ("model.quantization=nf4", "model.double_quant=true", "train.gradient_checkpointing=true")],
+    ids=["fedavg", "fedsa", "scaffold-fedadam-cosine", "nf4-checkpointing"],
 )  # fmt: skip
 def test_sigkill_mid_run_then_resume_gives_the_bit_identical_adapter(extra, tmp_path):
     """Per-node state (SCAFFOLD's variates, FedSA-LoRA's personal B) is checkpointed with the
