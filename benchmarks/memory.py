@@ -149,7 +149,8 @@ def _precision_table(args: argparse.Namespace) -> dict[str, Any]:
         inf = cases["inference"]["peak_mem_mib"]
         for method, r in cases.items():
             if "refused" in r:
-                print(f"{p:>9} {method:<10}  refused at load: {r['refused'][:70]}")
+                why = r["refused"].split("configuration error: ")[-1]
+                print(f"{p:>9} {method:<10}    refused at load: {why[:58]}...")
                 continue
             vs_ref = f"{r['peak_mem_mib'] / ref:.2f}x" if ref else "-"
             line = (f"{p:>9} {method:<10}{r['peak_mem_mib']:>10.1f}{vs_ref:>12}"

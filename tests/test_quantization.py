@@ -69,11 +69,12 @@ def test_lora_trains_on_a_quantized_base_and_the_loss_goes_down(kind, tiny_confi
 
 
 @pytest.mark.sim
-def test_seed_scalar_over_lora_trains_on_an_nf4_base_with_forward_passes_only(
-    tiny_config, tmp_path
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_seed_scalar_over_lora_trains_on_a_quantized_base_with_forward_passes_only(
+    kind, tiny_config, tmp_path
 ):
     cfg = tiny_config(
-        "model.quantization=nf4", "strategy.name=fedkseed", "zo.target=lora",
+        f"model.quantization={kind}", "strategy.name=fedkseed", "zo.target=lora",
         "zo.num_seeds=64", "zo.local_steps=30", "zo.lr=0.05", "zo.eps=1e-3",
         "federation.rounds=3",
     )  # fmt: skip
@@ -82,7 +83,7 @@ def test_seed_scalar_over_lora_trains_on_an_nf4_base_with_forward_passes_only(
     assert losses[-1] < losses[0], losses
     row = _rows(tmp_path)[1]
     assert row["peak_mem_mb_max"] > 0
-    full = tiny_config("model.quantization=nf4", "federation.rounds=1")
+    full = tiny_config(f"model.quantization={kind}", "federation.rounds=1")
     simulate(full, tmp_path / "adamw", quiet=True, cache=ProcessCache())
     # no activations kept, no gradients, no optimizer state: less than an AdamW LoRA step
     assert row["peak_mem_mb_max"] < _rows(tmp_path / "adamw")[1]["peak_mem_mb_max"]
@@ -284,3 +285,16 @@ def test_on_cuda_a_quantized_base_trains_lora_and_restores_perturbations_exactly
         local.perturb(-1e-3)
         local.update(0.0)
     assert all(torch.equal(a, b) for a, b in zip(before, rt.params, strict=True))
+
+
+def test_a_deployed_nodes_quantization_flag_sets_its_model_section():
+    from flwr.app import Context, RecordDict
+
+    from fedpeft.client.app import node_overrides
+
+    ctx = Context(1, 1, {"quantization": "nf4-dq", "dtype": "bfloat16"}, RecordDict(), {})
+    got = node_overrides(ctx)
+    assert got["model.quantization"] == "nf4" and got["model.double_quant"] is True
+    assert got["model.dtype"] == "bfloat16"
+    plain = node_overrides(Context(1, 1, {"quantization": "int8"}, RecordDict(), {}))
+    assert plain["model.quantization"] == "int8" and plain["model.double_quant"] is False
