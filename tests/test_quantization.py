@@ -89,8 +89,10 @@ def test_seed_scalar_over_lora_trains_on_a_quantized_base_with_forward_passes_on
     assert row["peak_mem_mb_max"] < _rows(tmp_path / "adamw")[1]["peak_mem_mb_max"]
 
 
-def test_perturb_and_restore_of_lora_factors_is_exact_on_an_nf4_base():
-    handle = load_model(ModelConfig(name="tiny", quantization="nf4", double_quant=True))
+def _perturb_and_restore_is_exact(handle) -> bool:
+    """Five seeds' +eps, -eps and fused restore over the LoRA factors of ``handle``: the
+    factors and every base tensor (packed blocks and constants included) come back bit for
+    bit."""
     spec = ZoSpec(
         algorithm="fedkseed", target="lora", num_seeds=16, pool_seed=3, eps=1e-3, lr=1e-4,
         local_steps=2, master="always",
@@ -105,9 +107,17 @@ def test_perturb_and_restore_of_lora_factors_is_exact_on_an_nf4_base():
         local.perturb(1e-3)
         local.perturb(-1e-3)
         local.update(0.0)
-    assert all(torch.equal(a, b) for a, b in zip(before, rt.params, strict=True))
     after = {k: v for k, v in handle.base_model.state_dict().items() if "lora_" not in k}
-    assert base.keys() == after.keys() and all(torch.equal(base[k], after[k]) for k in base)
+    return (
+        all(torch.equal(a, b) for a, b in zip(before, rt.params, strict=True))
+        and base.keys() == after.keys()
+        and all(torch.equal(base[k], after[k]) for k in base)
+    )
+
+
+def test_perturb_and_restore_of_lora_factors_is_exact_on_an_nf4_base():
+    handle = load_model(ModelConfig(name="tiny", quantization="nf4", double_quant=True))
+    assert _perturb_and_restore_is_exact(handle)
 
 
 @pytest.mark.sim
@@ -271,20 +281,7 @@ def test_on_cuda_a_quantized_base_trains_lora_and_restores_perturbations_exactly
     losses = _losses(tmp_path)
     assert losses[-1] < losses[0], losses
     handle = load_model(ModelConfig(name="tiny", device="cuda", quantization=kind))
-    spec = ZoSpec(
-        algorithm="fedkseed", target="lora", num_seeds=16, pool_seed=3, eps=1e-3, lr=1e-4,
-        local_steps=2, master="always",
-        lora=LoraSpec(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj")),
-    )  # fmt: skip
-    rt = ZoRuntime(handle, spec)
-    before = [p.detach().clone() for p in rt.params]
-    local = LocalZo(rt, rt.spec)
-    for k in range(5):
-        local.begin(rt.seed(k))
-        local.perturb(1e-3)
-        local.perturb(-1e-3)
-        local.update(0.0)
-    assert all(torch.equal(a, b) for a, b in zip(before, rt.params, strict=True))
+    assert _perturb_and_restore_is_exact(handle)
 
 
 def test_a_deployed_nodes_quantization_flag_sets_its_model_section():
