@@ -217,6 +217,21 @@ def test_combinations_a_quantized_base_cannot_take_are_refused_at_load(overrides
     assert any(p.startswith(problem) for p in err.value.problems), err.value.problems
 
 
+def test_a_quantized_base_without_bitsandbytes_is_refused_at_load(repo, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "bitsandbytes" else real(name, *a),
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(repo / "simulations" / "tiny.toml", ["model.quantization=nf4"])
+    assert any("bitsandbytes, which is not installed" in p for p in err.value.problems)
+    load_config(repo / "simulations" / "tiny.toml", [])  # nothing quantized: no need for it
+
+
 @pytest.mark.parametrize(
     ("overrides", "problem"),
     [

@@ -12,6 +12,7 @@ loads or after clients trained, or be silently ignored; each message says what t
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -343,6 +344,17 @@ def _quantized(cfg: RunConfig) -> list[str]:
     return sorted({own, *cfg.simulation.node_quantization} - {"none"})
 
 
+def _quant_installed(cfg: RunConfig, caps: Capabilities) -> str | None:
+    quantized = _quantized(cfg)
+    if not quantized or importlib.util.find_spec("bitsandbytes") is not None:
+        return None
+    return (
+        f"model.quantization / simulation.node_quantization load a {quantized[0]} base through "
+        "bitsandbytes, which is not installed here: run `pip install 'fedpeft[quant]'`, or set "
+        "model.quantization = 'none' and leave simulation.node_quantization empty"
+    )
+
+
 def _quant_zo_full(cfg: RunConfig, caps: Capabilities) -> str | None:
     quantized = _quantized(cfg)
     if not quantized or caps.family != "zo" or cfg.zo.target != "full":
@@ -444,6 +456,8 @@ RULES: tuple[Rule, ...] = (
     Rule(("train.lr_schedule", "train.warmup_rounds", "federation.rounds", "strategy.name"),
          "a round learning-rate schedule with a seed/scalar strategy, or warmup that takes "
          "every round", _lr_schedule),
+    Rule(("model.quantization", "simulation.node_quantization"), "a quantized base where "
+         "bitsandbytes is not installed", _quant_installed),
     Rule(("model.quantization", "simulation.node_quantization", "zo.target", "strategy.name"),
          "a quantized base with seed/scalar training of every base weight", _quant_zo_full),
     Rule(("model.quantization", "simulation.node_quantization", "strategy.name"), "a quantized "
