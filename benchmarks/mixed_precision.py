@@ -8,6 +8,8 @@ global adapter's on the same float32 model: the cost of training parts (or all) 
 federation against a 4-bit copy of it.
 
     .venv/bin/python benchmarks/mixed_precision.py [--rounds 5] [--quick]
+
+(the loss only: no generation metric, ``data.metric = none``)
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def main() -> None:
     add_quick(ap)
     args = ap.parse_args()
     base = ["model.node_quantizations=['nf4']", f"federation.rounds={args.rounds}",
-            "eval.metric_every=0"]  # fmt: skip
+            "data.metric=none"]  # fmt: skip
     if args.quick:
         base += [*QUICK_OVERRIDES, "federation.num_clients=4", "federation.partition=iid"]
     results = {}

@@ -172,7 +172,8 @@ def test_discovery_lists_every_node_it_left_out_with_the_reason(
     assert found["missing"] == {"2": f"node {ids[2]} was refused"}
     refused = found["refused"]
     assert set(refused) == {str(n) for n in ids[2:]}
-    assert "base model 0123456789abcdef, the coordinator trains" in refused[str(ids[2])]
+    assert "base model 0123456789abcdef (none) vs " in refused[str(ids[2])]
+    assert "different weights; load the same model on both sides" in refused[str(ids[2])]
     assert "DataError: partition 7 is outside 0..2" in refused[str(ids[3])]
     assert f"node {ids[1]} joined earlier with the same client id" in refused[str(ids[4])]
     assert "client id '9' is not one of the scenario's 0..2" in refused[str(ids[5])]
