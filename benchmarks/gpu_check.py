@@ -34,6 +34,8 @@ from typing import Any
 from _bench import REPO, add_quick, results_path
 from _measure import run_measured
 
+from fedpeft.report.runs import load_run
+
 SKIPPED = "skipped (no CUDA device)"
 
 
@@ -112,7 +114,7 @@ def round_case(model: str, device: str, base: str, method: str, steps: int) -> d
         m = run_measured(cmd)
         if m.returncode != 0:
             return {"error": m.tail[-800:]}
-        rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+        rows = load_run(out).rows
     return {
         "peak_mem_mib": rows[1]["peak_mem_mb_max"],
         "step_s": rows[1]["train_s_max"] / steps,
@@ -144,7 +146,7 @@ def ray_fractional(model: str) -> dict[str, Any]:
         m = run_measured(cmd)
         if m.returncode != 0:
             return {"error": m.tail[-800:]}
-        rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+        rows = load_run(out).rows
     return {"clients": rows[1]["clients"], "wall_s": m.wall_s}
 
 

@@ -25,11 +25,12 @@ import argparse
 import json
 import sys
 import tempfile
-from pathlib import Path
 from typing import Any
 
 from _bench import REPO, add_quick, results_path
 from _measure import run_measured
+
+from fedpeft.report.runs import load_run
 
 PRECISIONS = ("float32", "bfloat16", "nf4", "int8")
 # method -> scenario overrides (the rest from simulations/default.toml)
@@ -75,9 +76,8 @@ def _clients(args: argparse.Namespace) -> dict[int, Any]:
 
 
 def _train_case(args: argparse.Namespace, precision: str, method: str) -> dict[str, Any]:
-    steps = [f"train.local_steps={args.steps}", f"zo.local_steps={args.steps}"]
-    if not METHODS[method] or "gradient_checkpointing" in METHODS[method][0]:
-        steps = steps[:1]
+    steps = [f"train.local_steps={args.steps}"]
+    steps += [f"zo.local_steps={args.steps}"] if method.startswith("zo-") else []
     with tempfile.TemporaryDirectory() as out:
         cmd = [
             sys.executable, "-m", "fedpeft.cli", "simulate", "--quiet",
@@ -92,7 +92,7 @@ def _train_case(args: argparse.Namespace, precision: str, method: str) -> dict[s
             if "configuration error" in m.tail:
                 return {"refused": m.tail.strip().splitlines()[-1][:300]}
             sys.exit(f"{precision} {method} failed:\n{m.tail}")
-        rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+        rows = load_run(out).rows
     return {
         "peak_mem_mib": rows[1]["peak_mem_mb_max"],
         "peak_rss_mib": m.peak_rss_mib,

@@ -22,6 +22,8 @@ from typing import Any
 
 from _bench import QUICK_OVERRIDES, add_quick, results_path, simulate_cli
 
+from fedpeft.report.runs import load_run
+
 RUNS: dict[str, list[str]] = {
     "all float32": [],
     "half nf4": ["simulation.node_quantization=['nf4', 'none']"],
@@ -30,7 +32,7 @@ RUNS: dict[str, list[str]] = {
 
 
 def _summary(out: Path) -> dict[str, Any]:
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = load_run(out).rows
     losses = [r["eval_loss"] for r in rows if r.get("eval_loss") is not None]
     last = rows[-1]
     return {

@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fedpeft.config.sections import QUANTIZATION_LABELS
 from fedpeft.errors import ConfigError, FedpeftError
 
 __all__ = ["main"]
@@ -183,7 +184,7 @@ def _parser() -> argparse.ArgumentParser:
     cli.add_argument(
         "--quantization",
         default=None,
-        choices=["none", "nf4", "nf4-dq", "fp4", "fp4-dq", "int8"],
+        choices=QUANTIZATION_LABELS,
         help="load this node's base model quantized (bitsandbytes; -dq: double quantization); "
         "the coordinator admits it if model.quantization or model.node_quantizations names it",
     )

@@ -39,6 +39,7 @@ from fedpeft.client.secure import keep_lora, keep_zo, secagg_query
 from fedpeft.client.trainer import ClientData, make_trainer
 from fedpeft.config import RunConfig
 from fedpeft.config.load import load_config, parse_overrides
+from fedpeft.config.sections import parse_quantization_label
 from fedpeft.data.clients import client_eval_records, client_records
 from fedpeft.data.tasks import format_pairs
 from fedpeft.data.tokenize import encode_pairs
@@ -210,9 +211,8 @@ def node_overrides(context: Context) -> dict[str, Any]:
         NODE_OVERRIDES[k]: v for k, v in sorted(conf.items()) if k in NODE_OVERRIDES
     }
     if "quantization" in conf:
-        kind, _, dq = str(conf["quantization"]).partition("-")
-        out["model.quantization"] = kind
-        out["model.double_quant"] = dq == "dq"
+        kind, dq = parse_quantization_label(str(conf["quantization"]))
+        out["model.quantization"], out["model.double_quant"] = kind, dq
     return out
 
 
@@ -233,11 +233,10 @@ def _simulated_node(cfg: RunConfig, context: Context) -> RunConfig:
         label = labels[int(conf.get("partition-id", 0)) % len(labels)]
     else:
         return cfg
-    kind, _, dq = label.partition("-")
-    if (kind, dq == "dq") == (cfg.model.quantization, cfg.model.double_quant):
+    kind, dq = parse_quantization_label(label)
+    if (kind, dq) == (cfg.model.quantization, cfg.model.double_quant):
         return cfg
-    model = replace(cfg.model, quantization=kind, double_quant=dq == "dq")
-    return replace(cfg, model=model)
+    return replace(cfg, model=replace(cfg.model, quantization=kind, double_quant=dq))
 
 
 def _config(fixed: RunConfig | None, context: Context, cache: ProcessCache) -> RunConfig:

@@ -148,8 +148,6 @@ class PruneTrainer:
                 scorer = _Scorer(sub, name, layout.pruned(keeps))
                 n = max(0, min(plan.warmup_steps, steps - done - 1))
                 with sub.training(name, gc):
-                    if gc:
-                        meter.checkpointed = sub.checkpointed_layers()
                     run_steps(sub, name, ins, data, batches, n, losses, None,
                               scorer.after_backward, meter=meter)  # fmt: skip
                 done += n
@@ -161,8 +159,6 @@ class PruneTrainer:
                 sub.set_factors(name, factors)
                 meter.use(sub.base_model, name)
             with sub.training(name, gc):
-                if gc:
-                    meter.checkpointed = sub.checkpointed_layers()
                 run_steps(sub, name, ins, data, batches, steps - done, losses, meter=meter)
             loss_end = None
             if plan.measure and losses:  # the first batch again, after training

@@ -127,6 +127,8 @@ def run_steps(
     model = handle.peft_model(name)
     params = handle.trainable_parameters(name, parts or ins.parts)
     opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    if meter is not None and train.gradient_checkpointing:
+        meter.checkpointed = handle.checkpointed_layers()  # their inputs are what is kept
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
         for _ in range(train.grad_accum):
@@ -253,8 +255,6 @@ class LoraTrainer:
         ):
             hooks = self.begin(handle, name, ins, node) if self.begin else RoundHooks()
             meter = MemoryMeter(handle.base_model, name, handle.device)
-            if ins.train.gradient_checkpointing:
-                meter.checkpointed = handle.checkpointed_layers()
             try:
                 penalty = self.penalty(handle, name, ins) if self.penalty is not None else None
                 report = self.report(handle, name, ins) if self.report is not None else None

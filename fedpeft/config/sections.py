@@ -63,6 +63,13 @@ def quantization_label(kind: str, double_quant: bool) -> str:
     return f"{kind}-dq" if double_quant and kind in ("nf4", "fp4") else kind
 
 
+def parse_quantization_label(label: str) -> tuple[str, bool]:
+    """``(model.quantization, model.double_quant)`` of a label (the inverse of
+    :func:`quantization_label`)."""
+    kind, _, dq = label.partition("-")
+    return kind, dq == "dq"
+
+
 LR_SCHEDULES = ("constant", "linear", "cosine")
 SERVER_OPTIMIZERS = ("none", "avgm", "adam", "yogi", "adagrad")
 
