@@ -794,7 +794,8 @@ class SimulationConfig:
     node_quantization: list[str] = _help(
         "simulated nodes' own base-model quantization, cycled over partition ids (['nf4', "
         "'none']: even nodes 4-bit, odd full precision); each must be model.quantization or in "
-        "model.node_quantizations. Empty: every node loads model.quantization",
+        "model.node_quantizations (a deployed node started without --quantization takes its "
+        "partition's entry too). Empty: every node loads model.quantization",
         [],
     )
 
