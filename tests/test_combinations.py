@@ -135,6 +135,7 @@ SECTIONS: dict[str, list[str]] = {
     "server_opt": ["server_opt.name=adam", "server_opt.lr=0.01"],
     "schedule": ["train.lr_schedule=cosine", "train.lr_end_factor=0.1"],
     "quantization": ["model.quantization=nf4", "train.gradient_checkpointing=true"],
+    "streaming": ["federation.aggregation=stream", "federation.window=2"],
     "backend": ["simulation.backend=ray", "simulation.ray_num_cpus=1"],
 }
 PAIRS = list(itertools.combinations(SECTIONS, 2))

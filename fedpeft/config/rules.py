@@ -400,6 +400,50 @@ def _node_quantization(cfg: RunConfig, caps: Capabilities) -> str | None:
     )
 
 
+def _stream_strategy(cfg: RunConfig, caps: Capabilities) -> str | None:
+    if not cfg.federation.streaming or (caps.linear and not caps.client_statistics):
+        return None
+    why = (
+        "uses statistics of each client's update beyond their mean"
+        if caps.linear
+        else "is not linear (its new global is not the sent model plus the mean change)"
+    )
+    return (
+        f"federation.aggregation = 'stream' keeps only the sum of the clients' changes, but "
+        f"{cfg.strategy.name!r} {why}: use a linear strategy (fedavg, ffa, rolora, fedsa, "
+        "scaffold, fedkseed, ferret) or federation.aggregation = 'batch'"
+    )
+
+
+_stream_shapes = _one_shape(
+    lambda c: c.federation.streaming,
+    "federation.aggregation = 'stream' sums one shape for all clients",
+    "federation.aggregation = 'batch'",
+)
+
+
+def _stream_wrappers(cfg: RunConfig, caps: Capabilities) -> str | None:
+    if not cfg.federation.streaming:
+        return None
+    used = [
+        key
+        for key, on in (
+            ("secagg.enabled (already delivers only the sum)", cfg.secagg.enabled),
+            ("robust.rule / robust.clip_norm (compare or clip each update)", cfg.robust.active),
+            ("dp.noise_multiplier (clips each update before the sum)", cfg.dp.active),
+            ("devices.tiers / devices.file (drop late or oversized updates once the "
+             "round's replies are in)", bool(cfg.devices.tiers or cfg.devices.file)),
+        )
+        if on
+    ]  # fmt: skip
+    if not used:
+        return None
+    return (
+        f"federation.aggregation = 'stream' folds each update into the sum as it arrives, "
+        f"which {'; '.join(used)} cannot follow yet: set federation.aggregation = 'batch'"
+    )
+
+
 RULES: tuple[Rule, ...] = (
     Rule(("ranks.mode", "strategy.name"), "different ranks with a strategy that has one rank "
          "(or none: seed/scalar)", _ranks),
@@ -467,6 +511,14 @@ RULES: tuple[Rule, ...] = (
          "seed/scalar strategy", _checkpointing_zo),
     Rule(("simulation.node_quantization", "model.node_quantizations"), "simulated nodes "
          "loading a quantization the coordinator does not admit", _node_quantization),
+    Rule(("federation.aggregation", "strategy.name"), "streaming aggregation with a strategy "
+         "that is not linear or uses per-client statistics", _stream_strategy),
+    Rule(("federation.aggregation", "ranks.mode", "strategy.name"), "streaming aggregation "
+         "when LoRA clients train different shapes", _stream_shapes),
+    Rule(("federation.aggregation", "secagg.enabled", "robust.rule", "robust.clip_norm",
+          "dp.noise_multiplier", "devices.tiers", "devices.file"), "streaming aggregation "
+         "with secure aggregation, robust rules, DP or simulated device profiles",
+         _stream_wrappers),
     Rule(("devices.tiers", "devices.file", "federation.num_clients"), "device tiers or a "
          "device file that name an unknown profile or are malformed", _devices),
 )  # fmt: skip

@@ -254,6 +254,8 @@ class DataConfig:
 
 
 PARTITIONS = ("iid", "dirichlet", "natural")
+AGGREGATIONS = ("batch", "stream")
+STREAM_WINDOW = 256  # federation.window = 0 with aggregation = "stream"
 
 
 @dataclass(frozen=True)
@@ -285,6 +287,18 @@ class FederationConfig:
         "goes on with those connected if they are at least min_clients",
         600.0,
     )
+    aggregation: str = _help(
+        "batch: keep every valid reply of a round, then aggregate | stream: fold each valid "
+        "reply into an exact sum as it arrives and keep only its header (linear strategies; "
+        "coordinator memory does not grow with the clients per round; docs/scale.md)",
+        "batch",
+    )
+    window: int = _help(
+        "instructions in flight at once: a window's replies are decoded (with aggregation = "
+        "'stream', folded) before the next window is sent (0: all at once with batch "
+        "aggregation, 256 with stream)",
+        0,
+    )
 
     def __post_init__(self) -> None:
         p: list[str] = []
@@ -313,12 +327,30 @@ class FederationConfig:
         _check(p, self.round_timeout_s > 0, "federation.round_timeout_s must be > 0")
         _check(p, self.probe_timeout_s > 0, "federation.probe_timeout_s must be > 0")
         _check(p, self.connect_timeout_s >= 0, "federation.connect_timeout_s must be >= 0")
+        _check(
+            p,
+            self.aggregation in AGGREGATIONS,
+            f"federation.aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}",
+        )
+        _check(p, self.window >= 0, f"federation.window must be >= 0, got {self.window}")
         _raise(p)
 
     @property
     def nodes(self) -> int:
         """Nodes a run expects: one in centralized mode, else ``num_clients``."""
         return 1 if self.centralized else self.num_clients
+
+    @property
+    def streaming(self) -> bool:
+        """Whether replies are folded into the aggregate as they arrive."""
+        return self.aggregation == "stream"
+
+    @property
+    def in_flight(self) -> int:
+        """Instructions in flight at once (0: all)."""
+        if self.window == 0 and self.streaming:
+            return STREAM_WINDOW
+        return self.window
 
 
 @dataclass(frozen=True)

@@ -39,14 +39,18 @@ class Stamp:
 
 @dataclass(frozen=True)
 class FlatLayout:
-    """A round's updates as one flat vector of ``dim`` values (secure aggregation).
+    """A round's updates as one flat vector of ``dim`` values (secure aggregation, streaming).
 
-    ``rebuild(kept, total, denominator)`` turns the secure sum ``total`` (of the ``kept``
-    clients' pre-scaled vectors) back into the updates the strategy aggregates.
+    ``rebuild(kept, total, denominator)`` turns the sum ``total`` (of the ``kept`` clients'
+    weighted vectors) back into the updates the strategy aggregates. ``vector(update)`` is an
+    update's vector (float64, what a secure client contributes); ``stub(update)`` is what is
+    left of it once its vector is summed: header and metrics, no tensors.
     """
 
     dim: int
     rebuild: Callable[[list[Any], np.ndarray, float], list[Any]]
+    vector: Callable[[Any], np.ndarray]
+    stub: Callable[[Any], Any]
 
 
 class UpdateFamily(Protocol):

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from flwr.app import RecordDict
 
-from fedpeft.changes import combined_update, shared_sent, trained_mask
+from fedpeft.changes import combined_update, flat_change, shared_sent, trained_mask
 from fedpeft.families.base import FlatLayout, Stamp
 from fedpeft.server.validate import MB, Limits, validate_secure_reply, validate_update
 from fedpeft.wire.messages import (
@@ -92,7 +92,13 @@ class LoraFamily:
             examples = sum(u.header.num_examples for u in kept)
             return [combined_update(kept[0], sent, change, examples)]
 
-        return FlatLayout(int(trained.sum()), rebuild)
+        def vector(update: LoraUpdate) -> np.ndarray:
+            return flat_change(update.factors, sent)[trained].numpy()  # the trained coordinates
+
+        def stub(update: LoraUpdate) -> LoraUpdate:
+            return replace(update, factors=dict(sent))  # the sent factors stand in, as secure
+
+        return FlatLayout(int(trained.sum()), rebuild, vector, stub)
 
 
 LORA = LoraFamily()

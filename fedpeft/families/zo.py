@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from flwr.app import RecordDict
 
-from fedpeft.changes import with_every_direction
+from fedpeft.changes import direction_sums, with_every_direction
 from fedpeft.families.base import FlatLayout, Stamp
 from fedpeft.server.validate import MB, Limits, validate_secure_reply, validate_zo_update
 from fedpeft.wire.messages import SharedRecords
@@ -78,7 +78,15 @@ class ZoFamily:
             out[0] = with_every_direction(out[0], scaled, zo_blocks, num_seeds)
             return out
 
-        return FlatLayout(zo_blocks * num_seeds, rebuild)
+        def vector(update: ZoUpdate) -> np.ndarray:
+            return direction_sums(update, zo_blocks, num_seeds)
+
+        def stub(update: ZoUpdate) -> ZoUpdate:
+            cut = slice(0, 0)  # no pairs, as a secure reply
+            return replace(update, seeds=update.seeds[cut], scalars=update.scalars[cut],
+                           blocks=update.blocks[cut])  # fmt: skip
+
+        return FlatLayout(zo_blocks * num_seeds, rebuild, vector, stub)
 
 
 ZO = ZoFamily()

@@ -38,7 +38,7 @@ from fedpeft.algorithms.base import AggregateResult, Strategy
 from fedpeft.algorithms.registry import strategy_capabilities
 from fedpeft.config import RunConfig
 from fedpeft.devices import DeviceProfile, assign_profiles, simulated_times
-from fedpeft.errors import ProtocolError, RoundError
+from fedpeft.errors import AggregationError, ProtocolError, RoundError
 from fedpeft.families import Stamp, family_of
 from fedpeft.lora.rank_ops import rank_energy
 from fedpeft.privacy import PrivacyBudgetExhausted
@@ -55,6 +55,7 @@ from fedpeft.server.checkpoint import (
 from fedpeft.server.discovery import Roster
 from fedpeft.server.exchange import Exchange, Instruction, exchange
 from fedpeft.server.fedeval import federated_eval
+from fedpeft.server.fold import Fold, weight_cap
 from fedpeft.server.rows import client_choices, round_row
 from fedpeft.server.secure_round import secure_aggregate
 from fedpeft.server.validate import Limits, cap_weights
@@ -329,10 +330,14 @@ class Coordinator:
             c.client_id: Limits(self.cfg.validation, c.num_examples, self.zo_blocks)
             for c in sampled
         }
-        timeout = self.cfg.federation.round_timeout_s
+        fed = self.cfg.federation
         gone, probe_bytes = self._probe(set(instructions))
         asked = {c: i for c, i in instructions.items() if c not in gone}
-        got = exchange(self.grid, asked, nodes, server_round, timeout, limits)
+        fold = self._fold(server_round, asked, sampled) if fed.streaming and asked else None
+        got = exchange(
+            self.grid, asked, nodes, server_round, fed.round_timeout_s, limits, fold,
+            fed.in_flight,
+        )  # fmt: skip
         for cid, reason in sorted(gone.items()):
             got.fail(cid, "unavailable", reason)
         if probe_bytes:
@@ -346,7 +351,11 @@ class Coordinator:
                 f"{len(got.updates)} valid updates, need federation.min_clients="
                 f"{self.cfg.federation.min_clients}. {reasons}",
             )
-        got.updates, capped = cap_weights(got.updates, self.cfg.validation.max_weight_ratio)
+        if fold is not None:  # the stubs stand for the sum; the strategy gets what it rebuilds
+            got.contributors, capped = got.updates, fold.capped
+            got.updates = fold.result(got.updates)
+        else:
+            got.updates, capped = cap_weights(got.updates, self.cfg.validation.max_weight_ratio)
         if self.cfg.secagg.enabled:
             fixed = clients_per_round(self.cfg, self.cfg.federation.num_clients)
             secure_aggregate(
@@ -373,6 +382,18 @@ class Coordinator:
         row.update(self._eval_row(server_round))
         row["wall_s"] = time.perf_counter() - t0
         return row
+
+    def _fold(
+        self, server_round: int, asked: Mapping[str, Instruction], sampled: Sequence[ClientInfo]
+    ) -> Fold:
+        """The sum a streaming round folds its replies into (weights capped at
+        ``validation.max_weight_ratio`` times the median of the sampled clients' counts)."""
+        reported = [c.num_examples for c in sampled if c.client_id in asked]
+        cap = weight_cap(reported, self.cfg.validation.max_weight_ratio)
+        try:
+            return Fold(asked, self.zo_blocks, cap, self.capabilities.example_weighted)
+        except AggregationError as err:
+            raise RoundError(server_round, f"streaming aggregation: {err}") from err
 
     def _with_budgets(self, clients: Sequence[ClientInfo]) -> list[ClientInfo]:
         """``clients`` with their simulated device's memory budget in ``properties``

@@ -9,6 +9,7 @@ for seed/scalar training).
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from flwr.serverapp import Grid
 from fedpeft._flwr import REPLY_TOO_LARGE, UNAVAILABLE_CODES, message_nbytes, send_bounded
 from fedpeft.errors import ProtocolError, clip
 from fedpeft.families import family_of, reply_limit
+from fedpeft.server.fold import Fold
 from fedpeft.server.validate import Limits
 from fedpeft.wire.messages import LoraUpdate, SharedRecords, TrainInstruction
 from fedpeft.wire.zo import ZoInstruction, ZoUpdate
@@ -86,6 +88,8 @@ def exchange(
     server_round: int,
     timeout: float,
     limits: Mapping[str, Limits] | None = None,
+    fold: Fold | None = None,
+    window: int = 0,
 ) -> Exchange:
     """Send every instruction, wait for the replies and keep only the valid updates.
 
@@ -93,8 +97,47 @@ def exchange(
     instruction (and ``limits[cid]``: the run's bounds and the client's example count) is
     recorded in ``failures`` under its client id as ``<code>: <reason>``, as is a client that
     did not answer before ``timeout``; ``rejected`` counts the codes.
+
+    ``window``: instructions in flight at once (0: all); the replies of a window are decoded
+    before the next window is sent, so at most a window's replies are held. ``fold``: each
+    valid update is folded into it as it is decoded and only its stub (header and metrics)
+    is kept in ``updates`` (streaming aggregation, :mod:`fedpeft.server.fold`).
     """
+    out = Exchange()
+    held = {cid: (limits or {}).get(cid, Limits()) for cid in instructions}
     shared: SharedRecords = {}  # one encoded copy of each distinct broadcast adapter
+    cids = list(instructions)
+    step = window if window > 0 else max(len(cids), 1)
+    deadline = time.monotonic() + timeout
+    answered: set[str] = set()
+    for at in range(0, len(cids), step):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break  # the rest were never sent: they fail as timeouts below
+        chunk = {cid: instructions[cid] for cid in cids[at : at + step]}
+        _window(grid, chunk, nodes, server_round, left, held, shared, out, answered, fold)
+    for cid in instructions:
+        if cid not in answered:
+            out.fail(cid, "timeout", "no reply before the round timeout")
+    # replies arrive in whatever order the transport delivers them (Ray: scheduling); sorted,
+    # every float sum downstream (the round's mean train loss, ...) is the same on any backend
+    out.updates.sort(key=lambda u: u.header.client_id)
+    return out
+
+
+def _window(
+    grid: Grid,
+    instructions: Mapping[str, Instruction],
+    nodes: Mapping[str, int],
+    server_round: int,
+    timeout: float,
+    held: Mapping[str, Limits],
+    shared: SharedRecords,
+    out: Exchange,
+    answered: set[str],
+    fold: Fold | None,
+) -> None:
+    """Send ``instructions`` at once and decode (and fold) their replies into ``out``."""
     msgs = [
         Message(
             family_of(ins).encode(ins, shared),
@@ -104,29 +147,22 @@ def exchange(
         )  # fmt: skip
         for cid, ins in instructions.items()
     ]
-    out = Exchange()
-    out.client_bytes_down = {
-        cid: message_nbytes(m) for cid, m in zip(instructions, msgs, strict=True)
-    }
-    out.counts["bytes_down"] = sum(out.client_bytes_down.values())
-    out.counts["payload_down"] = sum(
-        family_of(ins).payload_down(ins, m.content)
-        for ins, m in zip(instructions.values(), msgs, strict=True)
-    )
-    held = {cid: (limits or {}).get(cid, Limits()) for cid in instructions}
-    bounds = {nodes[cid]: reply_limit(ins, held[cid]) for cid, ins in instructions.items()}
+    for (sent_to, ins), m in zip(instructions.items(), msgs, strict=True):
+        out.client_bytes_down[sent_to] = message_nbytes(m)
+        out.counts["bytes_down"] += out.client_bytes_down[sent_to]
+        out.counts["payload_down"] += family_of(ins).payload_down(ins, m.content)
+    bounds = {nodes[c]: reply_limit(i, held[c]) for c, i in instructions.items()}
     replies = send_bounded(grid, msgs, bounds, timeout)
     # a reply belongs to the instruction it answers; the runtime's own error replies (node
     # unavailable, message expired) come from the SuperLink, not from the node
     by_message = {m.metadata.message_id: cid for cid, m in zip(instructions, msgs, strict=True)}
-    del msgs, shared
+    del msgs
     replies.reverse()
-    answered: set[str] = set()
     while replies:  # pop as we decode: a reply's bytes are freed once it is decoded
         reply = replies.pop()
         cid = by_message.get(reply.metadata.reply_to_message_id)
         if cid is None:
-            continue  # not asked this round
+            continue  # not asked in this window
         if cid in answered:
             out.rejected["duplicate"] += 1  # the first reply to an instruction counts
             continue
@@ -135,15 +171,10 @@ def exchange(
         out.counts["bytes_up"] += out.client_bytes_up[cid]
         try:
             update, payload = _decode(reply, instructions[cid], held[cid], out.client_bytes_up[cid])
+            if fold is not None:
+                update = fold.add(update)
         except ProtocolError as err:
             out.fail(cid, err.code, err.reason)
             continue
         out.counts["payload_up"] += payload
         out.updates.append(update)
-    for cid in instructions:
-        if cid not in answered:
-            out.fail(cid, "timeout", "no reply before the round timeout")
-    # replies arrive in whatever order the transport delivers them (Ray: scheduling); sorted,
-    # every float sum downstream (the round's mean train loss, ...) is the same on any backend
-    out.updates.sort(key=lambda u: u.header.client_id)
-    return out

@@ -1,0 +1,120 @@
+"""Streaming aggregation: fold each valid reply into the round's sum as it arrives.
+
+With ``federation.aggregation = "stream"`` the coordinator keeps no client's tensors. A linear
+strategy's new global is the model every client was sent plus the weighted mean of their
+changes (capability ``linear``), so it needs only that mean, which is what secure
+aggregation hands it too (:mod:`fedpeft.server.secure_round`). Each valid update's change
+(its family's flat vector: the trained LoRA coordinates, or the seed/scalar sums per
+direction) is multiplied by its weight and added to an :class:`ExactSum`, then dropped; only
+its header and metrics stay (a *stub*). At the end the family rebuilds what the strategy
+aggregates from the sum: one combined LoRA update, or every seed/scalar client's stub with the
+mean's scalars on the first.
+
+Weights are those of the batch path: ``num_examples`` (or 1 each without example weighting),
+capped at ``validation.max_weight_ratio`` times a median. The batch path takes the median of
+the valid updates' counts, which is known only when every reply is in; here it is the median
+of the counts the sampled clients reported at discovery, known before the first reply (an
+update's count is validated to be at most its client's reported one).
+
+The sum is exact (:mod:`fedpeft.server.exact_sum`), so the order replies arrive in cannot
+change a bit of the result: streaming in any order gives the same global as folding the
+collected replies in client-id order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedpeft.errors import AggregationError, ProtocolError
+from fedpeft.families import family_of
+from fedpeft.server.exact_sum import TOP, ExactSum
+
+__all__ = ["Fold", "weight_cap"]
+
+
+def weight_cap(reported: Sequence[int], ratio: float) -> int | None:
+    """The largest weight a client gets: ``ratio`` times the median of ``reported`` (the
+    sampled clients' example counts), ``None`` when ``ratio`` is 0 (no cap)."""
+    if ratio <= 0 or not reported:
+        return None
+    return max(1, math.floor(ratio * float(np.median(list(reported)))))
+
+
+class Fold:
+    """A round's valid updates, folded into their weighted sum one at a time.
+
+    Parameters
+    ----------
+    instructions : Mapping[str, Any]
+        The round's instructions by client id (LoRA: all sent the same factors).
+    zo_blocks : int
+        Seed/scalar strategies: blocks of the tuned tensors.
+    cap : int | None
+        The largest ``num_examples`` an update counts with (:func:`weight_cap`).
+    example_weighted : bool
+        Weight each update by its (capped) ``num_examples``; ``False``: 1 each.
+
+    Raises
+    ------
+    AggregationError
+        If the instructions cannot be summed as one vector (LoRA clients sent different
+        factors).
+    """
+
+    def __init__(
+        self,
+        instructions: Mapping[str, Any],
+        zo_blocks: int = 1,
+        cap: int | None = None,
+        example_weighted: bool = True,
+    ) -> None:
+        cids = sorted(instructions)
+        if not cids:
+            raise AggregationError("a streaming round needs at least one instruction")
+        self.layout = family_of(instructions[cids[0]]).flat(instructions, cids, zo_blocks)
+        self.cap = cap
+        self.example_weighted = example_weighted
+        self.capped = 0
+        self._sum = ExactSum(self.layout.dim)
+        self._weights: list[float] = []
+
+    def add(self, update: Any) -> Any:
+        """Fold ``update`` into the sum; returns its stub (header and metrics, capped count).
+
+        Raises
+        ------
+        ProtocolError
+            ``norm``: a weighted value is beyond the sum's range (``2**64``).
+        """
+        n = update.header.num_examples
+        if self.cap is not None and n > self.cap:
+            update = replace(update, header=replace(update.header, num_examples=self.cap))
+            n, self.capped = self.cap, self.capped + 1
+        weight = float(n) if self.example_weighted else 1.0
+        vector = torch.from_numpy(self.layout.vector(update)) * weight  # (dim,)
+        try:
+            self._sum.add(vector)
+        except ValueError as err:
+            raise ProtocolError(
+                f"its weighted change is outside the streaming sum's range 2**{TOP}: {err}", "norm"
+            ) from None
+        self._weights.append(weight)
+        return self.layout.stub(update)
+
+    def result(self, stubs: Sequence[Any]) -> list[Any]:
+        """What the strategy aggregates, from the sum of the folded updates (``stubs``: theirs,
+        the ones still counted)."""
+        kept = sorted(stubs, key=lambda u: u.header.client_id)
+        if len(kept) != self._sum.terms:
+            raise AggregationError(
+                f"{len(kept)} stubs for a sum of {self._sum.terms} updates: every folded "
+                "update must be aggregated"
+            )
+        denominator = math.fsum(self._weights)  # correctly rounded: any order, same value
+        return self.layout.rebuild(kept, self._sum.value().numpy(), denominator)
