@@ -11,7 +11,7 @@ of a real model, built in code:
 - ``llama-1b``: Llama-3.2-1B's 16 layers, q 2048 -> 2048, v 2048 -> 512: 851,968 (3.4 MB);
 - ``small``: 4 of those 30 layers: 61,440 (245 KB; tests).
 
-Prints one JSON line: peak RSS of this process (``ru_maxrss``), its RSS before the round,
+Prints one JSON line: peak RSS of this process (``VmHWM``), its RSS before the round,
 the round's wall time and time per client. Run one scenario per process (``benchmarks/
 scale.py`` does), so no scenario inherits another's memory.
 
@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -102,6 +102,16 @@ def client_app() -> ClientApp:
     return app
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (``VmHWM``; ``ru_maxrss`` would carry the parent's
+    peak across ``fork`` and ``exec``)."""
+    status = Path("/proc/self/status").read_text(encoding="ascii")
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, default=100)
@@ -157,7 +167,7 @@ def main() -> None:
                 "shape": args.shape,
                 "params": params,
                 "update_mb": params * 4 / 1e6,
-                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "peak_rss_mib": peak_rss_mib(),
                 "rss_before_mib": rss_before / 2**20,
                 "round_s": round_s,
                 "ms_per_client": 1e3 * round_s / args.clients,

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar, cast, runtime_checkable
 from uuid import uuid4
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.common.serde import (
     context_from_proto,
@@ -47,7 +47,9 @@ from flwr.proto.message_pb2 import Context as ProtoContext  # pylint: disable=E0
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # pylint: disable=E0611
 from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import (
+    _get_computed_object_ids,
     get_all_nested_objects,
+    get_object_id,
     no_object_id_recompute,
 )
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
@@ -66,6 +68,7 @@ __all__ = [
     "UNAVAILABLE_CODES",
     "GetFabResponse",
     "GridWrapper",
+    "WireCache",
     "build_fab",
     "context_from_bytes",
     "context_to_bytes",
@@ -103,7 +106,91 @@ def message_nbytes(message: Message) -> int:
     int
         Total length of the serialized object tree (metadata, records, array chunks).
     """
-    return sum(len(body) for body in serialize(message).values())
+    return WireCache().nbytes(message)
+
+
+_CONFIG_TAGS = {bool: "b", int: "i", float: "f", str: "s", bytes: "y"}
+
+
+def _frozen(value: Any) -> Any:
+    """A ``ConfigRecord`` value as a hashable key that tells apart whatever serializes apart
+    (``True`` from ``1``, ``-0.0`` from ``0.0``: floats by their bits)."""
+    if isinstance(value, list):
+        return ("l", tuple(_frozen(v) for v in value))
+    tag = _CONFIG_TAGS.get(type(value))
+    if tag is None:
+        raise TypeError(f"not a ConfigRecord value: {type(value).__name__}")
+    return (tag, value.hex() if tag == "f" else value)
+
+
+class WireCache:
+    """Serializes and counts messages exactly as Flower does, faster when messages repeat
+    records (a round's instructions share all but their header; replies share their tensor
+    metadata).
+
+    Flower deflates every object of a message to address it by the hash of its bytes; a
+    ``ConfigRecord`` has no change tracking, so each serialization converts each of its values
+    again. Here a ``ConfigRecord``'s bytes are made once per distinct content (keyed by its
+    values, types included) and its id handed to Flower's own per-context id cache
+    (``no_object_id_recompute``); counting keeps each object's length by its content id (the
+    same id is the same bytes). Flower 1.41 keeps that cache in the private
+    ``_get_computed_object_ids`` and the id in ``__dict__["_object_id"]``, read only inside the
+    context; a test compares every count and every byte with Flower's own deflation. Memory is
+    bounded: ``max_entries`` per table, then it starts over.
+    """
+
+    def __init__(self, max_entries: int = 4096) -> None:
+        self.max_entries = max_entries
+        self._records: dict[tuple[Any, ...], tuple[str, bytes]] = {}  # content -> (id, bytes)
+        self._sizes: dict[str, int] = {}  # object id -> deflated length
+
+    def _config(self, record: ConfigRecord) -> tuple[str, bytes]:
+        key = tuple((k, _frozen(v)) for k, v in record.items())
+        got = self._records.get(key)
+        if got is None:
+            body = record.deflate()
+            got = (get_object_id(body), body)
+            if len(self._records) >= self.max_entries:
+                self._records.clear()
+            self._records[key] = got
+        return got
+
+    def _seed(self, message: Message) -> dict[str, bytes]:
+        """Inside ``no_object_id_recompute``: give every ``ConfigRecord`` of ``message`` its
+        id from the cache; returns their bytes by id."""
+        computed, out = _get_computed_object_ids(), {}
+        for record in message.content.values() if message.has_content() else ():
+            if type(record) is ConfigRecord:
+                oid, body = self._config(record)
+                record.__dict__["_object_id"] = oid
+                computed.add(oid)
+                out[oid] = body
+        return out
+
+    def nbytes(self, message: Message) -> int:
+        """The message's serialized bytes (each distinct object once, as Flower sends it)."""
+        with no_object_id_recompute():
+            known = self._seed(message)
+            total = 0
+            for oid, obj in get_all_nested_objects(message).items():
+                size = len(known[oid]) if oid in known else self._sizes.get(oid)
+                if size is None:
+                    size = len(obj.deflate())
+                    if len(self._sizes) >= self.max_entries:
+                        self._sizes.clear()
+                    self._sizes[oid] = size
+                total += size
+        return total
+
+    def serialize(self, message: Message) -> tuple[str, dict[str, bytes]]:
+        """The message's id and every object of its tree, deflated, by id (what Flower pushes)."""
+        with no_object_id_recompute():
+            known = self._seed(message)
+            objects = {
+                oid: known[oid] if oid in known else obj.deflate()
+                for oid, obj in get_all_nested_objects(message).items()
+            }
+            return message.object_id, objects
 
 
 def serialize(message: Message) -> dict[str, bytes]:
@@ -116,21 +203,23 @@ def serialize(message: Message) -> dict[str, bytes]:
         return {oid: obj.deflate() for oid, obj in get_all_nested_objects(message).items()}
 
 
-def roundtrip(message: Message) -> Message:
+def roundtrip(message: Message, cache: WireCache | None = None) -> Message:
     """Serialize a message to its wire objects and build a new one from those bytes.
 
     Parameters
     ----------
     message : Message
         The message to send.
+    cache : WireCache | None
+        Records already serialized (a grid keeps one for its messages).
 
     Returns
     -------
     Message
         An independent copy made only from the serialized bytes (message id kept).
     """
-    contents = serialize(message)
-    copy = cast(Message, inflate_object_from_contents(message.object_id, contents))
+    root, contents = (cache or WireCache()).serialize(message)
+    copy = cast(Message, inflate_object_from_contents(root, contents))
     set_message_id(copy, message.metadata.message_id)
     return copy
 

@@ -342,3 +342,26 @@ def test_oracle_scan_flags_an_expected_value_computed_by_the_code(tmp_path: Path
     assert [x.split(": ")[1:3] for x in lines[:-1]] == [["reference", "test_self"],
                                                         ["compare", "test_self"]]  # fmt: skip
     assert lines[-1] == "2 candidates in 1 files"
+
+
+def test_scale(tmp_path: Path) -> None:
+    out, results = _run(tmp_path, "scale.py")
+    got = _json(results, "scale.json")
+    memory = {(r["clients"], r["aggregation"]): r for r in got["memory"]}
+    assert set(memory) == {(4, "batch"), (4, "stream"), (8, "batch"), (8, "stream")}
+    for (n, _), r in memory.items():
+        # n updates of the `small` shape (61,440 float32 values) came in, plus framing
+        assert r["bytes_up"] > n * 61_440 * 4 and r["params"] == 61_440
+        assert r["peak_rss_mib"] >= r["rss_before_mib"] > 100
+    # the same clients give the same global on both paths
+    assert memory[(8, "batch")]["global_b_abs_mean"] == pytest.approx(
+        memory[(8, "stream")]["global_b_abs_mean"], rel=1e-6
+    )
+    overhead = got["overhead"]
+    assert {(r["trainer"], r["serialize"]) for r in overhead} == {
+        ("noop", True),
+        ("noop", False),
+        ("lora", False),
+    }
+    assert all(r["trained"] == 4 and r["ms_per_client"] > 0 for r in overhead)
+    assert "stream peak RSS at 8 / at 4 clients" in out

@@ -18,7 +18,7 @@ from typing import Any
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from fedpeft._flwr import REPLY_TOO_LARGE, UNAVAILABLE_CODES, message_nbytes, send_bounded
+from fedpeft._flwr import REPLY_TOO_LARGE, UNAVAILABLE_CODES, WireCache, send_bounded
 from fedpeft.errors import ProtocolError, clip
 from fedpeft.families import family_of, reply_limit
 from fedpeft.server.fold import Fold
@@ -110,12 +110,13 @@ def exchange(
     step = window if window > 0 else max(len(cids), 1)
     deadline = time.monotonic() + timeout
     answered: set[str] = set()
+    wire = WireCache()  # the round's messages share records: each is serialized once
     for at in range(0, len(cids), step):
         left = deadline - time.monotonic()
         if left <= 0:
             break  # the rest were never sent: they fail as timeouts below
         chunk = {cid: instructions[cid] for cid in cids[at : at + step]}
-        _window(grid, chunk, nodes, server_round, left, held, shared, out, answered, fold)
+        _window(grid, chunk, nodes, server_round, left, held, shared, out, answered, fold, wire)
     for cid in instructions:
         if cid not in answered:
             out.fail(cid, "timeout", "no reply before the round timeout")
@@ -136,6 +137,7 @@ def _window(
     out: Exchange,
     answered: set[str],
     fold: Fold | None,
+    wire: WireCache,
 ) -> None:
     """Send ``instructions`` at once and decode (and fold) their replies into ``out``."""
     msgs = [
@@ -148,7 +150,7 @@ def _window(
         for cid, ins in instructions.items()
     ]
     for (sent_to, ins), m in zip(instructions.items(), msgs, strict=True):
-        out.client_bytes_down[sent_to] = message_nbytes(m)
+        out.client_bytes_down[sent_to] = wire.nbytes(m)
         out.counts["bytes_down"] += out.client_bytes_down[sent_to]
         out.counts["payload_down"] += family_of(ins).payload_down(ins, m.content)
     bounds = {nodes[c]: reply_limit(i, held[c]) for c, i in instructions.items()}
@@ -167,7 +169,7 @@ def _window(
             out.rejected["duplicate"] += 1  # the first reply to an instruction counts
             continue
         answered.add(cid)
-        out.client_bytes_up[cid] = message_nbytes(reply)
+        out.client_bytes_up[cid] = wire.nbytes(reply)
         out.counts["bytes_up"] += out.client_bytes_up[cid]
         try:
             update, payload = _decode(reply, instructions[cid], held[cid], out.client_bytes_up[cid])

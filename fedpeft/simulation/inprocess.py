@@ -22,7 +22,14 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 
-from fedpeft._flwr import SERVER_NODE_ID, make_run, roundtrip, set_message_id, set_task_identity
+from fedpeft._flwr import (
+    SERVER_NODE_ID,
+    WireCache,
+    make_run,
+    roundtrip,
+    set_message_id,
+    set_task_identity,
+)
 from fedpeft.simulation.node_records import load_node_state, node_state_dict
 
 __all__ = ["InProcessGrid"]
@@ -71,6 +78,7 @@ class InProcessGrid(Grid):
             for i, conf in enumerate(node_configs)
         }
         self._replies: dict[str, Message] = {}
+        self._wire = WireCache()  # records repeated across messages are serialized once
         set_task_identity(run_id, SERVER_NODE_ID)
 
     def set_run(self, run: object) -> None:
@@ -116,7 +124,7 @@ class InProcessGrid(Grid):
 
     def _deliver(self, msg: Message) -> Message:
         node = msg.metadata.dst_node_id
-        incoming = roundtrip(msg) if self._serialize else msg
+        incoming = roundtrip(msg, self._wire) if self._serialize else msg
         try:
             reply = self._app(incoming, self._contexts[node])
         except Exception as ex:  # reported to the coordinator as this client's failure
@@ -127,7 +135,7 @@ class InProcessGrid(Grid):
                 Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=incoming
             )
         set_message_id(reply)
-        return roundtrip(reply) if self._serialize else reply
+        return roundtrip(reply, self._wire) if self._serialize else reply
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Deliver each message now; replies wait in this grid until pulled."""

@@ -27,6 +27,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedpeft.errors import ProtocolError
 from fedpeft.wire.codecs import CodecSpec, ErrorFeedback, decode_tensor, encode_tensor
+from fedpeft.wire.npy import array_of, ndarray_of
 from fedpeft.wire.types import Adapter, LoraFactors, get_field, get_record
 
 __all__ = [
@@ -45,7 +46,7 @@ DTYPES: Final = {
     "bfloat16": torch.bfloat16,
     "float64": torch.float64,
 }
-SharedRecords = dict[Any, tuple[ArrayRecord, ConfigRecord]]
+SharedRecords = dict[Any, Any]  # broadcast records by (object id, encoding)
 
 
 def adapter_nbytes(adapter: Adapter) -> int:
@@ -68,13 +69,13 @@ def _tensor_to_array(t: torch.Tensor) -> tuple[Array, str]:
         raise ProtocolError(f"cannot send tensors of dtype {t.dtype}; use one of {sorted(DTYPES)}")
     if t.dtype == torch.bfloat16:
         # numpy has no bfloat16: send the raw bit pattern, bit-exact.
-        return Array(t.view(torch.int16).numpy()), name
-    return Array(t.numpy()), name
+        return array_of(t.view(torch.int16).numpy()), name
+    return array_of(t.numpy()), name
 
 
 def _to_numpy(arr: Array, key: str) -> np.ndarray:
     try:
-        return arr.numpy()
+        return ndarray_of(arr)
     except Exception as err:  # malformed bytes: any numpy/format error
         raise ProtocolError(f"tensor {key!r} could not be decoded: {err}") from None
 
@@ -154,7 +155,7 @@ def encode_adapter(
                 rows, cols = x.shape
                 feedback.record(key, x, decode_tensor(fields, codec, (rows, cols), key))
             for name, value in fields.items():
-                arrays[f"{key}|{name}"] = Array(value)
+                arrays[f"{key}|{name}"] = array_of(value)
             meta[f"shape:{key}"] = [int(s) for s in x.shape]
         meta[f"alpha:{module}"] = float(f.alpha)
     out = (ArrayRecord(arrays), ConfigRecord(meta))

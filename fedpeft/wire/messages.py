@@ -29,7 +29,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Final, TypeVar
+from typing import Any, ClassVar, Final, TypeVar, cast
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
@@ -310,6 +310,18 @@ def _decode_train(content: RecordDict) -> TrainConfig:
     return _decode_fields(content, TRAIN, TrainConfig)
 
 
+def _section_record(section: Any, shared: SharedRecords | None) -> ConfigRecord:
+    """A config section as a record; one record per section object in ``shared`` (a round's
+    instructions carry the same ``train`` and ``compress`` sections)."""
+    key = ("section", id(section))
+    if shared is not None and key in shared:
+        return cast(ConfigRecord, shared[key][1])
+    record = ConfigRecord(dataclasses.asdict(section))
+    if shared is not None:
+        shared[key] = (section, record)  # the section is kept so its id is not reused
+    return record
+
+
 def encode_instruction(ins: TrainInstruction, shared: SharedRecords | None = None) -> RecordDict:
     """Encode a :class:`TrainInstruction` as a Flower ``RecordDict``.
 
@@ -336,8 +348,8 @@ def encode_instruction(ins: TrainInstruction, shared: SharedRecords | None = Non
             "dp_noise": float(ins.dp_noise),
         }
     )
-    content[TRAIN] = ConfigRecord(dataclasses.asdict(ins.train))
-    content[COMPRESS] = ConfigRecord(dataclasses.asdict(ins.compress))
+    content[TRAIN] = _section_record(ins.train, shared)
+    content[COMPRESS] = _section_record(ins.compress, shared)
     codec = ins.down_codec
     content[TENSORS], content[META] = encode_adapter(ins.adapter, codec=codec, shared=shared)
     if ins.base is not None:
