@@ -19,7 +19,7 @@ Decoding never unpickles and raises :class:`~fedpeft.errors.ProtocolError` namin
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import numpy as np
 import torch
@@ -125,7 +125,7 @@ def encode_adapter(
         raise ProtocolError(f"parts must be one of {PARTS}, got {parts!r}")
     cache_key = (id(adapter), codec, parts)
     if shared is not None and cache_key in shared:
-        return shared[cache_key]
+        return cast(tuple[ArrayRecord, ConfigRecord], shared[cache_key])
     delta = codec.name != "none" and reference is not None
     arrays: dict[str, Array] = {}
     meta: dict[str, Any] = {"codec": codec.name, "parts": parts, "delta": delta}
