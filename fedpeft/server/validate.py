@@ -145,13 +145,15 @@ def validate_update(update: LoraUpdate, ins: TrainInstruction, limits: Limits = 
                 raise ProtocolError(
                     f"{m}::{part} has dtype {t.dtype}, expected a floating dtype", "dtype"
                 )
-            if not bool(torch.isfinite(t).all()):
+            sq = float((t.double() - _at_rank(ref, part, r)).pow(2).sum())
+            # a NaN or infinity anywhere makes the sum so; only then look value by value
+            if not math.isfinite(sq) and not bool(torch.isfinite(t).all()):
                 raise ProtocolError(f"{m}::{part} contains NaN or infinite values", "nonfinite")
             if part not in ins.parts and not torch.equal(t, ref):
                 raise ProtocolError(
                     f"{m}::{part} changed, but the instruction trains only {ins.parts}", "frozen"
                 )
-            sq_norm += float((t.double() - _at_rank(ref, part, r)).pow(2).sum())
+            sq_norm += sq
     bound = limits.rules.max_update_norm
     norm = math.sqrt(sq_norm)
     if bound > 0 and norm > bound:
@@ -164,6 +166,8 @@ def validate_update(update: LoraUpdate, ins: TrainInstruction, limits: Limits = 
 
 def _at_rank(ref: torch.Tensor, part: str, r: int) -> torch.Tensor:
     """``ref`` truncated or zero-padded to rank ``r`` (A: rows, B: columns), as float64."""
+    if (ref.shape[0] if part == "A" else ref.shape[1]) == r:
+        return ref.double()  # already at rank r
     t = ref.double() if part == "A" else ref.double().T  # (r_ref, n)
     out = torch.zeros((r, t.shape[1]), dtype=torch.float64)
     k = min(r, t.shape[0])
