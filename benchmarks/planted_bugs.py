@@ -47,8 +47,9 @@ BUGS = [
     Bug(
         "validation checks NaN/Inf only in A",
         "fedpeft/server/validate.py",
-        "            if not bool(torch.isfinite(t).all()):",
-        '            if part == "A" and not bool(torch.isfinite(t).all()):',
+        "            if not math.isfinite(sq) and not bool(torch.isfinite(t).all()):",
+        '            if part == "A" and not math.isfinite(sq)'
+        " and not bool(torch.isfinite(t).all()):",
         ("tests/test_validate.py::test_nonfinite_values_are_rejected_in_either_factor",),
     ),
     Bug(
