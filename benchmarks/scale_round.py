@@ -39,8 +39,8 @@ from fedpeft.config import CompressConfig, TrainConfig, ValidationConfig
 from fedpeft.families import LORA, Stamp
 from fedpeft.seeding import derive_seed
 from fedpeft.server.exchange import exchange
-from fedpeft.server.fold import Fold, weight_cap
-from fedpeft.server.validate import Limits, cap_weights
+from fedpeft.server.fold import Fold
+from fedpeft.server.validate import Limits, cap_weights, weight_cap
 from fedpeft.simulation.inprocess import InProcessGrid
 from fedpeft.wire.messages import (
     ClientInfo,

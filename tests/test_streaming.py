@@ -20,8 +20,8 @@ from fedpeft.client.app import make_client_app
 from fedpeft.errors import ConfigError
 from fedpeft.server.app import Outcome, run_server
 from fedpeft.server.exact_sum import TOP, ExactSum
-from fedpeft.server.fold import weight_cap
 from fedpeft.server.results import RunReporter
+from fedpeft.server.validate import weight_cap
 from fedpeft.simulation.inprocess import InProcessGrid
 from fedpeft.zo.runtime import discard_changed_models
 

@@ -55,10 +55,10 @@ from fedpeft.server.checkpoint import (
 from fedpeft.server.discovery import Roster
 from fedpeft.server.exchange import Exchange, Instruction, exchange
 from fedpeft.server.fedeval import federated_eval
-from fedpeft.server.fold import Fold, weight_cap
+from fedpeft.server.fold import Fold
 from fedpeft.server.rows import client_choices, round_row
 from fedpeft.server.secure_round import secure_aggregate
-from fedpeft.server.validate import Limits, cap_weights
+from fedpeft.server.validate import Limits, cap_weights, weight_cap
 from fedpeft.wire.messages import ClientInfo, Header
 
 __all__ = [

@@ -25,25 +25,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from typing import Any
 
-import numpy as np
 import torch
 
 from fedpeft.errors import AggregationError, ProtocolError
 from fedpeft.families import family_of
 from fedpeft.server.exact_sum import TOP, ExactSum
+from fedpeft.server.validate import cap_update
 
-__all__ = ["Fold", "weight_cap"]
-
-
-def weight_cap(reported: Sequence[int], ratio: float) -> int | None:
-    """The largest weight a client gets: ``ratio`` times the median of ``reported`` (the
-    sampled clients' example counts), ``None`` when ``ratio`` is 0 (no cap)."""
-    if ratio <= 0 or not reported:
-        return None
-    return max(1, math.floor(ratio * float(np.median(list(reported)))))
+__all__ = ["Fold"]
 
 
 class Fold:
@@ -56,7 +47,8 @@ class Fold:
     zo_blocks : int
         Seed/scalar strategies: blocks of the tuned tensors.
     cap : int | None
-        The largest ``num_examples`` an update counts with (:func:`weight_cap`).
+        The largest ``num_examples`` an update counts with
+        (:func:`fedpeft.server.validate.weight_cap`).
     example_weighted : bool
         Weight each update by its (capped) ``num_examples``; ``False``: 1 each.
 
@@ -92,11 +84,9 @@ class Fold:
         ProtocolError
             ``norm``: a weighted value is beyond the sum's range (``2**64``).
         """
-        n = update.header.num_examples
-        if self.cap is not None and n > self.cap:
-            update = replace(update, header=replace(update.header, num_examples=self.cap))
-            n, self.capped = self.cap, self.capped + 1
-        weight = float(n) if self.example_weighted else 1.0
+        update, cut = cap_update(update, self.cap)
+        self.capped += cut
+        weight = float(update.header.num_examples) if self.example_weighted else 1.0
         vector = torch.from_numpy(self.layout.vector(update)) * weight  # (dim,)
         try:
             self._sum.add(vector)

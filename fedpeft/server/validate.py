@@ -33,10 +33,12 @@ from fedpeft.wire.zo import ZoInstruction, ZoUpdate
 __all__ = [
     "MAX_NUM_EXAMPLES",
     "Limits",
+    "cap_update",
     "cap_weights",
     "validate_secure_reply",
     "validate_update",
     "validate_zo_update",
+    "weight_cap",
 ]
 
 MAX_NUM_EXAMPLES = 10**9
@@ -303,20 +305,31 @@ def validate_secure_reply(
     _SECURE[ins.family](update, ins, limits)
 
 
+def weight_cap(counts: Sequence[int], ratio: float) -> int | None:
+    """The largest weight an update gets: ``ratio`` times the median of ``counts``, at least 1;
+    ``None`` when ``ratio`` is 0 (no cap) or there are no counts."""
+    if ratio <= 0 or not counts:
+        return None
+    return max(1, math.floor(ratio * float(np.median(list(counts)))))
+
+
+def cap_update(update: Any, cap: int | None) -> tuple[Any, bool]:
+    """``update`` with its ``num_examples`` cut to ``cap``, and whether it was cut."""
+    if cap is None or update.header.num_examples <= cap:
+        return update, False
+    return replace(update, header=replace(update.header, num_examples=cap)), True
+
+
 def cap_weights(updates: Sequence[Any], ratio: float) -> tuple[list[Any], int]:
     """Cap every update's ``num_examples`` at ``ratio`` times the median; returns how many.
 
     The median is over the given updates (after validation), so fewer than half of them
     cannot move it far; ``ratio = 0`` leaves the weights alone.
     """
-    if ratio <= 0 or not updates:
-        return list(updates), 0
-    median = float(np.median([u.header.num_examples for u in updates]))
-    cap = max(1, math.floor(ratio * median))
+    cap = weight_cap([u.header.num_examples for u in updates], ratio)
     out, capped = [], 0
     for u in updates:
-        if u.header.num_examples > cap:
-            u = replace(u, header=replace(u.header, num_examples=cap))
-            capped += 1
+        u, cut = cap_update(u, cap)
         out.append(u)
+        capped += cut
     return out, capped
