@@ -15,9 +15,17 @@ the other in this one invocation, on this machine:
    in-process with and without wire serialization (``simulation.serialize``), and on Ray at
    10^2 and 10^3. The round's wall time per client (the overhead per client with the empty
    trainer) and the peak RSS of the process tree (clients included).
+3. **Population** (``fedpeft simulate``, the tiny model, 100 clients a round
+   (``federation.clients_per_round``), each client drawing 4 records
+   (``federation.records_per_client``, Dirichlet key mixes), one local LoRA step, two
+   rounds): populations of 10^4, 10^5 and 10^6 with discovery of the sampled clients only
+   (``federation.discovery = "sampled"``) against asking every node first (``"all"``) at
+   10^3 and 10^4. The start (discovery and the round-0 evaluation, the first row's wall
+   time), a round's wall time, the whole command's wall time (imports and model load
+   included) and peak RSS.
 
-    .venv/bin/python benchmarks/scale.py [--parts memory overhead] [--shape smollm2-135m]
-        [--clients 100 1000 10000] [--quick]
+    .venv/bin/python benchmarks/scale.py [--parts memory overhead population]
+        [--shape smollm2-135m] [--clients 100 1000 10000] [--quick]
 """
 
 from __future__ import annotations
@@ -96,6 +104,44 @@ def _overhead(clients: list[int], ray_clients: list[int]) -> list[dict[str, Any]
     return rows
 
 
+def _population(cases: list[tuple[int, str]]) -> list[dict[str, Any]]:
+    rows = []
+    for n, discovery in cases:
+        with tempfile.TemporaryDirectory() as out:
+            cmd = [
+                sys.executable, "-m", "fedpeft.cli", "simulate", "--quiet",
+                "--config", str(REPO / "simulations" / "tiny.toml"), "--out", out,
+                f"federation.num_clients={n}", "federation.clients_per_round=100",
+                f"federation.discovery={discovery}", "federation.records_per_client=4",
+                "federation.partition=dirichlet", "federation.rounds=2",
+                "federation.aggregation=stream", "train.local_steps=1", "train.batch_size=4",
+                "eval.every=0", "eval.examples=4", "data.metric=none",
+                "federation.connect_timeout_s=3600",
+            ]  # fmt: skip
+            m = run_measured(cmd, timeout=7200)
+            if m.returncode != 0:
+                sys.exit(f"simulate population {n} {discovery} failed:\n{m.tail}")
+            text = (Path(out) / "metrics.jsonl").read_text()
+        got = [json.loads(x) for x in text.splitlines()]
+        row = {
+            "population": n, "discovery": discovery, "start_s": got[0]["wall_s"],
+            "round_s": got[-1]["wall_s"], "wall_s": m.wall_s, "peak_rss_mib": m.peak_rss_mib,
+            "trained": got[-1]["clients"],
+        }  # fmt: skip
+        rows.append(row)
+        print(f"  population {n:>8} {discovery:<8} start {row['start_s']:.2f} s", flush=True)
+    return rows
+
+
+def _print_population(rows: list[dict[str, Any]]) -> None:
+    print("\nPopulation, tiny model, 100 clients a round, 1 LoRA step, 2 CPU cores")
+    print(f"{'population':>11} {'discovery':<10}{'start s':>8}{'round s':>8}{'command s':>10}"
+          f"{'peak RSS MiB':>13}")  # fmt: skip
+    for r in rows:
+        print(f"{r['population']:>11} {r['discovery']:<10}{r['start_s']:>8.2f}"
+              f"{r['round_s']:>8.1f}{r['wall_s']:>10.1f}{r['peak_rss_mib']:>13.0f}")  # fmt: skip
+
+
 def _print(memory: list[dict[str, Any]], overhead: list[dict[str, Any]], shape: str) -> None:
     if memory:
         print(f"\nCoordinator memory, one round, {shape} r=8 q/v updates, FedAvg, 2 CPU cores")
@@ -123,21 +169,30 @@ def _print(memory: list[dict[str, Any]], overhead: list[dict[str, Any]], shape: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", nargs="+", default=["memory", "overhead"])
+    ap.add_argument("--parts", nargs="+", default=["memory", "overhead", "population"])
     ap.add_argument("--shape", default="smollm2-135m", choices=["smollm2-135m", "llama-1b"])
     ap.add_argument("--clients", nargs="+", type=int, default=[100, 1000, 10000])
     ap.add_argument("--ray-clients", nargs="+", type=int, default=[100, 1000])
     add_quick(ap)
     args = ap.parse_args()
     sizes = args.clients
+    populations = [(10**4, "sampled"), (10**5, "sampled"), (10**6, "sampled"),
+                   (10**3, "all"), (10**4, "all")]  # fmt: skip
     if args.quick:
         args.shape, args.clients, args.ray_clients, sizes = "small", [4, 8], [], [4]
+        populations = [(10**6, "sampled")]
     update_mb = {"small": 0.25, "smollm2-135m": 1.84, "llama-1b": 3.41}[args.shape]
     memory = _memory(args.shape, args.clients, update_mb) if "memory" in args.parts else []
     overhead = _overhead(sizes, args.ray_clients) if "overhead" in args.parts else []
+    population = _population(populations) if "population" in args.parts else []
     _print(memory, overhead, args.shape)
+    if population:
+        _print_population(population)
     results_path("scale.json").write_text(
-        json.dumps({"args": vars(args), "memory": memory, "overhead": overhead}, indent=2)
+        json.dumps(
+            {"args": vars(args), "memory": memory, "overhead": overhead, "population": population},
+            indent=2,
+        )
     )
 
 

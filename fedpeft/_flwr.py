@@ -75,6 +75,7 @@ __all__ = [
     "fab_signing_message",
     "make_run",
     "message_nbytes",
+    "node_of",
     "pull_bounded",
     "records_from_bytes",
     "records_to_bytes",
@@ -288,6 +289,13 @@ def records_from_bytes(data: bytes) -> RecordDict:
     return _parsed(data, ProtoRecordDict(), recorddict_from_proto, "RecordDict")
 
 
+def node_of(grid: Grid, client_id: str) -> int | None:
+    """The node of ``client_id`` where ``grid`` knows it without asking (the in-process grid's
+    ``node_of``); ``None`` where it does not, or the grid cannot say (Ray, a SuperLink)."""
+    find = getattr(grid, "node_of", None)
+    return find(client_id) if callable(find) else None
+
+
 class GridWrapper(Grid):
     """A ``Grid`` that hands every call to ``grid``; subclasses change what they need.
 
@@ -313,6 +321,10 @@ class GridWrapper(Grid):
     def get_node_ids(self) -> Iterable[int]:
         """Delegated."""
         return self.grid.get_node_ids()
+
+    def node_of(self, client_id: str) -> int | None:
+        """Delegated where the wrapped grid addresses client ids (``None`` otherwise)."""
+        return node_of(self.grid, client_id)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Delegated."""

@@ -365,3 +365,6 @@ def test_scale(tmp_path: Path) -> None:
     }
     assert all(r["trained"] == 4 and r["ms_per_client"] > 0 for r in overhead)
     assert "stream peak RSS at 8 / at 4 clients" in out
+    (pop,) = got["population"]  # a million clients, 100 of them a round
+    assert (pop["population"], pop["discovery"], pop["trained"]) == (10**6, "sampled", 100)
+    assert 0 < pop["start_s"] < pop["wall_s"] and "Population, tiny model" in out

@@ -136,6 +136,12 @@ SECTIONS: dict[str, list[str]] = {
     "schedule": ["train.lr_schedule=cosine", "train.lr_end_factor=0.1"],
     "quantization": ["model.quantization=nf4", "train.gradient_checkpointing=true"],
     "streaming": ["federation.aggregation=stream", "federation.window=2"],
+    "population": [
+        "federation.discovery=sampled",
+        "federation.clients_per_round=2",
+        "federation.records_per_client=8",
+        "federation.partition=dirichlet",
+    ],
     "backend": ["simulation.backend=ray", "simulation.ray_num_cpus=1"],
 }
 PAIRS = list(itertools.combinations(SECTIONS, 2))

@@ -22,7 +22,14 @@ from fedpeft.config.sections import RunConfig, ZoConfig, quantization_label
 from fedpeft.devices import assign_profiles
 from fedpeft.errors import ConfigError
 
-__all__ = ["RULES", "Rule", "combinations_markdown", "cross_section_problems", "same_factors"]
+__all__ = [
+    "RULES",
+    "Rule",
+    "combinations_markdown",
+    "cross_section_problems",
+    "deployment_problems",
+    "same_factors",
+]
 
 #: Attacks that rewrite replies in flight (all but data poisoning).
 REWRITING_ATTACKS = ("sign_flip", "scale", "noise", "alie", "nonfinite", "inflate_examples")
@@ -191,7 +198,9 @@ def _secagg_strategy(cfg: RunConfig, caps: Capabilities) -> str | None:
 
 def _secagg_clients(cfg: RunConfig, caps: Capabilities) -> str | None:
     fed = cfg.federation
-    per_round = max(fed.min_clients, math.ceil(fed.fraction_train * fed.num_clients))
+    per_round = fed.clients_per_round or max(
+        fed.min_clients, math.ceil(fed.fraction_train * fed.num_clients)
+    )
     if not cfg.secagg.enabled or (per_round >= 2 and not fed.centralized):
         return None
     if fed.centralized:
@@ -201,8 +210,9 @@ def _secagg_clients(cfg: RunConfig, caps: Capabilities) -> str | None:
         )
     return (
         f"secagg needs at least 2 clients per round; federation.fraction_train = "
-        f"{fed.fraction_train} of num_clients = {fed.num_clients} samples {per_round}: raise "
-        "federation.fraction_train or federation.min_clients"
+        f"{fed.fraction_train} / clients_per_round = {fed.clients_per_round} of num_clients = "
+        f"{fed.num_clients} samples {per_round}: raise federation.clients_per_round, "
+        "fraction_train or min_clients"
     )
 
 
@@ -444,6 +454,44 @@ def _stream_wrappers(cfg: RunConfig, caps: Capabilities) -> str | None:
     )
 
 
+def _sampled_discovery(cfg: RunConfig, caps: Capabilities) -> str | None:
+    fed = cfg.federation
+    if not fed.sampled_discovery:
+        return None
+    used = [
+        key
+        for key, on in (
+            ("simulation.backend = 'ray' (Flower's engine gives nodes ids of its own)",
+             cfg.simulation.backend == "ray"),
+            ("eval.federated / eval.personalized (ask every client)",
+             cfg.eval.federated or cfg.eval.personalized),
+            ("devices.tiers / devices.file (a profile for every client up front)",
+             bool(cfg.devices.tiers or cfg.devices.file)),
+            ("ranks.mode = 'tiers' (orders every client id)", cfg.ranks.mode == "tiers"),
+            ("federation.centralized (one client)", fed.centralized),
+        )
+        if on
+    ]  # fmt: skip
+    if not used:
+        return None
+    return (
+        "federation.discovery = 'sampled' asks only each round's sampled clients who they "
+        f"are, which {'; '.join(used)} cannot follow: set federation.discovery = 'all'"
+    )
+
+
+def _drawn_centralized(cfg: RunConfig, caps: Capabilities) -> str | None:
+    fed = cfg.federation
+    if not (fed.records_per_client and fed.centralized):
+        return None
+    return (
+        "federation.centralized = true gives its one client the union of the clients' "
+        f"records, which federation.records_per_client = {fed.records_per_client} (records "
+        "drawn per client, shared between clients) does not define: set "
+        "federation.records_per_client = 0"
+    )
+
+
 RULES: tuple[Rule, ...] = (
     Rule(("ranks.mode", "strategy.name"), "different ranks with a strategy that has one rank "
          "(or none: seed/scalar)", _ranks),
@@ -469,8 +517,8 @@ RULES: tuple[Rule, ...] = (
     Rule(("secagg.enabled", "ranks.mode", "strategy.name"), "secure aggregation when LoRA "
          "clients train different shapes", _secagg_shapes),
     Rule(("secagg.enabled", "federation.centralized", "federation.fraction_train",
-          "federation.min_clients"), "secure aggregation with fewer than 2 clients a round",
-         _secagg_clients),
+          "federation.clients_per_round", "federation.min_clients"), "secure aggregation with "
+         "fewer than 2 clients a round", _secagg_clients),
     Rule(("secagg.enabled", "robust.rule", "robust.clip_norm"), "secure aggregation with "
          "robust rules", _secagg_robust),
     Rule(("secagg.enabled", "compress.up"), "secure aggregation with an upload codec",
@@ -519,6 +567,12 @@ RULES: tuple[Rule, ...] = (
           "dp.noise_multiplier", "devices.tiers", "devices.file"), "streaming aggregation "
          "with secure aggregation, robust rules, DP or simulated device profiles",
          _stream_wrappers),
+    Rule(("federation.discovery", "simulation.backend", "eval.federated", "eval.personalized",
+          "devices.tiers", "devices.file", "ranks.mode", "federation.centralized"), "discovery "
+         "of the sampled clients only with Ray, federated evaluation, device profiles, rank "
+         "tiers or centralized mode", _sampled_discovery),
+    Rule(("federation.records_per_client", "federation.centralized"), "records drawn per "
+         "client in centralized mode", _drawn_centralized),
     Rule(("devices.tiers", "devices.file", "federation.num_clients"), "device tiers or a "
          "device file that name an unknown profile or are malformed", _devices),
 )  # fmt: skip
@@ -527,6 +581,19 @@ RULES: tuple[Rule, ...] = (
 def cross_section_problems(cfg: RunConfig, caps: Capabilities) -> list[str]:
     """Every problem across sections (empty if the sections work together)."""
     return [msg for rule in RULES if (msg := rule.check(cfg, caps)) is not None]
+
+
+def deployment_problems(cfg: RunConfig) -> list[str]:
+    """What a scenario asks that only a simulation can do (checked before real nodes run it)."""
+    out = []
+    if cfg.attack.kind != "none":
+        out.append("[attack] simulates Byzantine clients; it is refused on real nodes")
+    if cfg.federation.sampled_discovery:
+        out.append(
+            "federation.discovery = 'sampled' needs a transport that addresses clients by id "
+            "(the in-process simulation); real nodes are discovered with 'all'"
+        )
+    return out
 
 
 def combinations_markdown() -> str:

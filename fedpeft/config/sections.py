@@ -255,6 +255,7 @@ class DataConfig:
 
 PARTITIONS = ("iid", "dirichlet", "natural")
 AGGREGATIONS = ("batch", "stream")
+DISCOVERIES = ("all", "sampled")
 STREAM_WINDOW = 256  # federation.window = 0 with aggregation = "stream"
 
 
@@ -265,10 +266,20 @@ class FederationConfig:
     num_clients: int = _help("number of (virtual) clients", 8)
     rounds: int = _help("federated rounds", 3)
     fraction_train: float = _help("fraction of clients sampled each round", 1.0)
+    clients_per_round: int = _help(
+        "clients sampled each round, a fixed number (0: fraction_train of num_clients)", 0
+    )
     min_clients: int = _help("fewest clients sampled, and fewest valid updates, per round", 1)
     partition: str = _help("iid | dirichlet | natural (one group of keys per client)", "natural")
     partition_key: str = _help("record field for dirichlet/natural partitioning", "domain")
     dirichlet_alpha: float = _help("Dirichlet concentration; smaller is more skewed", 0.5)
+    records_per_client: int = _help(
+        "0: the training records are split among the clients (each record has one owner) | "
+        "N: each client draws at most N records when it is first asked, seeded by its id "
+        "(iid: uniformly; dirichlet: with its own key mix), so clients may share records "
+        "and the population may exceed the records",
+        0,
+    )
     seed: int = _help("run seed: sampling, partitioning, data order, adapter init", 0)
     centralized: bool = _help(
         "reference mode: one client holds the union of the data and runs "
@@ -292,6 +303,12 @@ class FederationConfig:
         "reply into an exact sum as it arrives and keep only its header (linear strategies; "
         "coordinator memory does not grow with the clients per round; docs/scale.md)",
         "batch",
+    )
+    discovery: str = _help(
+        "all: every node is asked who it is before the first round | sampled: only each "
+        "round's sampled clients, when first sampled (a transport that addresses clients by "
+        "id: the in-process simulation; populations of millions)",
+        "all",
     )
     window: int = _help(
         "instructions in flight at once: a window's replies are decoded (with aggregation = "
@@ -333,6 +350,41 @@ class FederationConfig:
             f"federation.aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}",
         )
         _check(p, self.window >= 0, f"federation.window must be >= 0, got {self.window}")
+        k = self.clients_per_round
+        _check(p, k >= 0, f"federation.clients_per_round must be >= 0, got {k}")
+        _check(
+            p,
+            k <= self.num_clients,
+            f"federation.clients_per_round ({k}) must be <= num_clients ({self.num_clients})",
+        )
+        _check(
+            p,
+            not k or k >= self.min_clients,
+            f"federation.clients_per_round ({k}) must be >= min_clients ({self.min_clients})",
+        )
+        _check(
+            p,
+            not k or self.fraction_train == 1.0,
+            f"federation.clients_per_round ({k}) and fraction_train ({self.fraction_train}) "
+            "both set how many clients train; set one",
+        )
+        _check(
+            p,
+            self.records_per_client >= 0,
+            f"federation.records_per_client must be >= 0, got {self.records_per_client}",
+        )
+        _check(
+            p,
+            not self.records_per_client or self.partition != "natural",
+            "federation.records_per_client draws records per client, which a natural "
+            "partition (whole key values per client) cannot: use partition = 'iid' or "
+            "'dirichlet', or records_per_client = 0",
+        )
+        _check(
+            p,
+            self.discovery in DISCOVERIES,
+            f"federation.discovery must be one of {DISCOVERIES}, got {self.discovery!r}",
+        )
         _raise(p)
 
     @property
@@ -344,6 +396,11 @@ class FederationConfig:
     def streaming(self) -> bool:
         """Whether replies are folded into the aggregate as they arrive."""
         return self.aggregation == "stream"
+
+    @property
+    def sampled_discovery(self) -> bool:
+        """Whether only each round's sampled clients are asked who they are."""
+        return self.discovery == "sampled"
 
     @property
     def in_flight(self) -> int:

@@ -4,12 +4,17 @@ The partition depends only on the data file, ``[federation]`` and the run seed, 
 coordinator, in-process clients and Ray workers all derive the same split without sending it.
 In centralized mode the single client holds the union of what the federated clients would
 hold (each client's cap included), which makes it the reference line for the same data.
+
+With ``federation.records_per_client = N`` the records are not split but drawn: a client's
+key mix and its at most N records (and its share of the held-out split, in the same mix) come
+from generators seeded by the run seed and its id, computed when it is first asked, so a
+population of millions costs nothing until its clients are sampled.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -20,11 +25,12 @@ from fedpeft.data.tasks import Task, load_task, template_fields
 from fedpeft.errors import DataError
 from fedpeft.seeding import np_rng
 from fedpeft.simulation.attacks import attackers, flip_labels
-from fedpeft.simulation.partition import partition
+from fedpeft.simulation.partition import draw_records, key_mix, partition
 
 __all__ = [
     "client_eval_records",
     "client_records",
+    "drawn_indices",
     "eval_assignment",
     "get_task",
     "partition_indices",
@@ -42,18 +48,28 @@ def get_task(data: DataConfig, seed: int, cache: ProcessCache = PROCESS_CACHE) -
     return cache.get(task_key(data, seed), lambda: load_task(data, seed))
 
 
+def _train_keys(task: Task, fed: FederationConfig, data: DataConfig) -> list[Any]:
+    """Each training record's partition key (all ``0`` for iid)."""
+    if fed.partition == "iid":
+        return [0] * len(task.train)
+    if fed.partition_key not in task.train[0]:
+        raise DataError(
+            f"federation.partition_key {fed.partition_key!r} is not a field of {data.path!r}; "
+            f"fields: {task.fields}"
+        )
+    return [r[fed.partition_key] for r in task.train]
+
+
 def partition_indices(task: Task, fed: FederationConfig, data: DataConfig) -> list[list[int]]:
     """Training-record indices of each of the ``fed.num_clients`` federated clients."""
     rng = np_rng(fed.seed, "partition")
-    if fed.partition == "iid":
-        keys: list[Any] = [0] * len(task.train)
-    else:
-        if fed.partition_key not in task.train[0]:
-            raise DataError(
-                f"federation.partition_key {fed.partition_key!r} is not a field of {data.path!r}; "
-                f"fields: {task.fields}"
-            )
-        keys = [r[fed.partition_key] for r in task.train]
+    keys = _train_keys(task, fed, data)
+    if fed.partition == "iid" and len(keys) < fed.num_clients:
+        raise DataError(
+            f"{len(keys)} training records cannot be split among federation.num_clients = "
+            f"{fed.num_clients}: lower num_clients or let each client draw its records "
+            "(federation.records_per_client)"
+        )
     parts = partition(fed.partition, keys, fed.num_clients, rng, fed.dirichlet_alpha)
     return [_capped(p, data.max_examples_per_client, fed.seed, c) for c, p in enumerate(parts)]
 
@@ -63,6 +79,57 @@ def _capped(indices: list[int], cap: int, seed: int, client: int) -> list[int]:
     if not cap or len(indices) <= cap:
         return indices
     return sorted(int(i) for i in np_rng(seed, "cap", client).permutation(indices)[:cap])
+
+
+@dataclass(frozen=True)
+class _Pools:
+    """The key values' global frequencies and each value's training and held-out records."""
+
+    prior: np.ndarray
+    train: list[np.ndarray]
+    eval: list[np.ndarray]
+
+
+def _pools(cfg: RunConfig, task: Task, cache: ProcessCache) -> _Pools:
+    fed = cfg.federation
+
+    def build() -> _Pools:
+        keys = [str(k) for k in _train_keys(task, fed, cfg.data)]
+        values = sorted(set(keys))
+        col = {v: i for i, v in enumerate(values)}
+        train: list[list[int]] = [[] for _ in values]
+        for i, k in enumerate(keys):
+            train[col[k]].append(i)
+        held: list[list[int]] = [[] for _ in values]
+        for j, r in enumerate(task.eval):
+            c = col.get(str(r.get(fed.partition_key)) if fed.partition != "iid" else "0")
+            if c is not None:
+                held[c].append(j)
+        prior = np.array([len(t) for t in train], dtype=np.float64) / len(keys)
+        return _Pools(prior, [np.array(t) for t in train], [np.array(h, int) for h in held])
+
+    key = "pools:" + json.dumps([asdict(cfg.data), fed.partition, fed.partition_key])
+    return cache.get(key + f":{fed.seed}", build)
+
+
+def drawn_indices(
+    cfg: RunConfig, task: Task, client: int, held_out: bool, cache: ProcessCache = PROCESS_CACHE
+) -> list[int]:
+    """Client ``client``'s drawn record indices (``federation.records_per_client``): its
+    training records, or (``held_out``) its share of the held-out split in the same key mix,
+    in proportion to the split's size."""
+    fed, pools = cfg.federation, _pools(cfg, task, cache)
+    mix = key_mix(pools.prior, fed.dirichlet_alpha, np_rng(fed.seed, "draw-mix", client))
+    if not held_out:
+        rng = np_rng(fed.seed, "draw-train", client)
+        return draw_records(pools.train, mix, fed.records_per_client, rng)
+    size = max(1, round(fed.records_per_client * len(task.eval) / len(task.train)))
+    present = np.array([len(h) > 0 for h in pools.eval])
+    if not present.any():
+        return []
+    mix = mix * present
+    mix = mix / mix.sum() if mix.sum() > 0 else present / present.sum()
+    return draw_records(pools.eval, mix, size, np_rng(fed.seed, "draw-eval", client))
 
 
 def _partitions(cfg: RunConfig, cache: ProcessCache) -> tuple[Task, list[list[int]], str]:
@@ -89,17 +156,31 @@ def client_records(
             partition_id,
         )
         return [records[i] for i in keep]
-    task, parts, _ = _partitions(cfg, cache)
-    if cfg.federation.centralized:
-        if partition_id != 0:
-            raise DataError(f"centralized mode has one client (0), got partition {partition_id}")
-        return [task.train[i] for i in sorted(i for p in parts for i in p)]
-    if not 0 <= partition_id < len(parts):
-        raise DataError(f"partition {partition_id} is outside 0..{len(parts) - 1}")
-    records = [task.train[i] for i in parts[partition_id]]
+    fed = cfg.federation
+    if fed.records_per_client and not fed.centralized:
+        _check_client(partition_id, fed.num_clients)
+        task = get_task(cfg.data, fed.seed, cache)
+        drawn = drawn_indices(cfg, task, partition_id, held_out=False, cache=cache)
+        mine = _capped(drawn, cfg.data.max_examples_per_client, fed.seed, partition_id)
+    else:
+        task, parts, _ = _partitions(cfg, cache)
+        if fed.centralized:
+            if partition_id != 0:
+                raise DataError(
+                    f"centralized mode has one client (0), got partition {partition_id}"
+                )
+            return [task.train[i] for i in sorted(i for p in parts for i in p)]
+        _check_client(partition_id, len(parts))
+        mine = parts[partition_id]
+    records = [task.train[i] for i in mine]
     if cfg.attack.kind == "label_flip" and str(partition_id) in attackers(cfg):
         records = flip_labels(records, template_fields(cfg.data.response_template))
     return records
+
+
+def _check_client(partition_id: int, clients: int) -> None:
+    if not 0 <= partition_id < clients:
+        raise DataError(f"partition {partition_id} is outside 0..{clients - 1}")
 
 
 def eval_assignment(
@@ -133,10 +214,14 @@ def client_eval_records(
     """
     if own:
         return list(get_task(cfg.data, cfg.federation.seed, cache).eval)
-    task, parts, key = _partitions(cfg, cache)
-    if cfg.federation.centralized:
-        return list(task.eval)
     fed = cfg.federation
+    if fed.records_per_client and not fed.centralized:
+        _check_client(partition_id, fed.num_clients)
+        task = get_task(cfg.data, fed.seed, cache)
+        return [task.eval[j] for j in drawn_indices(cfg, task, partition_id, True, cache)]
+    task, parts, key = _partitions(cfg, cache)
+    if fed.centralized:
+        return list(task.eval)
     by = fed.partition_key if fed.partition != "iid" else None
     train_keys = [r[by] if by else 0 for r in task.train]
     eval_keys = [r.get(by) if by else 0 for r in task.eval]

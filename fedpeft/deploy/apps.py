@@ -118,6 +118,7 @@ def _write_outcome(out: Path, err: BaseException) -> None:
 @server_app.main()
 def _coordinate(grid: Grid, context: Context) -> None:
     from fedpeft.config.load import config_to_dict, dump_toml, load_config, parse_overrides
+    from fedpeft.config.rules import deployment_problems
     from fedpeft.errors import ConfigError
     from fedpeft.server.app import run_server
     from fedpeft.server.results import RunReporter
@@ -131,8 +132,8 @@ def _coordinate(grid: Grid, context: Context) -> None:
         )
     overrides = parse_overrides(str(run.get("overrides", "")).split())
     cfg = load_config(None, overrides, text=str(run["scenario"]))
-    if cfg.attack.kind != "none":
-        raise ConfigError("[attack] simulates Byzantine clients; it is refused on real nodes")
+    if problems := deployment_problems(cfg):
+        raise ConfigError(problems)
     out = Path(str(run["out"]))
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.toml").write_text(dump_toml(config_to_dict(cfg)), encoding="utf-8")

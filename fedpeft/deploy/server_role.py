@@ -36,6 +36,7 @@ from pathlib import Path
 
 from fedpeft._flwr import build_fab
 from fedpeft.config.load import config_to_dict, dump_toml, load_config
+from fedpeft.config.rules import deployment_problems
 from fedpeft.deploy.apps import OUTCOME
 from fedpeft.deploy.credentials import Credentials
 from fedpeft.deploy.link import CONNECTION, control_port, flwr_config
@@ -190,6 +191,8 @@ class ServerRole:
     def run(self) -> int:
         """Do the steps; returns 0 when the run finished with results."""
         cfg = load_config(self.config, self.overrides)
+        if problems := deployment_problems(cfg):  # refused before the SuperLink starts
+            raise ConfigError(problems)
         creds = Credentials.at(self.keys)
         pubs = self._pubs(creds)
         out = self.out.resolve()

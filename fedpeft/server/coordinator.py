@@ -8,8 +8,13 @@ tree, as pushed over the network), validates each update against its instruction
 per-client failures and rejections in the round's metrics. LoRA and seed/scalar strategies
 run through the same loop (:mod:`fedpeft.server.exchange` handles both message kinds).
 
-Per round ``r``: ``k = min(n, max(min_clients, ceil(fraction_train * n)))`` clients are
-sampled by a generator seeded with ``(seed, "sample", r)``, so a resumed run samples the same.
+Per round ``r``: ``k = min(n, max(min_clients, ceil(fraction_train * n)))`` clients (or
+``federation.clients_per_round``) are sampled by a generator seeded with ``(seed, "sample",
+r)``, so a resumed run samples the same. With ``federation.discovery = "all"`` they are drawn
+from the ``n`` clients that joined before the first round; with ``"sampled"`` from the whole
+population's ids, and only the drawn clients are asked who they are, when first drawn (a
+population of millions starts at once; a drawn client that does not join fails the round's
+instruction with the reason).
 
 After round 0 (the evaluation of the start) and after every round, the coordinator's whole
 state (:meth:`Coordinator.state_dict`: round, strategy state with any bandit or accountant,
@@ -34,11 +39,12 @@ from typing import Any, Protocol
 
 from flwr.serverapp import Grid
 
+from fedpeft._flwr import node_of
 from fedpeft.algorithms.base import AggregateResult, Strategy
 from fedpeft.algorithms.registry import strategy_capabilities
 from fedpeft.config import RunConfig
 from fedpeft.devices import DeviceProfile, assign_profiles, simulated_times
-from fedpeft.errors import AggregationError, ProtocolError, RoundError
+from fedpeft.errors import AggregationError, ConfigError, ProtocolError, RoundError
 from fedpeft.families import Stamp, family_of
 from fedpeft.lora.rank_ops import rank_energy
 from fedpeft.privacy import PrivacyBudgetExhausted
@@ -52,7 +58,7 @@ from fedpeft.server.checkpoint import (
     result_state,
     save_checkpoint,
 )
-from fedpeft.server.discovery import Roster
+from fedpeft.server.discovery import ClientIds, Roster
 from fedpeft.server.exchange import Exchange, Instruction, exchange
 from fedpeft.server.fedeval import federated_eval
 from fedpeft.server.fold import Fold
@@ -202,11 +208,19 @@ class Coordinator:
         """
         fed = self.cfg.federation
         self.roster = Roster(
-            tuple(str(i) for i in range(fed.nodes)),
+            ClientIds(fed.nodes),
             self.run_id,
             self.fingerprint,
             tuple(self.cfg.model.node_quantizations),
+            on_demand=fed.sampled_discovery,
         )
+        if fed.sampled_discovery:  # each round asks the clients it draws (_draw)
+            if node_of(self.grid, "0") is None:
+                raise ConfigError(
+                    "federation.discovery = 'sampled' needs a transport that addresses clients "
+                    f"by id (the in-process simulation); {type(self.grid).__name__} does not"
+                )
+            return [], {"setup_bytes_down": 0, "setup_bytes_up": 0}
         deadline = time.monotonic() + fed.connect_timeout_s
         while True:
             connected = set(self.grid.get_node_ids())
@@ -232,6 +246,8 @@ class Coordinator:
     def _rejoin(self) -> None:
         """Before a round: ask nodes that connected since (a restarted node has a new id),
         so a client whose node came back takes part again."""
+        if self.cfg.federation.sampled_discovery:
+            return  # a client is asked when it is drawn
         connected = set(self.grid.get_node_ids())
         if connected - self.roster.asked:
             before = {c.client_id: c.node_id for c in self.clients}
@@ -258,6 +274,20 @@ class Coordinator:
         rng = np_rng(self.cfg.federation.seed, "sample", server_round)
         picked = rng.choice(len(clients), k, replace=False)
         return sorted((clients[int(i)] for i in picked), key=lambda c: c.client_id)
+
+    def _draw(self, server_round: int) -> tuple[list[ClientInfo], dict[str, str], int]:
+        """Sampled discovery: the round's clients drawn from the whole population's ids and
+        asked who they are when first drawn; the admitted ones (ordered by client id), the
+        drawn ones that did not join (each with why) and the bytes the questions cost."""
+        fed = self.cfg.federation
+        k = clients_per_round(self.cfg, fed.nodes)
+        rng = np_rng(fed.seed, "sample", server_round)
+        drawn = sorted(str(int(i)) for i in rng.choice(fed.nodes, k, replace=False))
+        before = self.roster.bytes_down + self.roster.bytes_up
+        why = self.roster.ask_clients(self.grid, drawn, fed.round_timeout_s)
+        self.clients = self.roster.infos()
+        joined = [self.roster.clients[c] for c in drawn if c not in why]
+        return joined, why, self.roster.bytes_down + self.roster.bytes_up - before
 
     def _node_fingerprint(self, cid: str) -> str:
         """The base model client ``cid`` was admitted with: the coordinator's, or the same
@@ -323,7 +353,12 @@ class Coordinator:
             If fewer than ``min_clients`` valid updates came back.
         """
         t0 = time.perf_counter()
-        sampled = self._with_budgets(self.sample(server_round, clients))
+        absent: dict[str, str] = {}
+        if self.cfg.federation.sampled_discovery:
+            picked, absent, asked_bytes = self._draw(server_round)
+        else:
+            picked, asked_bytes = self.sample(server_round, clients), 0
+        sampled = self._with_budgets(picked)
         instructions = self.instructions(server_round, sampled)
         nodes = {c.client_id: c.node_id for c in sampled}
         limits = {
@@ -338,10 +373,12 @@ class Coordinator:
             self.grid, asked, nodes, server_round, fed.round_timeout_s, limits, fold,
             fed.in_flight,
         )  # fmt: skip
-        for cid, reason in sorted(gone.items()):
+        for cid, reason in sorted({**gone, **absent}.items()):
             got.fail(cid, "unavailable", reason)
         if probe_bytes:
             got.metrics["probe_bytes"] = probe_bytes
+        if asked_bytes:
+            got.metrics["discovery_bytes"] = asked_bytes
         self.suspects |= {c for c, r in got.failures.items() if r.startswith(SILENT)}
         sim = self._simulate_devices(got)
         if len(got.updates) < self.cfg.federation.min_clients:

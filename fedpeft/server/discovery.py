@@ -17,26 +17,32 @@ A node refused for what the coordinator decided (id, duplicate, base model, exam
 told why with a ``query.refused`` message, so its own log says it. What the roster holds —
 joined, missing and refused, each with its reason — goes into the first metrics row and into
 ``summary.json``.
+
+The expected ids are a :class:`ClientIds` range, not a list, so a population of millions
+costs nothing. With ``federation.discovery = "sampled"`` the coordinator asks only the clients
+it samples, when first sampled (:meth:`Roster.ask_clients`), on a transport that addresses
+a client id's node without asking (the in-process grid); "missing" then means a client that
+was asked and did not join.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from fedpeft._flwr import message_nbytes, send_bounded
+from fedpeft._flwr import message_nbytes, node_of, send_bounded
 from fedpeft.errors import ProtocolError, clip
 from fedpeft.models import fingerprint_mismatch
 from fedpeft.server.exchange import check_error
 from fedpeft.server.validate import MAX_NUM_EXAMPLES
 from fedpeft.wire.messages import ClientInfo, decode_client_info, encode_query, encode_refusal
 
-__all__ = ["MAX_PROPERTIES", "NOTICE_TIMEOUT_S", "Roster"]
+__all__ = ["MAX_PROPERTIES", "NOTICE_TIMEOUT_S", "ClientIds", "Roster"]
 
 log = logging.getLogger(__name__)
 K = TypeVar("K", int, str)
@@ -46,29 +52,60 @@ MAX_INFO_BYTES = 1_000_000  # an answer to a query is a few hundred bytes
 NOTICE_TIMEOUT_S = 10.0  # how long a refusal notice may take to be acknowledged
 
 
+class ClientIds(Sequence[str]):
+    """The client ids ``"0" .. str(n - 1)`` in numeric order, without a list of them."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __contains__(self, cid: object) -> bool:
+        return (
+            isinstance(cid, str) and cid.isdecimal() and str(int(cid)) == cid and int(cid) < self.n
+        )
+
+    def __iter__(self) -> Iterator[str]:
+        return (str(i) for i in range(self.n))
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[str]: ...
+    def __getitem__(self, i: int | slice) -> str | Sequence[str]:
+        if isinstance(i, slice):
+            return [str(j) for j in range(self.n)[i]]
+        return str(range(self.n)[i])
+
+
 @dataclass
 class Roster:
     """The expected client ids, the nodes that hold them, and the nodes left out.
 
     Parameters
     ----------
-    expected : tuple[str, ...]
-        Client ids the scenario expects.
+    expected : Sequence[str]
+        Client ids the scenario expects (a :class:`ClientIds` range).
     run_id : str
         Stamped on the queries.
     fingerprint : str
         The coordinator's base-model fingerprint.
     quantizations : tuple[str, ...]
         Other quantizations of the same weights a node may load (``model.node_quantizations``).
+    on_demand : bool
+        Only the client ids asked for (:meth:`ask_clients`) are wanted, not every expected one.
     """
 
-    expected: tuple[str, ...]
+    expected: Sequence[str]
     run_id: str
     fingerprint: str
     quantizations: tuple[str, ...] = ()
+    on_demand: bool = False
     clients: dict[str, ClientInfo] = field(default_factory=dict)
     refused: dict[int, str] = field(default_factory=dict)
     asked: set[int] = field(default_factory=set)
+    wanted: set[str] = field(default_factory=set)  # on demand: the client ids asked for
     bytes_down: int = 0
     bytes_up: int = 0
 
@@ -81,12 +118,13 @@ class Roster:
         """Expected client ids without a node, each with why (a refused claim, or none)."""
         claims: dict[str, list[str]] = {}
         for node, reason in sorted(self.refused.items()):
-            for cid in self.expected:
-                if reason.startswith(f"client {cid}:"):
-                    claims.setdefault(cid, []).append(f"node {node} was refused")
+            cid = reason.split(":", 1)[0].removeprefix("client ")
+            if reason.startswith("client ") and cid in self.expected:
+                claims.setdefault(cid, []).append(f"node {node} was refused")
+        wanted = sorted(self.wanted, key=int) if self.on_demand else self.expected
         return {
             cid: "; ".join(claims.get(cid, ["no node claimed it"]))
-            for cid in self.expected
+            for cid in wanted
             if cid not in self.clients
         }
 
@@ -94,6 +132,7 @@ class Roster:
         """What ``summary.json`` and the first row say about who joined."""
         return {
             "expected": len(self.expected),
+            **({"discovery": "sampled", "asked": len(self.wanted)} if self.on_demand else {}),
             "joined": sorted(self.clients),
             "missing": self.missing(),
             "refused": {str(n): r for n, r in sorted(self.refused.items())},
@@ -138,6 +177,37 @@ class Roster:
         if notices:
             self._tell(grid, notices)
         return joined
+
+    def ask_clients(self, grid: Grid, cids: Iterable[str], timeout: float) -> dict[str, str]:
+        """Ask the nodes of ``cids`` that have not joined who they are, addressing each
+        through the grid (:func:`fedpeft._flwr.node_of`); returns the client ids among
+        ``cids`` that are not admitted, each with why (a node that answers as another client
+        than the one it was addressed as is refused)."""
+        cids = list(cids)
+        self.wanted.update(cids)
+        nodes: dict[str, int] = {}
+        for cid in cids:
+            if cid in self.clients:
+                continue
+            node = node_of(grid, cid)
+            if node is None:
+                raise ProtocolError(
+                    f"the grid has no node for client id {clip(cid, 64)!r} (federation.discovery"
+                    " = 'sampled' needs a transport that addresses clients by id)"
+                )
+            nodes[cid] = node
+        addressed = {node: cid for cid, node in nodes.items()}
+        self.ask(grid, addressed, set(addressed), timeout)
+        for cid, info in list(self.clients.items()):
+            meant = addressed.get(info.node_id, cid)
+            if meant != cid:
+                del self.clients[cid]
+                self.refused[info.node_id] = f"client {cid}: its node is client {meant}'s"
+        why: dict[str, str] = {}
+        for cid, node in sorted(nodes.items()):
+            if cid not in self.clients:
+                why[cid] = "did not join: " + self.refused.get(node, "no answer")
+        return why
 
     def _admit(self, reply: Message, node: int, connected: set[int]) -> None:
         try:
@@ -242,5 +312,5 @@ def _client_info(reply: Message, node: int) -> ClientInfo:
     return decode_client_info(reply.content, node_id=node)
 
 
-def _span(ids: tuple[str, ...]) -> str:
+def _span(ids: Sequence[str]) -> str:
     return f"{ids[0]}..{ids[-1]}" if len(ids) > 1 else repr(ids[0])

@@ -9,14 +9,18 @@ shares the process's one base model, and runs are deterministic.
 With ``serialize=True`` (the default) every instruction and reply is encoded to Flower's wire
 objects and decoded again, as a real network would, so a payload that would not survive
 deployment fails here too. A ``ClientApp`` exception becomes an error reply, as in Flower's
-runtimes. Each node keeps its own ``Context`` (``state`` persists across rounds).
+runtimes. Each node keeps its own ``Context`` (``state`` persists across rounds), made when
+the node first gets a message: a population of a million nodes costs nothing up front
+(:class:`PartitionConfigs` gives their configs on demand), and :meth:`InProcessGrid.node_of`
+addresses a client id's node without asking, so the coordinator can ask only the clients it
+samples who they are (``federation.discovery = "sampled"``).
 """
 
 from __future__ import annotations
 
 import traceback
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, overload
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -32,10 +36,31 @@ from fedpeft._flwr import (
 )
 from fedpeft.simulation.node_records import load_node_state, node_state_dict
 
-__all__ = ["InProcessGrid"]
+__all__ = ["InProcessGrid", "PartitionConfigs"]
 
 FIRST_NODE_ID = 10_001
 CLIENT_APP_RAISED_EXCEPTION = 2  # flwr.common.constant.ErrorCode in flwr 1.41
+
+
+class PartitionConfigs(Sequence[Mapping[str, int]]):
+    """``{"partition-id": i, "num-partitions": n}`` of node ``i`` of ``n``, made when asked."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    @overload
+    def __getitem__(self, i: int) -> Mapping[str, int]: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[Mapping[str, int]]: ...
+    def __getitem__(self, i: int | slice) -> Mapping[str, int] | Sequence[Mapping[str, int]]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.n))]
+        if not -self.n <= i < self.n:
+            raise IndexError(f"node {i} of {self.n}")
+        return {"partition-id": i % self.n, "num-partitions": self.n}
 
 
 class InProcessGrid(Grid):
@@ -45,8 +70,9 @@ class InProcessGrid(Grid):
     ----------
     client_app : ClientApp
         The app every virtual node runs.
-    node_configs : list[Mapping[str, int | float | str | bool]]
-        One node config per virtual node (``partition-id``, ``num-partitions``, ...).
+    node_configs : Sequence[Mapping[str, int | float | str | bool]]
+        One node config per virtual node (``partition-id``, ``num-partitions``, ...); read
+        when the node first gets a message.
     run_id : int
         Flower run id (messages carry it).
     serialize : bool
@@ -58,7 +84,7 @@ class InProcessGrid(Grid):
     def __init__(
         self,
         client_app: ClientApp,
-        node_configs: list[Mapping[str, int | float | str | bool]],
+        node_configs: Sequence[Mapping[str, int | float | str | bool]],
         run_id: int = 1,
         serialize: bool = True,
         on_reply: Callable[[int, Message], None] | None = None,
@@ -67,16 +93,9 @@ class InProcessGrid(Grid):
         self._serialize = serialize
         self._on_reply = on_reply
         self._run = make_run(run_id)
-        self._contexts = {
-            FIRST_NODE_ID + i: Context(
-                run_id=run_id,
-                node_id=FIRST_NODE_ID + i,
-                node_config=dict(conf),
-                state=RecordDict(),
-                run_config={},
-            )
-            for i, conf in enumerate(node_configs)
-        }
+        self._run_id = run_id
+        self._configs = node_configs
+        self._contexts: dict[int, Context] = {}  # the nodes that got a message, by node id
         self._replies: dict[str, Message] = {}
         self._wire = WireCache()  # records repeated across messages are serialized once
         set_task_identity(run_id, SERVER_NODE_ID)
@@ -103,11 +122,38 @@ class InProcessGrid(Grid):
 
     def get_node_ids(self) -> Iterable[int]:
         """Ids of the virtual nodes."""
-        return list(self._contexts)
+        return range(FIRST_NODE_ID, FIRST_NODE_ID + len(self._configs))
+
+    def node_of(self, client_id: str) -> int | None:
+        """The node of the client whose ``partition-id`` is ``client_id`` (``None``: none)."""
+        if not client_id.isdecimal() or str(int(client_id)) != client_id:
+            return None
+        i = int(client_id)
+        if i >= len(self._configs) or self._configs[i].get("partition-id") != i:
+            return None
+        return FIRST_NODE_ID + i
 
     def context(self, node_id: int) -> Context:
-        """A node's context (tests and benchmarks)."""
-        return self._contexts[node_id]
+        """A node's context, made when first asked for."""
+        ctx = self._contexts.get(node_id)
+        if ctx is None:
+            i = node_id - FIRST_NODE_ID
+            if not 0 <= i < len(self._configs):
+                raise KeyError(f"node {node_id} does not exist")
+            ctx = Context(
+                run_id=self._run_id,
+                node_id=node_id,
+                node_config=dict(self._configs[i]),
+                state=RecordDict(),
+                run_config={},
+            )
+            self._contexts[node_id] = ctx
+        return ctx
+
+    @property
+    def started(self) -> int:
+        """How many nodes have a context (got a message)."""
+        return len(self._contexts)
 
     def state_dict(self) -> dict[str, Any]:
         """Every virtual node's ``Context.state`` (a device's own storage), checkpointable.
@@ -118,15 +164,16 @@ class InProcessGrid(Grid):
         return {str(n): node_state_dict(c.state) for n, c in sorted(self._contexts.items())}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` into the nodes of the same ids."""
-        for n, c in self._contexts.items():
-            c.state = load_node_state(state.get(str(n), {}))
+        """Restore :meth:`state_dict` into the nodes of the same ids (the others start empty)."""
+        self._contexts = {}
+        for n, saved in state.items():
+            self.context(int(n)).state = load_node_state(saved)
 
     def _deliver(self, msg: Message) -> Message:
         node = msg.metadata.dst_node_id
         incoming = roundtrip(msg, self._wire) if self._serialize else msg
         try:
-            reply = self._app(incoming, self._contexts[node])
+            reply = self._app(incoming, self.context(node))
         except Exception as ex:  # reported to the coordinator as this client's failure
             reason = f"{type(ex).__name__}: {ex}"
             if not isinstance(ex, ValueError):
@@ -142,7 +189,7 @@ class InProcessGrid(Grid):
         ids: list[str] = []
         for msg in messages:
             mid = set_message_id(msg)
-            if msg.metadata.dst_node_id not in self._contexts:
+            if not 0 <= msg.metadata.dst_node_id - FIRST_NODE_ID < len(self._configs):
                 reply = Message(
                     Error(code=5, reason=f"node {msg.metadata.dst_node_id} does not exist"),
                     reply_to=msg,

@@ -9,6 +9,10 @@ index exactly once. All randomness comes from the generator passed in.
   "Measuring the Effects of Non-Identical Data Distribution").
 - ``natural``: each client gets whole key values (e.g. WordNet lexicographer domains), assigned
   largest-first to the client with the fewest records, so sizes stay balanced.
+
+A population larger than the records (``federation.records_per_client``) is not split but
+drawn: :func:`key_mix` and :func:`draw_records` give one client its records on demand from a
+generator seeded by its id, so nothing is computed for clients that are never sampled.
 """
 
 from __future__ import annotations
@@ -20,7 +24,15 @@ import numpy as np
 
 from fedpeft.errors import DataError
 
-__all__ = ["dirichlet_partition", "iid_partition", "label_skew", "natural_partition", "partition"]
+__all__ = [
+    "dirichlet_partition",
+    "draw_records",
+    "iid_partition",
+    "key_mix",
+    "label_skew",
+    "natural_partition",
+    "partition",
+]
 
 
 def iid_partition(n: int, num_clients: int, rng: np.random.Generator) -> list[list[int]]:
@@ -115,6 +127,32 @@ def partition(
     if kind == "natural":
         return natural_partition(keys, num_clients, rng)
     raise DataError(f"unknown partition {kind!r}; use iid, dirichlet or natural")
+
+
+def key_mix(prior: np.ndarray, alpha: float, rng: np.random.Generator) -> np.ndarray:
+    """One client's share of each key value: Dirichlet(alpha * K * prior) over the K values.
+
+    ``prior``: the values' global frequencies (summing to 1). This is Hsu et al.'s (2019)
+    per-client draw ``q ~ Dir(a p)`` with ``a = alpha * K``, so that with equal frequencies each
+    value's concentration is ``alpha``, as in :func:`dirichlet_partition`: smaller alpha,
+    fewer dominant values per client.
+    """
+    if len(prior) == 1:
+        return np.ones(1)
+    return rng.dirichlet(np.maximum(alpha * len(prior) * prior, 1e-12))
+
+
+def draw_records(
+    groups: Sequence[np.ndarray], mix: np.ndarray, size: int, rng: np.random.Generator
+) -> list[int]:
+    """At most ``size`` distinct record indices: how many of each group from
+    Multinomial(size, mix), then that many (at most the group's size) without replacement."""
+    counts = rng.multinomial(size, mix)
+    out: list[int] = []
+    for group, count in zip(groups, counts, strict=True):
+        if count:
+            out += rng.choice(group, min(int(count), len(group)), replace=False).tolist()
+    return sorted(out)
 
 
 def label_skew(parts: Sequence[Sequence[int]], keys: Sequence[Hashable]) -> float:

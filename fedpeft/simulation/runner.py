@@ -31,7 +31,7 @@ from fedpeft.errors import ConfigError, FedpeftError
 from fedpeft.server.app import Outcome, make_server_app
 from fedpeft.server.results import RunReporter
 from fedpeft.simulation.attacks import AttackGrid
-from fedpeft.simulation.inprocess import InProcessGrid
+from fedpeft.simulation.inprocess import InProcessGrid, PartitionConfigs
 from fedpeft.zo.runtime import discard_changed_models
 
 __all__ = ["num_nodes", "simulate"]
@@ -117,7 +117,7 @@ def simulate(
         if backend == "inprocess":
             grid = InProcessGrid(
                 client_app,
-                [{"partition-id": i, "num-partitions": n} for i in range(n)],
+                PartitionConfigs(n),
                 serialize=cfg.simulation.serialize,
                 on_reply=reporter.on_reply,
             )
