@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Message
+from safetensors.torch import load_file
 
 from fedpeft.client.app import make_client_app
 from fedpeft.config.rules import deployment_problems
 from fedpeft.data.clients import client_eval_records, client_records, drawn_indices, get_task
-from fedpeft.errors import ConfigError, DataError
+from fedpeft.errors import ConfigError, DataError, RoundError
 from fedpeft.models import get_model
 from fedpeft.rounds import clients_per_round
 from fedpeft.server.app import Outcome, run_server
@@ -23,6 +24,7 @@ from fedpeft.server.discovery import ClientIds, Roster
 from fedpeft.server.results import RunReporter
 from fedpeft.simulation.inprocess import FIRST_NODE_ID, InProcessGrid, PartitionConfigs
 from fedpeft.simulation.partition import key_mix, label_skew
+from fedpeft.simulation.runner import simulate
 from fedpeft.zo.runtime import discard_changed_models
 
 MILLION = 1_000_000
@@ -240,3 +242,38 @@ def test_sampled_discovery_trains_the_clients_full_discovery_would(tiny_config, 
     for k in models[0]:
         for x, y in zip(models[0][k], models[1][k], strict=True):
             assert torch.equal(x, y), k
+
+
+def test_a_resumed_run_with_sampled_discovery_continues_exactly(
+    tiny_config, tmp_path, cache, monkeypatch
+):
+    """SCAFFOLD keeps a control variate on each node: the checkpoint holds the nodes that
+    exist, and a resumed coordinator asks its drawn clients who they are again (its roster
+    starts empty), then trains them from the same state."""
+    from fedpeft.server import coordinator
+
+    cfg = tiny_config("federation.num_clients=6", "federation.clients_per_round=4",
+                      "federation.discovery=sampled", "federation.records_per_client=8",
+                      "federation.partition=iid", "strategy.name=scaffold",
+                      "federation.rounds=3", "train.local_steps=1")  # fmt: skip
+    clean = simulate(cfg, tmp_path / "clean", quiet=True, cache=cache)
+    real = coordinator.exchange
+
+    def fail_round_3(grid, instructions, nodes, server_round, *args, **kwargs):
+        got = real(grid, instructions, nodes, server_round, *args, **kwargs)
+        if server_round == 3:
+            for u in got.updates:
+                got.fail(u.header.client_id, "timeout", "simulated outage")
+            got.updates = []
+        return got
+
+    monkeypatch.setattr(coordinator, "exchange", fail_round_3)
+    with pytest.raises(RoundError, match="round 3 failed"):
+        simulate(cfg, tmp_path / "run", quiet=True, cache=cache)
+    monkeypatch.setattr(coordinator, "exchange", real)
+    again = simulate(cfg, tmp_path / "run", quiet=True, cache=cache, resume=True)
+    assert again["after"] == clean["after"]
+    a = load_file(str(tmp_path / "clean" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert again["discovery"]["asked"] == 4  # asked again after the restart: round 3's
