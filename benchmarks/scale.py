@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from _bench import REPO, add_quick, results_path
-from _measure import run_measured
+from _measure import Measured, run_measured
 
 BENCH = Path(__file__).resolve().parent
 MEMORY_LIMIT_GB = 16.0  # the batch path is run only where its updates fit below this
@@ -65,23 +65,30 @@ def _memory(shape: str, clients: list[int], update_mb: float) -> list[dict[str, 
     return rows
 
 
-def _simulate(n: int, trainer: str, backend: str, serialize: bool) -> dict[str, Any]:
+def _tiny_run(what: str, overrides: list[str]) -> tuple[list[dict[str, Any]], Measured]:
+    """``fedpeft simulate`` of the tiny scenario with ``overrides`` in its own process: its
+    metrics rows and what the run cost (``what`` names it if it fails)."""
     with tempfile.TemporaryDirectory() as out:
         cmd = [
             sys.executable, "-m", "fedpeft.cli", "simulate", "--quiet",
             "--config", str(REPO / "simulations" / "tiny.toml"), "--out", out,
-            "--backend", backend, f"train.trainer={trainer}", "train.local_steps=1",
-            f"federation.num_clients={n}", "federation.rounds=1",
-            "federation.partition=iid", "federation.min_clients=1",
-            "federation.aggregation=stream", f"simulation.serialize={str(serialize).lower()}",
-            "data.max_examples_per_client=4", "train.batch_size=4",
-            "eval.every=0", "eval.examples=4", "data.metric=none",
+            *overrides, "federation.aggregation=stream", "train.local_steps=1",
+            "train.batch_size=4", "eval.every=0", "eval.examples=4", "data.metric=none",
             "federation.connect_timeout_s=3600",
         ]  # fmt: skip
         m = run_measured(cmd, timeout=7200)
         if m.returncode != 0:
-            sys.exit(f"simulate {n} {trainer} {backend} failed:\n{m.tail}")
+            sys.exit(f"simulate {what} failed:\n{m.tail}")
         rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return rows, m
+
+
+def _simulate(n: int, trainer: str, backend: str, serialize: bool) -> dict[str, Any]:
+    rows, m = _tiny_run(f"{n} {trainer} {backend}", [
+        "--backend", backend, f"train.trainer={trainer}", f"federation.num_clients={n}",
+        "federation.rounds=1", "federation.partition=iid", "federation.min_clients=1",
+        f"simulation.serialize={str(serialize).lower()}", "data.max_examples_per_client=4",
+    ])  # fmt: skip
     last = rows[-1]
     return {
         "clients": n, "trainer": trainer, "backend": backend, "serialize": serialize,
@@ -107,22 +114,11 @@ def _overhead(clients: list[int], ray_clients: list[int]) -> list[dict[str, Any]
 def _population(cases: list[tuple[int, str]]) -> list[dict[str, Any]]:
     rows = []
     for n, discovery in cases:
-        with tempfile.TemporaryDirectory() as out:
-            cmd = [
-                sys.executable, "-m", "fedpeft.cli", "simulate", "--quiet",
-                "--config", str(REPO / "simulations" / "tiny.toml"), "--out", out,
-                f"federation.num_clients={n}", "federation.clients_per_round=100",
-                f"federation.discovery={discovery}", "federation.records_per_client=4",
-                "federation.partition=dirichlet", "federation.rounds=2",
-                "federation.aggregation=stream", "train.local_steps=1", "train.batch_size=4",
-                "eval.every=0", "eval.examples=4", "data.metric=none",
-                "federation.connect_timeout_s=3600",
-            ]  # fmt: skip
-            m = run_measured(cmd, timeout=7200)
-            if m.returncode != 0:
-                sys.exit(f"simulate population {n} {discovery} failed:\n{m.tail}")
-            text = (Path(out) / "metrics.jsonl").read_text()
-        got = [json.loads(x) for x in text.splitlines()]
+        got, m = _tiny_run(f"population {n} {discovery}", [
+            f"federation.num_clients={n}", "federation.clients_per_round=100",
+            f"federation.discovery={discovery}", "federation.records_per_client=4",
+            "federation.partition=dirichlet", "federation.rounds=2",
+        ])  # fmt: skip
         row = {
             "population": n, "discovery": discovery, "start_s": got[0]["wall_s"],
             "round_s": got[-1]["wall_s"], "wall_s": m.wall_s, "peak_rss_mib": m.peak_rss_mib,

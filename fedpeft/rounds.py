@@ -33,12 +33,9 @@ __all__ = ["clients_per_round", "round_lr", "round_train"]
 
 
 def clients_per_round(cfg: RunConfig, available: int) -> int:
-    """``min(available, clients_per_round)`` when ``federation.clients_per_round`` is set,
-    else ``min(available, max(min_clients, ceil(fraction_train * available)))``."""
-    fed = cfg.federation
-    if fed.clients_per_round:
-        return min(available, fed.clients_per_round)
-    return min(available, max(fed.min_clients, math.ceil(fed.fraction_train * available)))
+    """How many of ``available`` clients a round samples
+    (:meth:`~fedpeft.config.FederationConfig.sample_size`)."""
+    return cfg.federation.sample_size(available)
 
 
 def round_train(cfg: RunConfig, server_round: int) -> TrainConfig:

@@ -281,3 +281,29 @@ def _wrap_app(real: ClientApp, overrides: Mapping[str, Handler]) -> ClientApp:
 def wrap_app() -> Callable[[ClientApp, Mapping[str, Handler]], ClientApp]:
     """``wrap_app(real, {"train.lora": handler})``: ``real`` with some handlers replaced."""
     return _wrap_app
+
+
+@pytest.fixture
+def outage(monkeypatch: pytest.MonkeyPatch) -> Callable[[int | None], None]:
+    """``outage(r)``: every client of round ``r`` times out (the round fails) until
+    ``outage(None)`` ends the outage."""
+    from fedpeft.server import coordinator
+
+    real = coordinator.exchange
+
+    def start(failing_round: int | None) -> None:
+        if failing_round is None:
+            monkeypatch.setattr(coordinator, "exchange", real)
+            return
+
+        def exchange(grid, instructions, nodes, server_round, *args, **kwargs):
+            got = real(grid, instructions, nodes, server_round, *args, **kwargs)
+            if server_round == failing_round:
+                for u in got.updates:
+                    got.fail(u.header.client_id, "timeout", "simulated outage")
+                got.updates = []
+            return got
+
+        monkeypatch.setattr(coordinator, "exchange", exchange)
+
+    return start

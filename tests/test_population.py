@@ -245,32 +245,20 @@ def test_sampled_discovery_trains_the_clients_full_discovery_would(tiny_config, 
 
 
 def test_a_resumed_run_with_sampled_discovery_continues_exactly(
-    tiny_config, tmp_path, cache, monkeypatch
+    tiny_config, tmp_path, cache, outage
 ):
     """SCAFFOLD keeps a control variate on each node: the checkpoint holds the nodes that
     exist, and a resumed coordinator asks its drawn clients who they are again (its roster
     starts empty), then trains them from the same state."""
-    from fedpeft.server import coordinator
-
     cfg = tiny_config("federation.num_clients=6", "federation.clients_per_round=4",
                       "federation.discovery=sampled", "federation.records_per_client=8",
                       "federation.partition=iid", "strategy.name=scaffold",
                       "federation.rounds=3", "train.local_steps=1")  # fmt: skip
     clean = simulate(cfg, tmp_path / "clean", quiet=True, cache=cache)
-    real = coordinator.exchange
-
-    def fail_round_3(grid, instructions, nodes, server_round, *args, **kwargs):
-        got = real(grid, instructions, nodes, server_round, *args, **kwargs)
-        if server_round == 3:
-            for u in got.updates:
-                got.fail(u.header.client_id, "timeout", "simulated outage")
-            got.updates = []
-        return got
-
-    monkeypatch.setattr(coordinator, "exchange", fail_round_3)
+    outage(3)
     with pytest.raises(RoundError, match="round 3 failed"):
         simulate(cfg, tmp_path / "run", quiet=True, cache=cache)
-    monkeypatch.setattr(coordinator, "exchange", real)
+    outage(None)
     again = simulate(cfg, tmp_path / "run", quiet=True, cache=cache, resume=True)
     assert again["after"] == clean["after"]
     a = load_file(str(tmp_path / "clean" / "adapter" / "adapter_model.safetensors"))

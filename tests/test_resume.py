@@ -271,27 +271,15 @@ def test_resume_needs_the_same_scenario(tiny_config, tmp_path, cache):
         simulate(cfg, tmp_path / "empty", quiet=True, cache=cache, resume=True)
 
 
-def test_resume_after_a_failed_round_retries_it(tiny_config, tmp_path, cache, monkeypatch):
+def test_resume_after_a_failed_round_retries_it(tiny_config, tmp_path, cache, outage):
     """A round that fails (too few updates) leaves the last good checkpoint; resume redoes it."""
-    from fedpeft.server import coordinator
-
     cfg = tiny_config("federation.rounds=2")
     clean = simulate(cfg, tmp_path / "clean", quiet=True, cache=cache)
-    real = coordinator.exchange
-
-    def drop_all_in_round_2(grid, instructions, nodes, server_round, *args, **kwargs):
-        got = real(grid, instructions, nodes, server_round, *args, **kwargs)
-        if server_round == 2:
-            for u in got.updates:
-                got.fail(u.header.client_id, "timeout", "simulated outage")
-            got.updates = []
-        return got
-
-    monkeypatch.setattr(coordinator, "exchange", drop_all_in_round_2)
+    outage(2)
     with pytest.raises(RoundError, match="round 2 failed"):
         simulate(cfg, tmp_path / "run", quiet=True, cache=cache)
     assert load_checkpoint(tmp_path / "run" / CHECKPOINT)["round"] == 1
-    monkeypatch.setattr(coordinator, "exchange", real)
+    outage(None)
     again = simulate(cfg, tmp_path / "run", quiet=True, cache=cache, resume=True)
     assert again["after"] == clean["after"]
     assert _rows(tmp_path / "run") == _rows(tmp_path / "clean")

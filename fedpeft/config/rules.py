@@ -13,7 +13,6 @@ loads or after clients trained, or be silently ignored; each message says what t
 from __future__ import annotations
 
 import importlib.util
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -198,9 +197,7 @@ def _secagg_strategy(cfg: RunConfig, caps: Capabilities) -> str | None:
 
 def _secagg_clients(cfg: RunConfig, caps: Capabilities) -> str | None:
     fed = cfg.federation
-    per_round = fed.clients_per_round or max(
-        fed.min_clients, math.ceil(fed.fraction_train * fed.num_clients)
-    )
+    per_round = fed.sample_size(fed.num_clients)
     if not cfg.secagg.enabled or (per_round >= 2 and not fed.centralized):
         return None
     if fed.centralized:

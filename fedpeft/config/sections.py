@@ -8,6 +8,7 @@ Each field carries its help text in ``metadata["help"]`` (``fedpeft config-help`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -396,6 +397,14 @@ class FederationConfig:
     def streaming(self) -> bool:
         """Whether replies are folded into the aggregate as they arrive."""
         return self.aggregation == "stream"
+
+    def sample_size(self, available: int) -> int:
+        """Clients a round samples from ``available``: ``min(available, clients_per_round)``
+        when that is set, else ``min(available, max(min_clients, ceil(fraction_train *
+        available)))``."""
+        if self.clients_per_round:
+            return min(available, self.clients_per_round)
+        return min(available, max(self.min_clients, math.ceil(self.fraction_train * available)))
 
     @property
     def sampled_discovery(self) -> bool:

@@ -25,7 +25,7 @@ from fedpeft.data.tasks import Task, load_task, template_fields
 from fedpeft.errors import DataError
 from fedpeft.seeding import np_rng
 from fedpeft.simulation.attacks import attackers, flip_labels
-from fedpeft.simulation.partition import draw_records, key_mix, partition
+from fedpeft.simulation.partition import draw_records, key_groups, key_mix, partition
 
 __all__ = [
     "client_eval_records",
@@ -64,12 +64,6 @@ def partition_indices(task: Task, fed: FederationConfig, data: DataConfig) -> li
     """Training-record indices of each of the ``fed.num_clients`` federated clients."""
     rng = np_rng(fed.seed, "partition")
     keys = _train_keys(task, fed, data)
-    if fed.partition == "iid" and len(keys) < fed.num_clients:
-        raise DataError(
-            f"{len(keys)} training records cannot be split among federation.num_clients = "
-            f"{fed.num_clients}: lower num_clients or let each client draw its records "
-            "(federation.records_per_client)"
-        )
     parts = partition(fed.partition, keys, fed.num_clients, rng, fed.dirichlet_alpha)
     return [_capped(p, data.max_examples_per_client, fed.seed, c) for c, p in enumerate(parts)]
 
@@ -94,19 +88,16 @@ def _pools(cfg: RunConfig, task: Task, cache: ProcessCache) -> _Pools:
     fed = cfg.federation
 
     def build() -> _Pools:
-        keys = [str(k) for k in _train_keys(task, fed, cfg.data)]
-        values = sorted(set(keys))
-        col = {v: i for i, v in enumerate(values)}
-        train: list[list[int]] = [[] for _ in values]
-        for i, k in enumerate(keys):
-            train[col[k]].append(i)
-        held: list[list[int]] = [[] for _ in values]
+        train = key_groups([str(k) for k in _train_keys(task, fed, cfg.data)])
+        col = {v: i for i, v in enumerate(train)}
+        held: list[list[int]] = [[] for _ in train]
         for j, r in enumerate(task.eval):
             c = col.get(str(r.get(fed.partition_key)) if fed.partition != "iid" else "0")
             if c is not None:
                 held[c].append(j)
-        prior = np.array([len(t) for t in train], dtype=np.float64) / len(keys)
-        return _Pools(prior, [np.array(t) for t in train], [np.array(h, int) for h in held])
+        prior = np.array([len(t) for t in train.values()], dtype=np.float64) / len(task.train)
+        pools = [np.array(t) for t in train.values()]
+        return _Pools(prior, pools, [np.array(h, int) for h in held])
 
     key = "pools:" + json.dumps([asdict(cfg.data), fed.partition, fed.partition_key])
     return cache.get(key + f":{fed.seed}", build)

@@ -137,18 +137,20 @@ class InProcessGrid(Grid):
         """A node's context, made when first asked for."""
         ctx = self._contexts.get(node_id)
         if ctx is None:
-            i = node_id - FIRST_NODE_ID
-            if not 0 <= i < len(self._configs):
+            if not self._exists(node_id):
                 raise KeyError(f"node {node_id} does not exist")
             ctx = Context(
                 run_id=self._run_id,
                 node_id=node_id,
-                node_config=dict(self._configs[i]),
+                node_config=dict(self._configs[node_id - FIRST_NODE_ID]),
                 state=RecordDict(),
                 run_config={},
             )
             self._contexts[node_id] = ctx
         return ctx
+
+    def _exists(self, node_id: int) -> bool:
+        return 0 <= node_id - FIRST_NODE_ID < len(self._configs)
 
     @property
     def started(self) -> int:
@@ -189,7 +191,7 @@ class InProcessGrid(Grid):
         ids: list[str] = []
         for msg in messages:
             mid = set_message_id(msg)
-            if not 0 <= msg.metadata.dst_node_id - FIRST_NODE_ID < len(self._configs):
+            if not self._exists(msg.metadata.dst_node_id):
                 reply = Message(
                     Error(code=5, reason=f"node {msg.metadata.dst_node_id} does not exist"),
                     reply_to=msg,

@@ -28,6 +28,7 @@ __all__ = [
     "dirichlet_partition",
     "draw_records",
     "iid_partition",
+    "key_groups",
     "key_mix",
     "label_skew",
     "natural_partition",
@@ -38,12 +39,17 @@ __all__ = [
 def iid_partition(n: int, num_clients: int, rng: np.random.Generator) -> list[list[int]]:
     """Shuffle ``range(n)`` and cut it into ``num_clients`` near-equal parts."""
     if n < num_clients:
-        raise DataError(f"{n} records cannot be split among {num_clients} clients")
+        raise DataError(
+            f"{n} records cannot be split among {num_clients} clients: lower "
+            "federation.num_clients or let each client draw its records "
+            "(federation.records_per_client)"
+        )
     order = rng.permutation(n)
     return [sorted(int(i) for i in part) for part in np.array_split(order, num_clients)]
 
 
-def _groups(keys: Sequence[Hashable]) -> dict[Hashable, list[int]]:
+def key_groups(keys: Sequence[Hashable]) -> dict[Hashable, list[int]]:
+    """The indices of each key value, the values ordered by their text."""
     groups: dict[Hashable, list[int]] = defaultdict(list)
     for i, k in enumerate(keys):
         groups[k].append(i)
@@ -68,8 +74,12 @@ def dirichlet_partition(
         If no draw gives every client ``min_size`` records.
     """
     if len(keys) < num_clients * min_size:
-        raise DataError(f"{len(keys)} records cannot give {num_clients} clients {min_size} each")
-    groups = _groups(keys)
+        raise DataError(
+            f"{len(keys)} records cannot give {num_clients} clients {min_size} each: lower "
+            "federation.num_clients or let each client draw its records "
+            "(federation.records_per_client)"
+        )
+    groups = key_groups(keys)
     for _ in range(max_tries):
         parts: list[list[int]] = [[] for _ in range(num_clients)]
         for idx in groups.values():
@@ -96,7 +106,7 @@ def natural_partition(
     DataError
         If there are fewer distinct key values than clients.
     """
-    groups = _groups(keys)
+    groups = key_groups(keys)
     if len(groups) < num_clients:
         raise DataError(
             f"natural partition needs >= {num_clients} distinct key values, found {len(groups)}; "
