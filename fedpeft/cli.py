@@ -5,7 +5,8 @@ Verbs:
 - ``fedpeft simulate --config X.toml --out DIR [--backend inprocess|ray] [--quiet] [KEY=VALUE ...]``
 - ``fedpeft simulate --resume DIR``: continue a run from its checkpoint (its last complete
   round), with the run folder's own ``config.toml``.
-- ``fedpeft validate --config X.toml [KEY=VALUE ...]``: check a scenario, print it resolved.
+- ``fedpeft validate --config X.toml [KEY=VALUE ...]``: check a scenario and its data (read,
+  no model loaded), print it resolved.
 - ``fedpeft rules``: which sections combine, as markdown (``docs/combinations.md``).
 - ``fedpeft report DIR [DIR ...] --out REPORT [--reference DIR]``: plots and a side-by-side
   table (Markdown and HTML) of run folders; seeds of one scenario as mean ± spread.
@@ -285,7 +286,10 @@ def _run(args: argparse.Namespace) -> int:
     from fedpeft.config.load import config_to_dict, dump_toml, load_config
 
     if args.verb == "validate":
+        from fedpeft.data.check import check_data
+
         cfg = load_config(args.config, args.overrides)
+        check_data(cfg)  # the records, read before any model loads
         print(dump_toml(config_to_dict(cfg)), end="")
         return 0
     from fedpeft.simulation.runner import simulate

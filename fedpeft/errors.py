@@ -6,7 +6,7 @@ Callers catch :class:`FedpeftError` to handle anything fedpeft raises on purpose
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 __all__ = [
     "MAX_REASON",
@@ -19,6 +19,7 @@ __all__ = [
     "ProtocolError",
     "RoundError",
     "StrategyError",
+    "by_reason",
     "clip",
 ]
 
@@ -32,6 +33,18 @@ def clip(text: str, limit: int = MAX_REASON) -> str:
     if len(text) <= limit:
         return text
     return f"{text[:limit]}... [{len(text)} characters, cut to {limit}]"
+
+
+def by_reason(failures: Mapping[str, str], what: str = "client") -> str:
+    """``failures`` (id -> reason) grouped by reason, each reason once with the ids it hit:
+    ``clients 0, 1, 5: <reason>; client 3: <other>`` (ids in sorted order)."""
+    groups: dict[str, list[str]] = {}
+    for cid in sorted(failures, key=lambda c: (len(c), c)):  # numeric ids in numeric order
+        groups.setdefault(failures[cid], []).append(cid)
+    return "; ".join(
+        f"{what}{'s' if len(ids) > 1 else ''} {', '.join(ids)}: {reason}"
+        for reason, ids in groups.items()
+    )
 
 
 class FedpeftError(Exception):

@@ -44,7 +44,7 @@ from fedpeft.algorithms.base import AggregateResult, Strategy
 from fedpeft.algorithms.registry import strategy_capabilities
 from fedpeft.config import RunConfig
 from fedpeft.devices import DeviceProfile, assign_profiles, simulated_times
-from fedpeft.errors import AggregationError, ConfigError, ProtocolError, RoundError
+from fedpeft.errors import AggregationError, ConfigError, ProtocolError, RoundError, by_reason
 from fedpeft.families import Stamp, family_of
 from fedpeft.lora.rank_ops import rank_energy
 from fedpeft.privacy import PrivacyBudgetExhausted
@@ -237,8 +237,9 @@ class Coordinator:
                 0,
                 f"{len(infos)} of {fed.nodes} expected clients joined within "
                 f"federation.connect_timeout_s = {fed.connect_timeout_s:g} s, "
-                f"federation.min_clients is {fed.min_clients}; missing: {gone['missing']}; "
-                f"refused nodes: {gone['refused']}",
+                f"federation.min_clients is {fed.min_clients}; missing: "
+                f"{by_reason(gone['missing']) or 'none'}; refused: "
+                f"{by_reason(gone['refused'], 'node') or 'none'}",
             )
         setup = {"setup_bytes_down": self.roster.bytes_down, "setup_bytes_up": self.roster.bytes_up}
         return infos, setup
@@ -382,7 +383,7 @@ class Coordinator:
         self.suspects |= {c for c, r in got.failures.items() if r.startswith(SILENT)}
         sim = self._simulate_devices(got)
         if len(got.updates) < self.cfg.federation.min_clients:
-            reasons = "; ".join(f"client {c}: {r}" for c, r in sorted(got.failures.items()))
+            reasons = by_reason(got.failures)
             raise RoundError(
                 server_round,
                 f"{len(got.updates)} valid updates, need federation.min_clients="

@@ -27,6 +27,7 @@ from fedpeft.cache import PROCESS_CACHE, ProcessCache
 from fedpeft.client.app import make_client_app
 from fedpeft.config import RunConfig
 from fedpeft.config.load import combination_problems, config_to_dict, dump_toml
+from fedpeft.data.check import check_data
 from fedpeft.errors import ConfigError, FedpeftError
 from fedpeft.server.app import Outcome, make_server_app
 from fedpeft.server.results import RunReporter
@@ -103,6 +104,7 @@ def simulate(
         cfg = replace(cfg, simulation=replace(cfg.simulation, backend=backend))
         if problems := combination_problems(cfg):
             raise ConfigError(problems)
+    check_data(cfg, cache)  # before any model loads or any file is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.toml").write_text(dump_toml(config_to_dict(cfg)), encoding="utf-8")
