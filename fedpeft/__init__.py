@@ -7,6 +7,8 @@ The Python API::
 
     result = fedpeft.simulate("simulations/tiny.toml", overrides={"federation.rounds": 2})
     result.rows[-1]["eval_loss"], result.adapter
+    trained = fedpeft.load_trained(result.out_dir)  # a run folder: base + adapter, as run
+    trained.generate(["Define the noun 'harbour'."])
 
 See ``docs/api.md``.
 """
@@ -35,6 +37,7 @@ from fedpeft.errors import (  # noqa: E402
     RoundError,
     StrategyError,
 )
+from fedpeft.trained import Trained, load_trained  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -50,8 +53,10 @@ __all__ = [
     "RunConfig",
     "SimulationResult",
     "StrategyError",
+    "Trained",
     "__version__",
     "load_config",
+    "load_trained",
     "register_strategy",
     "simulate",
 ]

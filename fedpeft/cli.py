@@ -7,11 +7,15 @@ Verbs:
   round), with the run folder's own ``config.toml``.
 - ``fedpeft validate --config X.toml [KEY=VALUE ...]``: check a scenario and its data (read,
   no model loaded), print it resolved.
+- ``fedpeft generate DIR "PROMPT" [...] [--max-new-tokens N] [--raw]``: a finished run's
+  answers, its base and adapter loaded exactly as the run loaded them.
 - ``fedpeft rules``: which sections combine, as markdown (``docs/combinations.md``).
 - ``fedpeft report DIR [DIR ...] --out REPORT [--reference DIR]``: plots and a side-by-side
   table (Markdown and HTML) of run folders; seeds of one scenario as mean ± spread.
 - ``fedpeft config-help``: every configuration key with its default and help text.
 - ``fedpeft strategies``: the registered strategies.
+- ``fedpeft data inspect --config X.toml [KEY=VALUE ...] [--json]``: each client's record
+  counts, key mix and skew (no model loaded).
 - ``fedpeft data wordnet --src DIR --out FILE``: rebuild the WordNet task file.
 - ``fedpeft keys --out DIR [--host H ...] [--nodes N | --add NAME ...]``: CA, coordinator
   certificate, operator app-signing key, one folder per node.
@@ -103,11 +107,28 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="folder for model/, adapter/, device.json")
     val = sub.add_parser("validate", help="check a scenario and print it fully resolved")
     _add_config_args(val)
+    gen = sub.add_parser(
+        "generate", help="answer prompts with a finished run's model (base + adapter, as run)"
+    )
+    gen.add_argument("run", metavar="DIR", help="a run folder (fedpeft simulate --out)")
+    gen.add_argument("prompts", nargs="+", metavar="PROMPT", help="text to answer")
+    gen.add_argument(
+        "--max-new-tokens", type=int, default=None, help="default: the run's eval.max_new_tokens"
+    )
+    gen.add_argument(
+        "--raw", action="store_true", help="send the text as is, not in data.prompt_template"
+    )
+    gen.add_argument("--device", default=None, help="cpu | cuda | ... (default: the run's)")
     sub.add_parser("config-help", help="list every configuration key with default and help")
     sub.add_parser("strategies", help="list the registered strategies")
     sub.add_parser("rules", help="print which sections combine (docs/combinations.md)")
-    data = sub.add_parser("data", help="build shipped datasets")
+    data = sub.add_parser("data", help="inspect a scenario's split; build shipped datasets")
     data_sub = data.add_subparsers(dest="dataset", required=True)
+    ins = data_sub.add_parser(
+        "inspect", help="per-client record counts, key mix and skew of a scenario's split"
+    )
+    _add_config_args(ins)
+    ins.add_argument("--json", action="store_true", help="print split.json's content instead")
     wn = data_sub.add_parser("wordnet", help="build the WordNet definition task")
     wn.add_argument(
         "--src", default="/usr/share/wordnet", help="WordNet dict folder (data.noun, ...)"
@@ -236,6 +257,18 @@ def _run(args: argparse.Namespace) -> int:
             doc = (resolve(name).__doc__ or "").strip().splitlines()[0]
             print(f"{name:12} {doc}")
         return 0
+    if args.verb == "data" and args.dataset == "inspect":
+        import json
+
+        from fedpeft.config.load import load_config
+        from fedpeft.data.check import check_data
+        from fedpeft.data.inspect import format_split, inspect_split
+
+        cfg = load_config(args.config, args.overrides)
+        check_data(cfg)
+        split = inspect_split(cfg)
+        print(json.dumps(split, indent=1) if args.json else format_split(split))
+        return 0
     if args.verb == "data":
         from fedpeft.data.wordnet import build_wordnet
 
@@ -244,6 +277,14 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.verb == "keys":
         return _keys(args)
+    if args.verb == "generate":
+        from fedpeft.trained import load_trained
+
+        trained = load_trained(args.run, device=args.device)
+        answers = trained.generate(args.prompts, args.max_new_tokens, args.raw)
+        for prompt, answer in zip(args.prompts, answers, strict=True):
+            print(f"> {prompt}\n{answer}\n")
+        return 0
     if args.verb == "client":
         return _client(args)
     if args.verb == "report":

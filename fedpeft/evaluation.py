@@ -34,7 +34,11 @@ from fedpeft.seeding import np_rng
 from fedpeft.wire.messages import Adapter, LoraSpec
 from fedpeft.zo.runtime import DirectionMask, get_runtime
 
-__all__ = ["EvalSet", "Evaluator", "eval_loss", "generate", "task_metric"]
+__all__ = ["SAMPLES", "EvalSet", "Evaluator", "eval_loss", "generate", "task_metric"]
+
+#: Held-out examples whose generations an :class:`Evaluator` keeps (the run's
+#: ``predictions.jsonl``: before and after training).
+SAMPLES = 5
 
 
 @torch.no_grad()
@@ -166,6 +170,8 @@ class Evaluator:
         self.evalset = evalset
         self.cache = cache
         self.mask = mask
+        #: the first :data:`SAMPLES` generations of every evaluation with the metric, in order
+        self.samples: list[list[str]] = []
 
     def __call__(self, spec: LoraSpec, adapter: Adapter, with_metric: bool) -> dict[str, float]:
         """``eval_loss``, ``eval_tokens`` and ``eval_<metric>`` of a LoRA adapter."""
@@ -199,4 +205,18 @@ class Evaluator:
             out[f"eval_{metric}"] = task_metric(
                 metric, preds, [p.target for p in self.evalset.pairs]
             )
+            self.samples.append(preds[:SAMPLES])
         return out
+
+    def predictions(self, before: bool) -> list[dict[str, str]]:
+        """The first :data:`SAMPLES` held-out examples: prompt, reference, the last generation
+        (``after``) and, if ``before``, the first one (the model before training)."""
+        if not self.samples:
+            return []
+        rows = []
+        for i, pair in enumerate(self.evalset.pairs[: len(self.samples[-1])]):
+            row = {"prompt": pair.prompt, "reference": pair.target}
+            if before:
+                row["before"] = self.samples[0][i]
+            rows.append({**row, "after": self.samples[-1][i]})
+        return rows

@@ -150,3 +150,83 @@ def test_progress_bar_shows_eta_latest_loss_and_client_replies(tmp_path):
     quiet = io.StringIO()
     RunReporter(tmp_path / "q", rounds=3, quiet=True, stream=quiet).on_row({"round": 0})
     assert quiet.getvalue() == ""
+
+
+class _Clock:
+    """A settable clock for tqdm: elapsed times without waiting."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_eta_counts_training_rounds_only_and_the_start_evaluation_is_shown(tmp_path):
+    stream = io.StringIO()
+    rep = RunReporter(tmp_path, rounds=3, quiet=False, stream=stream)
+    clock = _Clock()
+    rep.bar._time = clock  # tqdm reads its clock through this attribute
+    rep.bar.reset(total=3)
+    rep.on_phase("evaluating the start model on 32 examples")
+    assert "evaluating the start model on 32 examples" in stream.getvalue()
+    clock.now = 1000.0  # a slow evaluation before training
+    rep.on_row({"round": 0, "eval_loss": 4.5, "train_loss": None})
+    clock.now = 1010.0  # one training round of 10 s
+    rep.on_row({"round": 1, "eval_loss": 4.0, "train_loss": 4.2})
+    rep.bar.refresh()
+    last = stream.getvalue().rsplit("\r", 1)[-1]
+    assert "1/3" in last and "<00:20" in last, last  # 2 rounds left at 10 s each
+
+
+def test_a_resumed_run_times_only_the_rounds_it_runs(tmp_path):
+    stream = io.StringIO()
+    rep = RunReporter(tmp_path, rounds=4, quiet=False, stream=stream, resume=True)
+    clock = _Clock()
+    rep.bar._time = clock
+    rep.bar.reset(total=4)
+    for r in (0, 1, 2):  # restored from the checkpoint, written again at once
+        rep.on_row({"round": r, "eval_loss": 4.0, "train_loss": 4.0 if r else None})
+    clock.now = 500.0  # waiting for the nodes to come back
+    rep.on_phase("waiting for clients")
+    clock.now = 530.0
+    rep.on_row({"round": 3, "eval_loss": 3.9, "train_loss": 3.9})
+    rep.bar.refresh()
+    last = stream.getvalue().rsplit("\r", 1)[-1]
+    assert "3/4" in last and "<00:30" in last, last
+
+
+def test_plots_mark_measured_rounds_only_with_integer_ticks_and_categorical_legends(runs, tmp_path):
+    import math
+
+    from fedpeft.report.plots import PARTICIPATION, plot_participation
+
+    run = load_run(runs["seed0"])
+    xs, _ = run.series("eval_rougeL")
+    assert xs == [0, 2]  # the metric is computed before and after training only
+    fig = plot_metric(group_runs([run]), "eval_rougeL", "rougeL", tmp_path / "m.png")
+    (ax,) = fig.axes
+    line = ax.lines[0]
+    y = list(line.get_ydata())
+    assert len(y) == 3 and math.isnan(y[1])  # no line across the unmeasured round 1
+    assert line.get_marker() == "o"
+    assert all(float(t).is_integer() for t in ax.get_xticks())
+    loss = plot_metric(group_runs([run]), "eval_loss", "eval loss", tmp_path / "l.png")
+    assert not any(math.isnan(v) for v in loss.axes[0].lines[0].get_ydata())  # every round
+    part = plot_participation(run, tmp_path / "p.png")
+    assert len(part.axes) == 1  # a legend, no colour bar
+    labels = [t.get_text() for t in part.axes[0].get_legend().get_texts()]
+    assert labels == [label for _, label, _ in PARTICIPATION]
+    assert [t.get_text() for t in part.axes[0].get_xticklabels()] == ["1", "2"]
+
+
+def test_the_report_shows_the_split_the_answers_and_the_runs_own_wall_time(runs, tmp_path):
+    run = load_run(runs["seed0"])
+    assert run.split["records_used"] == sum(c["train"] for c in run.split["clients"])
+    assert len(run.predictions) == 5 and {"before", "after"} <= set(run.predictions[0])
+    (row,) = summary_rows(group_runs([run]))
+    assert row.values["time"] == run.summary["wall_s"]  # the figure the run's own table shows
+    write_report([runs["seed0"]], tmp_path / "rep")
+    text = (tmp_path / "rep" / "summary.md").read_text()
+    assert "Split: natural by `domain`, 3 clients" in text
+    assert run.predictions[0]["reference"].strip() in text

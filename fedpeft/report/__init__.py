@@ -24,7 +24,7 @@ def write_report(
     table.
     """
     from fedpeft.report.plots import plot_choices, plot_metric, plot_participation, plot_tradeoff
-    from fedpeft.report.tables import summary_rows, to_html, to_markdown
+    from fedpeft.report.tables import details_markdown, summary_rows, to_html, to_markdown
 
     target = Path(out)
     target.mkdir(parents=True, exist_ok=True)
@@ -59,7 +59,9 @@ def write_report(
             label = "peak training memory (MiB)"
             plot_choices(run, "client_peak_mem_mb", label, put(f"memory-{tag}.png"))
     rows = summary_rows(groups, ref)
-    put("summary.md").write_text(to_markdown(rows), encoding="utf-8")
+    details = details_markdown(runs)
+    table = to_markdown(rows) + (f"\n{details}" if details else "")
+    put("summary.md").write_text(table, encoding="utf-8")
     images = [n for n in files if n.endswith(".png")]
-    put("index.html").write_text(to_html(rows, "fedpeft report", images), encoding="utf-8")
+    put("index.html").write_text(to_html(rows, "fedpeft report", images, details), encoding="utf-8")
     return files

@@ -7,6 +7,7 @@ tests can read the plotted series back.
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -17,11 +18,14 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedpeft.report.runs import Run, RunGroup  # noqa: E402
 
-__all__ = ["plot_choices", "plot_metric", "plot_participation", "plot_tradeoff"]
+__all__ = ["PARTICIPATION", "plot_choices", "plot_metric", "plot_participation", "plot_tradeoff"]
 
 Series = Callable[[Run], tuple[list[float], list[float]]]
 
@@ -42,13 +46,40 @@ def _per_round(group: RunGroup, series: Series) -> tuple[list[float], list[float
     return mx, my, sd
 
 
+def _broken(
+    x: list[float], y: list[float], sd: list[float]
+) -> tuple[list[float], list[float], list[float]]:
+    """The series with a NaN between rounds that are not consecutive, so no line is drawn
+    across rounds nobody measured (the markers stay)."""
+    bx, by, bsd = [], [], []
+    for i, (a, b, c) in enumerate(zip(x, y, sd, strict=True)):
+        if i and a - x[i - 1] > 1:
+            bx.append((a + x[i - 1]) / 2)
+            by.append(math.nan)
+            bsd.append(0.0)
+        bx.append(a)
+        by.append(b)
+        bsd.append(c)
+    return bx, by, bsd
+
+
+def _integer_rounds(ax: Any) -> None:
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _lines(
-    groups: Sequence[RunGroup], series: Series, ax: Any, reference: float | None = None
+    groups: Sequence[RunGroup],
+    series: Series,
+    ax: Any,
+    reference: float | None = None,
+    by_round: bool = False,
 ) -> None:
     for g in groups:
         x, y, sd = _per_round(g, series)
         if not y:
             continue
+        if by_round:
+            x, y, sd = _broken(x, y, sd)
         label = g.name if len(g.runs) == 1 else f"{g.name} (n={len(g.runs)})"
         (line,) = ax.plot(x, y, marker="o", markersize=3, label=label)
         if any(sd):
@@ -79,7 +110,8 @@ def plot_metric(
         x, y = run.series(key)
         return [float(i) for i in x], y
 
-    _lines(groups, series, ax, reference)
+    _lines(groups, series, ax, reference, by_round=True)
+    _integer_rounds(ax)
     ax.set_xlabel("round")
     ax.set_ylabel(label)
     ax.set_title(f"{label} per round")
@@ -142,26 +174,38 @@ def _or_nan(v: float | None) -> float:
     return float("nan") if v is None else v
 
 
+#: Participation categories: value in the grid, label, colour.
+PARTICIPATION = ((0, "not sampled", "#e8e8e8"), (1, "failed or rejected", "#d95f02"),
+                 (2, "trained", "#1b9e77"))  # fmt: skip
+
+
 def plot_participation(run: Run, path: Path) -> Figure:
-    """Which clients contributed (1), failed or were rejected (0.5) or sat out (0) per round."""
+    """Which clients trained, failed or were rejected, or were not sampled, per round: three
+    colours with a legend."""
 
     def value(row: dict[str, Any], cid: str) -> float:
         if cid in row.get("client_ids", []):
-            return 1.0
-        return 0.5 if cid in row.get("failures", {}) else 0.0
+            return 2.0
+        return 1.0 if cid in row.get("failures", {}) else 0.0
 
     clients, grid = _grid(run, value)
     fig, ax = plt.subplots(figsize=(6.4, max(2.0, 0.3 * len(clients) + 1.2)))
-    image = ax.imshow(grid, aspect="auto", cmap="Greens", vmin=0, vmax=1, interpolation="nearest")
+    colours = ListedColormap([c for _, _, c in PARTICIPATION])
+    ax.imshow(grid, aspect="auto", cmap=colours, vmin=-0.5, vmax=2.5, interpolation="nearest")
     ax.set_yticks(range(len(clients)), clients)
-    ax.set_xticks(
-        range(len(grid[0]) if grid else 0), [str(i + 1) for i in range(len(grid[0]) if grid else 0)]
-    )
+    _round_columns(ax, len(grid[0]) if grid else 0)
     ax.set_xlabel("round")
     ax.set_ylabel("client")
-    ax.set_title(f"{run.name}: participation (1 trained, 0.5 failed, 0 not sampled)")
-    fig.colorbar(image, ax=ax)
+    ax.set_title(f"{run.name}: participation")
+    handles = [Patch(facecolor=c, edgecolor="grey", label=t) for _, t, c in PARTICIPATION]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     return _save(fig, path)
+
+
+def _round_columns(ax: Any, n: int) -> None:
+    """Label grid columns 0..n-1 as rounds 1..n (at most about 12 labels)."""
+    step = max(1, math.ceil(n / 12))
+    ax.set_xticks(range(0, n, step), [str(i + 1) for i in range(0, n, step)])
 
 
 def plot_choices(run: Run, key: str, label: str, path: Path) -> Figure:
@@ -176,6 +220,7 @@ def plot_choices(run: Run, key: str, label: str, path: Path) -> Figure:
     fig, ax = plt.subplots(figsize=(6.4, max(2.0, 0.3 * len(clients) + 1.2)))
     image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_yticks(range(len(clients)), clients)
+    _round_columns(ax, len(grid[0]) if grid else 0)
     ax.set_xlabel("round")
     ax.set_ylabel("client")
     ax.set_title(f"{run.name}: {label} per client and round")

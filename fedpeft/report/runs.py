@@ -1,9 +1,11 @@
 """Read finished (or running) run folders and group the seeds of one scenario.
 
 A run folder is what ``fedpeft simulate`` or ``fedpeft server`` writes: ``metrics.jsonl`` (one
-row per round; round 0 is the evaluation before training), ``summary.json`` (when finished)
-and ``config.toml``. Runs whose configurations differ only in ``federation.seed`` form one
-*group*; its numbers are reported as mean ± spread (sample standard deviation, 0 for one run).
+row per round; round 0 is the evaluation before training), ``summary.json`` (when finished),
+``config.toml``, and when present ``predictions.jsonl`` (a few held-out answers before and
+after training) and ``split.json`` (how the data was split, :mod:`fedpeft.data.inspect`).
+Runs whose configurations differ only in ``federation.seed`` form one *group*; its numbers
+are reported as mean ± spread (sample standard deviation, 0 for one run).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ class Run:
     rows: list[dict[str, Any]]
     summary: dict[str, Any]
     config: dict[str, Any]
+    predictions: list[dict[str, str]] = field(default_factory=list)
+    split: dict[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -67,7 +71,8 @@ class Run:
         return out
 
     def clock(self) -> tuple[str, list[float]]:
-        """``("simulated", ...)`` when devices were simulated, else ``("wall", ...)`` seconds."""
+        """``("simulated", ...)`` when devices were simulated, else ``("wall", ...)`` seconds
+        at the end of each round (from the start of round 0; model loading not counted)."""
         if any("sim_wall_s" in r for r in self.rows):
             return "simulated", [float(r.get("sim_wall_s") or 0.0) for r in self.rows]
         return "wall", self.cumulative("wall_s")
@@ -119,7 +124,13 @@ def load_run(path: str | Path) -> Run:
             raise FedpeftError(f"{metrics}:{n} is not JSON: {err}") from None
     summary = json.loads((p / "summary.json").read_text()) if (p / "summary.json").is_file() else {}
     config = tomllib.loads((p / "config.toml").read_text()) if (p / "config.toml").is_file() else {}
-    return Run(path=p, rows=rows, summary=summary, config=config)
+    predictions = [json.loads(x) for x in _text(p / "predictions.jsonl").splitlines() if x.strip()]
+    split = json.loads(_text(p / "split.json") or "{}")
+    return Run(p, rows, summary, config, predictions, split)
+
+
+def _text(path: Path) -> str:
+    return path.read_text(encoding="utf-8") if path.is_file() else ""
 
 
 def _without_seed(config: dict[str, Any]) -> str:

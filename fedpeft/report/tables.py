@@ -2,8 +2,11 @@
 
 One row per run group (the seeds of one scenario): final eval loss and task metric (mean ±
 spread over seeds), their change from round 0, total MB up and down, rounds, and time (the
-simulated clock when devices were simulated, else wall seconds). The numbers are read from
-each run's ``metrics.jsonl`` (and ``summary.json`` for the time), nothing is recomputed.
+simulated clock when devices were simulated, else the wall seconds of ``summary.json``, the
+figure the run's own table shows). The numbers are read from each run's ``metrics.jsonl`` (and
+``summary.json`` for the time), nothing is recomputed. Below the table: each run's split
+(``split.json``) and a few held-out answers before and after training
+(``predictions.jsonl``).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from dataclasses import dataclass
 
 from fedpeft.report.runs import Run, RunGroup, mean_spread
 
-__all__ = ["Row", "summary_rows", "to_html", "to_markdown"]
+__all__ = ["Row", "details_markdown", "summary_rows", "to_html", "to_markdown"]
 
 COLUMNS = (
     "run", "seeds", "rounds", "eval loss", "Δ loss", "metric", "Δ metric", "own loss mean",
@@ -52,7 +55,11 @@ def _deltas(group: RunGroup, key: str) -> list[float]:
 
 
 def _time(run: Run) -> float:
-    clock = run.clock()[1]
+    """The simulated clock's end, or the wall time ``summary.json`` and the run's own table
+    give (model loading and saving included); a run without a summary: its rounds' time."""
+    kind, clock = run.clock()
+    if kind == "wall" and isinstance(run.summary.get("wall_s"), (int, float)):
+        return float(run.summary["wall_s"])
     return clock[-1] if clock else 0.0
 
 
@@ -99,8 +106,42 @@ def to_markdown(rows: Sequence[Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_html(rows: Sequence[Row], title: str, images: Sequence[str]) -> str:
-    """A self-contained HTML page: the table, then the plots (relative paths)."""
+def details_markdown(runs: Sequence[Run]) -> str:
+    """Per run: its split (sizes, skew) and its held-out answers before and after training."""
+    out = []
+    for run in runs:
+        parts = []
+        if sp := run.split:
+            sizes = sorted(c["train"] for c in sp.get("clients", []))
+            if sizes:
+                parts.append(
+                    f"Split: {sp['partition']}"
+                    + (f" by `{sp['partition_key']}`" if sp.get("partition_key") else "")
+                    + f", {sp['num_clients']} clients, {sp['records_used']} training records "
+                    f"used (per client min {sizes[0]}, median {sizes[len(sizes) // 2]}, max "
+                    f"{sizes[-1]}); skew mean {sp['skew_mean']:.2f}, max {sp['skew_max']:.2f} "
+                    "(total variation from the overall key mix)."
+                )
+        if run.predictions:
+            head = "| prompt | reference | before | after |\n|---|---|---|---|"
+            cells = [
+                "| " + " | ".join(_cell(p.get(k, "-")) for k in
+                                  ("prompt", "reference", "before", "after")) + " |"
+                for p in run.predictions
+            ]  # fmt: skip
+            parts.append("Held-out answers:\n\n" + "\n".join([head, *cells]))
+        if parts:
+            out.append(f"### {run.name} ({run.path.name})\n\n" + "\n\n".join(parts))
+    return "\n\n".join(out) + ("\n" if out else "")
+
+
+def _cell(text: str) -> str:
+    return text.strip().replace("|", "\\|").replace("\n", " ") or "(empty)"
+
+
+def to_html(rows: Sequence[Row], title: str, images: Sequence[str], details: str = "") -> str:
+    """A self-contained HTML page: the table, the plots (relative paths), then ``details``
+    (:func:`details_markdown`, shown as preformatted text)."""
     head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r.cells) + "</tr>" for r in rows
@@ -114,5 +155,7 @@ def to_html(rows: Sequence[Row], title: str, images: Sequence[str]) -> str:
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>"
-        f"<table><tr>{head}</tr>{body}</table>{figs}</body></html>\n"
+        f"<table><tr>{head}</tr>{body}</table>{figs}"
+        + (f"<pre>{html.escape(details)}</pre>" if details else "")
+        + "</body></html>\n"
     )

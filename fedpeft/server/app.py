@@ -5,12 +5,15 @@ model once (for the adapter shapes, the fingerprint and centralized evaluation),
 initial global model from the run seed, builds the strategy, runs the
 :class:`~fedpeft.server.coordinator.Coordinator` and writes ``metrics.jsonl``,
 ``summary.json`` and the final model (a peft adapter in ``out_dir/adapter``; for seed/scalar
-strategies also ``zo_state.safetensors``).
+strategies also ``zo_state.safetensors``), ``base_model.json`` (what the base truly was,
+:mod:`fedpeft.base_card`) and ``predictions.jsonl`` (a few held-out examples answered before and
+after training, when the run computes a generation metric).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -25,6 +28,7 @@ from fedpeft.algorithms.registry import build_strategy, resolve, strategy_capabi
 from fedpeft.algorithms.wrappers.dp import DpAggregation
 from fedpeft.algorithms.wrappers.robust import RobustAggregation
 from fedpeft.algorithms.wrappers.server_opt import ServerOptimizer
+from fedpeft.base_card import base_record, write_base_card
 from fedpeft.cache import PROCESS_CACHE, ProcessCache
 from fedpeft.config import RunConfig
 from fedpeft.config.load import config_hash
@@ -41,7 +45,10 @@ from fedpeft.server.results import RunReporter, summarize
 from fedpeft.server.start import initial_global, save_global
 from fedpeft.zo.trainer import direction_mask
 
-__all__ = ["Outcome", "make_server_app", "run_server", "run_strategy"]
+__all__ = ["PREDICTIONS", "Outcome", "make_server_app", "run_server", "run_strategy"]
+
+#: A few held-out examples' generations before and after training, in the run folder.
+PREDICTIONS = "predictions.jsonl"
 
 
 @dataclass
@@ -78,6 +85,7 @@ def run_server(
         If ``resume`` finds no checkpoint, or one of another scenario.
     """
     t0 = time.perf_counter()
+    reporter.on_phase("loading the base model")
     handle = get_model(cfg.model, cache)
     cls = resolve(cfg.strategy.name)
     strategy, initial, ctx = run_strategy(cfg, handle, cache)
@@ -85,6 +93,7 @@ def run_server(
     held_out = get_task(cfg.data, cfg.federation.seed, cache).eval
     evalset = EvalSet.build(cfg, held_out, handle.tokenizer)
     devices = device_evaluator(cfg, handle, evalset, cache) if caps.needs_layout else None
+    evaluator = Evaluator(cfg, handle, evalset, cache, direction_mask(cls))
     coordinator = Coordinator(
         cfg,
         grid,
@@ -92,18 +101,24 @@ def run_server(
         initial,
         fingerprint=handle.fingerprint,
         run_id=new_run_id(config_hash(cfg)),
-        evaluate=Evaluator(cfg, handle, evalset, cache, direction_mask(cls)).global_model,
+        evaluate=evaluator.global_model,
         on_row=reporter.on_row,
         zo_blocks=ctx.zo_blocks,
         checkpoint=out_dir / CHECKPOINT,
         resume=resume,
         nodes=nodes,
         evaluate_devices=devices,
+        on_phase=reporter.on_phase,
     )
     result = coordinator.run()
     if outcome is not None:
         outcome.model = result.model
     saved = save_global(result.model, handle, out_dir, cache, direction_mask(cls))
+    adapter = out_dir / "adapter"
+    if rows := evaluator.predictions(before=not resume):
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        (out_dir / PREDICTIONS).write_text(text, encoding="utf-8")
+    write_base_card(out_dir, base_record(cfg.model, handle), adapter if adapter.is_dir() else None)
     result.wall_s = time.perf_counter() - t0
     summary = summarize(cfg, result, saved)
     reporter.finish(summary, cfg.data.metric)

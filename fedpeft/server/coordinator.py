@@ -155,6 +155,9 @@ class Coordinator:
     evaluate_devices : DeviceEval | None
         Evaluation of each device's deployed model (a pruning strategy's ``device_models``,
         :mod:`fedpeft.prune.deployed`) whenever the loss is evaluated.
+    on_phase : Callable[[str], None] | None
+        Told what the run does before its first round (waiting for clients, evaluating the
+        start), for the progress display.
     """
 
     def __init__(
@@ -172,8 +175,10 @@ class Coordinator:
         resume: bool = False,
         nodes: SimulatedNodes | None = None,
         evaluate_devices: DeviceEval | None = None,
+        on_phase: Callable[[str], None] | None = None,
     ) -> None:
         self.cfg = cfg
+        self.on_phase = on_phase or (lambda text: None)
         self.evaluate_devices = evaluate_devices
         self.grid = grid
         self.strategy = strategy
@@ -554,6 +559,7 @@ class Coordinator:
         t0 = time.perf_counter()
         if self.resume:
             self._restore()
+        self.on_phase("waiting for clients")
         self.clients, setup = self.discover()
         devices = self.cfg.devices
         self.profiles = assign_profiles(
@@ -568,6 +574,9 @@ class Coordinator:
         }
         if not self.resume:
             start["discovery"] = self.roster.report()
+            if self.evaluate is not None:
+                n = self.cfg.eval.examples
+                self.on_phase("evaluating the start model" + (f" on {n} examples" if n else ""))
             start.update(self._eval_row(0))
             start["wall_s"] = time.perf_counter() - t0
             self._report(start)

@@ -168,6 +168,8 @@ class RunReporter:
         self._replies = 0
         self._started = False
         self._latest = ""  # the last losses shown, kept while a round's replies come in
+        self._phase = ""  # what the run does before its first round
+        self.rounds = rounds
         self.writer: Any = None
         if tensorboard:
             try:
@@ -202,8 +204,25 @@ class RunReporter:
         self.bar.set_postfix_str(self._latest)
         if row["round"] == 0:
             self._started = True
+            self._time_rounds_from_now()  # the ETA counts training rounds only
             return
         self.bar.update(1)
+
+    def on_phase(self, text: str) -> None:
+        """Show what the run does before its rounds (loading, waiting for clients, evaluating
+        the start model). A resumed run's restored rounds are behind the bar by now: the ETA
+        counts only the rounds run from here."""
+        self._phase = text
+        if self.bar.n:
+            self._time_rounds_from_now()
+        self.bar.set_postfix_str(f"{self._latest} | {text}" if self._latest else text)
+
+    def _time_rounds_from_now(self) -> None:
+        """Restart the bar's clock, keeping its count (tqdm's rate and ETA start afresh)."""
+        done = self.bar.n
+        self.bar.reset(total=self.rounds)
+        self.bar.initial = self.bar.n = self.bar.last_print_n = done
+        self.bar.refresh()
 
     def _scalars(self, row: dict[str, Any]) -> None:
         """Every finite number of ``row`` as a TensorBoard scalar at step ``round``."""
@@ -216,7 +235,7 @@ class RunReporter:
     def on_reply(self, node_id: int, reply: object) -> None:
         """Show progress inside a round (the in-process grid calls this per reply)."""
         self._replies += 1
-        where = "setup" if not self._started else f"round {self.bar.n + 1}"
+        where = (self._phase or "setup") if not self._started else f"round {self.bar.n + 1}"
         progress = f"{where}: {self._replies} client replies"
         self.bar.set_postfix_str(f"{self._latest} | {progress}" if self._latest else progress)
 

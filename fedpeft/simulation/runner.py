@@ -16,6 +16,7 @@ Writes ``OUT/config.toml`` (the resolved configuration), ``OUT/metrics.jsonl``,
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -28,6 +29,7 @@ from fedpeft.client.app import make_client_app
 from fedpeft.config import RunConfig
 from fedpeft.config.load import combination_problems, config_to_dict, dump_toml
 from fedpeft.data.check import check_data
+from fedpeft.data.inspect import inspect_split
 from fedpeft.errors import ConfigError, FedpeftError
 from fedpeft.server.app import Outcome, make_server_app
 from fedpeft.server.results import RunReporter
@@ -35,7 +37,10 @@ from fedpeft.simulation.attacks import AttackGrid
 from fedpeft.simulation.inprocess import InProcessGrid, PartitionConfigs
 from fedpeft.zo.runtime import discard_changed_models
 
-__all__ = ["num_nodes", "simulate"]
+__all__ = ["SPLIT", "num_nodes", "simulate"]
+
+#: How the data was split among the clients (:mod:`fedpeft.data.inspect`), in the run folder.
+SPLIT = "split.json"
 
 
 def num_nodes(cfg: RunConfig) -> int:
@@ -108,6 +113,8 @@ def simulate(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.toml").write_text(dump_toml(config_to_dict(cfg)), encoding="utf-8")
+    split = json.dumps(inspect_split(cfg, cache), indent=1)
+    (out / SPLIT).write_text(split + "\n", encoding="utf-8")
     reporter = RunReporter(
         out, cfg.federation.rounds, quiet=quiet, tensorboard=tensorboard, resume=resume
     )
