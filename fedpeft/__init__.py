@@ -14,6 +14,7 @@ See ``docs/api.md``.
 """
 
 import logging
+import warnings
 
 # bitsandbytes (installed for quantized bases) tries, when peft imports it, to fetch an optional
 # fused CPU kernel from a model hub, and it and the `kernels` package log a warning when that
@@ -21,6 +22,12 @@ import logging
 # are quietened to errors before anything imports peft.
 for _name in ("bitsandbytes.backends.cpu.ops", "kernels"):
     logging.getLogger(_name).setLevel(logging.ERROR)
+# The same import reaches torch.utils.mkldnn, whose class body calls torch.jit.script_method,
+# deprecated by torch itself; shown wherever DeprecationWarnings are on (Flower's Ray transport
+# turns them on). Imported here once with that one warning off; later imports find it loaded.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", "`torch.jit.script_method` is deprecated", DeprecationWarning)
+    import torch.utils.mkldnn  # noqa: E402, F401
 
 from fedpeft.algorithms.capabilities import Capabilities  # noqa: E402
 from fedpeft.algorithms.registry import register_strategy  # noqa: E402

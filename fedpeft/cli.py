@@ -36,7 +36,6 @@ import dataclasses
 import os
 import sys
 import typing
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -419,10 +418,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     for key, value in APP_ENVIRONMENT.items():
         os.environ.setdefault(key, value)
     args = _parser().parse_args(argv)
-    # peft calls a transformers API that transformers 5 marks deprecated; not the user's concern
-    warnings.filterwarnings(
-        "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
-    )
     try:
         return _run(args)
     except ConfigError as err:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -41,7 +40,7 @@ from fedpeft.data.tasks import template_fields
 from fedpeft.data.tokenize import encode_prompt
 from fedpeft.errors import ModelError
 from fedpeft.evaluation import EvalSet, eval_loss, generate, task_metric
-from fedpeft.lora.handle import ModelHandle
+from fedpeft.lora.handle import ModelHandle, peft_quiet
 from fedpeft.models import get_model
 from fedpeft.rounds import clients_per_round
 from fedpeft.server.start import initial_global
@@ -157,8 +156,7 @@ def _with_adapter(handle: ModelHandle, folder: Path) -> Any:
 
     if not (folder / "adapter_config.json").is_file():
         raise ModelError(f"{str(folder)!r} holds no adapter (adapter_config.json)")
-    with warnings.catch_warnings():  # peft calls an API transformers 5 marks deprecated
-        warnings.filterwarnings("ignore", ".*is_gradient_checkpointing.*", FutureWarning)
+    with peft_quiet():
         model = PeftModel.from_pretrained(handle.base_model, str(folder))
     model.eval()
     return model

@@ -101,3 +101,21 @@ def test_help_of_each_command(command, capsys):
     with pytest.raises(SystemExit) as done:
         main([command, "--help"])
     assert done.value.code == 0 and "usage: fedpeft" in capsys.readouterr().out
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("backend", ["inprocess", "ray"])
+def test_quiet_simulate_prints_nothing_the_user_did_not_cause(repo, tmp_path, backend):
+    """`fedpeft simulate --quiet` in a fresh process: no deprecation notes from torch,
+    transformers or Flower, no Ray or Flower log lines (errors would still be shown)."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "fedpeft.cli", "simulate", "--config",
+           str(repo / "simulations" / "tiny.toml"), "--out", str(tmp_path / "run"), "--quiet",
+           "--backend", backend, "federation.rounds=1", "train.local_steps=2",
+           "simulation.ray_num_cpus=1"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "" and done.stderr == "", done.stderr
+    assert (tmp_path / "run" / "summary.json").is_file()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -23,7 +24,7 @@ from fedpeft.errors import ModelError
 from fedpeft.seeding import torch_generator
 from fedpeft.wire.messages import Adapter, LoraFactors, LoraSpec
 
-__all__ = ["ModelHandle", "init_factors"]
+__all__ = ["ModelHandle", "init_factors", "peft_quiet"]
 
 
 def init_factors(
@@ -63,6 +64,15 @@ def init_factors(
 def adapter_name(spec: LoraSpec) -> str:
     """peft adapter name for a spec: rank plus the structural hash."""
     return f"r{spec.rank}_{spec.config_hash()}"
+
+
+@contextlib.contextmanager
+def peft_quiet() -> Iterator[None]:
+    """Wrap a peft model: peft (0.17) asks transformers (5) ``is_gradient_checkpointing``,
+    which transformers marks deprecated; that warning is theirs, not the user's."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*is_gradient_checkpointing.*", FutureWarning)
+        yield
 
 
 class ModelHandle:
@@ -112,7 +122,8 @@ class ModelHandle:
         )
         try:
             if self._peft is None:
-                self._peft = get_peft_model(self.base_model, conf, adapter_name=name)
+                with peft_quiet():
+                    self._peft = get_peft_model(self.base_model, conf, adapter_name=name)
             else:
                 self._peft.add_adapter(name, conf)
         except ValueError as err:

@@ -48,22 +48,42 @@ def num_nodes(cfg: RunConfig) -> int:
     return cfg.federation.nodes
 
 
-def _ray(server_app: Any, client_app: Any, cfg: RunConfig) -> None:
+class _NotOurs(logging.Filter):
+    """Drops Flower's notice that ``run_simulation`` is deprecated (the Ray engine is reached
+    through it; nothing for a user to change) and its DEBUG chatter."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return record.levelno > logging.DEBUG and "`run_simulation` function" not in text
+
+
+def _ray(server_app: Any, client_app: Any, cfg: RunConfig, quiet: bool) -> None:
     from flwr.simulation import run_simulation
 
     sim = cfg.simulation
     init_args: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR}
     if sim.ray_address:
         init_args["address"] = sim.ray_address
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=num_nodes(cfg),
-        backend_config={
-            "client_resources": {"num_cpus": sim.ray_num_cpus, "num_gpus": sim.ray_num_gpus},
-            "init_args": init_args,
-        },
-    )
+    flwr_log = logging.getLogger("flwr")
+    level, quiet_filter = flwr_log.level, _NotOurs()
+    flwr_log.addFilter(quiet_filter)
+    if quiet:
+        flwr_log.setLevel(logging.ERROR)  # errors still shown
+    try:
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=num_nodes(cfg),
+            backend_config={
+                "client_resources": {
+                    "num_cpus": sim.ray_num_cpus, "num_gpus": sim.ray_num_gpus
+                },
+                "init_args": init_args,
+            },
+        )  # fmt: skip
+    finally:
+        flwr_log.removeFilter(quiet_filter)
+        flwr_log.setLevel(level)
 
 
 def simulate(
@@ -137,7 +157,7 @@ def simulate(
             server_app(grid, ctx)
         else:
             server_app = make_server_app(cfg, out, reporter, outcome, cache, resume, attack)
-            _ray(server_app, client_app, cfg)
+            _ray(server_app, client_app, cfg, quiet)
     finally:
         discard_changed_models(cache)  # the next run in this process gets the true base
     if outcome.error is not None:
