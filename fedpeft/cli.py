@@ -403,10 +403,12 @@ def _client(args: argparse.Namespace) -> int:
 
 
 # The command is an application: it may set its own process's environment (the library never
-# does). Offline model loading, no telemetry, and Ray told how to treat CUDA_VISIBLE_DEVICES
-# for actors without GPUs (Ray >= 2.5x warns otherwise).
+# does). Offline model loading, no telemetry, no per-tensor bar while transformers loads weights
+# (the command shows its own progress), and Ray told how to treat CUDA_VISIBLE_DEVICES for
+# actors without GPUs (Ray >= 2.5x warns otherwise).
 APP_ENVIRONMENT = {
     "HF_HUB_OFFLINE": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "FLWR_TELEMETRY_ENABLED": "0",
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",

@@ -17,8 +17,10 @@ makes); a seed/scalar run's coefficients (``zo_state.safetensors``) are applied 
 weights as its coordinator applied them.
 
 A prompt is written into the run's ``data.prompt_template`` when that template names one
-field (the shipped scenarios' ``"{prompt}\\n"``), and wrapped in the chat template when the run
-used it, so the model sees what it was trained on; ``raw=True`` sends the text as it is.
+field (the shipped scenarios' ``"{prompt}\\n"``); with several fields the text is the whole
+prompt, followed by the whitespace the template ends with (its newline); it is wrapped in the chat
+template when the run used it, so the model sees what it was trained on. ``raw=True`` sends the
+text as it is.
 """
 
 from __future__ import annotations
@@ -71,10 +73,14 @@ class Trained:
     def prompt_ids(self, text: str, raw: bool = False) -> list[int]:
         """Token ids of ``text`` as the run formatted its prompts (``raw``: as it is)."""
         data = self.config.data
-        fields = template_fields(data.prompt_template)
-        prompt = text if raw or len(fields) != 1 else data.prompt_template.format(
-            **{next(iter(fields)): text}
-        )  # fmt: skip
+        template = data.prompt_template
+        fields = template_fields(template)
+        if raw:
+            prompt = text
+        elif len(fields) == 1:
+            prompt = template.format(**{next(iter(fields)): text})
+        else:  # the text is the whole prompt; the template's closing newline still follows
+            prompt = text + _closing_text(template)
         return encode_prompt(self.handle.tokenizer, prompt, data.chat_template and not raw)
 
     def generate(
@@ -107,6 +113,12 @@ class Trained:
     def close(self) -> None:
         """Leave the model's context (seed/scalar runs); the object is unusable afterwards."""
         self._stack.close()
+
+
+def _closing_text(template: str) -> str:
+    """The whitespace a template ends with (its newline), which the model learned to see
+    before the answer."""
+    return template[len(template.rstrip()) :]
 
 
 def load_trained(run_dir: str | Path, device: str | None = None) -> Trained:
