@@ -31,7 +31,7 @@ SMALL = {
 def test_docs_api_runs_as_a_notebook(monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     blocks = re.findall(r"```python\n(.*?)```", (REPO / "docs" / "api.md").read_text(), re.S)
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     env = dict(os.environ)
     scope: dict = {}
     for block in blocks:
@@ -40,6 +40,8 @@ def test_docs_api_runs_as_a_notebook(monkeypatch, capsys):
     assert re.search(r"eval loss \d+\.\d{4} -> \d+\.\d{4} in 2 rounds", out), out
     assert "rank 4 modules 4" in out and "2 rows;" in out
     assert scope["after"] < scope["before"]
+    assert "the run's own eval loss: True" in out  # a run folder's model, loaded back
+    assert len(scope["answers"]) == 1
     assert dict(os.environ) == env  # the library wrote no environment variable
 
 
