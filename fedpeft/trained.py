@@ -41,7 +41,7 @@ from fedpeft.data.clients import get_task
 from fedpeft.data.tasks import template_fields
 from fedpeft.data.tokenize import encode_prompt
 from fedpeft.errors import ModelError
-from fedpeft.evaluation import EvalSet, eval_loss, generate, task_metric
+from fedpeft.evaluation import EvalSet, Evaluator, generate
 from fedpeft.lora.handle import ModelHandle, peft_quiet
 from fedpeft.models import get_model
 from fedpeft.rounds import clients_per_round
@@ -96,19 +96,10 @@ class Trained:
     def evaluate(self, with_metric: bool = False) -> dict[str, float]:
         """``eval_loss`` (and ``eval_<metric>``) on the run's held-out examples, as its
         coordinator measured them."""
-        cfg, tok = self.config, self.handle.tokenizer
+        cfg = self.config
         held_out = get_task(cfg.data, cfg.federation.seed, ProcessCache()).eval
-        evalset = EvalSet.build(cfg, held_out, tok)
-        bs, dev = cfg.eval.batch_size, self.handle.device
-        loss, tokens = eval_loss(self.model, evalset.examples, bs, tok.pad_token_id, dev)
-        out = {"eval_loss": loss, "eval_tokens": float(tokens)}
-        if with_metric and cfg.data.metric != "none":
-            preds = generate(
-                self.model, tok, evalset.prompts, cfg.eval.max_new_tokens, bs, dev
-            )  # fmt: skip
-            targets = [p.target for p in evalset.pairs]
-            out[f"eval_{cfg.data.metric}"] = task_metric(cfg.data.metric, preds, targets)
-        return out
+        evalset = EvalSet.build(cfg, held_out, self.handle.tokenizer)
+        return Evaluator(cfg, self.handle, evalset).evaluate_model(self.model, with_metric)
 
     def close(self) -> None:
         """Leave the model's context (seed/scalar runs); the object is unusable afterwards."""

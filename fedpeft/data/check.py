@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from fedpeft.cache import PROCESS_CACHE, ProcessCache
 from fedpeft.config import RunConfig
-from fedpeft.data.clients import get_task, partition_indices
+from fedpeft.data.clients import get_task, partitions
 from fedpeft.data.tasks import template_fields
 from fedpeft.errors import ConfigError, DataError
 
@@ -42,7 +42,7 @@ def data_problems(cfg: RunConfig, cache: ProcessCache = PROCESS_CACHE) -> list[s
         )
     elif not fed.centralized and not fed.records_per_client:
         try:
-            partition_indices(task, fed, cfg.data)
+            partitions(cfg, cache)  # cached: the clients reuse it
         except DataError as err:
             problems.append(f"federation.partition={fed.partition!r}: {err}")
     return problems

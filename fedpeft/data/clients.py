@@ -34,6 +34,7 @@ __all__ = [
     "eval_assignment",
     "get_task",
     "partition_indices",
+    "partitions",
     "task_key",
 ]
 
@@ -123,7 +124,7 @@ def drawn_indices(
     return draw_records(pools.eval, mix, size, np_rng(fed.seed, "draw-eval", client))
 
 
-def _partitions(cfg: RunConfig, cache: ProcessCache) -> tuple[Task, list[list[int]], str]:
+def partitions(cfg: RunConfig, cache: ProcessCache) -> tuple[Task, list[list[int]], str]:
     """The task, every client's training indices (built once per process) and their cache key."""
     task = get_task(cfg.data, cfg.federation.seed, cache)
     key = "partition:" + json.dumps([asdict(cfg.data), asdict(cfg.federation)], sort_keys=True)
@@ -154,7 +155,7 @@ def client_records(
         drawn = drawn_indices(cfg, task, partition_id, held_out=False, cache=cache)
         mine = _capped(drawn, cfg.data.max_examples_per_client, fed.seed, partition_id)
     else:
-        task, parts, _ = _partitions(cfg, cache)
+        task, parts, _ = partitions(cfg, cache)
         if fed.centralized:
             if partition_id != 0:
                 raise DataError(
@@ -210,7 +211,7 @@ def client_eval_records(
         _check_client(partition_id, fed.num_clients)
         task = get_task(cfg.data, fed.seed, cache)
         return [task.eval[j] for j in drawn_indices(cfg, task, partition_id, True, cache)]
-    task, parts, key = _partitions(cfg, cache)
+    task, parts, key = partitions(cfg, cache)
     if fed.centralized:
         return list(task.eval)
     by = fed.partition_key if fed.partition != "iid" else None

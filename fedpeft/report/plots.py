@@ -63,10 +63,6 @@ def _broken(
     return bx, by, bsd
 
 
-def _integer_rounds(ax: Any) -> None:
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-
-
 def _lines(
     groups: Sequence[RunGroup],
     series: Series,
@@ -111,7 +107,7 @@ def plot_metric(
         return [float(i) for i in x], y
 
     _lines(groups, series, ax, reference, by_round=True)
-    _integer_rounds(ax)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel(label)
     ax.set_title(f"{label} per round")

@@ -169,7 +169,6 @@ class RunReporter:
         self._started = False
         self._latest = ""  # the last losses shown, kept while a round's replies come in
         self._phase = ""  # what the run does before its first round
-        self.rounds = rounds
         self.writer: Any = None
         if tensorboard:
             try:
@@ -220,7 +219,7 @@ class RunReporter:
     def _time_rounds_from_now(self) -> None:
         """Restart the bar's clock, keeping its count (tqdm's rate and ETA start afresh)."""
         done = self.bar.n
-        self.bar.reset(total=self.rounds)
+        self.bar.reset()
         self.bar.initial = self.bar.n = self.bar.last_print_n = done
         self.bar.refresh()
 
