@@ -9,7 +9,7 @@ as its scalars summed per (block, seed) direction, a dense ``blocks * K`` vector
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -20,9 +20,14 @@ from fedpeft.wire.messages import Adapter, LoraFactors, LoraUpdate
 from fedpeft.wire.zo import ZoUpdate, index_dtype
 
 __all__ = [
+    "CombinedLora",
+    "FoldedZo",
+    "clients_behind",
     "combined_update",
     "direction_sums",
     "flat_change",
+    "folded",
+    "folded_mean",
     "sent_factors",
     "shared_sent",
     "trained_mask",
@@ -91,24 +96,87 @@ def shared_sent(sent_of: Mapping[str, Adapter], cids: Sequence[str], refusal: st
     return sent
 
 
+@dataclass(frozen=True)
+class CombinedLora(LoraUpdate):
+    """One LoRA update standing for ``clients`` clients' (their mean, a robust combination,
+    a DP release, a server optimizer's step): what a strategy aggregates in their place."""
+
+    clients: int = 1
+
+
 def combined_update(
-    first: LoraUpdate, sent: Adapter, change: torch.Tensor, examples: int
-) -> LoraUpdate:
-    """One update standing for a round's: ``sent + change``, ``examples`` behind it."""
+    first: LoraUpdate, sent: Adapter, change: torch.Tensor, examples: int, clients: int
+) -> CombinedLora:
+    """One update standing for ``clients`` clients': ``sent + change``, ``examples`` behind
+    it."""
     one = with_change(first, sent, change)
-    return replace(one, header=replace(first.header, num_examples=examples))
+    header = replace(first.header, num_examples=examples)
+    return CombinedLora(header, one.factors, one.metrics, one.keep, clients=clients)
 
 
-def direction_sums(update: ZoUpdate, num_blocks: int, num_seeds: int) -> np.ndarray:
-    """The upload's scalars summed per (block, seed) direction, ``(blocks * K,)`` float64."""
+def clients_behind(updates: Sequence[Any]) -> int:
+    """How many clients ``updates`` stand for (a :class:`CombinedLora` counts its own)."""
+    return sum(u.clients if isinstance(u, CombinedLora) else 1 for u in updates)
+
+
+def direction_sums(
+    update: ZoUpdate, num_blocks: int, num_seeds: int, clip: float = 0.0
+) -> np.ndarray:
+    """The upload's scalars summed per (block, seed) direction, ``(blocks * K,)`` float64;
+    ``clip > 0``: each scalar is first clipped to ``[-clip, clip]`` (in float64)."""
     dense = np.zeros((num_blocks, num_seeds))
     blocks = (
         update.blocks.astype(np.int64)
         if len(update.blocks)
         else np.zeros(len(update.seeds), np.int64)
     )
-    np.add.at(dense, (blocks, update.seeds.astype(np.int64)), update.scalars.astype(np.float64))
+    scalars = update.scalars.astype(np.float64)
+    if clip > 0:
+        scalars = np.clip(scalars, -clip, clip)
+    np.add.at(dense, (blocks, update.seeds.astype(np.int64)), scalars)
     return dense.reshape(-1)
+
+
+@dataclass(frozen=True)
+class FoldedZo(ZoUpdate):
+    """A seed/scalar round's weighted mean, handed to the strategy in place of the first
+    client's update when the replies were summed (streaming, or a batch round of a linear
+    strategy, or secure aggregation).
+
+    ``mean`` is the float64 ``(blocks * K,)`` mean per (block, seed) direction, exactly as the
+    sum gave it (each scalar already clipped to the strategy's ``scalar_clip``, except under
+    secure aggregation, where the coordinator never sees a scalar); an in-tree strategy takes
+    it as is (:func:`folded_mean`). The pairs carry the same mean times the number of clients
+    in float32, one per direction, for strategies that read pairs (every other client's
+    update then has none and counts one example), as before the mean was carried.
+    """
+
+    mean: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+
+def folded(update: ZoUpdate, mean: np.ndarray) -> FoldedZo:
+    """``update`` as a :class:`FoldedZo` carrying ``mean``."""
+    return FoldedZo(**{f.name: getattr(update, f.name) for f in fields(update)}, mean=mean)
+
+
+def folded_mean(updates: Sequence[ZoUpdate], num_blocks: int, num_seeds: int) -> np.ndarray | None:
+    """The mean a :class:`FoldedZo` among ``updates`` carries, ``(num_blocks, num_seeds)``;
+    ``None`` when the updates are the clients' own.
+
+    Raises
+    ------
+    AggregationError
+        If more than one carries a mean, or its length is not ``num_blocks * num_seeds``.
+    """
+    means = [u.mean for u in updates if isinstance(u, FoldedZo)]
+    if not means:
+        return None
+    if len(means) > 1 or means[0].size != num_blocks * num_seeds:
+        raise AggregationError(
+            f"a round's updates carry {len(means)} summed means of {means[0].size} values; "
+            f"expected one of {num_blocks * num_seeds} (blocks x seeds)"
+        )
+    return means[0].reshape(num_blocks, num_seeds)
 
 
 def with_every_direction(

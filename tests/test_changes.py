@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fedpeft.changes import (
+    clients_behind,
     combined_update,
     direction_sums,
     flat_change,
@@ -68,10 +69,11 @@ def test_shared_sent_needs_the_very_same_factors_for_everyone():
         shared_sent({"a": SENT}, ["a", "z"], "x")
 
 
-def test_combined_update_carries_the_total_examples():
-    one = combined_update(UPDATE, SENT, torch.zeros(6, dtype=torch.float64), 99)
+def test_combined_update_carries_the_total_examples_and_clients():
+    one = combined_update(UPDATE, SENT, torch.zeros(6, dtype=torch.float64), 99, 7)
     assert one.header.num_examples == 99 and one.header.client_id == "c"
     assert all(torch.equal(one.factors[m].a, SENT[m].a) for m in SENT)
+    assert clients_behind([one, UPDATE]) == 8  # 7 behind the combined one, 1 behind a reply
 
 
 def test_direction_sums_add_repeated_directions():

@@ -12,9 +12,11 @@ from fedpeft.algorithms.base import StrategyContext
 from fedpeft.algorithms.capabilities import capabilities_of
 from fedpeft.algorithms.fedkseed import pro_probabilities
 from fedpeft.algorithms.registry import build_strategy, registered, resolve
+from fedpeft.config import TrainConfig
 from fedpeft.errors import AggregationError
+from fedpeft.server.fold import Fold
 from fedpeft.wire.messages import ClientInfo, Header, LoraSpec
-from fedpeft.wire.zo import ZoSpec, ZoUpdate
+from fedpeft.wire.zo import ZoInstruction, ZoSpec, ZoUpdate
 
 ZO = [n for n in registered() if capabilities_of(resolve(n)).family == "zo"]
 K, TAU, BLOCKS = 64, 10, 3
@@ -294,3 +296,41 @@ def test_ferret_clips_below_one_and_plans_carry_the_spec():
     got = strat.aggregate_train(1, [up])
     assert got.zo.coeffs[0, 1] == 0.5 and got.zo.coeffs[2, 2] == -0.25
     assert np.count_nonzero(got.zo.coeffs) == 2
+
+
+def _folded(strat, updates: list[ZoUpdate], blocks: int) -> list[ZoUpdate]:
+    """``updates`` summed as a streaming or batch round of the coordinator sums them."""
+    plans = strat.configure_train(1, [ClientInfo(u.header, "cpu") for u in updates])
+    instructions = {
+        c: ZoInstruction(Header("r", 1, "fp", "", 0, c), p.spec, TrainConfig(), p.sync, 0)
+        for c, p in plans.items()
+    }
+    caps = capabilities_of(type(strat), strat.config)
+    fold = Fold(instructions, blocks, None, caps.example_weighted, caps.scalar_clip)
+    return fold.result([fold.add(u) for u in reversed(updates)])
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("fedkseed", {}),
+        ("fedkseed", {"scalar_clip": 0.5}),
+        ("fedkseed", {"scalar_clip": 0.5, "weighted": False}),
+        ("ferret", {}),
+        ("ferret", {"scalar_clip": 0.5, "server_lr": 2.0}),
+    ],
+)
+def test_the_summed_mean_is_the_strategys_own_with_each_clients_scalars_clipped(name, options):
+    """The coordinator sums each client's clipped scalars (capability ``scalar_clip``) and the
+    strategy adds that mean: the same coefficients as its own loop over the clients' pairs,
+    to float rounding, with a clip that binds for most scalars (|g| ~ N(0, 1), clip 0.5).
+    Clipping the mean instead (or the mean times the clients, the hand-over's pairs) would
+    change them by far more."""
+    ups = [_update(name, str(i), n, seed=i) for i, n in enumerate((30, 10, 7, 1))]
+    blocks = 1 if name == "fedkseed" else BLOCKS
+    own = build_strategy(name, options, _ctx(name)).aggregate_train(1, ups).zo.coeffs
+    strat = build_strategy(name, options, _ctx(name))
+    summed = strat.aggregate_train(1, _folded(strat, ups, blocks)).zo.coeffs
+    assert np.count_nonzero(own) > 10
+    np.testing.assert_allclose(summed, own, rtol=1e-12, atol=1e-15)
+    assert sorted(strat.state.client_versions) == ["0", "1", "2", "3"]  # every client counted

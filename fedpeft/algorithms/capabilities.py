@@ -59,6 +59,11 @@ class Capabilities:
     merges_base : bool
         Writes adapters into the base model's weights (FLoRA merges the stacked global into
         the base before each round), which a quantized base cannot take.
+    scalar_clip : float
+        Seed/scalar, with ``linear``: each client's scalars count clipped to
+        ``[-scalar_clip, scalar_clip]`` (0: not clipped). A round whose replies are summed
+        before the strategy sees them (:mod:`fedpeft.server.fold`) clips each scalar as it adds
+        it, so the strategy gets the mean of the clipped scalars.
     """
 
     family: Literal["lora", "zo"] = "lora"
@@ -73,6 +78,7 @@ class Capabilities:
     fixed_steps: bool = False
     personal: bool = False
     merges_base: bool = False
+    scalar_clip: float = 0.0
 
     def __post_init__(self) -> None:
         if self.family not in ("lora", "zo"):
@@ -82,6 +88,11 @@ class Capabilities:
             raise StrategyError(
                 f"Capabilities.codecs must include 'none' and only {sorted(ALL_CODECS)}, "
                 f"got {sorted(self.codecs)}"
+            )
+        if self.scalar_clip < 0 or (self.scalar_clip and self.family != "zo"):
+            raise StrategyError(
+                f"Capabilities.scalar_clip must be 0 or, for a seed/scalar (zo) strategy, "
+                f"positive; got {self.scalar_clip} for family {self.family!r}"
             )
         if self.family == "zo" and (
             self.heterogeneous_ranks or self.needs_layout or self.chooses_ranks or self.personal

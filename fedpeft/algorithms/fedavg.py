@@ -37,6 +37,7 @@ from fedpeft.algorithms.base import (
 )
 from fedpeft.algorithms.capabilities import weighted_linear
 from fedpeft.algorithms.registry import register_strategy
+from fedpeft.changes import clients_behind
 from fedpeft.wire.messages import Adapter, ClientInfo, LoraFactors, LoraUpdate
 
 __all__ = ["FedAvg"]
@@ -94,7 +95,9 @@ class FedAvg:
             )
         self._global = out
         return AggregateResult(
-            adapter=out, spec=self.ctx.spec, metrics={"fedavg_clients": float(len(ordered))}
+            adapter=out,
+            spec=self.ctx.spec,
+            metrics={"fedavg_clients": float(clients_behind(ordered))},
         )
 
     def state_dict(self) -> dict[str, Any]:

@@ -19,6 +19,9 @@ probabilities (4 bytes each) with each instruction.
 
 Deviations: scalars are clipped to ``zo.scalar_clip`` before they count (0 disables); non-finite
 scalars and indices outside the pool are rejected by the coordinator before this code sees them.
+When the coordinator sums the replies itself (streaming, or any round without per-client
+wrappers, see :mod:`fedpeft.server.fold`) the strategy gets that exact mean of the clipped
+scalars (:class:`fedpeft.changes.FoldedZo`) and adds ``lr`` times it.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from fedpeft.algorithms.base import AggregateResult, StrategyContext, ZoGlobal, 
 from fedpeft.algorithms.capabilities import Capabilities, weighted_linear
 from fedpeft.algorithms.registry import register_strategy
 from fedpeft.algorithms.zo_state import Coefficients
+from fedpeft.changes import folded_mean
 from fedpeft.errors import AggregationError
 from fedpeft.wire.messages import ClientInfo
 from fedpeft.wire.zo import ZoSpec, ZoUpdate
@@ -72,6 +76,7 @@ class FedKSeed:
             example_weighted=config.weighted,
             client_statistics=config.pro,
             codecs=frozenset({"none"}),
+            scalar_clip=config.scalar_clip,
         )
 
     @dataclass(frozen=True)
@@ -120,7 +125,8 @@ class FedKSeed:
         ordered = sorted(updates, key=lambda u: u.header.client_id)
         total = sum(u.header.num_examples for u in ordered)
         delta = np.zeros((1, self.spec.num_seeds))
-        for u in ordered:
+        mean = folded_mean(ordered, 1, self.spec.num_seeds)  # the replies' sum, when summed
+        for u in ordered if mean is None else ():
             if len(u.blocks):
                 raise AggregationError(
                     f"client {u.header.client_id} sent block indices; fedkseed has one block"
@@ -130,6 +136,8 @@ class FedKSeed:
             np.add.at(delta[0], u.seeds.astype(np.int64), self.spec.lr * p * g)
             np.add.at(self.abs_sum, u.seeds.astype(np.int64), np.abs(g))
             np.add.at(self.counts, u.seeds.astype(np.int64), 1)
+        if mean is not None:  # each scalar was clipped as it was summed (capabilities)
+            delta = self.spec.lr * mean
         changed = self.state.commit(delta, server_round)
         for u in ordered:
             self.state.client_versions[u.header.client_id] = u.synced_version

@@ -18,15 +18,16 @@ its published script) is not implemented.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from fedpeft.algorithms.base import AggregateResult, StrategyContext, ZoGlobal, ZoPlan
-from fedpeft.algorithms.capabilities import weighted_linear
+from fedpeft.algorithms.capabilities import Capabilities, weighted_linear
 from fedpeft.algorithms.registry import register_strategy
 from fedpeft.algorithms.zo_state import Coefficients
+from fedpeft.changes import folded_mean
 from fedpeft.errors import AggregationError
 from fedpeft.wire.messages import ClientInfo
 from fedpeft.wire.zo import ZoUpdate
@@ -38,7 +39,14 @@ __all__ = ["Ferret"]
 class Ferret:
     """Ferret: projected first-order updates on K shared random directions per block."""
 
-    capabilities = staticmethod(weighted_linear("zo", codecs=frozenset({"none"})))
+    @staticmethod
+    def capabilities(config: Ferret.Config) -> Capabilities:
+        """Linear in the clients' (clipped) scalars."""
+        return replace(
+            weighted_linear("zo", codecs=frozenset({"none"}))(config),
+            scalar_clip=config.scalar_clip,
+        )
+
     zo_algorithm = "ferret"
     trainer = ZoTrainer()  # the shared seed/scalar client loop, unmasked
 
@@ -79,7 +87,8 @@ class Ferret:
         ordered = sorted(updates, key=lambda u: u.header.client_id)
         total = sum(u.header.num_examples for u in ordered)
         delta = np.zeros((self.state.num_blocks, self.spec.num_seeds))
-        for u in ordered:
+        mean = folded_mean(ordered, self.state.num_blocks, self.spec.num_seeds)
+        for u in ordered if mean is None else ():
             if len(u.blocks) != len(u.seeds) or (
                 len(u.blocks) and u.blocks.max() >= self.state.num_blocks
             ):
@@ -96,6 +105,8 @@ class Ferret:
                 (u.blocks.astype(np.int64), u.seeds.astype(np.int64)),
                 self.config.server_lr * p * c,
             )
+        if mean is not None:  # the replies' exact mean, each scalar clipped as it was summed
+            delta = self.config.server_lr * mean
         changed = self.state.commit(delta, server_round)
         for u in ordered:
             self.state.client_versions[u.header.client_id] = u.synced_version

@@ -34,6 +34,7 @@ from fedpeft.algorithms.hetero import (
     ranks_for,
 )
 from fedpeft.algorithms.registry import register_strategy
+from fedpeft.changes import clients_behind
 from fedpeft.wire.messages import ClientInfo, LoraUpdate
 
 __all__ = ["FfaLora"]
@@ -63,7 +64,7 @@ class FfaLora:
         ups, modules = ordered(updates, "ffa")
         weights = example_weights(ups, self.config.weighted)
         new = one_factor_update(self._global.adapter, ups, modules, weights, "B")
-        return self._global.update(new, {"ffa_clients": float(len(ups))})
+        return self._global.update(new, {"ffa_clients": float(clients_behind(ups))})
 
     def state_dict(self) -> dict[str, Any]:
         """The global adapter (``A_0`` and the averaged ``B``)."""

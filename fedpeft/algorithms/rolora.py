@@ -33,6 +33,7 @@ from fedpeft.algorithms.hetero import (
     ranks_for,
 )
 from fedpeft.algorithms.registry import register_strategy
+from fedpeft.changes import clients_behind
 from fedpeft.errors import ConfigError
 from fedpeft.wire.messages import ClientInfo, LoraUpdate
 
@@ -80,7 +81,10 @@ class RoLora:
         weights = example_weights(ups, self.config.weighted)
         part = self.part(server_round)
         new = one_factor_update(self._global.adapter, ups, modules, weights, part)
-        metrics = {"rolora_clients": float(len(ups)), "rolora_trained_b": float(part == "B")}
+        metrics = {
+            "rolora_clients": float(clients_behind(ups)),
+            "rolora_trained_b": float(part == "B"),
+        }
         return self._global.update(new, metrics)
 
     def state_dict(self) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fedpeft.algorithms.capabilities import Capabilities
 from fedpeft.config.sections import RunConfig, ZoConfig, quantization_label
@@ -27,6 +27,7 @@ __all__ = [
     "combinations_markdown",
     "cross_section_problems",
     "deployment_problems",
+    "foldable",
     "same_factors",
 ]
 
@@ -449,6 +450,16 @@ def _stream_wrappers(cfg: RunConfig, caps: Capabilities) -> str | None:
         f"federation.aggregation = 'stream' folds each update into the sum as it arrives, "
         f"which {'; '.join(used)} cannot follow yet: set federation.aggregation = 'batch'"
     )
+
+
+def foldable(cfg: RunConfig, caps: Capabilities) -> bool:
+    """Whether a round's valid replies can be summed before the strategy sees them: exactly
+    when ``federation.aggregation = 'stream'`` would be accepted for this scenario. A batch
+    round of such a scenario folds its collected replies too (:mod:`fedpeft.server.fold`), so
+    the two aggregation modes give the same global bit for bit."""
+    as_stream = replace(cfg, federation=replace(cfg.federation, aggregation="stream"))
+    checks = (_stream_strategy, _stream_shapes, _stream_wrappers)
+    return all(check(as_stream, caps) is None for check in checks)
 
 
 def _sampled_discovery(cfg: RunConfig, caps: Capabilities) -> str | None:

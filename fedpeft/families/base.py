@@ -84,7 +84,12 @@ class UpdateFamily(Protocol):
         ...
 
     def flat(
-        self, instructions: Mapping[str, Any], cids: Sequence[str], zo_blocks: int
+        self,
+        instructions: Mapping[str, Any],
+        cids: Sequence[str],
+        zo_blocks: int,
+        scalar_clip: float = 0.0,
     ) -> FlatLayout:
-        """How the updates of clients ``cids`` are summed as one vector."""
+        """How the updates of clients ``cids`` are summed as one vector (``scalar_clip``:
+        seed/scalar updates' scalars are clipped to it first, when above 0)."""
         ...

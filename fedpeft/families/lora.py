@@ -75,10 +75,15 @@ class LoraFamily:
         return out
 
     def flat(
-        self, instructions: Mapping[str, Any], cids: Sequence[str], zo_blocks: int
+        self,
+        instructions: Mapping[str, Any],
+        cids: Sequence[str],
+        zo_blocks: int,
+        scalar_clip: float = 0.0,
     ) -> FlatLayout:
         """The trained coordinates of the factors every client was sent (linear strategies);
-        rebuilt as ONE update: the sent factors plus the mean change, with the total count."""
+        rebuilt as ONE update: the sent factors plus the mean change, with the total count
+        (``zo_blocks``, ``scalar_clip``: seed/scalar only)."""
         sent = shared_sent(
             {c: i.adapter for c, i in instructions.items()},
             cids,
@@ -90,7 +95,7 @@ class LoraFamily:
             change = torch.zeros(trained.shape, dtype=torch.float64)
             change[trained] = torch.from_numpy(total / denominator)
             examples = sum(u.header.num_examples for u in kept)
-            return [combined_update(kept[0], sent, change, examples)]
+            return [combined_update(kept[0], sent, change, examples, len(kept))]
 
         def vector(update: LoraUpdate) -> np.ndarray:
             return flat_change(update.factors, sent)[trained].numpy()  # the trained coordinates

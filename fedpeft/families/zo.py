@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from flwr.app import RecordDict
 
-from fedpeft.changes import direction_sums, with_every_direction
+from fedpeft.changes import direction_sums, folded, with_every_direction
 from fedpeft.families.base import FlatLayout, Stamp
 from fedpeft.server.validate import MB, Limits, validate_secure_reply, validate_zo_update
 from fedpeft.wire.messages import SharedRecords
@@ -65,21 +65,28 @@ class ZoFamily:
         return {}
 
     def flat(
-        self, instructions: Mapping[str, Any], cids: Sequence[str], zo_blocks: int
+        self,
+        instructions: Mapping[str, Any],
+        cids: Sequence[str],
+        zo_blocks: int,
+        scalar_clip: float = 0.0,
     ) -> FlatLayout:
-        """One value per (block, seed) direction; rebuilt as every survivor's update (weight 1,
-        no pairs) with the mean's scalars, times the survivors, on the first one, so the
-        strategy's per-direction ``sum_k g_k / m`` is the clients' mean."""
+        """One value per (block, seed) direction (each scalar clipped to ``scalar_clip`` first,
+        when above 0); rebuilt as every survivor's update (weight 1, no pairs) with the mean on
+        the first, a :class:`fedpeft.changes.FoldedZo`: exactly as summed in ``mean``, and as
+        pairs carrying the mean times the survivors, so a strategy that reads pairs and takes
+        ``sum_k g_k / m`` per direction gets the clients' mean too."""
         num_seeds = instructions[cids[0]].spec.num_seeds
 
         def rebuild(kept: list[Any], total: np.ndarray, denominator: float) -> list[Any]:
-            scaled = total * (len(kept) / denominator)  # the strategy divides by len(kept)
+            mean = total / denominator  # (blocks * K,) float64
             out = [replace(u, header=replace(u.header, num_examples=1)) for u in kept]
-            out[0] = with_every_direction(out[0], scaled, zo_blocks, num_seeds)
+            pairs = with_every_direction(out[0], mean * len(kept), zo_blocks, num_seeds)
+            out[0] = folded(pairs, mean)
             return out
 
         def vector(update: ZoUpdate) -> np.ndarray:
-            return direction_sums(update, zo_blocks, num_seeds)
+            return direction_sums(update, zo_blocks, num_seeds, scalar_clip)
 
         def stub(update: ZoUpdate) -> ZoUpdate:
             cut = slice(0, 0)  # no pairs, as a secure reply

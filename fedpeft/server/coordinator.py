@@ -43,6 +43,7 @@ from fedpeft._flwr import node_of
 from fedpeft.algorithms.base import AggregateResult, Strategy
 from fedpeft.algorithms.registry import strategy_capabilities
 from fedpeft.config import RunConfig
+from fedpeft.config.rules import foldable
 from fedpeft.devices import DeviceProfile, assign_profiles, simulated_times
 from fedpeft.errors import AggregationError, ConfigError, ProtocolError, RoundError, by_reason
 from fedpeft.families import Stamp, family_of
@@ -183,6 +184,8 @@ class Coordinator:
         self.grid = grid
         self.strategy = strategy
         self.capabilities = strategy_capabilities(cfg.strategy.name, cfg.strategy.options)
+        # a batch round sums its replies when streaming could: the same global either way
+        self.folds = not cfg.federation.streaming and foldable(cfg, self.capabilities)
         self.current = initial
         self.fingerprint = fingerprint
         self.run_id = run_id
@@ -374,7 +377,11 @@ class Coordinator:
         fed = self.cfg.federation
         gone, probe_bytes = self._probe(set(instructions))
         asked = {c: i for c, i in instructions.items() if c not in gone}
-        fold = self._fold(server_round, asked, sampled) if fed.streaming and asked else None
+        fold = None
+        if fed.streaming and asked:  # weights capped at the median the sampled clients reported
+            reported = [c.num_examples for c in sampled if c.client_id in asked]
+            cap = weight_cap(reported, self.cfg.validation.max_weight_ratio)
+            fold = self._fold(server_round, asked, cap)
         got = exchange(
             self.grid, asked, nodes, server_round, fed.round_timeout_s, limits, fold,
             fed.in_flight,
@@ -387,6 +394,11 @@ class Coordinator:
             got.metrics["discovery_bytes"] = asked_bytes
         self.suspects |= {c for c, r in got.failures.items() if r.startswith(SILENT)}
         sim = self._simulate_devices(got)
+        capped = 0
+        if fold is None and self.folds and got.updates:  # a batch round sums what it collected
+            got.updates, capped = cap_weights(got.updates, self.cfg.validation.max_weight_ratio)
+            fold = self._fold(server_round, asked, None)
+            got.updates = self._fold_collected(fold, got)
         if len(got.updates) < self.cfg.federation.min_clients:
             reasons = by_reason(got.failures)
             raise RoundError(
@@ -395,7 +407,7 @@ class Coordinator:
                 f"{self.cfg.federation.min_clients}. {reasons}",
             )
         if fold is not None:  # the stubs stand for the sum; the strategy gets what it rebuilds
-            got.contributors, capped = got.updates, fold.capped
+            got.contributors, capped = got.updates, capped + fold.capped
             got.updates = fold.result(got.updates)
         else:
             got.updates, capped = cap_weights(got.updates, self.cfg.validation.max_weight_ratio)
@@ -426,17 +438,25 @@ class Coordinator:
         row["wall_s"] = time.perf_counter() - t0
         return row
 
-    def _fold(
-        self, server_round: int, asked: Mapping[str, Instruction], sampled: Sequence[ClientInfo]
-    ) -> Fold:
-        """The sum a streaming round folds its replies into (weights capped at
-        ``validation.max_weight_ratio`` times the median of the sampled clients' counts)."""
-        reported = [c.num_examples for c in sampled if c.client_id in asked]
-        cap = weight_cap(reported, self.cfg.validation.max_weight_ratio)
+    def _fold(self, server_round: int, asked: Mapping[str, Instruction], cap: int | None) -> Fold:
+        """The sum a round folds its replies into, each weight capped at ``cap``."""
+        caps = self.capabilities
         try:
-            return Fold(asked, self.zo_blocks, cap, self.capabilities.example_weighted)
+            return Fold(asked, self.zo_blocks, cap, caps.example_weighted, caps.scalar_clip)
         except AggregationError as err:
-            raise RoundError(server_round, f"streaming aggregation: {err}") from err
+            raise RoundError(server_round, f"folded aggregation: {err}") from err
+
+    @staticmethod
+    def _fold_collected(fold: Fold, got: Exchange) -> list[Any]:
+        """Fold a batch round's valid updates in client order; their stubs (an update whose
+        weighted change is beyond the sum's range fails, as it would streaming)."""
+        stubs = []
+        for u in sorted(got.updates, key=lambda u: u.header.client_id):
+            try:
+                stubs.append(fold.add(u))
+            except ProtocolError as err:
+                got.fail(u.header.client_id, err.reason, str(err))
+        return stubs
 
     def _with_budgets(self, clients: Sequence[ClientInfo]) -> list[ClientInfo]:
         """``clients`` with their simulated device's memory budget in ``properties``

@@ -1,4 +1,5 @@
-"""Streaming aggregation: fold each valid reply into the round's sum as it arrives.
+"""Folded aggregation: each valid reply added to the round's exact sum, the strategy handed
+the mean.
 
 With ``federation.aggregation = "stream"`` the coordinator keeps no client's tensors. A linear
 strategy's new global is the model every client was sent plus the weighted mean of their
@@ -18,7 +19,11 @@ update's count is validated to be at most its client's reported one).
 
 The sum is exact (:mod:`fedpeft.server.exact_sum`), so the order replies arrive in cannot
 change a bit of the result: streaming in any order gives the same global as folding the
-collected replies in client-id order.
+collected replies in client-id order. That is what a batch round of the same scenario does
+(every scenario streaming would accept, :func:`fedpeft.config.rules.foldable`): it collects
+the replies, caps their weights, folds them and hands the strategy the same rebuilt mean, so
+the two paths give bit-identical globals; they differ only in what they hold meanwhile (and
+in the median the weight cap takes, see above).
 """
 
 from __future__ import annotations
@@ -51,6 +56,9 @@ class Fold:
         (:func:`fedpeft.server.validate.weight_cap`).
     example_weighted : bool
         Weight each update by its (capped) ``num_examples``; ``False``: 1 each.
+    scalar_clip : float
+        Seed/scalar: clip each scalar to this magnitude as it is added (the strategy's
+        ``Capabilities.scalar_clip``; 0: not clipped).
 
     Raises
     ------
@@ -65,11 +73,13 @@ class Fold:
         zo_blocks: int = 1,
         cap: int | None = None,
         example_weighted: bool = True,
+        scalar_clip: float = 0.0,
     ) -> None:
         cids = sorted(instructions)
         if not cids:
-            raise AggregationError("a streaming round needs at least one instruction")
-        self.layout = family_of(instructions[cids[0]]).flat(instructions, cids, zo_blocks)
+            raise AggregationError("a folded round needs at least one instruction")
+        family = family_of(instructions[cids[0]])
+        self.layout = family.flat(instructions, cids, zo_blocks, scalar_clip)
         self.cap = cap
         self.example_weighted = example_weighted
         self.capped = 0

@@ -36,6 +36,7 @@ import torch
 
 from fedpeft.algorithms.base import AggregateResult, Strategy
 from fedpeft.changes import (
+    clients_behind,
     combined_update,
     direction_sums,
     flat_change,
@@ -148,7 +149,7 @@ class DpAggregation:
         release = total / self.k
         release[mask] += torch.from_numpy(noise)
         examples = sum(u.header.num_examples for u in updates)
-        return [combined_update(first, sent, release, examples)]
+        return [combined_update(first, sent, release, examples, clients_behind(updates))]
 
     def _zo(self, server_round: int, updates: list[ZoUpdate]) -> list[ZoUpdate]:
         blocks, num_seeds = self.zo_shape

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from fedpeft.algorithms.base import AggregateResult, LoraPlan, Strategy
-from fedpeft.changes import combined_update, flat_change, shared_sent, with_change
+from fedpeft.changes import clients_behind, combined_update, flat_change, shared_sent, with_change
 from fedpeft.config import RobustConfig
 from fedpeft.errors import AggregationError
 from fedpeft.wire.messages import Adapter, ClientInfo, LoraUpdate
@@ -164,7 +164,8 @@ class RobustAggregation:
             )
             combined = median(d) if cfg.rule == "median" else trimmed_mean(d, cfg.trim_fraction)
             total = sum(u.header.num_examples for u in updates)
-            return [combined_update(updates[0], sent, combined, total)], metrics
+            n = clients_behind(updates)
+            return [combined_update(updates[0], sent, combined, total, n)], metrics
         return updates, metrics
 
     # ------------------------------------------------------------------ seed/scalar

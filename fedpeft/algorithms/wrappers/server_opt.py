@@ -41,6 +41,7 @@ import torch
 
 from fedpeft.algorithms.base import AggregateResult, Strategy, weights_of
 from fedpeft.changes import (
+    clients_behind,
     combined_update,
     flat_change,
     sent_factors,
@@ -149,9 +150,8 @@ class ServerOptimizer:
             )
         step = server_step(self.config, delta, m, v, mask)
         examples = sum(u.header.num_examples for u in ordered)
-        result = self.inner.aggregate_train(
-            server_round, [combined_update(ordered[0], sent, step, examples)]
-        )
+        one = combined_update(ordered[0], sent, step, examples, clients_behind(ordered))
+        result = self.inner.aggregate_train(server_round, [one])
         metrics = {
             "server_opt_pseudo_grad_norm": float(delta.norm()),
             "server_opt_step_norm": float(step.norm()),
