@@ -140,14 +140,18 @@ def test_compare(tmp_path: Path) -> None:
 
 def test_zo_step(tmp_path: Path) -> None:
     _, results = _run(tmp_path, "zo_step.py")
-    rows = {(r["target"], r["keep_z"]): r for r in _json(results, "zo_step.json")}
-    assert set(rows) == {("full", False), ("full", True), ("lora", False), ("lora", True)}
-    for (target, keep_z), r in rows.items():
-        assert r["tuned_params"] == (TINY_PARAMS if target == "full" else TINY_LORA[8])
+    rows = {(r["target"], r["mode"]): r for r in _json(results, "zo_step.json")}
+    modes = ("reference", "fused", "kept")
+    assert set(rows) == {(t, m) for t in ("full", "lora") for m in modes}
+    for (target, mode), r in rows.items():
+        assert (r["policy"], r["load"], r["batch"]) == ("default", "quiet", "8x64")
+        assert r["tuned_params"] == rows[(target, "reference")]["tuned_params"]
         # +eps, -eps and the fused restore+update each regenerate z, unless z is kept
-        assert r["regens_per_step"] == (1 if keep_z else 3)
-        assert r["seeds"] == 64 and r["sync_regens_measured"] == 64  # every coefficient != 0
-        assert not r["sync_extrapolated"]
+        assert r["regens_per_step"] == (1 if mode == "kept" else 3)
+        assert r["seeds"] == 64 and not r["sync_extrapolated"] and r["fused_on"]
+        if mode != "kept":  # every coefficient != 0: one regeneration each
+            assert r["sync_regens_measured"] == 64
+    assert rows[("full", "fused")]["tuned_params"] > 1_000_000  # tiny at hidden 256: fused
 
 
 def test_secagg(tmp_path: Path) -> None:

@@ -215,10 +215,11 @@ def client_eval_records(
     if fed.centralized:
         return list(task.eval)
     by = fed.partition_key if fed.partition != "iid" else None
-    train_keys = [r[by] if by else 0 for r in task.train]
-    eval_keys = [r.get(by) if by else 0 for r in task.eval]
-    owned = cache.get(
-        "eval-" + key,
-        lambda: eval_assignment(train_keys, parts, eval_keys, np_rng(fed.seed, "eval-assign")),
-    )
+
+    def assign() -> list[list[int]]:  # once per process: every record's key is read
+        train_keys = [r[by] if by else 0 for r in task.train]
+        eval_keys = [r.get(by) if by else 0 for r in task.eval]
+        return eval_assignment(train_keys, parts, eval_keys, np_rng(fed.seed, "eval-assign"))
+
+    owned = cache.get("eval-" + key, assign)
     return [task.eval[j] for j in owned[partition_id]]

@@ -109,6 +109,13 @@ class LocalZo:
 
     @torch.no_grad()
     def _pass(self, new_offset: float, master_step: float) -> None:
+        if self._z is None and not any(m is not None for m in self.masters):
+            # every tuned tensor float32, changed in place: one fused pass per large tensor
+            alpha = new_offset - self.offset + master_step
+            self.rt.add_direction_(self.rt.params, self._seed, alpha)
+            self.regenerations += 1
+            self.offset = new_offset
+            return
         for i, s, z in self._pieces():
             flat, master = self.rt.params[i].view(-1), self.masters[i]
             e = s + z.numel()

