@@ -4,7 +4,8 @@ Runs, one after the other, on SmolLM2-135M and the WordNet task split by domain 
 clients for 2 rounds, each client-round spending the same number of forward passes (40 by
 default; a FedKSeed step costs 2, a first-order step 1 plus its backward pass):
 
-- ``fedkseed`` and ``fedkseed-pro`` (every parameter, 20 ZO steps per client-round);
+- ``fedkseed``, ``fedkseed-pro`` and ``sparse-mezo`` (every parameter, 20 ZO steps per
+  client-round; Sparse MeZO's directions move each tensor's smallest-magnitude quarter);
 - ``ferret`` (every parameter, 40 SGD steps, 1024 projection coefficients uploaded);
 - ``fedavg`` LoRA r=8 (FedIT, 40 AdamW steps) and its ``centralized`` reference.
 
@@ -37,6 +38,7 @@ def runs(forwards: int) -> dict[str, tuple[str, list[str]]]:
     return {
         "fedkseed": ("fedkseed.toml", zo),
         "fedkseed-pro": ("fedkseed.toml", [*zo, "strategy.name=fedkseed-pro"]),
+        "sparse-mezo": ("fedkseed.toml", [*zo, "strategy.name=sparse-mezo"]),
         "ferret": ("ferret.toml", fo),
         "fedavg-lora": ("default.toml", [*fo, "eval.metric_every=0"]),
         "centralized-lora": ("centralized.toml", [*fo, "federation.min_clients=1"]),

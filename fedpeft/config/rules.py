@@ -143,7 +143,8 @@ def _zo_section(cfg: RunConfig, caps: Capabilities) -> str | None:
         return None
     return (
         f"[zo] sets seed/scalar training, but {cfg.strategy.name!r} trains LoRA factors and "
-        "would ignore it: remove the [zo] keys or use fedkseed, fedkseed-pro or ferret"
+        "would ignore it: remove the [zo] keys or use a seed/scalar strategy (fedkseed, "
+        "fedkseed-pro, sparse-mezo, ferret)"
     )
 
 

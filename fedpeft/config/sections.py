@@ -470,7 +470,7 @@ class StrategyConfig:
 
 @dataclass(frozen=True)
 class ZoConfig:
-    """``[zo]``: seed/scalar training (strategies fedkseed, fedkseed-pro, ferret)."""
+    """``[zo]``: seed/scalar training (strategies fedkseed, fedkseed-pro, sparse-mezo, ferret)."""
 
     target: str = _help("tune every base parameter ('full') or only LoRA factors ('lora')", "full")
     num_seeds: int = _help("K, the shared pool of seeds (directions)", 4096)
