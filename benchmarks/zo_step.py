@@ -2,12 +2,11 @@
 the reference direction generator and the fused kernel side by side, quiet and busy.
 
 Each condition runs in its own process (the OpenMP wait policy is read once, when torch
-loads): OpenMP's own wait policy (``default``: ``FEDPEFT_OMP_WAIT_POLICY=default``, which
-``import fedpeft`` otherwise overrides) or ``OMP_WAIT_POLICY=PASSIVE`` (fedpeft's default),
-each on a quiet machine and with a competing process (a Python busy loop) on one core. Inside
-a condition, for each model (tiny and SmolLM2-135M), target (all parameters, or LoRA r=8 on
-q/v) and batch (8 x 64 and 1 x 256 tokens), every direction mode is measured on the same
-loaded model, interleaved:
+loads): OpenMP's own wait policy (``default``, ``OMP_WAIT_POLICY`` unset) or
+``OMP_WAIT_POLICY=PASSIVE``, each on a quiet machine and with a competing process (a Python
+busy loop) on one core. Inside a condition, for each model (tiny and SmolLM2-135M), target
+(all parameters, or LoRA r=8 on q/v) and batch (8 x 64 and 1 x 256 tokens), every direction
+mode is measured on the same loaded model, interleaved:
 
 - ``reference``: :mod:`fedpeft.zo.rng` builds each direction, then it is added;
 - ``fused``: :mod:`fedpeft.zo.fused`, one compiled pass per tensor (same bits);
@@ -157,7 +156,8 @@ def child(args: argparse.Namespace) -> None:
 def _condition(args: argparse.Namespace, policy: str, load: str) -> list[dict]:
     env = dict(os.environ)
     env.pop("OMP_WAIT_POLICY", None)
-    env["FEDPEFT_OMP_WAIT_POLICY"] = "PASSIVE" if policy == "passive" else "default"
+    if policy == "passive":
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     cmd = [sys.executable, __file__, "--child", "--reps", str(args.reps), "--k", str(args.k),
            "--models", *args.models, *(["--quick"] if args.quick else [])]  # fmt: skip
     burner = None

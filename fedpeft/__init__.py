@@ -14,17 +14,7 @@ See ``docs/api.md``.
 """
 
 import logging
-import os
 import warnings
-
-# OpenMP threads that spin between parallel regions steal the cores a busy host (a phone, a
-# shared server) needs: measured on 2 cores with another process on one (benchmarks/zo_step.py,
-# docs/zeroth-order.md), OpenMP's default made SmolLM2's 1 x 256 forward passes 3x slower and a
-# direction regeneration 6x slower than PASSIVE, which costs nothing measurable when quiet. Set
-# before torch loads OpenMP (a process that imported torch first keeps its policy); an explicit
-# OMP_WAIT_POLICY wins, and FEDPEFT_OMP_WAIT_POLICY=default keeps OpenMP's own.
-if os.environ.get("FEDPEFT_OMP_WAIT_POLICY", "PASSIVE").upper() != "DEFAULT":
-    os.environ.setdefault("OMP_WAIT_POLICY", os.environ.get("FEDPEFT_OMP_WAIT_POLICY", "PASSIVE"))
 
 # bitsandbytes (installed for quantized bases) tries, when peft imports it, to fetch an optional
 # fused CPU kernel from a model hub, and it and the `kernels` package log a warning when that
