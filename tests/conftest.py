@@ -307,3 +307,23 @@ def outage(monkeypatch: pytest.MonkeyPatch) -> Callable[[int | None], None]:
         monkeypatch.setattr(coordinator, "exchange", exchange)
 
     return start
+
+
+@pytest.fixture
+def word_batches() -> Callable[[ModelHandle], tuple[Callable[[list[int]], Any], int]]:
+    """``word_batches(handle)``: 16 short tokenized records ("Define word i." -> "meaning
+    number i") as ``(batch_of(indices), 16)``, for seed/scalar local loops."""
+    from fedpeft.data.tasks import TextPair
+    from fedpeft.data.tokenize import collate, encode_pairs
+
+    def make(handle: ModelHandle) -> tuple[Callable[[list[int]], Any], int]:
+        pairs = [TextPair(f"Define word {i}.\n", f"meaning number {i}") for i in range(16)]
+        examples = encode_pairs(handle.tokenizer, pairs, 48)
+
+        def batch_of(idx: list[int]) -> Any:
+            pad = handle.tokenizer.pad_token_id
+            return collate([examples[i] for i in idx], pad, handle.device)
+
+        return batch_of, len(examples)
+
+    return make

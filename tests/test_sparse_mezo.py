@@ -15,8 +15,6 @@ from fedpeft.algorithms.sparse_mezo import SmallestWeights, SparseMezo
 from fedpeft.algorithms.zo_state import Coefficients
 from fedpeft.config import ModelConfig
 from fedpeft.config.load import load_config
-from fedpeft.data.tasks import TextPair
-from fedpeft.data.tokenize import collate, encode_pairs
 from fedpeft.errors import ProtocolError
 from fedpeft.models import load_model
 from fedpeft.simulation.runner import simulate
@@ -50,17 +48,7 @@ def test_it_is_registered_whole_and_passes_the_public_checks():
     check_strategy("sparse-mezo")
 
 
-def _batches(handle):
-    pairs = [TextPair(f"Define word {i}.\n", f"meaning number {i}") for i in range(16)]
-    examples = encode_pairs(handle.tokenizer, pairs, 48)
-
-    def batch_of(idx):
-        return collate([examples[i] for i in idx], handle.tokenizer.pad_token_id, handle.device)
-
-    return batch_of, len(examples)
-
-
-def test_coordinator_coefficients_reproduce_a_client_and_move_only_masked_weights():
+def test_coordinator_coefficients_reproduce_a_client_and_move_only_masked_weights(word_batches):
     """As FedKSeed's test: a client keeps its trajectory over 3 rounds, the coordinator's
     coefficients rebuild it on a fresh model (to float rounding); on both, the weights outside
     the mask never moved and a quarter of each tensor at most did."""
@@ -68,7 +56,7 @@ def test_coordinator_coefficients_reproduce_a_client_and_move_only_masked_weight
     base = {n: p.detach().clone() for n, p in load_model(ModelConfig(name="tiny"))
             .base_model.named_parameters()}  # fmt: skip
     client = ZoRuntime(client_handle, SPEC, MASK)
-    batch_of, n = _batches(client_handle)
+    batch_of, n = word_batches(client_handle)
     coeffs = Coefficients(1, SPEC.num_seeds)
     for rnd in range(1, 4):
         res = fedkseed_local(client, SPEC, batch_of, n, 4, seed=rnd, restore=False)

@@ -11,8 +11,6 @@ import torch
 
 from fedpeft.algorithms.zo_state import Coefficients
 from fedpeft.config import ModelConfig
-from fedpeft.data.tasks import TextPair
-from fedpeft.data.tokenize import collate, encode_pairs
 from fedpeft.models import load_model
 from fedpeft.wire.messages import LoraSpec
 from fedpeft.wire.zo import ZoSpec, ZoSync
@@ -32,16 +30,6 @@ SPEC = ZoSpec(
 
 def _handle(dtype: str = "float32"):
     return load_model(ModelConfig(name="tiny", dtype=dtype))
-
-
-def _batches(handle):
-    pairs = [TextPair(f"Define word {i}.\n", f"meaning number {i}") for i in range(16)]
-    examples = encode_pairs(handle.tokenizer, pairs, 48)
-
-    def batch_of(idx):
-        return collate([examples[i] for i in idx], handle.tokenizer.pad_token_id, handle.device)
-
-    return batch_of, len(examples)
 
 
 def _params(rt):
@@ -82,13 +70,13 @@ def test_in_place_float32_drift_is_rounding_only():
     assert drift <= bound  # an exact implementation (drift 0) passes too
 
 
-def test_fedkseed_scalar_is_the_directional_derivative_along_its_direction():
+def test_fedkseed_scalar_is_the_directional_derivative_along_its_direction(word_batches):
     """One step on one full batch: the scalar g must match autograd's grad . z (the central
     difference's limit), and the step must be theta -= lr * g * z with z in {-1, +1}."""
     handle = _handle()
     spec = dataclasses.replace(SPEC, local_steps=1, eps=1e-3, lr=1e-3)
     rt = ZoRuntime(handle, spec)
-    batch_of, n = _batches(handle)
+    batch_of, n = word_batches(handle)
     before = _params(rt)
     model = handle.base_model
     was = [p.requires_grad for p in rt.params]
@@ -113,21 +101,21 @@ def test_fedkseed_scalar_is_the_directional_derivative_along_its_direction():
 
 
 @pytest.mark.parametrize(("keep_z", "per_step"), [(False, 3), (True, 1)])
-def test_regenerations_per_step(keep_z, per_step):
+def test_regenerations_per_step(keep_z, per_step, word_batches):
     handle = _handle()
     rt = ZoRuntime(handle, dataclasses.replace(SPEC, keep_z=keep_z))
-    batch_of, n = _batches(handle)
+    batch_of, n = word_batches(handle)
     res = fedkseed_local(rt, rt.spec, batch_of, n, 4, seed=3)
     assert res.metrics["regens_per_step"] == per_step
     assert len(res.seeds) == SPEC.local_steps and np.isfinite(res.scalars).all()
 
 
-def test_keep_z_gives_the_same_update():
+def test_keep_z_gives_the_same_update(word_batches):
     runs = []
     for keep in (False, True):
         handle = _handle()
         rt = ZoRuntime(handle, dataclasses.replace(SPEC, keep_z=keep))
-        batch_of, n = _batches(handle)
+        batch_of, n = word_batches(handle)
         res = fedkseed_local(rt, rt.spec, batch_of, n, 4, seed=3, restore=False)
         runs.append((res, _params(rt)))
     assert np.array_equal(runs[0][0].scalars, runs[1][0].scalars)
@@ -135,7 +123,7 @@ def test_keep_z_gives_the_same_update():
 
 
 @pytest.mark.parametrize("target", ["full", "lora"])
-def test_coordinator_coefficients_reproduce_a_client_that_trained_every_round(target):
+def test_coordinator_coefficients_reproduce_a_client_that_trained_every_round(target, word_batches):
     spec = dataclasses.replace(
         SPEC,
         target=target,
@@ -143,7 +131,7 @@ def test_coordinator_coefficients_reproduce_a_client_that_trained_every_round(ta
     )
     client_handle, server_handle = _handle(), _handle()
     client = ZoRuntime(client_handle, spec)
-    batch_of, n = _batches(client_handle)
+    batch_of, n = word_batches(client_handle)
     coeffs = Coefficients(1, spec.num_seeds)
     for rnd in range(1, 4):
         res = fedkseed_local(

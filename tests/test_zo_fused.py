@@ -9,8 +9,6 @@ import pytest
 import torch
 
 from fedpeft.config import ModelConfig
-from fedpeft.data.tasks import TextPair
-from fedpeft.data.tokenize import collate, encode_pairs
 from fedpeft.models import SMOLLM2_GGUF, load_model, smollm2_folder
 from fedpeft.wire.zo import ZoSpec
 from fedpeft.zo import fused, rng
@@ -57,18 +55,8 @@ def test_every_smollm2_tensor_moves_as_the_reference_moves_it_bit_for_bit(smollm
     assert torch.equal(theta, ref) and fused.available()
 
 
-def _batches(handle):
-    pairs = [TextPair(f"Define word {i}.\n", f"meaning number {i}") for i in range(16)]
-    examples = encode_pairs(handle.tokenizer, pairs, 48)
-
-    def batch_of(idx):
-        return collate([examples[i] for i in idx], handle.tokenizer.pad_token_id, handle.device)
-
-    return batch_of, len(examples)
-
-
 @pytest.mark.parametrize("dist", ["rademacher", "gaussian"])
-def test_local_steps_and_syncs_are_the_same_with_and_without_the_fused_kernel(dist):
+def test_local_steps_and_syncs_are_the_same_with_and_without_the_fused_kernel(dist, word_batches):
     """A tiny model wide enough for the kernel (hidden 256: its embeddings and MLP weights are
     above ``MIN_NUMEL``): six FedKSeed steps (perturb +eps, -2eps, restore + update, in
     place), then a sync to those coefficients on a second runtime and back to theta_0. Each
@@ -82,7 +70,7 @@ def test_local_steps_and_syncs_are_the_same_with_and_without_the_fused_kernel(di
             handle = load_model(ModelConfig(name="tiny", tiny_hidden_size=256))
             rt = ZoRuntime(handle, spec)
             assert sum(n >= fused.MIN_NUMEL for n in rt.numels) >= 4
-            batch_of, n = _batches(handle)
+            batch_of, n = word_batches(handle)
             res = fedkseed_local(rt, spec, batch_of, n, 4, seed=1, restore=False)
             stepped = [p.detach().clone() for p in rt.params]
             coeffs = np.zeros((1, spec.num_seeds), np.float32)
