@@ -122,8 +122,12 @@ def switched(on: bool) -> Iterator[None]:
 
 def _reference(flat: torch.Tensor, seed: int, name: str, start: int, alpha: float, dist: str,
                mask: torch.Tensor | None) -> None:  # fmt: skip
-    z = rng.direction(seed, name, start, flat.numel(), dist, flat.device, flat.dtype)
-    flat.add_(z if mask is None else z * mask, alpha=alpha)
+    """The reference generator's add, chunk by chunk as :func:`fedpeft.zo.rng.apply_` (no
+    buffer of the whole slice)."""
+    for s in range(0, flat.numel(), rng.CHUNK):
+        part = flat[s : s + rng.CHUNK]
+        z = rng.direction(seed, name, start + s, part.numel(), dist, flat.device, flat.dtype)
+        part.add_(z if mask is None else z * mask[s : s + part.numel()], alpha=alpha)
 
 
 def add_(

@@ -199,6 +199,10 @@ class ZoRuntime:
         """``(tensor index, offset, z piece)`` of direction ``z(seed)`` over the tuned tensors
         (of one ``block``), masked by the variant's :class:`DirectionMask` if it has one."""
         members = list(range(len(self.params))) if block is None else self._members[block]
+        return self._masked(seed, members)
+
+    def _masked(self, seed: int, members: list[int]) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """:meth:`directions` over the tuned tensors ``members``."""
         if not members:
             return
         device = self.snapshot[members[0]].device
@@ -224,13 +228,7 @@ class ZoRuntime:
                 fused.add_(flat, seed, self.names[i], alpha, self.spec.dist, 0, self.masks[i])
             else:
                 small.append(i)
-        if not small:
-            return
-        device = self.snapshot[small[0]].device
-        names, numels = [self.names[i] for i in small], [self.numels[i] for i in small]
-        for j, s, z in rng.segments(seed, names, numels, self.spec.dist, device):
-            i, mask = small[j], self.masks[small[j]]
-            z = z if mask is None else z * mask[s : s + z.numel()]
+        for i, s, z in self._masked(seed, small):
             targets[i].view(-1)[s : s + z.numel()].add_(z, alpha=alpha)
 
     def pieces(self, block: int, k: int) -> Iterator[tuple[int, int, torch.Tensor]]:
