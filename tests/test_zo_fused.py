@@ -88,11 +88,65 @@ def test_local_steps_and_syncs_are_the_same_with_and_without_the_fused_kernel(di
     assert not all(torch.equal(u, v) for u, v in zip(a[0], a[2], strict=True))  # it moved
 
 
+@pytest.mark.parametrize("dist", ["rademacher", "gaussian"])
+def test_many_seeds_in_one_pass_give_the_bits_of_adding_them_one_by_one(smollm2_tensors, dist):
+    """``add_many_`` with 21 seeds (a group of 16 and five single passes for Rademacher):
+    an MLP weight of SmolLM2 (884,736 values), whole, and a masked slice that starts and ends
+    mid-word, equal the reference's adds in the same order. Coefficients span eight orders of
+    magnitude, both signs, so the once-rounded multiply-add is checked on 18.6 M sums."""
+    name, shape = next(
+        (n, s) for n, s in smollm2_tensors if n.endswith("layers.3.mlp.up_proj.weight")
+    )
+    gen = torch.Generator().manual_seed(1)
+    seeds = [2**62 + 977 * i for i in range(21)]
+    alphas = [
+        float(a)
+        for a in torch.randn(21, generator=gen)
+        * 10.0 ** torch.randint(-9, -1, (21,), generator=gen)
+    ]
+    for lo, hi, masked in ((0, None, False), (33, -7, True)):
+        theta = torch.randn(shape, generator=gen).view(-1)[lo:hi]
+        mask = (torch.rand(theta.numel(), generator=gen) < 0.3).float() if masked else None
+        ref = theta.clone()
+        for seed, alpha in zip(seeds, alphas, strict=True):
+            z = rng.direction(seed, name, lo, theta.numel(), dist)
+            ref.add_(z if mask is None else z * mask, alpha=alpha)
+        fused.add_many_(theta, seeds, name, alphas, dist, start=lo, mask=mask)
+        assert torch.equal(theta, ref), (lo, masked)
+    assert fused.available()
+    with pytest.raises(ValueError, match="2 seeds but 1 coefficients"):
+        fused.add_many_(theta, seeds[:2], name, alphas[:1], dist)
+
+
+@pytest.mark.parametrize("dist", ["rademacher", "gaussian"])
+def test_a_sync_of_many_seeds_is_the_same_with_and_without_the_fused_kernel(dist):
+    """A stateless node's sync to 37 non-zero coefficients of a K = 64 pool (two passes of 16
+    and five single seeds per large tensor), then an incremental sync changing 20 of them:
+    the snapshot equals the reference generator's seed-by-seed replay, bit for bit."""
+    spec = ZoSpec(algorithm="fedkseed", target="full", num_seeds=64, pool_seed=5, dist=dist)
+    rng_np = np.random.default_rng(0)
+    first = np.zeros((1, 64), np.float32)
+    first[0, rng_np.choice(64, 37, replace=False)] = rng_np.normal(0, 1e-4, 37)
+    second = first.copy()
+    second[0, rng_np.choice(64, 20, replace=False)] += rng_np.normal(0, 1e-4, 20).astype(np.float32)
+    states = []
+    for on in (True, False):
+        with fused.switched(on):
+            rt = ZoRuntime(load_model(ModelConfig(name="tiny", tiny_hidden_size=256)), spec)
+            rt.set_global(first, 1)
+            after_first = [g.clone() for g in rt.snapshot]
+            rt.set_global(second, 2)
+            states.append((after_first, [g.clone() for g in rt.snapshot]))
+        assert fused.available()
+    for x, y in zip(states[0], states[1], strict=True):
+        assert all(torch.equal(u, v) for u, v in zip(x, y, strict=True))
+
+
 def test_a_failed_compile_falls_back_to_the_reference_once(monkeypatch, caplog):
     """No compiler (or any compile error): the call still gives the reference's bits, the
     path is switched off for the process with one warning, later calls take the reference."""
 
-    def broken(dist, masked):
+    def broken(dist, masked, n):
         raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found\nmore")
 
     monkeypatch.setattr(fused, "_kernel", broken)

@@ -220,16 +220,29 @@ class ZoRuntime:
         tuned ones (the parameters or the snapshot). Large tensors go through the fused kernel
         (:mod:`fedpeft.zo.fused`, one pass each), the rest through :meth:`directions`; the
         bits are those of adding :meth:`directions`' pieces one by one."""
+        self.add_directions_(targets, [seed], [alpha], block)
+
+    def add_directions_(
+        self,
+        targets: list[torch.Tensor],
+        seeds: list[int],
+        alphas: list[float],
+        block: int | None = None,
+    ) -> None:
+        """:meth:`add_direction_` for each ``(seed, alpha)`` in order, same bits; the fused
+        kernel adds several seeds per pass over a large tensor (:func:`fused.add_many_`)."""
         members = range(len(self.params)) if block is None else self._members[block]
         small = []
         for i in members:
             if self.numels[i] >= fused.MIN_NUMEL and fused.available():
                 flat = targets[i].view(-1)
-                fused.add_(flat, seed, self.names[i], alpha, self.spec.dist, 0, self.masks[i])
+                fused.add_many_(flat, seeds, self.names[i], alphas, self.spec.dist, 0,
+                                self.masks[i])  # fmt: skip
             else:
                 small.append(i)
-        for i, s, z in self._masked(seed, small):
-            targets[i].view(-1)[s : s + z.numel()].add_(z, alpha=alpha)
+        for seed, alpha in zip(seeds, alphas, strict=True):
+            for i, s, z in self._masked(seed, small):
+                targets[i].view(-1)[s : s + z.numel()].add_(z, alpha=alpha)
 
     def pieces(self, block: int, k: int) -> Iterator[tuple[int, int, torch.Tensor]]:
         """``(tensor index, offset, z piece)`` of pool direction ``k`` over ``block``."""
@@ -247,9 +260,12 @@ class ZoRuntime:
         diff = new.astype(np.float64) - self.coeffs.astype(np.float64)
         regens = 0.0
         with torch.no_grad():
-            for b, k in zip(*np.nonzero(diff), strict=True):
-                self.add_direction_(self.snapshot, self.seed(int(k)), -float(diff[b, k]), int(b))
-                regens += float(self.block_numel[b]) / self.numel
+            for b in range(self.num_blocks):  # each tensor in one block: seeds in pool order
+                ks = np.nonzero(diff[b])[0]
+                if len(ks):
+                    seeds = [self.seed(int(k)) for k in ks]
+                    self.add_directions_(self.snapshot, seeds, [-float(d) for d in diff[b, ks]], b)
+                    regens += len(ks) * float(self.block_numel[b]) / self.numel
         self.coeffs = new.astype(np.float32)
         return regens
 
