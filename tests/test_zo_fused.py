@@ -55,6 +55,32 @@ def test_every_smollm2_tensor_moves_as_the_reference_moves_it_bit_for_bit(smollm
     assert torch.equal(theta, ref) and fused.available()
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dist", ["rademacher", "gaussian"])
+def test_the_kernel_on_cuda_gives_the_cpu_reference_bits(smollm2_tensors, dist):
+    """Inductor's Triton kernel on a CUDA device: every SmolLM2 tensor after one seed, and the
+    largest after 21 seeds added in one call, equal the CPU reference generator's result."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine; the test runs where one exists")
+    gen = torch.Generator().manual_seed(2)
+    seed, alpha = 2**61 + 99, 2.9e-4
+    for name, shape in smollm2_tensors:
+        theta = torch.randn(shape, generator=gen).view(-1)
+        ref = theta.clone().add_(rng.direction(seed, name, 0, theta.numel(), dist), alpha=alpha)
+        gpu = theta.cuda()
+        fused.add_(gpu, seed, name, alpha, dist)
+        assert torch.equal(gpu.cpu(), ref), name
+    name, shape = max(smollm2_tensors, key=lambda t: int(np.prod(t[1])))
+    seeds, alphas = [2**60 + 31 * i for i in range(21)], [1e-4 * (i - 10) for i in range(21)]
+    theta = torch.randn(shape, generator=gen).view(-1)
+    ref = theta.clone()
+    for sd, a in zip(seeds, alphas, strict=True):
+        ref.add_(rng.direction(sd, name, 0, theta.numel(), dist), alpha=a)
+    gpu = theta.cuda()
+    fused.add_many_(gpu, seeds, name, alphas, dist)
+    assert torch.equal(gpu.cpu(), ref) and fused.available()
+
+
 @pytest.mark.parametrize("dist", ["rademacher", "gaussian"])
 def test_local_steps_and_syncs_are_the_same_with_and_without_the_fused_kernel(dist, word_batches):
     """A tiny model wide enough for the kernel (hidden 256: its embeddings and MLP weights are
