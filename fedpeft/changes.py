@@ -155,8 +155,9 @@ class FoldedZo(ZoUpdate):
 
 
 def folded(update: ZoUpdate, mean: np.ndarray) -> FoldedZo:
-    """``update`` as a :class:`FoldedZo` carrying ``mean``."""
-    return FoldedZo(**{f.name: getattr(update, f.name) for f in fields(update)}, mean=mean)
+    """``update`` (a :class:`FoldedZo` too) as a :class:`FoldedZo` carrying ``mean``."""
+    # the plain update's fields (a FoldedZo given here gets the new mean in place of its own)
+    return FoldedZo(**{f.name: getattr(update, f.name) for f in fields(ZoUpdate)}, mean=mean)
 
 
 def folded_mean(updates: Sequence[ZoUpdate], num_blocks: int, num_seeds: int) -> np.ndarray | None:

@@ -575,3 +575,71 @@ def test_the_inner_strategy_is_told_the_round(round_recorder):
     dp.configure_train(5, _clients(1))
     dp.aggregate_train(5, [_update("0", [0, 0, 0, 0])])
     assert rec.rounds == [("configure", 5), ("aggregate", 5)]
+
+
+def _summed(dp: DpAggregation, updates: list, instructions: dict) -> list:
+    """``updates`` clipped and summed as the coordinator folds a DP round (clip 1, k = 4)."""
+    from fedpeft.server.fold import Fold
+
+    fold = Fold(instructions, 1, None, True, 0.0, norm_clip=dp.config.clip_norm, divisor=dp.k)
+    return fold.result([fold.add(u) for u in reversed(updates)])
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "ffa"])
+def test_a_folded_lora_release_is_the_unfolded_one(strategy):
+    """The coordinator folds a DP round (each change clipped as it is summed, divided by k)
+    and the wrapper adds only the noise: the same release as the wrapper clipping and
+    summing the clients' own updates, to float32 rounding, noise included (same seed)."""
+    from fedpeft.config import TrainConfig
+    from fedpeft.wire.messages import TrainInstruction
+
+    parts = "B" if strategy == "ffa" else "AB"
+    ups = [_update("0", [3, 4, 0, 0]), _update("1", [0, 0, 0.3, 0.4]), _update("2", [0, 0, 0, 1])]
+    if strategy == "ffa":
+        ups = [_update(u.header.client_id, [0, 0, *_flat(u)[2:]]) for u in ups]
+    ins = {
+        c: TrainInstruction(
+            Header("r", 1, "f", "", 0, c), SPEC, TrainConfig(), SENT, 0, parts=parts
+        )  # fmt: skip
+        for c in "012"
+    }
+    for z in (0.0, 2.0):
+        dp = _dp(strategy, z)
+        dp.configure_train(1, _clients(3))
+        own = _flat(dp.aggregate_train(1, ups).adapter)
+        dp = _dp(strategy, z)
+        dp.configure_train(1, _clients(3))
+        folded = dp.aggregate_train(1, _summed(dp, ups, ins))
+        assert _flat(folded.adapter) == pytest.approx(own, abs=1e-7)
+        assert folded.metrics["dp_noise_std"] == z / 4
+    assert _flat(folded.adapter) != pytest.approx(_lora_round(_dp(strategy, 0.0), strategy))
+
+
+def test_a_folded_seed_scalar_release_is_the_unfolded_one():
+    """FedKSeed under DP (k = 4, clip 1), noise on: the coordinator's folded clipped mean plus
+    the wrapper's noise gives the coefficients the wrapper gives from the clients' pairs."""
+    from fedpeft.config import TrainConfig
+    from fedpeft.wire.zo import ZoInstruction
+
+    ups = [
+        ZoUpdate(Header("r", 1, "f", "h", 50, "b"), np.array([2, 3], np.uint16),
+                 np.array([0.5, -0.25], np.float32)),
+        ZoUpdate(Header("r", 1, "f", "h", 5, "a"), np.array([0, 0], np.uint16),
+                 np.array([3.0, 1.0], np.float32)),
+    ]  # fmt: skip
+    clients = [ClientInfo(Header("r", 0, "f", "", 10, c), "cpu") for c in "ab"]
+    dp = _fedkseed_dp(1.5, 4)
+    dp.configure_train(1, clients)
+    own = dp.aggregate_train(1, ups)
+    dp = _fedkseed_dp(1.5, 4)
+    plans = dp.configure_train(1, clients)
+    ins = {
+        c: ZoInstruction(Header("r", 1, "f", "", 0, c), p.spec, TrainConfig(), p.sync, 0)
+        for c, p in plans.items()
+    }
+    got = dp.aggregate_train(1, _summed(dp, ups, ins))
+    assert got.zo.version == own.zo.version == 1
+    assert np.allclose(got.zo.coeffs, own.zo.coeffs, rtol=0, atol=1e-8)
+    clean = _fedkseed_dp(0.0, 4)
+    clean.configure_train(1, clients)
+    assert not np.allclose(got.zo.coeffs, clean.aggregate_train(1, ups).zo.coeffs, atol=1e-6)

@@ -38,6 +38,14 @@ LINEAR = {
     "fedkseed": ("strategy.name=fedkseed", *ZO_SMALL),
     # a clip that binds: each client's scalars are clipped as they are summed, on both paths
     "fedkseed-clipped": ("strategy.name=fedkseed", *ZO_SMALL, "strategy.options.scalar_clip=0.05"),
+    # client-level DP: each change clipped as it is summed (a clip that binds), noise added
+    "fedavg-dp": ("dp.noise_multiplier=0.5", "dp.clip_norm=0.01"),
+    "fedkseed-dp": (
+        "strategy.name=fedkseed",
+        *ZO_SMALL,
+        "dp.noise_multiplier=0.5",
+        "dp.clip_norm=0.01",
+    ),  # fmt: skip
     "ferret": ("strategy.name=ferret", "zo.num_seeds=16", "train.local_steps=2"),
     "ferret-clipped": (
         "strategy.name=ferret",
@@ -164,7 +172,6 @@ def test_streaming_gives_one_global_in_any_arrival_order(tiny_config, tmp_path, 
         ("strategy.name=fedkseed-pro", "statistics of each client"),
         ("secagg.enabled=true", "secagg.enabled"),
         ("robust.rule=median", "robust.rule"),
-        ("dp.noise_multiplier=0.5", "dp.noise_multiplier"),
         ("devices.tiers=['agx']", "devices.tiers"),
         ("ranks.mode=tiers", "different ranks"),
     ],

@@ -439,7 +439,6 @@ def _stream_wrappers(cfg: RunConfig, caps: Capabilities) -> str | None:
         for key, on in (
             ("secagg.enabled (already delivers only the sum)", cfg.secagg.enabled),
             ("robust.rule / robust.clip_norm (compare or clip each update)", cfg.robust.active),
-            ("dp.noise_multiplier (clips each update before the sum)", cfg.dp.active),
             ("devices.tiers / devices.file (drop late or oversized updates once the "
              "round's replies are in)", bool(cfg.devices.tiers or cfg.devices.file)),
         )

@@ -440,9 +440,14 @@ class Coordinator:
 
     def _fold(self, server_round: int, asked: Mapping[str, Instruction], cap: int | None) -> Fold:
         """The sum a round folds its replies into, each weight capped at ``cap``."""
-        caps = self.capabilities
+        caps, dp = self.capabilities, self.cfg.dp
+        clip, divisor = 0.0, None
+        if dp.active:  # clipped as folded, divided by the fixed clients per round (the wrapper
+            clip = dp.clip_norm  # adds the noise)
+            divisor = clients_per_round(self.cfg, self.cfg.federation.num_clients)
         try:
-            return Fold(asked, self.zo_blocks, cap, caps.example_weighted, caps.scalar_clip)
+            return Fold(asked, self.zo_blocks, cap, caps.example_weighted, caps.scalar_clip,
+                        clip, divisor)  # fmt: skip
         except AggregationError as err:
             raise RoundError(server_round, f"folded aggregation: {err}") from err
 

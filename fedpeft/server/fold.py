@@ -11,11 +11,16 @@ its header and metrics stay (a *stub*). At the end the family rebuilds what the 
 aggregates from the sum: one combined LoRA update, or every seed/scalar client's stub with the
 mean's scalars on the first.
 
-Weights are those of the batch path: ``num_examples`` (or 1 each without example weighting),
-capped at ``validation.max_weight_ratio`` times a median. The batch path takes the median of
-the valid updates' counts, which is known only when every reply is in; here it is the median
-of the counts the sampled clients reported at discovery, known before the first reply (an
-update's count is validated to be at most its client's reported one).
+Client-level DP (``[dp]`` without secure aggregation) folds too: each change is scaled to
+L2 norm at most ``dp.clip_norm`` as it is added, every client weighs one, and the sum is
+divided by the clients per round rather than by the weights; the DP wrapper then adds its
+noise to that mean (:mod:`fedpeft.algorithms.wrappers.dp`).
+
+Weights are otherwise those of the batch path: ``num_examples`` (or 1 each without example
+weighting), capped at ``validation.max_weight_ratio`` times a median. The batch path takes
+the median of the valid updates' counts, which is known only when every reply is in; here it
+is the median of the counts the sampled clients reported at discovery, known before the first
+reply (an update's count is validated to be at most its client's reported one).
 
 The sum is exact (:mod:`fedpeft.server.exact_sum`), so the order replies arrive in cannot
 change a bit of the result: streaming in any order gives the same global as folding the
@@ -32,6 +37,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedpeft.errors import AggregationError, ProtocolError
@@ -59,6 +65,13 @@ class Fold:
     scalar_clip : float
         Seed/scalar: clip each scalar to this magnitude as it is added (the strategy's
         ``Capabilities.scalar_clip``; 0: not clipped).
+    norm_clip : float
+        Client-level DP (``dp.clip_norm``; 0: off): each update's change, as its layout
+        lays it out, is scaled to L2 norm at most this, and that scale is its weight (no
+        example weighting), as :class:`fedpeft.algorithms.wrappers.dp.DpAggregation` clips.
+    divisor : int | None
+        The mean's denominator: ``None``, the folded weights' sum; DP, the clients per round
+        (a fixed ``k`` keeps the sensitivity at ``clip / k`` when clients drop).
 
     Raises
     ------
@@ -74,6 +87,8 @@ class Fold:
         cap: int | None = None,
         example_weighted: bool = True,
         scalar_clip: float = 0.0,
+        norm_clip: float = 0.0,
+        divisor: int | None = None,
     ) -> None:
         cids = sorted(instructions)
         if not cids:
@@ -83,6 +98,8 @@ class Fold:
         self.cap = cap
         self.example_weighted = example_weighted
         self.capped = 0
+        self.norm_clip = norm_clip
+        self.divisor = divisor
         self._sum = ExactSum(self.layout.dim)
         self._weights: list[float] = []
 
@@ -96,8 +113,12 @@ class Fold:
         """
         update, cut = cap_update(update, self.cap)
         self.capped += cut
-        weight = float(update.header.num_examples) if self.example_weighted else 1.0
-        vector = torch.from_numpy(self.layout.vector(update)) * weight  # (dim,)
+        change = torch.from_numpy(np.asarray(self.layout.vector(update), np.float64))  # (dim,)
+        if self.norm_clip > 0:  # DP: scaled to norm at most the clip; that scale weighs it
+            weight = min(1.0, self.norm_clip / max(float(change.norm()), 1e-300))
+        else:
+            weight = float(update.header.num_examples) if self.example_weighted else 1.0
+        vector = change * weight
         try:
             self._sum.add(vector)
         except ValueError as err:
@@ -116,5 +137,6 @@ class Fold:
                 f"{len(kept)} stubs for a sum of {self._sum.terms} updates: every folded "
                 "update must be aggregated"
             )
-        denominator = math.fsum(self._weights)  # correctly rounded: any order, same value
+        # correctly rounded: any order, same value
+        denominator = math.fsum(self._weights) if self.divisor is None else float(self.divisor)
         return self.layout.rebuild(kept, self._sum.value().numpy(), denominator)

@@ -15,6 +15,11 @@ round, ``C`` = ``dp.clip_norm`` and ``z`` = ``dp.noise_multiplier``:
   k)^2)`` on every direction of the pool is added, so the strategy's per-direction sum is the
   noisy clipped mean. The directions themselves are public (the shared pool).
 
+With a linear strategy the coordinator does the clipping and the sum itself, one reply at a
+time (:mod:`fedpeft.server.fold`, streaming or batch): the wrapper then gets the clipped mean
+(one combined LoRA update, or seed/scalar stubs with the mean on one) and adds only the noise,
+the same draw on the same coordinates.
+
 Dividing by ``k`` (not by the valid updates that came back) keeps the sensitivity at
 ``C / k`` when clients drop. Epsilon at ``dp.delta`` is reported in every round's metrics
 (``dp_epsilon``) by :class:`~fedpeft.privacy.PrivacyAccountant`, whose state is part of this
@@ -36,10 +41,13 @@ import torch
 
 from fedpeft.algorithms.base import AggregateResult, Strategy
 from fedpeft.changes import (
+    CombinedLora,
+    FoldedZo,
     clients_behind,
     combined_update,
     direction_sums,
     flat_change,
+    folded,
     sent_factors,
     shared_sent,
     trained_mask,
@@ -120,6 +128,8 @@ class DpAggregation:
             raise AggregationError("dp aggregation got no updates")
         if self.distributed:  # clipped and noised by the clients, summed securely
             release = ordered
+        elif self._folded(ordered):  # clipped and summed as they came: the noise only
+            release = self._noised(server_round, ordered)
         elif self.zo:
             release = self._zo(server_round, ordered)
         else:
@@ -128,6 +138,39 @@ class DpAggregation:
         eps = self.accountant.step()
         metrics = {"dp_epsilon": eps, "dp_delta": self.config.delta, "dp_noise_std": self.std}
         return replace(result, metrics={**result.metrics, **metrics})
+
+    def _noise(self, server_round: int, n: int) -> np.ndarray:
+        return gaussian(n, self.std, self.seed, server_round, self.config.secure_noise)
+
+    def _folded(self, updates: list[Any]) -> bool:
+        """Whether the coordinator already clipped and summed the round
+        (:class:`fedpeft.server.fold.Fold` with ``norm_clip``): one combined LoRA update, or
+        seed/scalar stubs with the mean on one."""
+        if self.zo:
+            return any(isinstance(u, FoldedZo) for u in updates)
+        return len(updates) == 1 and isinstance(updates[0], CombinedLora)
+
+    def _noised(self, server_round: int, updates: list[Any]) -> list[Any]:
+        """The folded clipped mean ``sum_k clip(d_k) / k`` plus the same noise the unfolded
+        path adds (same seed, same coordinates)."""
+        if not self.zo:
+            one = updates[0]
+            sent, parts = self._sent[one.header.client_id]
+            mask = trained_mask(sent, parts)
+            # the mean as the combined factors carry it (float32 sent + mean, read back in
+            # float64: off the float64 mean by at most half a float32 unit of the factors)
+            change = flat_change(one.factors, sent) * mask
+            change[mask] += torch.from_numpy(self._noise(server_round, int(mask.sum())))
+            return [combined_update(one, sent, change, one.header.num_examples, one.clients)]
+        blocks, num_seeds = self.zo_shape
+        at = next(i for i, u in enumerate(updates) if isinstance(u, FoldedZo))
+        mean = updates[at].mean.reshape(-1) + self._noise(server_round, blocks * num_seeds)
+        one, cut = updates[at], slice(0, 0)
+        bare = replace(one, seeds=one.seeds[cut], scalars=one.scalars[cut], blocks=one.blocks[cut])
+        out = list(updates)
+        pairs = with_every_direction(bare, mean * len(out), blocks, num_seeds)
+        out[at] = folded(pairs, mean)  # the noisy mean
+        return out
 
     def _lora(self, server_round: int, updates: list[LoraUpdate]) -> list[LoraUpdate]:
         first = updates[0]
