@@ -572,9 +572,8 @@ RULES: tuple[Rule, ...] = (
     Rule(("federation.aggregation", "ranks.mode", "strategy.name"), "streaming aggregation "
          "when LoRA clients train different shapes", _stream_shapes),
     Rule(("federation.aggregation", "secagg.enabled", "robust.rule", "robust.clip_norm",
-          "dp.noise_multiplier", "devices.tiers", "devices.file"), "streaming aggregation "
-         "with secure aggregation, robust rules, DP or simulated device profiles",
-         _stream_wrappers),
+          "devices.tiers", "devices.file"), "streaming aggregation with secure aggregation, "
+         "robust rules or simulated device profiles", _stream_wrappers),
     Rule(("federation.discovery", "simulation.backend", "eval.federated", "eval.personalized",
           "devices.tiers", "devices.file", "ranks.mode", "federation.centralized"), "discovery "
          "of the sampled clients only with Ray, federated evaluation, device profiles, rank "
