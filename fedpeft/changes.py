@@ -22,6 +22,7 @@ from fedpeft.wire.zo import ZoUpdate, index_dtype
 __all__ = [
     "CombinedLora",
     "FoldedZo",
+    "carrying_mean",
     "clients_behind",
     "combined_update",
     "direction_sums",
@@ -158,6 +159,17 @@ def folded(update: ZoUpdate, mean: np.ndarray) -> FoldedZo:
     """``update`` (a :class:`FoldedZo` too) as a :class:`FoldedZo` carrying ``mean``."""
     # the plain update's fields (a FoldedZo given here gets the new mean in place of its own)
     return FoldedZo(**{f.name: getattr(update, f.name) for f in fields(ZoUpdate)}, mean=mean)
+
+
+def carrying_mean(
+    update: ZoUpdate, mean: np.ndarray, clients: int, num_blocks: int, num_seeds: int
+) -> FoldedZo:
+    """``update`` without its own pairs, carrying a round's folded ``mean`` (``(blocks * K,)``
+    float64): as :class:`FoldedZo` and as one pair per direction with ``mean * clients``."""
+    cut = slice(0, 0)
+    bare = replace(update, seeds=update.seeds[cut], scalars=update.scalars[cut],
+                   blocks=update.blocks[cut])  # fmt: skip
+    return folded(with_every_direction(bare, mean * clients, num_blocks, num_seeds), mean)
 
 
 def folded_mean(updates: Sequence[ZoUpdate], num_blocks: int, num_seeds: int) -> np.ndarray | None:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from flwr.app import RecordDict
 
-from fedpeft.changes import direction_sums, folded, with_every_direction
+from fedpeft.changes import carrying_mean, direction_sums
 from fedpeft.families.base import FlatLayout, Stamp
 from fedpeft.server.validate import MB, Limits, validate_secure_reply, validate_zo_update
 from fedpeft.wire.messages import SharedRecords
@@ -81,8 +81,7 @@ class ZoFamily:
         def rebuild(kept: list[Any], total: np.ndarray, denominator: float) -> list[Any]:
             mean = total / denominator  # (blocks * K,) float64
             out = [replace(u, header=replace(u.header, num_examples=1)) for u in kept]
-            pairs = with_every_direction(out[0], mean * len(kept), zo_blocks, num_seeds)
-            out[0] = folded(pairs, mean)
+            out[0] = carrying_mean(out[0], mean, len(kept), zo_blocks, num_seeds)
             return out
 
         def vector(update: ZoUpdate) -> np.ndarray:

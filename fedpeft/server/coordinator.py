@@ -441,9 +441,11 @@ class Coordinator:
     def _fold(self, server_round: int, asked: Mapping[str, Instruction], cap: int | None) -> Fold:
         """The sum a round folds its replies into, each weight capped at ``cap``."""
         caps, dp = self.capabilities, self.cfg.dp
+        # DP: each change clipped as it is folded, the sum divided by the fixed clients per
+        # round; the DP wrapper adds the noise
         clip, divisor = 0.0, None
-        if dp.active:  # clipped as folded, divided by the fixed clients per round (the wrapper
-            clip = dp.clip_norm  # adds the noise)
+        if dp.active:
+            clip = dp.clip_norm
             divisor = clients_per_round(self.cfg, self.cfg.federation.num_clients)
         try:
             return Fold(asked, self.zo_blocks, cap, caps.example_weighted, caps.scalar_clip,

@@ -37,7 +37,6 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from fedpeft.errors import AggregationError, ProtocolError
@@ -113,7 +112,7 @@ class Fold:
         """
         update, cut = cap_update(update, self.cap)
         self.capped += cut
-        change = torch.from_numpy(np.asarray(self.layout.vector(update), np.float64))  # (dim,)
+        change = torch.from_numpy(self.layout.vector(update))  # (dim,) float64
         if self.norm_clip > 0:  # DP: scaled to norm at most the clip; that scale weighs it
             weight = min(1.0, self.norm_clip / max(float(change.norm()), 1e-300))
         else:

@@ -96,9 +96,10 @@ def _rademacher(
 ) -> None:
     # z * alpha is exact (z in {-1, 0, 1}): each seed's add rounds once, as eager's does
     shifts = torch.arange(32, device=rows.device)
+    idx = torch.arange(rows.shape[0], device=rows.device) + w0  # (W,) word indices
     x = rows
     for s in range(n):  # unrolled: the n seeds' adds in order, one read and one write
-        words = _hash(torch.arange(rows.shape[0], device=rows.device) + w0, keys[s, 0], keys[s, 1])
+        words = _hash(idx, keys[s, 0], keys[s, 1])
         z = (((words.unsqueeze(1) >> shifts) & 1) * 2 - 1).to(rows.dtype)
         x = x + (z if mask is None else z * mask) * alphas[s]
     rows.copy_(x)

@@ -43,11 +43,11 @@ from fedpeft.algorithms.base import AggregateResult, Strategy
 from fedpeft.changes import (
     CombinedLora,
     FoldedZo,
+    carrying_mean,
     clients_behind,
     combined_update,
     direction_sums,
     flat_change,
-    folded,
     sent_factors,
     shared_sent,
     trained_mask,
@@ -165,11 +165,8 @@ class DpAggregation:
         blocks, num_seeds = self.zo_shape
         at = next(i for i, u in enumerate(updates) if isinstance(u, FoldedZo))
         mean = updates[at].mean.reshape(-1) + self._noise(server_round, blocks * num_seeds)
-        one, cut = updates[at], slice(0, 0)
-        bare = replace(one, seeds=one.seeds[cut], scalars=one.scalars[cut], blocks=one.blocks[cut])
         out = list(updates)
-        pairs = with_every_direction(bare, mean * len(out), blocks, num_seeds)
-        out[at] = folded(pairs, mean)  # the noisy mean
+        out[at] = carrying_mean(out[at], mean, len(out), blocks, num_seeds)  # the noisy mean
         return out
 
     def _lora(self, server_round: int, updates: list[LoraUpdate]) -> list[LoraUpdate]:
