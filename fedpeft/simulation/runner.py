@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -67,8 +68,13 @@ def _ray(server_app: Any, client_app: Any, cfg: RunConfig, quiet: bool) -> None:
     flwr_log = logging.getLogger("flwr")
     level, quiet_filter = flwr_log.level, _NotOurs()
     flwr_log.addFilter(quiet_filter)
+    # Ray's workers are processes of their own: they read Flower's level from the environment
+    # they inherit, and their log lines reach this console through Ray (an actor's
+    # "Manually terminating" warning at shutdown, for one).
+    worker_level = os.environ.get("FLWR_LOG_LEVEL")
     if quiet:
         flwr_log.setLevel(logging.ERROR)  # errors still shown
+        os.environ["FLWR_LOG_LEVEL"] = "ERROR"
     try:
         run_simulation(
             server_app=server_app,
@@ -84,6 +90,10 @@ def _ray(server_app: Any, client_app: Any, cfg: RunConfig, quiet: bool) -> None:
     finally:
         flwr_log.removeFilter(quiet_filter)
         flwr_log.setLevel(level)
+        if worker_level is None:
+            os.environ.pop("FLWR_LOG_LEVEL", None)
+        else:
+            os.environ["FLWR_LOG_LEVEL"] = worker_level
 
 
 def simulate(
