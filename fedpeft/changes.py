@@ -31,6 +31,7 @@ __all__ = [
     "folded_mean",
     "sent_factors",
     "shared_sent",
+    "summed_round",
     "trained_mask",
     "with_change",
     "with_every_direction",
@@ -113,6 +114,16 @@ def combined_update(
     one = with_change(first, sent, change)
     header = replace(first.header, num_examples=examples)
     return CombinedLora(header, one.factors, one.metrics, one.keep, clients=clients)
+
+
+def summed_round(updates: Sequence[Any], zo: bool) -> bool:
+    """Whether ``updates`` are a round the coordinator already summed
+    (:class:`fedpeft.server.fold.Fold`): one :class:`CombinedLora`, or seed/scalar stubs with
+    a :class:`FoldedZo` among them. A wrapper that clips or privatizes each client's update
+    finds that done (the fold clipped each change as it added it)."""
+    if zo:
+        return any(isinstance(u, FoldedZo) for u in updates)
+    return len(updates) == 1 and isinstance(updates[0], CombinedLora)
 
 
 def clients_behind(updates: Sequence[Any]) -> int:

@@ -581,7 +581,7 @@ def _summed(dp: DpAggregation, updates: list, instructions: dict) -> list:
     """``updates`` clipped and summed as the coordinator folds a DP round (clip 1, k = 4)."""
     from fedpeft.server.fold import Fold
 
-    fold = Fold(instructions, 1, None, True, 0.0, norm_clip=dp.config.clip_norm, divisor=dp.k)
+    fold = Fold(instructions, 1, None, False, 0.0, norm_clip=dp.config.clip_norm, divisor=dp.k)
     return fold.result([fold.add(u) for u in reversed(updates)])
 
 

@@ -87,6 +87,76 @@ def test_clipping_bounds_each_change_to_the_norm():
     assert out.metrics["robust_clipped"] == 1 and out.metrics["robust_norm_max"] == 5.0
 
 
+def test_a_folded_clipped_mean_is_the_wrappers_own():
+    """``rule = "mean"`` with ``clip_norm``: the coordinator clips each change as it folds it
+    (example weights kept) and the wrapper passes the mean on; the global and the row's counts
+    are the wrapper's own, to float32 rounding."""
+    from fedpeft.config import TrainConfig
+    from fedpeft.server.fold import Fold
+    from fedpeft.wire.messages import TrainInstruction
+
+    ups = [_update("0", [3.0, 4.0, 0.0, 0.0], n=30), _update("1", [0.0, 0.0, 0.3, 0.4], n=10),
+           _update("2", [0.0, 0.1, 0.0, 2.0], n=20)]  # fmt: skip
+    own = _robust(clip_norm=1.0).aggregate_train(1, ups)
+    ins = {
+        u.header.client_id: TrainInstruction(
+            Header("r", 1, "f", "", 0, u.header.client_id), SPEC, TrainConfig(), SENT, 0
+        )
+        for u in ups
+    }
+    fold = Fold(ins, 1, None, True, 0.0, norm_clip=1.0)
+    summed = fold.result([fold.add(u) for u in reversed(ups)])
+    wrapper = _robust(clip_norm=1.0)
+    got = wrapper.aggregate_train(1, summed)
+    assert _flat(got) == pytest.approx(_flat(own), abs=1e-7)
+    # (0.6, 0.8, 0, 0) * 30, (0, 0, 0.3, 0.4) * 10 and (0, 0.1, 0, 2) * s * 20, over 60
+    s = 1 / math.sqrt(4.01)
+    want = [18 / 60, (24 + 2 * s) / 60, 3 / 60, (4 + 40 * s) / 60]
+    assert _flat(got) == pytest.approx(want, abs=1e-7)
+    assert "robust_clipped" not in got.metrics  # counted by the fold, for the round's row
+    assert (fold.norm_clipped, fold.norm_max) == (2, 5.0)
+    assert own.metrics["robust_clipped"] == 2 and own.metrics["robust_norm_max"] == 5.0
+
+
+def test_a_folded_scalar_clip_is_the_wrappers_own():
+    """Seed/scalar ``scalar_clip``: clipped as folded, with the strategy's own clip the tighter
+    of the two wins; the coefficients and the counts are the wrapper's."""
+    from fedpeft.algorithms.fedkseed import FedKSeed
+    from fedpeft.config import TrainConfig
+    from fedpeft.server.fold import Fold
+    from fedpeft.wire.zo import ZoInstruction, ZoSpec
+
+    def wrapped() -> RobustAggregation:
+        spec = ZoSpec(algorithm="fedkseed", target="full", num_seeds=16, pool_seed=1, lr=0.1,
+                      local_steps=1)  # fmt: skip
+        ctx = StrategyContext(initial={}, spec=SPEC, seed=0, zo=spec, zo_blocks=1)
+        inner = FedKSeed(FedKSeed.Config(scalar_clip=3.0), ctx)
+        return RobustAggregation(inner, RobustConfig(scalar_clip=2.0), zo=True)
+
+    ups = [_zo("0", [1, 2, 2], [5.0, -0.5, 1.5]), _zo("1", [2, 7], [-9.0, 1.0]),
+           _zo("2", [7], [2.5])]  # fmt: skip
+    clients = [ClientInfo(Header("r", 0, "f", "", 10, c), "cpu") for c in "012"]
+    agg = wrapped()
+    agg.configure_train(1, clients)
+    own = agg.aggregate_train(1, ups)
+    agg = wrapped()
+    plans = agg.configure_train(1, clients)
+    ins = {
+        c: ZoInstruction(Header("r", 1, "f", "", 0, c), p.spec, TrainConfig(), p.sync, 0)
+        for c, p in plans.items()
+    }
+    fold = Fold(ins, 1, None, True, scalar_clip=2.0, watch_scalars=2.0)
+    got = agg.aggregate_train(1, fold.result([fold.add(u) for u in ups]))
+    assert np.allclose(got.zo.coeffs, own.zo.coeffs, rtol=0, atol=1e-8)
+    # means of the clipped scalars: seed 1: 2 / 3; seed 2: (-0.5 + 1.5 - 2) / 3; seed 7:
+    # (1 + 2) / 3; the coefficients are those times one factor (the learning rate's)
+    c = np.asarray(got.zo.coeffs).reshape(-1)
+    assert c[[1, 2, 7]] / c[7] == pytest.approx([2 / 3, -1 / 3, 1.0])
+    assert np.count_nonzero(c) == 3
+    assert (fold.scalars_above, fold.scalar_max) == (3, 9.0)
+    assert own.metrics["robust_clipped"] == 3 and own.metrics["robust_scalar_max"] == 9.0
+
+
 def test_change_helpers_round_trip():
     u = _update("0", [1.0, 2.0, 3.0, 4.0])
     d = flat_change(u.factors, SENT)

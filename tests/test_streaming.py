@@ -46,6 +46,9 @@ LINEAR = {
         "dp.noise_multiplier=0.5",
         "dp.clip_norm=0.01",
     ),  # fmt: skip
+    # robust clipping with the strategy's mean: each update clipped as it is summed (binding)
+    "fedavg-robust-clip": ("robust.clip_norm=0.01",),
+    "fedkseed-robust-clip": ("strategy.name=fedkseed", *ZO_SMALL, "robust.scalar_clip=0.05"),
     "ferret": ("strategy.name=ferret", "zo.num_seeds=16", "train.local_steps=2"),
     "ferret-clipped": (
         "strategy.name=ferret",
@@ -163,6 +166,9 @@ def test_streaming_gives_one_global_in_any_arrival_order(tiny_config, tmp_path, 
             if k in ("fedavg_clients", "ffa_clients", "rolora_clients")
         ]
         assert counts == ([] if name.startswith(("fedkseed", "ferret")) else [5.0, 5.0]), run
+        if "robust" in name:  # the fold counts what it clipped, as the robust wrapper does
+            clipped = [r["robust_clipped"] for r in rows if r["round"] > 0]
+            assert len(clipped) == 2 and all(c > 0 for c in clipped), (run, clipped)
 
 
 @pytest.mark.parametrize(

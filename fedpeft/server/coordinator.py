@@ -409,6 +409,7 @@ class Coordinator:
         if fold is not None:  # the stubs stand for the sum; the strategy gets what it rebuilds
             got.contributors, capped = got.updates, capped + fold.capped
             got.updates = fold.result(got.updates)
+            got.metrics.update(self._robust_metrics(fold))
         else:
             got.updates, capped = cap_weights(got.updates, self.cfg.validation.max_weight_ratio)
         if self.cfg.secagg.enabled:
@@ -440,18 +441,33 @@ class Coordinator:
 
     def _fold(self, server_round: int, asked: Mapping[str, Instruction], cap: int | None) -> Fold:
         """The sum a round folds its replies into, each weight capped at ``cap``."""
-        caps, dp = self.capabilities, self.cfg.dp
-        # DP: each change clipped as it is folded, the sum divided by the fixed clients per
-        # round; the DP wrapper adds the noise
-        clip, divisor = 0.0, None
-        if dp.active:
-            clip = dp.clip_norm
+        caps, dp, robust = self.capabilities, self.cfg.dp, self.cfg.robust
+        weighted, clip, divisor, scalar_clip = caps.example_weighted, 0.0, None, caps.scalar_clip
+        if dp.active:  # each change clipped, one weight each, divided by the fixed clients
+            # per round; the DP wrapper adds the noise
+            weighted, clip = False, dp.clip_norm
             divisor = clients_per_round(self.cfg, self.cfg.federation.num_clients)
+        if robust.active:  # rule "mean" (the rules fold no other): the wrapper's clipping
+            clip = robust.clip_norm
+            if robust.scalar_clip > 0:  # then the strategy's own: the tighter of the two
+                scalar_clip = min(c for c in (robust.scalar_clip, scalar_clip) if c > 0)
         try:
-            return Fold(asked, self.zo_blocks, cap, caps.example_weighted, caps.scalar_clip,
-                        clip, divisor)  # fmt: skip
+            return Fold(asked, self.zo_blocks, cap, weighted, scalar_clip, clip, divisor,
+                        robust.scalar_clip if robust.active else 0.0)  # fmt: skip
         except AggregationError as err:
             raise RoundError(server_round, f"folded aggregation: {err}") from err
+
+    def _robust_metrics(self, fold: Fold) -> dict[str, float]:
+        """What the robust wrapper reports of its clipping, from the fold that did it."""
+        robust = self.cfg.robust
+        out: dict[str, float] = {}
+        if robust.active and robust.clip_norm > 0:
+            out["robust_clipped"] = float(fold.norm_clipped)
+            out["robust_norm_max"] = fold.norm_max
+        if robust.active and robust.scalar_clip > 0:
+            out["robust_clipped"] = float(fold.scalars_above)
+            out["robust_scalar_max"] = fold.scalar_max
+        return out
 
     @staticmethod
     def _fold_collected(fold: Fold, got: Exchange) -> list[Any]:

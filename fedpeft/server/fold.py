@@ -14,7 +14,12 @@ mean's scalars on the first.
 Client-level DP (``[dp]`` without secure aggregation) folds too: each change is scaled to
 L2 norm at most ``dp.clip_norm`` as it is added, every client weighs one, and the sum is
 divided by the clients per round rather than by the weights; the DP wrapper then adds its
-noise to that mean (:mod:`fedpeft.algorithms.wrappers.dp`).
+noise to that mean (:mod:`fedpeft.algorithms.wrappers.dp`). So does robust clipping with the
+strategy's own mean (``[robust]`` with ``rule = "mean"``): each LoRA change is scaled to L2
+norm at most ``robust.clip_norm``, or each seed/scalar scalar clipped to
+``robust.scalar_clip``, as it is added, with the usual weights; the fold counts what it
+clipped for the round's row, as the robust wrapper does
+(:mod:`fedpeft.algorithms.wrappers.robust`).
 
 Weights are otherwise those of the batch path: ``num_examples`` (or 1 each without example
 weighting), capped at ``validation.max_weight_ratio`` times a median. The batch path takes
@@ -37,6 +42,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedpeft.errors import AggregationError, ProtocolError
@@ -65,12 +71,16 @@ class Fold:
         Seed/scalar: clip each scalar to this magnitude as it is added (the strategy's
         ``Capabilities.scalar_clip``; 0: not clipped).
     norm_clip : float
-        Client-level DP (``dp.clip_norm``; 0: off): each update's change, as its layout
-        lays it out, is scaled to L2 norm at most this, and that scale is its weight (no
-        example weighting), as :class:`fedpeft.algorithms.wrappers.dp.DpAggregation` clips.
+        Scale each update's change, as its layout lays it out, to L2 norm at most this before
+        it is weighted (0: off): ``dp.clip_norm`` (with ``example_weighted = False``), as
+        :class:`fedpeft.algorithms.wrappers.dp.DpAggregation` clips, or ``robust.clip_norm``,
+        as :class:`fedpeft.algorithms.wrappers.robust.RobustAggregation` clips.
     divisor : int | None
         The mean's denominator: ``None``, the folded weights' sum; DP, the clients per round
         (a fixed ``k`` keeps the sensitivity at ``clip / k`` when clients drop).
+    watch_scalars : float
+        Seed/scalar: count the scalars above this magnitude and track the largest
+        (``robust.scalar_clip``, whose clipping ``scalar_clip`` includes; 0: not counted).
 
     Raises
     ------
@@ -88,6 +98,7 @@ class Fold:
         scalar_clip: float = 0.0,
         norm_clip: float = 0.0,
         divisor: int | None = None,
+        watch_scalars: float = 0.0,
     ) -> None:
         cids = sorted(instructions)
         if not cids:
@@ -99,6 +110,11 @@ class Fold:
         self.capped = 0
         self.norm_clip = norm_clip
         self.divisor = divisor
+        self.watch_scalars = watch_scalars
+        self.norm_clipped = 0  # updates whose change ``norm_clip`` scaled down
+        self.norm_max = 0.0  # the largest change norm before clipping (with ``norm_clip``)
+        self.scalars_above = 0  # scalars above ``watch_scalars``
+        self.scalar_max = 0.0  # the largest scalar magnitude (with ``watch_scalars``)
         self._sum = ExactSum(self.layout.dim)
         self._weights: list[float] = []
 
@@ -113,18 +129,25 @@ class Fold:
         update, cut = cap_update(update, self.cap)
         self.capped += cut
         change = torch.from_numpy(self.layout.vector(update))  # (dim,) float64
-        if self.norm_clip > 0:  # DP: scaled to norm at most the clip; that scale weighs it
-            weight = min(1.0, self.norm_clip / max(float(change.norm()), 1e-300))
-        else:
-            weight = float(update.header.num_examples) if self.example_weighted else 1.0
-        vector = change * weight
+        norm, scale = 0.0, 1.0
+        if self.norm_clip > 0:  # scaled to norm at most the clip
+            norm = float(change.norm())
+            scale = min(1.0, self.norm_clip / max(norm, 1e-300))
+            change = change * scale
+        weight = float(update.header.num_examples) if self.example_weighted else 1.0
         try:
-            self._sum.add(vector)
+            self._sum.add(change * weight)
         except ValueError as err:
             raise ProtocolError(
                 f"its weighted change is outside the streaming sum's range 2**{TOP}: {err}", "norm"
             ) from None
         self._weights.append(weight)
+        self.norm_clipped += scale < 1.0
+        self.norm_max = max(self.norm_max, norm)
+        if self.watch_scalars > 0 and len(update.scalars):
+            magnitudes = np.abs(update.scalars.astype(np.float64))
+            self.scalars_above += int((magnitudes > self.watch_scalars).sum())
+            self.scalar_max = max(self.scalar_max, float(magnitudes.max()))
         return self.layout.stub(update)
 
     def result(self, stubs: Sequence[Any]) -> list[Any]:

@@ -41,7 +41,6 @@ import torch
 
 from fedpeft.algorithms.base import AggregateResult, Strategy
 from fedpeft.changes import (
-    CombinedLora,
     FoldedZo,
     carrying_mean,
     clients_behind,
@@ -50,6 +49,7 @@ from fedpeft.changes import (
     flat_change,
     sent_factors,
     shared_sent,
+    summed_round,
     trained_mask,
     with_every_direction,
 )
@@ -128,7 +128,7 @@ class DpAggregation:
             raise AggregationError("dp aggregation got no updates")
         if self.distributed:  # clipped and noised by the clients, summed securely
             release = ordered
-        elif self._folded(ordered):  # clipped and summed as they came: the noise only
+        elif summed_round(ordered, self.zo):  # clipped and summed as they came: the noise only
             release = self._noised(server_round, ordered)
         elif self.zo:
             release = self._zo(server_round, ordered)
@@ -141,14 +141,6 @@ class DpAggregation:
 
     def _noise(self, server_round: int, n: int) -> np.ndarray:
         return gaussian(n, self.std, self.seed, server_round, self.config.secure_noise)
-
-    def _folded(self, updates: list[Any]) -> bool:
-        """Whether the coordinator already clipped and summed the round
-        (:class:`fedpeft.server.fold.Fold` with ``norm_clip``): one combined LoRA update, or
-        seed/scalar stubs with the mean on one."""
-        if self.zo:
-            return any(isinstance(u, FoldedZo) for u in updates)
-        return len(updates) == 1 and isinstance(updates[0], CombinedLora)
 
     def _noised(self, server_round: int, updates: list[Any]) -> list[Any]:
         """The folded clipped mean ``sum_k clip(d_k) / k`` plus the same noise the unfolded

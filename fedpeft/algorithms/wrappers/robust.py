@@ -25,6 +25,10 @@ direction, the ``floor(trim_fraction * m)`` largest and smallest per-client sums
 nothing and the others are scaled by ``m / kept``, so that the direction's total is the
 trimmed mean times ``m`` (directions touched by fewer than 3 clients are only clipped). Every
 client's update still reaches the strategy, so per-client sync state stays right.
+
+With ``rule = "mean"`` the clipping is linear per client, so the coordinator does it as it
+sums the replies (:class:`fedpeft.server.fold.Fold`, streaming or batch) and this wrapper gets
+the clipped mean, which it passes on; the round's ``robust_*`` counts then come from the fold.
 """
 
 from __future__ import annotations
@@ -38,7 +42,14 @@ import numpy as np
 import torch
 
 from fedpeft.algorithms.base import AggregateResult, LoraPlan, Strategy
-from fedpeft.changes import clients_behind, combined_update, flat_change, shared_sent, with_change
+from fedpeft.changes import (
+    clients_behind,
+    combined_update,
+    flat_change,
+    shared_sent,
+    summed_round,
+    with_change,
+)
 from fedpeft.config import RobustConfig
 from fedpeft.errors import AggregationError
 from fedpeft.wire.messages import Adapter, ClientInfo, LoraUpdate
@@ -105,6 +116,8 @@ class RobustAggregation:
         """Clip, filter or combine ``updates``, then let the inner strategy aggregate."""
         ordered = sorted(updates, key=lambda u: u.header.client_id)
         kept: Sequence[Any]
+        if summed_round(ordered, self.zo):  # rule "mean": the fold clipped each update
+            return self.inner.aggregate_train(server_round, ordered)  # (its row counts them)
         kept, metrics = self._zo(ordered) if self.zo else self._lora(ordered)
         result = self.inner.aggregate_train(server_round, kept)
         return replace(result, metrics={**result.metrics, **metrics})
