@@ -18,13 +18,13 @@ measurements of those boards: give your own with ``[devices] file``.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fedpeft.errors import ConfigError
 
-__all__ = ["TIERS", "DeviceProfile", "assign_profiles", "simulated_times"]
+__all__ = ["TIERS", "DeviceProfile", "assign_profiles"]
 
 
 @dataclass(frozen=True)
@@ -110,17 +110,3 @@ def assign_profiles(
     if not tiers:
         return {}
     return {c: TIERS[tiers[i % len(tiers)]] for i, c in enumerate(sorted(client_ids))}
-
-
-def simulated_times(
-    profiles: Mapping[str, DeviceProfile],
-    train_s: Mapping[str, float],
-    bytes_down: Mapping[str, int],
-    bytes_up: Mapping[str, int],
-) -> dict[str, float]:
-    """Simulated seconds of each client that has a profile and trained this round."""
-    return {
-        c: profiles[c].seconds(train_s[c], bytes_down.get(c, 0), bytes_up.get(c, 0))
-        for c in sorted(train_s)
-        if c in profiles
-    }

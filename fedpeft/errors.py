@@ -92,6 +92,7 @@ REJECT_CODES: dict[str, str] = {
     "unavailable": "the node is offline (Flower: no heartbeat) or did not answer a probe after "
     "an earlier timeout",
     "deadline": "the simulated device missed devices.deadline_s",
+    "memory": "the update's measured peak memory is above its simulated device's budget",
 }
 
 

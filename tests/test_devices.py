@@ -6,9 +6,11 @@ import json
 
 import pytest
 
-from fedpeft.devices import TIERS, DeviceProfile, assign_profiles, simulated_times
-from fedpeft.errors import ConfigError
+from fedpeft.devices import TIERS, DeviceProfile, assign_profiles
+from fedpeft.errors import ConfigError, ProtocolError
+from fedpeft.server.screen import DeviceScreen
 from fedpeft.simulation.runner import simulate
+from fedpeft.wire.messages import Header, LoraUpdate
 
 
 def test_time_formula():
@@ -33,9 +35,28 @@ def test_tiers_round_robin_and_file(tmp_path):
         DeviceProfile("x", speed=0.0, up_mbps=1, down_mbps=1, memory_mb=1)
 
 
-def test_simulated_times_only_for_clients_with_profiles():
-    prof = {"0": TIERS["agx"]}
-    assert set(simulated_times(prof, {"0": 1.0, "1": 1.0}, {}, {})) == {"0"}
+def _lora_update(cid: str, **metrics: float) -> LoraUpdate:
+    return LoraUpdate(Header("r", 1, "f", "h", 4, cid), {}, metrics={"train_s": 2.0, **metrics})
+
+
+def test_screen_times_the_profiled_clients_and_fails_memory_and_deadline_per_reply():
+    """Each reply is screened alone (as it arrives, before a streaming sum takes it)."""
+    agx = TIERS["agx"]  # speed 1, 50 Mbit/s up, 200 down, 32 GiB
+    screen = DeviceScreen({"0": agx, "1": agx, "2": agx}, deadline_s=3.0)
+    kept = screen("0", _lora_update("0"), 25_000_000, 0)  # 2 s + 200 Mbit at 200 Mbit/s
+    assert kept.metrics["client_s"] == pytest.approx(3.0)  # at the deadline: kept
+    free = screen("9", _lora_update("9"), 10**9, 10**9)  # no profile: its own compute time
+    assert free.metrics["client_s"] == 2.0
+    with pytest.raises(ProtocolError, match="out of memory: measured peak 40000 MiB") as err:
+        screen("1", _lora_update("1", peak_mem_mb=40_000.0), 0, 0)
+    assert err.value.code == "memory"
+    with pytest.raises(ProtocolError, match="missed the deadline: 4.0 s > 3.0 s") as err:
+        screen("2", _lora_update("2"), 0, 12_500_000)  # 2 s + 2 s up
+    assert err.value.code == "deadline"
+    # the late device held the round up to the deadline; the one out of memory did not
+    assert set(screen.times) == {"0", "2"} and screen.round_s() == 3.0
+    assert screen.row(7.0)["sim_client_s"] == {"0": 3.0, "2": 4.0}
+    assert DeviceScreen({}, 0.0).row(0.0) == {}
 
 
 def test_rounds_record_simulated_time_and_deadlines_drop_slow_clients(
@@ -43,14 +64,12 @@ def test_rounds_record_simulated_time_and_deadlines_drop_slow_clients(
 ):
     """Measured compute is replaced by a fixed 0.1 s per client, so the simulated times and
     the deadline's verdict are exact whatever the machine's load."""
-    from fedpeft.server import coordinator
+    real = DeviceProfile.seconds
 
-    real = coordinator.simulated_times
+    def fixed_compute(self, train_s, bytes_down, bytes_up):
+        return real(self, 0.1, bytes_down, bytes_up)
 
-    def fixed_compute(profiles, train_s, bytes_down, bytes_up):
-        return real(profiles, {c: 0.1 for c in train_s}, bytes_down, bytes_up)
-
-    monkeypatch.setattr(coordinator, "simulated_times", fixed_compute)
+    monkeypatch.setattr(DeviceProfile, "seconds", fixed_compute)
     fast = {"speed": 1.0, "up_mbps": 1000.0, "down_mbps": 1000.0, "memory_mb": 1024.0}
     devices = tmp_path / "devices.json"
     devices.write_text(json.dumps({"0": fast, "1": {**fast, "speed": 5000.0}, "2": fast}))

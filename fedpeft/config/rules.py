@@ -440,8 +440,6 @@ def _stream_wrappers(cfg: RunConfig, caps: Capabilities) -> str | None:
             ("secagg.enabled (already delivers only the sum)", cfg.secagg.enabled),
             (f"robust.rule = {cfg.robust.rule!r} (compares the updates; 'mean' with "
              "robust.clip_norm or robust.scalar_clip folds)", cfg.robust.rule != "mean"),
-            ("devices.tiers / devices.file (drop late or oversized updates once the "
-             "round's replies are in)", bool(cfg.devices.tiers or cfg.devices.file)),
         )
         if on
     ]  # fmt: skip
@@ -572,9 +570,8 @@ RULES: tuple[Rule, ...] = (
          "that is not linear or uses per-client statistics", _stream_strategy),
     Rule(("federation.aggregation", "ranks.mode", "strategy.name"), "streaming aggregation "
          "when LoRA clients train different shapes", _stream_shapes),
-    Rule(("federation.aggregation", "secagg.enabled", "robust.rule", "devices.tiers",
-          "devices.file"), "streaming aggregation with secure aggregation, robust rules other "
-         "than the mean, or simulated device profiles", _stream_wrappers),
+    Rule(("federation.aggregation", "secagg.enabled", "robust.rule"), "streaming aggregation "
+         "with secure aggregation or robust rules other than the mean", _stream_wrappers),
     Rule(("federation.discovery", "simulation.backend", "eval.federated", "eval.personalized",
           "devices.tiers", "devices.file", "ranks.mode", "federation.centralized"), "discovery "
          "of the sampled clients only with Ray, federated evaluation, device profiles, rank "

@@ -44,7 +44,7 @@ from fedpeft.algorithms.base import AggregateResult, Strategy
 from fedpeft.algorithms.registry import strategy_capabilities
 from fedpeft.config import RunConfig
 from fedpeft.config.rules import foldable
-from fedpeft.devices import DeviceProfile, assign_profiles, simulated_times
+from fedpeft.devices import DeviceProfile, assign_profiles
 from fedpeft.errors import AggregationError, ConfigError, ProtocolError, RoundError, by_reason
 from fedpeft.families import Stamp, family_of
 from fedpeft.lora.rank_ops import rank_energy
@@ -64,6 +64,7 @@ from fedpeft.server.exchange import Exchange, Instruction, exchange
 from fedpeft.server.fedeval import federated_eval
 from fedpeft.server.fold import Fold
 from fedpeft.server.rows import client_choices, round_row
+from fedpeft.server.screen import DeviceScreen
 from fedpeft.server.secure_round import secure_aggregate
 from fedpeft.server.validate import Limits, cap_weights, weight_cap
 from fedpeft.wire.messages import ClientInfo, Header
@@ -382,9 +383,10 @@ class Coordinator:
             reported = [c.num_examples for c in sampled if c.client_id in asked]
             cap = weight_cap(reported, self.cfg.validation.max_weight_ratio)
             fold = self._fold(server_round, asked, cap)
+        screen = DeviceScreen(self.profiles, self.cfg.devices.deadline_s)
         got = exchange(
             self.grid, asked, nodes, server_round, fed.round_timeout_s, limits, fold,
-            fed.in_flight,
+            fed.in_flight, screen,
         )  # fmt: skip
         for cid, reason in sorted({**gone, **absent}.items()):
             got.fail(cid, "unavailable", reason)
@@ -393,7 +395,9 @@ class Coordinator:
         if asked_bytes:
             got.metrics["discovery_bytes"] = asked_bytes
         self.suspects |= {c for c, r in got.failures.items() if r.startswith(SILENT)}
-        sim = self._simulate_devices(got)
+        if self.profiles:
+            self.sim_wall_s += screen.round_s()
+        sim = screen.row(self.sim_wall_s)
         capped = 0
         if fold is None and self.folds and got.updates:  # a batch round sums what it collected
             got.updates, capped = cap_weights(got.updates, self.cfg.validation.max_weight_ratio)
@@ -491,45 +495,6 @@ class Coordinator:
                 c = replace(c, properties={**c.properties, "memory_mb": prof.memory_mb})
             out.append(c)
         return out
-
-    def _simulate_devices(self, got: Exchange) -> dict[str, Any]:
-        """Simulated device time of this round; drops updates past ``devices.deadline_s``.
-
-        Every update gets ``client_s`` in its metrics: its simulated seconds, or without
-        device profiles the compute time the client reported (``train_s``), so a strategy
-        that learns from client speed (FedSpine's bandit) reads the same field either way.
-        """
-        train_s = {u.header.client_id: float(u.metrics.get("train_s", 0.0)) for u in got.updates}
-        times = simulated_times(self.profiles, train_s, got.client_bytes_down, got.client_bytes_up)
-        seconds = {c: times.get(c, t) for c, t in train_s.items()}
-        got.updates = [
-            replace(u, metrics={**u.metrics, "client_s": seconds[u.header.client_id]})
-            for u in got.updates
-        ]
-        if not self.profiles:
-            return {}
-        for u in list(got.updates):  # a device whose training does not fit its memory fails
-            cid, peak = u.header.client_id, u.metrics.get("peak_mem_mb")
-            budget = self.profiles[cid].memory_mb if cid in self.profiles else None
-            if peak is not None and budget is not None and peak > budget:
-                got.fail(cid, "memory", f"out of memory: measured peak {peak:.0f} MiB > the "
-                                        f"device's {budget:.0f} MiB (devices)")  # fmt: skip
-                got.updates.remove(u)
-                times.pop(cid, None)  # it stopped at its first step, it holds no round up
-        deadline = self.cfg.devices.deadline_s
-        if deadline > 0:
-            late = {c for c, t in times.items() if t > deadline}
-            for c in sorted(late):
-                got.fail(c, "deadline", f"missed the deadline: {times[c]:.1f} s > {deadline} s")
-            got.updates = [u for u in got.updates if u.header.client_id not in late]
-        slowest = max(times.values(), default=0.0)
-        round_s = min(slowest, deadline) if deadline > 0 else slowest
-        self.sim_wall_s += round_s
-        return {
-            "sim_round_s": round_s,
-            "sim_wall_s": self.sim_wall_s,
-            "sim_client_s": {c: round(t, 3) for c, t in times.items()},
-        }
 
     def _eval_row(self, server_round: int) -> dict[str, Any]:
         loss, metric = self._evaluate_now(server_round)

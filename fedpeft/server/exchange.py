@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,7 @@ __all__ = ["Exchange", "Instruction", "Update", "check_error", "exchange"]
 
 Instruction = TrainInstruction | ZoInstruction
 Update = LoraUpdate | ZoUpdate
+Screen = Callable[[str, Any, int, int], Any]  # (client id, update, bytes down, up) -> update
 
 
 @dataclass
@@ -90,6 +91,7 @@ def exchange(
     limits: Mapping[str, Limits] | None = None,
     fold: Fold | None = None,
     window: int = 0,
+    screen: Screen | None = None,
 ) -> Exchange:
     """Send every instruction, wait for the replies and keep only the valid updates.
 
@@ -101,7 +103,10 @@ def exchange(
     ``window``: instructions in flight at once (0: all); the replies of a window are decoded
     before the next window is sent, so at most a window's replies are held. ``fold``: each
     valid update is folded into it as it is decoded and only its stub (header and metrics)
-    is kept in ``updates`` (streaming aggregation, :mod:`fedpeft.server.fold`).
+    is kept in ``updates`` (streaming aggregation, :mod:`fedpeft.server.fold`). ``screen``:
+    called with each valid update (client id, update, bytes down and up) before it is
+    folded or kept; it returns the update to keep or raises :class:`ProtocolError` to fail
+    the client (:class:`fedpeft.server.screen.DeviceScreen`).
     """
     out = Exchange()
     held = {cid: (limits or {}).get(cid, Limits()) for cid in instructions}
@@ -116,7 +121,8 @@ def exchange(
         if left <= 0:
             break  # the rest were never sent: they fail as timeouts below
         chunk = {cid: instructions[cid] for cid in cids[at : at + step]}
-        _window(grid, chunk, nodes, server_round, left, held, shared, out, answered, fold, wire)
+        _window(grid, chunk, nodes, server_round, left, held, shared, out, answered, fold, wire,
+                screen)  # fmt: skip
     for cid in instructions:
         if cid not in answered:
             out.fail(cid, "timeout", "no reply before the round timeout")
@@ -138,6 +144,7 @@ def _window(
     answered: set[str],
     fold: Fold | None,
     wire: WireCache,
+    screen: Screen | None,
 ) -> None:
     """Send ``instructions`` at once and decode (and fold) their replies into ``out``."""
     msgs = [
@@ -173,6 +180,9 @@ def _window(
         out.counts["bytes_up"] += out.client_bytes_up[cid]
         try:
             update, payload = _decode(reply, instructions[cid], held[cid], out.client_bytes_up[cid])
+            if screen is not None:
+                down, up = out.client_bytes_down[cid], out.client_bytes_up[cid]
+                update = screen(cid, update, down, up)
             if fold is not None:
                 update = fold.add(update)
         except ProtocolError as err:
