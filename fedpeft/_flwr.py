@@ -70,6 +70,7 @@ __all__ = [
     "GridWrapper",
     "WireCache",
     "build_fab",
+    "carried_nbytes",
     "context_from_bytes",
     "context_to_bytes",
     "fab_signing_message",
@@ -80,6 +81,7 @@ __all__ = [
     "records_from_bytes",
     "records_to_bytes",
     "roundtrip",
+    "roundtrip_counted",
     "send_bounded",
     "serialize",
     "set_message_id",
@@ -204,6 +206,25 @@ def serialize(message: Message) -> dict[str, bytes]:
         return {oid: obj.deflate() for oid, obj in get_all_nested_objects(message).items()}
 
 
+def carried_nbytes(grid: Grid, message: Message) -> int | None:
+    """The serialized bytes of ``message`` where ``grid`` counted them as it carried it (the
+    in-process grid that round-trips every message: the bytes it made); ``None`` where it did
+    not. A :class:`GridWrapper` does not pass this on: a wrapper may change a message after
+    the grid under it counted it."""
+    count = getattr(grid, "carried_nbytes", None)
+    return count(message) if callable(count) else None
+
+
+def roundtrip_counted(message: Message, cache: WireCache | None = None) -> tuple[Message, int]:
+    """:func:`roundtrip`, and the bytes it serialized (every distinct object of the message's
+    tree, as :meth:`WireCache.nbytes` counts them)."""
+    root, contents = (cache or WireCache()).serialize(message)
+    nbytes = sum(len(body) for body in contents.values())  # (inflating consumes ``contents``)
+    copy = cast(Message, inflate_object_from_contents(root, contents))
+    set_message_id(copy, message.metadata.message_id)
+    return copy, nbytes
+
+
 def roundtrip(message: Message, cache: WireCache | None = None) -> Message:
     """Serialize a message to its wire objects and build a new one from those bytes.
 
@@ -219,10 +240,7 @@ def roundtrip(message: Message, cache: WireCache | None = None) -> Message:
     Message
         An independent copy made only from the serialized bytes (message id kept).
     """
-    root, contents = (cache or WireCache()).serialize(message)
-    copy = cast(Message, inflate_object_from_contents(root, contents))
-    set_message_id(copy, message.metadata.message_id)
-    return copy
+    return roundtrip_counted(message, cache)[0]
 
 
 def set_message_id(message: Message, message_id: str | None = None) -> str:

@@ -80,3 +80,34 @@ def test_wire_cache_counts_and_serializes_exactly_as_flower() -> None:
     assert copy.content["typed"]["v"] == 1 and isinstance(copy.content["typed"]["v"], int)
     assert copy.content["typed"]["on"] is True
     assert copy.content is not messages[3].content
+
+
+def test_the_in_process_grid_counts_the_replies_it_serialized_exactly() -> None:
+    """With ``serialize=True`` a reply's bytes are counted as the grid makes them: the count
+    the coordinator would take (Flower's deflated objects, each once), for replies that share
+    arrays, repeat equal ones and carry errors; a wrapper, or ``serialize=False``, says none."""
+    from flwr.clientapp import ClientApp
+
+    from fedpeft._flwr import GridWrapper, carried_nbytes, message_nbytes
+    from fedpeft.simulation.inprocess import FIRST_NODE_ID, InProcessGrid
+
+    app = ClientApp()
+    shared = ArrayRecord({"a": Array(np.ones((8, 16), np.float32))})
+
+    @app.train()
+    def train(msg: Message, context) -> Message:  # type: ignore[no-untyped-def]
+        i = int(context.node_config["partition-id"])
+        if i == 3:
+            raise ValueError("this client fails")
+        return Message(_message(i, shared).content, reply_to=msg)
+
+    for wire in (True, False):
+        grid = InProcessGrid(app, [{"partition-id": i} for i in range(5)], serialize=wire)
+        set_task_identity(1, 1)
+        asks = [Message(RecordDict(), FIRST_NODE_ID + i, "train", group_id="1") for i in range(5)]
+        replies = list(grid.send_and_receive(asks))
+        assert len(replies) == 5 and sum(r.has_error() for r in replies) == 1
+        for reply in replies:
+            counted = carried_nbytes(grid, reply)
+            assert counted == (message_nbytes(reply) if wire else None)
+            assert carried_nbytes(GridWrapper(grid), reply) is None

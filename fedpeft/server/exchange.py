@@ -18,7 +18,13 @@ from typing import Any
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from fedpeft._flwr import REPLY_TOO_LARGE, UNAVAILABLE_CODES, WireCache, send_bounded
+from fedpeft._flwr import (
+    REPLY_TOO_LARGE,
+    UNAVAILABLE_CODES,
+    WireCache,
+    carried_nbytes,
+    send_bounded,
+)
 from fedpeft.errors import ProtocolError, clip
 from fedpeft.families import family_of, reply_limit
 from fedpeft.server.fold import Fold
@@ -176,7 +182,8 @@ def _window(
             out.rejected["duplicate"] += 1  # the first reply to an instruction counts
             continue
         answered.add(cid)
-        out.client_bytes_up[cid] = wire.nbytes(reply)
+        carried = carried_nbytes(grid, reply)  # the in-process grid counted what it made
+        out.client_bytes_up[cid] = wire.nbytes(reply) if carried is None else carried
         out.counts["bytes_up"] += out.client_bytes_up[cid]
         try:
             update, payload = _decode(reply, instructions[cid], held[cid], out.client_bytes_up[cid])

@@ -8,17 +8,20 @@ shares the process's one base model, and runs are deterministic.
 
 With ``serialize=True`` (the default) every instruction and reply is encoded to Flower's wire
 objects and decoded again, as a real network would, so a payload that would not survive
-deployment fails here too. A ``ClientApp`` exception becomes an error reply, as in Flower's
-runtimes. Each node keeps its own ``Context`` (``state`` persists across rounds), made when
-the node first gets a message: a population of a million nodes costs nothing up front
-(:class:`PartitionConfigs` gives their configs on demand), and :meth:`InProcessGrid.node_of`
-addresses a client id's node without asking, so the coordinator can ask only the clients it
-samples who they are (``federation.discovery = "sampled"``).
+deployment fails here too; the bytes of each reply are counted as they are made
+(:meth:`InProcessGrid.carried_nbytes`), not serialized a second time to count them. A
+``ClientApp`` exception becomes an error reply, as in Flower's runtimes. Each node keeps its
+own ``Context`` (``state`` persists across rounds), made when the node first gets a message:
+a population of a million nodes costs nothing up front (:class:`PartitionConfigs` gives
+their configs on demand), and :meth:`InProcessGrid.node_of` addresses a client id's node
+without asking, so the coordinator can ask only the clients it samples who they are
+(``federation.discovery = "sampled"``).
 """
 
 from __future__ import annotations
 
 import traceback
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, overload
 
@@ -31,6 +34,7 @@ from fedpeft._flwr import (
     WireCache,
     make_run,
     roundtrip,
+    roundtrip_counted,
     set_message_id,
     set_task_identity,
 )
@@ -98,6 +102,8 @@ class InProcessGrid(Grid):
         self._contexts: dict[int, Context] = {}  # the nodes that got a message, by node id
         self._replies: dict[str, Message] = {}
         self._wire = WireCache()  # records repeated across messages are serialized once
+        # the bytes of each reply this grid serialized, until the reply is dropped
+        self._carried: weakref.WeakKeyDictionary[Message, int] = weakref.WeakKeyDictionary()
         set_task_identity(run_id, SERVER_NODE_ID)
 
     def set_run(self, run: object) -> None:
@@ -184,7 +190,16 @@ class InProcessGrid(Grid):
                 Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=incoming
             )
         set_message_id(reply)
-        return roundtrip(reply, self._wire) if self._serialize else reply
+        if not self._serialize:
+            return reply
+        copy, nbytes = roundtrip_counted(reply, self._wire)
+        self._carried[copy] = nbytes
+        return copy
+
+    def carried_nbytes(self, message: Message) -> int | None:
+        """The bytes of a reply this grid serialized and handed over (``None``: another
+        message, or ``serialize=False``): the coordinator need not count them again."""
+        return self._carried.get(message)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Deliver each message now; replies wait in this grid until pulled."""
