@@ -348,6 +348,14 @@ def test_oracle_scan_flags_an_expected_value_computed_by_the_code(tmp_path: Path
     assert lines[-1] == "2 candidates in 1 files"
 
 
+def test_wire_floor(tmp_path: Path) -> None:
+    out, results = _run(tmp_path, "wire_floor.py")
+    runs = _json(results, "wire_floor.json")["runs"]
+    assert set(runs) == {"floor, no byte count", "floor, exact byte count", "fedpeft round"}
+    assert all(len(v) == 1 and v[0] > 0 for v in runs.values())
+    assert "Framework overhead per client and round" in out
+
+
 def test_scale(tmp_path: Path) -> None:
     out, results = _run(tmp_path, "scale.py")
     got = _json(results, "scale.json")
