@@ -136,22 +136,29 @@ def _tensors(outcome: Outcome) -> dict[str, torch.Tensor]:
     return {f"{k}.{p}": getattr(f, p) for k, f in m.adapter.items() for p in ("a", "b")}
 
 
-@pytest.mark.parametrize("name", sorted(LINEAR))
-def test_streaming_gives_one_global_in_any_arrival_order(tiny_config, tmp_path, cache, name):
-    """Replies folded as they arrive, in two shuffled orders and windows of 2 and 3 clients,
-    and the batch path (which folds the replies it collected) give bit-identical globals."""
-    common = ("federation.num_clients=5", *LINEAR[name])
-    stream = [
-        _run(
+def _stream_and_batch(tiny_config, common: tuple[str, ...], tmp_path: Path, cache) -> dict:
+    """``common`` run streaming in windows of 2 and 3 clients, each in its own shuffled
+    arrival order, then on the batch path: ``stream2``, ``stream3``, ``batch``."""
+    runs = {
+        f"stream{w}": _run(
             tiny_config(*common, "federation.aggregation=stream", f"federation.window={w}"),
             tmp_path / f"stream{w}",
             cache,
             shuffle=w,
         )  # fmt: skip
         for w in (2, 3)
-    ]
-    batch = _run(tiny_config(*common), tmp_path / "batch", cache, shuffle=None)
-    a, b, ref = (_tensors(o) for o in (*stream, batch))
+    }
+    runs["batch"] = _run(tiny_config(*common), tmp_path / "batch", cache, shuffle=None)
+    return runs
+
+
+@pytest.mark.parametrize("name", sorted(LINEAR))
+def test_streaming_gives_one_global_in_any_arrival_order(tiny_config, tmp_path, cache, name):
+    """Replies folded as they arrive, in two shuffled orders and windows of 2 and 3 clients,
+    and the batch path (which folds the replies it collected) give bit-identical globals."""
+    runs = _stream_and_batch(tiny_config, ("federation.num_clients=5", *LINEAR[name]),
+                             tmp_path, cache)  # fmt: skip
+    a, b, ref = (_tensors(o) for o in runs.values())
     assert a.keys() == b.keys() == ref.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k  # bit-identical across arrival orders
@@ -181,16 +188,7 @@ def test_streaming_screens_each_reply_against_its_simulated_device(tiny_config, 
     devices.write_text(json.dumps({str(c): slow if c == 1 else fast for c in range(5)}))
     common = ("federation.num_clients=5", f"devices.file={json.dumps(str(devices))}",
               "devices.deadline_s=600")  # fmt: skip
-    runs = {
-        f"stream{w}": _run(
-            tiny_config(*common, "federation.aggregation=stream", f"federation.window={w}"),
-            tmp_path / f"stream{w}",
-            cache,
-            shuffle=w,
-        )  # fmt: skip
-        for w in (2, 3)
-    }
-    runs["batch"] = _run(tiny_config(*common), tmp_path / "batch", cache, shuffle=None)
+    runs = _stream_and_batch(tiny_config, common, tmp_path, cache)
     ref = _tensors(runs["batch"])
     for name, outcome in runs.items():
         got = _tensors(outcome)
